@@ -1,0 +1,231 @@
+"""Kernel symbols from /proc/kallsyms, for kernel frames of a sample.
+
+Line format read (one symbol per line; module symbols carry the module name
+in brackets after a tab)::
+
+    ffffffff81379cc0 T __x64_sys_getpid
+    ffffffff8220bb08 T _etext
+    ffffffffc0a01000 t ext4_fill_super\t[ext4]
+
+Fields: address (hex, no 0x), type letter as nm(1) prints it, name, and for
+module symbols ``[module]``.  Only code matters for symbolizing sampled
+instruction pointers, so only the text types are kept: ``t``/``T`` (local /
+global text) and ``w``/``W`` (weak).
+
+A symbol covers the addresses up to the next symbol's start.  Two cases would
+stretch a symbol over memory that is not its code, and are cut short:
+
+* section end markers (``_etext``, ``_einittext``, ``__*_text_end``) are not
+  functions; the address range after them resolves to None;
+* the last symbol of the core kernel or of a module is followed by unrelated
+  memory (another module, or nothing), so it is capped at
+  ``MAX_TAIL_SYMBOL_SIZE`` bytes.
+
+When kernel.kptr_restrict hides addresses from us every address reads 0; then
+``available`` is False and ``reason`` says why, for the caller to print once.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Dict, List, Optional, Tuple
+
+KALLSYMS_PATH = "/proc/kallsyms"
+
+#: nm(1) type letters of code symbols: local/global text, weak symbols.
+TEXT_TYPES = frozenset("tTwW")
+
+#: Names that mark the end of a text section rather than start a function.
+END_MARKERS = frozenset(("_etext", "_einittext"))
+END_MARKER_PREFIX = "__"
+END_MARKER_SUFFIX = "_text_end"
+
+#: Largest size assumed for the last function before a module boundary (where
+#: the "next symbol" belongs to other code).  The largest x86-64 kernel
+#: functions are around 20 KiB, so 64 KiB leaves headroom without claiming
+#: whole neighbouring modules.
+MAX_TAIL_SYMBOL_SIZE = 0x10000
+
+#: Sort rank of a real symbol and of an end marker at the same address.
+_REAL_RANK = 0
+_MARKER_RANK = 1
+
+REASON_HIDDEN = ("kernel addresses are hidden by kernel.kptr_restrict; kernel frames stay "
+                 "as addresses (run as root or set kernel.kptr_restrict=0)")
+REASON_EMPTY = "no kernel text symbols in %s; kernel frames stay as addresses"
+REASON_UNREADABLE = "cannot read %s (%s); kernel frames stay as addresses"
+
+# One parsed symbol: (address, rank, name or None for an end marker, module).
+_Symbol = Tuple[int, int, Optional[str], Optional[str]]
+
+
+def _is_end_marker(name: str) -> bool:
+    return name in END_MARKERS or (
+        name.startswith(END_MARKER_PREFIX) and name.endswith(END_MARKER_SUFFIX))
+
+
+class KernelSymbols:
+    """Kernel text symbols as parallel sorted arrays for per-frame lookups.
+
+    ``lookup`` returns the bare function name and ``lookup_module`` the module
+    it belongs to (None for the core kernel), so the caller can keep the
+    module as the pprof mapping rather than baking it into the name.
+    ``lookup_full`` returns both with one search.
+    """
+
+    __slots__ = ("available", "reason", "skipped", "_starts", "_names", "_modules")
+
+    def __init__(self) -> None:
+        self.available = False
+        #: Why symbols are unavailable ("" when available).
+        self.reason = ""
+        #: Lines that did not parse.
+        self.skipped = 0
+        # Parallel arrays: _starts sorted; a None name is a hole (after an
+        # end marker or a capped tail) that resolves to None.
+        self._starts: List[int] = []
+        self._names: List[Optional[str]] = []
+        self._modules: List[Optional[str]] = []
+
+    @classmethod
+    def load(cls, path: str = KALLSYMS_PATH) -> "KernelSymbols":
+        """Read ``path`` in one go and index its text symbols.
+
+        Never raises for an unreadable file: the capture goes on with kernel
+        frames as addresses and ``reason`` explains.
+        """
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            syms = cls()
+            syms.reason = REASON_UNREADABLE % (path, e.strerror or e)
+            return syms
+        return cls.parse(data.decode("latin-1"), path)
+
+    @classmethod
+    def parse(cls, text: str, path: str = KALLSYMS_PATH) -> "KernelSymbols":
+        """Index kallsyms ``text`` (``path`` only names it in ``reason``)."""
+        syms = cls()
+        symbols, any_nonzero, syms.skipped = _parse_text(text)
+        if not symbols:
+            syms.reason = REASON_EMPTY % path
+            return syms
+        if not any_nonzero:
+            # kptr_restrict prints every address as 0 to readers it distrusts.
+            syms.reason = REASON_HIDDEN
+            return syms
+        syms._build(symbols)
+        syms.available = True
+        return syms
+
+    def _build(self, symbols: List[_Symbol]) -> None:
+        """Sort, keep one name per address, add holes at boundaries.
+
+        Of several aliases at one address the first listed wins: the kernel
+        lists its preferred alias first and resolves addresses to it (%pS,
+        /proc/PID/stack), so our frames read the same as the kernel's own.
+        An end marker sharing an address with a function loses to it.
+        """
+        # Stable, and already sorted in the common case (sort() is then O(n)).
+        symbols.sort(key=lambda s: (s[0], s[1]))
+        starts, names, modules = self._starts, self._names, self._modules
+        prev_addr = -1
+        for addr, _rank_key, name, module in symbols:
+            if addr == prev_addr:
+                continue  # the preferred alias at this address came first
+            if starts:
+                _close_previous(starts, names, modules, addr, module)
+            starts.append(addr)
+            names.append(name)
+            modules.append(module)
+            prev_addr = addr
+        _close_previous(starts, names, modules, None, None)
+
+    def __len__(self) -> int:
+        return sum(1 for n in self._names if n is not None)
+
+    def _index(self, addr: int) -> int:
+        return bisect.bisect_right(self._starts, addr) - 1
+
+    def lookup(self, addr: int) -> Optional[str]:
+        """The function containing ``addr``, or None (per-frame hot path)."""
+        i = bisect.bisect_right(self._starts, addr) - 1
+        return self._names[i] if i >= 0 else None
+
+    def lookup_module(self, addr: int) -> Optional[str]:
+        """The module of the function containing ``addr``; None for the core
+        kernel and for addresses no symbol covers."""
+        i = self._index(addr)
+        if i < 0 or self._names[i] is None:
+            return None
+        return self._modules[i]
+
+    def lookup_full(self, addr: int) -> Optional[Tuple[str, Optional[str]]]:
+        """(name, module or None) for ``addr``, or None; one search."""
+        i = self._index(addr)
+        if i < 0:
+            return None
+        name = self._names[i]
+        return None if name is None else (name, self._modules[i])
+
+    def address_of(self, name: str) -> Optional[int]:
+        """Start address of the first symbol called ``name`` (a slow scan,
+        for diagnostics and tests, not for the sample path)."""
+        try:
+            return self._starts[self._names.index(name)]
+        except ValueError:
+            return None
+
+
+def _close_previous(starts: List[int], names: List[Optional[str]],
+                    modules: List[Optional[str]], next_addr: Optional[int],
+                    next_module: Optional[str]) -> None:
+    """Cap the last symbol before a module boundary (or the very last one)
+    with a hole, so it does not swallow the gap up to unrelated code."""
+    if names[-1] is None:
+        return
+    boundary = next_addr is None or next_module != modules[-1]
+    tail_end = starts[-1] + MAX_TAIL_SYMBOL_SIZE
+    if boundary and (next_addr is None or next_addr > tail_end):
+        starts.append(tail_end)
+        names.append(None)
+        modules.append(None)
+
+
+def _parse_text(text: str) -> Tuple[List[_Symbol], bool, int]:
+    """Return (text symbols, whether any address was non-zero, skipped lines).
+
+    Plain ``split`` per line and a set test on the type letter: a regex per
+    line would dominate the load time of ~100k+ lines.
+    """
+    symbols: List[_Symbol] = []
+    module_names: Dict[str, str] = {}  # share one string per module
+    any_nonzero = False
+    skipped = 0
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            if line.strip():
+                skipped += 1
+            continue
+        sym_type = fields[1]
+        if sym_type not in TEXT_TYPES:
+            continue
+        try:
+            addr = int(fields[0], 16)
+        except ValueError:
+            skipped += 1
+            continue
+        if addr:
+            any_nonzero = True
+        name = fields[2]
+        module = None
+        if len(fields) > 3:
+            module = fields[3].strip("[]")
+            module = module_names.setdefault(module, module)
+        if _is_end_marker(name):
+            symbols.append((addr, _MARKER_RANK, None, module))
+        else:
+            symbols.append((addr, _REAL_RANK, name, module))
+    return symbols, any_nonzero, skipped
