@@ -1,0 +1,38 @@
+"""aarch64 facts: system call numbers, perf and DWARF register numbering.
+
+Sources: include/uapi/asm-generic/unistd.h (aarch64 uses the generic
+table), arch/arm64/include/uapi/asm/perf_regs.h, and the DWARF for the Arm
+64-bit architecture ABI (AADWARF64).
+"""
+
+NAME = "aarch64"
+
+# include/uapi/asm-generic/unistd.h
+SYSCALLS = {
+    "mmap": 222,
+    "munmap": 215,
+    "ioctl": 29,
+    "ptrace": 117,
+    "gettid": 178,
+    "tgkill": 131,
+    "perf_event_open": 241,
+    "process_vm_readv": 270,
+    "bpf": 280,
+    "pidfd_open": 434,
+}
+
+# enum perf_event_arm_regs: x0..x30 are 0..30, then sp and pc.
+PERF_REG_ARM64_X29 = 29  # frame pointer
+PERF_REG_ARM64_LR = 30
+PERF_REG_ARM64_SP = 31
+PERF_REG_ARM64_PC = 32
+
+# AADWARF64: x0..x30 are 0..30, sp is 31.
+DWARF_X29 = 29
+DWARF_X30 = 30
+DWARF_SP = 31
+
+# The weakly ordered memory model lets loads pass loads: a reader of the perf
+# ring buffer needs a barrier between data_head and the data (the interpreter's
+# own locking between the two reads provides one in practice).
+RING_LOADS_ORDERED = False

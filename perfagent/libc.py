@@ -1,0 +1,51 @@
+"""The C library, loaded once, and raw system calls by name.
+
+Like python-ptrace's lowest layer: libc is opened once with
+``use_errno=True`` so errno survives the call, argument types are declared,
+and a failing call becomes ``OSError(errno, strerror)`` (or the matching
+subclass such as PermissionError / ProcessLookupError, which ``OSError``
+picks from the errno by itself).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from typing import Optional
+
+from perfagent import arch
+
+_libc: Optional[ctypes.CDLL] = None
+
+
+def libc() -> ctypes.CDLL:
+    """The process's C library, loaded on first use."""
+    global _libc
+    if _libc is None:
+        name = ctypes.util.find_library("c") or "libc.so.6"
+        lib = ctypes.CDLL(name, use_errno=True)
+        lib.syscall.restype = ctypes.c_long
+        lib.ioctl.restype = ctypes.c_int
+        lib.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong)
+        _libc = lib
+    return _libc
+
+
+def errno_error(what: str) -> OSError:
+    """An OSError for the current errno, with the failing call in the message."""
+    err = ctypes.get_errno()
+    return OSError(err, "%s: %s" % (what, os.strerror(err)))
+
+
+def syscall_number(name: str) -> int:
+    """This architecture's number for system call ``name``."""
+    return arch.current().SYSCALLS[name]
+
+
+def ioctl(fd: int, request: int, arg: int = 0) -> int:
+    """ioctl(2) with an integer argument; raises OSError on failure."""
+    ret = libc().ioctl(fd, request, arg)
+    if ret < 0:
+        raise errno_error("ioctl")
+    return ret

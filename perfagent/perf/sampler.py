@@ -1,0 +1,205 @@
+"""On-CPU sampling: the set of cpu-clock events of one capture and their rings.
+
+Which threads are followed, and how:
+
+* ``-a``: one event per online CPU with pid = -1.
+* launch mode: the command is started blocked before ``exec``; one event per
+  CPU on its pid with ``inherit`` and ``enable_on_exec``, so it and every
+  thread and child it creates are sampled from the first instruction of the
+  new image.
+* ``--pid``: an event per (thread, CPU) with ``inherit``.  perf_event_open on
+  a pid follows one *thread*, and inheritance only covers threads created
+  after the event exists, so every existing thread needs its own events; new
+  threads and children of any followed thread then inherit them and the
+  kernel reports them with PERF_RECORD_FORK.  A thread created by a thread we
+  had not reached yet is caught by re-listing /proc/PID/task after the
+  events are open (threads seen in FORK records are already covered, so
+  nothing is sampled twice).  All events of one CPU write into the first
+  event's ring (PERF_EVENT_IOC_SET_OUTPUT), so a capture has one ring per CPU
+  whatever the thread count.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+from typing import Callable, Dict, Iterable, List, Optional, Set
+
+from perfagent.errors import CaptureError
+from perfagent.perf import attr as A
+from perfagent.perf import event as E
+from perfagent.perf.records import RecordParser
+from perfagent.perf.ring import RingBuffer
+
+SAMPLE_TYPE = (A.PERF_SAMPLE_IP | A.PERF_SAMPLE_TID | A.PERF_SAMPLE_TIME
+               | A.PERF_SAMPLE_CPU | A.PERF_SAMPLE_PERIOD | A.PERF_SAMPLE_CALLCHAIN)
+
+# 128 pages (512 KiB) per CPU holds several seconds of 99 Hz samples with full
+# 127-frame callchains (about 1 KiB each), so a drain every 100 ms keeps the
+# buffer nearly empty even when the agent is descheduled for a while.
+DEFAULT_DATA_PAGES = 128
+
+
+def online_cpus(path: str = "/sys/devices/system/cpu/online") -> List[int]:
+    """CPU numbers from the kernel's range list (``0-3,8-11``)."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return list(range(os.cpu_count() or 1))
+    cpus: List[int] = []
+    for part in text.split(","):
+        if "-" in part:
+            lo, hi = part.split("-")
+            cpus.extend(range(int(lo), int(hi) + 1))
+        elif part:
+            cpus.append(int(part))
+    return cpus
+
+
+def list_threads(pid: int) -> List[int]:
+    """Thread ids of ``pid`` (raises ProcessLookupError when it is gone)."""
+    try:
+        return sorted(int(t) for t in os.listdir("/proc/%d/task" % pid) if t.isdigit())
+    except FileNotFoundError:
+        raise ProcessLookupError(errno.ESRCH, "no such process: %d" % pid)
+
+
+class Sampler:
+    """Opens, enables, drains and closes the sampling events of one capture."""
+
+    def __init__(self, sample_rate: int, data_pages: int = DEFAULT_DATA_PAGES,
+                 sample_type: int = SAMPLE_TYPE, sample_regs_user: int = 0,
+                 sample_stack_user: int = 0) -> None:
+        self.sample_rate = sample_rate
+        self.data_pages = data_pages
+        self.sample_type = sample_type
+        self.sample_regs_user = sample_regs_user
+        self.sample_stack_user = sample_stack_user
+        self.cpus = online_cpus()
+        self.fds: List[int] = []
+        self.rings: Dict[int, RingBuffer] = {}  # cpu -> ring
+        self.parser = RecordParser(sample_type, sample_regs_user)
+        self.followed_tids: Set[int] = set()
+        self._poller = select.poll()
+
+    # -- opening -----------------------------------------------------------
+    def _attr(self, inherit: bool, enable_on_exec: bool) -> bytes:
+        data_bytes = self.data_pages * 4096
+        flags = A.attr_flags(
+            disabled=True, freq=True, inherit=inherit, enable_on_exec=enable_on_exec,
+            mmap=True, mmap2=True, comm=True, comm_exec=True, task=True,
+            sample_id_all=True, watermark=True, exclude_hv=True,
+        )
+        return A.pack_attr(
+            A.PERF_TYPE_SOFTWARE, A.PERF_COUNT_SW_CPU_CLOCK, self.sample_rate,
+            self.sample_type, flags,
+            wakeup_events_or_watermark=data_bytes // 4,
+            sample_regs_user=self.sample_regs_user,
+            sample_stack_user=self.sample_stack_user,
+        )
+
+    def _open_on_cpu(self, attr: bytes, pid: int, cpu: int, what: str) -> int:
+        try:
+            fd = E.perf_event_open(attr, pid, cpu)
+        except OSError as exc:
+            raise CaptureError(E.explain_open_error(exc, what)) from None
+        self.fds.append(fd)
+        ring = self.rings.get(cpu)
+        if ring is None:
+            try:
+                ring = RingBuffer(fd, self.data_pages)
+            except OSError as exc:
+                raise CaptureError(
+                    "cannot map the perf ring buffer (%s): raise kernel.perf_event_mlock_kb "
+                    "or run as root" % os.strerror(exc.errno or 0)) from None
+            self.rings[cpu] = ring
+            self._poller.register(fd, select.POLLIN)
+        else:
+            E.set_output(fd, ring.fd)
+        return fd
+
+    def open_system_wide(self) -> None:
+        attr = self._attr(inherit=False, enable_on_exec=False)
+        for cpu in self.cpus:
+            self._open_on_cpu(attr, -1, cpu, "all processes (-a) on CPU %d" % cpu)
+
+    def open_launched(self, pid: int) -> None:
+        """Events on a child blocked before exec: they switch on at exec."""
+        attr = self._attr(inherit=True, enable_on_exec=True)
+        for cpu in self.cpus:
+            self._open_on_cpu(attr, pid, cpu, "command (pid %d)" % pid)
+        self.followed_tids.add(pid)
+
+    def open_threads(self, tids: Iterable[int]) -> List[int]:
+        """Events on each thread (every CPU); returns the tids that were opened.
+
+        A thread that exits before we reach it (ESRCH) is skipped: that is a
+        normal race, not an error.
+        """
+        attr = self._attr(inherit=True, enable_on_exec=False)
+        opened = []
+        for tid in tids:
+            if tid in self.followed_tids:
+                continue
+            try:
+                for cpu in self.cpus:
+                    self._open_on_cpu(attr, tid, cpu, "pid %d" % tid)
+            except CaptureError:
+                if not os.path.exists("/proc/%d" % tid):
+                    continue
+                raise
+            self.followed_tids.add(tid)
+            opened.append(tid)
+        return opened
+
+    def enable(self) -> None:
+        for fd in self.fds:
+            E.enable(fd)
+
+    def disable(self) -> None:
+        for fd in self.fds:
+            try:
+                E.disable(fd)
+            except OSError:
+                pass
+
+    # -- reading -----------------------------------------------------------
+    def wait(self, timeout_ms: int) -> None:
+        """Sleep until a ring passes its watermark or ``timeout_ms`` passes."""
+        try:
+            self._poller.poll(timeout_ms)
+        except InterruptedError:
+            pass
+
+    def drain(self, on_sample: Callable, on_event: Callable) -> int:
+        """Parse everything in every ring; returns the number of bytes read."""
+        total = 0
+        for ring in self.rings.values():
+            data = ring.read()
+            if data:
+                total += len(data)
+                self.parser.parse(data, on_sample, on_event)
+        return total
+
+    @property
+    def lost(self) -> int:
+        return self.parser.lost + self.parser.lost_samples
+
+    def close(self) -> None:
+        for ring in self.rings.values():
+            ring.close()
+        self.rings.clear()
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds = []
+
+    def __enter__(self) -> "Sampler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
