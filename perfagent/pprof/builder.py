@@ -124,25 +124,41 @@ class ProfileBuilder:
         key = (mapping_id, address) if address else (mapping_id, 0, lines)
         try:
             location_id = self._location_ids.get(key)
-        except TypeError:  # unhashable lines (a list): normalise and retry
-            lines = _normalise_lines(lines)
-            key = (mapping_id, 0, lines)
-            location_id = self._location_ids.get(key)
+        except TypeError:  # unhashable lines (a list): take the slow path
+            location_id = None
+            key = None
         if location_id is None:
             location_id = self._add_location(key, mapping_id, address, lines, is_folded)
         return location_id
 
-    def _add_location(self, key: tuple, mapping_id: int, address: int, lines: Sequence, is_folded: bool) -> int:
+    def _add_location(
+        self, key: Optional[tuple], mapping_id: int, address: int, lines: Sequence, is_folded: bool
+    ) -> int:
+        """Register a location under its canonical key, and ``key`` as an alias of it.
+
+        For address 0 the canonical key holds the normalised lines, so
+        ((f, 0),), ((f, 0, 0),) and [[f, 0]] all name one location; the alias
+        keeps later calls spelled like this one on the fast path.
+        """
+        normalised = _normalise_lines(lines)
+        canonical = (mapping_id, address) if address else (mapping_id, 0, normalised)
+        location_id = self._location_ids.get(canonical)
+        if location_id is None:
+            location_id = self._new_location(mapping_id, address, normalised, is_folded)
+            self._location_ids[canonical] = location_id
+        if key is not None:
+            self._location_ids[key] = location_id
+        return location_id
+
+    def _new_location(self, mapping_id: int, address: int, lines: Tuple[LineTuple, ...], is_folded: bool) -> int:
         if mapping_id and not 0 < mapping_id <= len(self._mappings):
             raise ValueError("location refers to unknown mapping id %d" % mapping_id)
         _check_uint64("address", address)
-        normalised = _normalise_lines(lines)
-        for function_id, _, _ in normalised:
+        for function_id, _, _ in lines:
             if not 0 < function_id <= len(self._functions):
                 raise ValueError("location line refers to unknown function id %d" % function_id)
-        self._locations.append((mapping_id, address, normalised, bool(is_folded)))
-        location_id = self._location_ids[key] = len(self._locations)
-        return location_id
+        self._locations.append((mapping_id, address, lines, bool(is_folded)))
+        return len(self._locations)
 
     # ------------------------------------------------------------ samples
 
