@@ -1,0 +1,436 @@
+"""Function names for native code: per-binary symbol tables and their cache.
+
+A sampled user-space address becomes a name in three steps:
+
+1. the caller finds the mapping ``[start, end)`` with file offset ``pgoff``
+   and computes the file offset ``addr - start + pgoff``;
+2. :meth:`BinaryInfo.offset_to_vaddr` turns that into a link-time address
+   using the real binary's PT_LOAD headers (see :mod:`perfagent.elf.loadmap`);
+3. :meth:`SymbolTable.lookup` bisects the function ranges.
+
+:class:`BinaryCache` makes sure each file is parsed once per run however
+many processes map it and under whatever path.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import zlib
+from bisect import bisect_right
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+
+from ..elf import ELFFile, LoadMap
+from ..elf.constants import (
+    EM_ARM, SHF_EXECINSTR, SHN_LORESERVE, SHN_UNDEF, SHT_NOBITS, STB_GLOBAL,
+    STB_GNU_UNIQUE, STB_WEAK, STT_FUNC, STT_GNU_IFUNC, STT_NOTYPE,
+)
+from ..errors import ELFError
+
+DEFAULT_DEBUG_DIRS = ("/usr/lib/debug",)
+
+_FUNCTION_TYPES = (STT_FUNC, STT_GNU_IFUNC)
+_SYMBOL_SECTIONS = (".symtab", ".dynsym")
+
+# Alias preference at one address, lower wins: a global name is what the
+# programmer called the function; weak and local aliases are usually
+# implementation names (__GI_memcpy, __libc_malloc).
+_BIND_RANK = {STB_GLOBAL: 0, STB_GNU_UNIQUE: 0, STB_WEAK: 1}
+_LOCAL_RANK = 2
+
+_CRC_CHUNK = 1 << 20
+
+
+class _Candidate(NamedTuple):
+    start: int
+    size: int
+    name: str
+    # (kind, bind rank, leading underscores, source rank, name): the
+    # deterministic order in which aliases at one address are preferred;
+    # kind 0 is STT_FUNC/STT_GNU_IFUNC, 1 is an STT_NOTYPE code label.
+    rank: tuple
+    section_end: Optional[int]
+
+
+class SymbolTable:
+    """Function address ranges of one binary, searchable by link-time address.
+
+    Sources are ELF files in order of preference (a separate debug file
+    first, then the binary itself); from each, ``.symtab`` is preferred and
+    ``.dynsym`` merged in.  Only function-like symbols are kept: STT_FUNC and
+    STT_GNU_IFUNC, plus STT_NOTYPE labels in executable sections where no
+    function covers them (hand-written assembly).  A zero-size symbol
+    extends to the next symbol, but not past its section or a function
+    that encloses it.  Unreadable symbol sections are skipped and described
+    in :attr:`errors`; construction never raises ELFError.
+    """
+
+    __slots__ = ("starts", "ends", "names", "errors", "_count")
+
+    def __init__(self, sources: Iterable[ELFFile] = ()) -> None:
+        self.errors: List[str] = []
+        candidates = []
+        for source_rank, elf in enumerate(sources):
+            candidates.extend(self._candidates(elf, source_rank))
+        entries = _pick_aliases(candidates)
+        self._count = len(entries)
+        # Parallel arrays rather than objects: lookup is per sampled frame,
+        # and bisect on a list of ints is the cheapest search Python offers.
+        self.starts: List[int] = []
+        self.ends: List[int] = []
+        self.names: List[str] = []
+        self._flatten(entries)
+
+    def __len__(self) -> int:
+        """The number of distinct function addresses."""
+        return self._count
+
+    def __repr__(self) -> str:
+        return "<SymbolTable %d functions>" % self._count
+
+    def lookup(self, vaddr: int) -> Optional[str]:
+        """The function containing link-time address ``vaddr``, or None."""
+        # Hot path: one bisect and one compare, no allocation.  The ranges
+        # are disjoint (see _flatten), so the last start <= vaddr decides.
+        i = bisect_right(self.starts, vaddr) - 1
+        if i >= 0 and vaddr < self.ends[i]:
+            return self.names[i]
+        return None
+
+    # ------------------------------------------------------------- building
+
+    def _candidates(self, elf: ELFFile, source_rank: int) -> List[_Candidate]:
+        sections = elf.sections
+        thumb = elf.e_machine == EM_ARM
+        out: List[_Candidate] = []
+        for table_rank, table in enumerate(_SYMBOL_SECTIONS):
+            try:
+                symbols = list(elf.iter_symbols(table))
+            except ELFError as exc:
+                self.errors.append(str(exc))
+                continue
+            for sym in symbols:
+                candidate = _candidate(sym, sections, thumb, source_rank * 2 + table_rank)
+                if candidate is not None:
+                    out.append(candidate)
+        return out
+
+    def _flatten(self, entries: List[Tuple[int, int, str, int, Optional[int]]]) -> None:
+        """Turn possibly nested ranges into disjoint pieces.
+
+        A function may contain another symbol (an inner entry point, a
+        label).  After the inner range ends, the addresses belong to the
+        outer function again, so a "resume" piece is emitted for it; that
+        keeps lookup a single bisect.
+        """
+        starts, ends, names = self.starts, self.ends, self.names
+        open_ranges: List[Tuple[int, str]] = []  # (end, name), innermost last
+
+        def resume_until(limit: float) -> None:
+            while open_ranges and ends and ends[-1] < limit:
+                end, name = open_ranges[-1]
+                if end <= ends[-1]:
+                    open_ranges.pop()
+                    continue
+                cursor = ends[-1]
+                piece_end = min(end, limit)
+                starts.append(cursor)
+                ends.append(piece_end)
+                names.append(name)
+                if piece_end == end:
+                    open_ranges.pop()
+
+        for index, (start, size, name, kind, section_end) in enumerate(entries):
+            resume_until(start)
+            while open_ranges and open_ranges[-1][0] <= start:
+                open_ranges.pop()
+            end = self._end_of(entries, index, start, size, section_end, open_ranges)
+            if end <= start:
+                continue
+            if ends and ends[-1] > start:
+                ends[-1] = start
+            starts.append(start)
+            ends.append(end)
+            names.append(name)
+            open_ranges.append((end, name))
+        resume_until(float("inf"))
+
+    @staticmethod
+    def _end_of(entries, index: int, start: int, size: int, section_end: Optional[int],
+                open_ranges: List[Tuple[int, str]]) -> int:
+        if size:
+            end = start + size
+        else:
+            end = entries[index + 1][0] if index + 1 < len(entries) else (section_end or start)
+            if open_ranges:
+                end = min(end, open_ranges[-1][0])
+        if section_end is not None and section_end > start:
+            end = min(end, section_end)
+        return end
+
+
+def _candidate(sym, sections, thumb: bool, source_rank: int) -> Optional[_Candidate]:
+    if not sym.name or sym.st_shndx == SHN_UNDEF:
+        return None
+    section = sections[sym.st_shndx] if sym.st_shndx < min(len(sections), SHN_LORESERVE) else None
+    if sym.st_type in _FUNCTION_TYPES:
+        kind = 0
+    elif sym.st_type == STT_NOTYPE and section is not None and section.sh_flags & SHF_EXECINSTR:
+        kind = 1
+    else:
+        return None
+    start = sym.st_value & ~1 if thumb else sym.st_value  # Thumb bit is not an address bit
+    section_end = section.sh_addr + section.sh_size if section is not None else None
+    name = sym.name
+    rank = (kind, _BIND_RANK.get(sym.st_bind, _LOCAL_RANK),
+            len(name) - len(name.lstrip("_")), source_rank, name)
+    return _Candidate(start, sym.st_size, name, rank, section_end)
+
+
+def _pick_aliases(candidates: List[_Candidate]) -> List[Tuple[int, int, str, int, Optional[int]]]:
+    """One entry per address, sorted: (start, size, name, kind, section_end).
+
+    The preferred alias names the address; the size is the largest any
+    alias claims (a zero-size alias must not shrink a sized function).
+    STT_NOTYPE labels inside a function are dropped: they would split it.
+    """
+    best: Dict[int, _Candidate] = {}
+    sizes: Dict[Tuple[int, int], int] = {}  # (start, kind) -> largest size
+    for c in candidates:
+        current = best.get(c.start)
+        if current is None or c.rank < current.rank:
+            best[c.start] = c
+        key = (c.start, c.rank[0])
+        sizes[key] = max(sizes.get(key, 0), c.size)
+    entries = []
+    function_end = -1
+    for start in sorted(best):
+        c = best[start]
+        kind = c.rank[0]
+        if kind == 1 and start < function_end:
+            continue
+        size = sizes[(start, kind)]
+        if kind == 0 and size:
+            function_end = max(function_end, start + size)
+        entries.append((start, size, c.name, kind, c.section_end))
+    return entries
+
+
+# ----------------------------------------------------------------- per binary
+
+class BinaryInfo:
+    """What the profiler keeps about one file on disk once it is parsed.
+
+    Holds no file descriptor or mapping.  A file that could not be read or
+    parsed still gets a BinaryInfo, with no symbols and ``error`` set, so
+    its frames fall back to addresses.
+    """
+
+    __slots__ = ("path", "build_id", "soname", "symbols", "load_map", "debug_path",
+                 "e_type", "e_machine", "error")
+
+    def __init__(self, path: str, symbols: Optional[SymbolTable] = None,
+                 load_map: Optional[LoadMap] = None, build_id: Optional[str] = None,
+                 soname: Optional[str] = None, debug_path: Optional[str] = None,
+                 e_type: Optional[int] = None, e_machine: Optional[int] = None,
+                 error: Optional[str] = None) -> None:
+        self.path = path
+        self.symbols = symbols if symbols is not None else SymbolTable()
+        self.load_map = load_map if load_map is not None else LoadMap(())
+        self.build_id = build_id
+        self.soname = soname
+        self.debug_path = debug_path
+        self.e_type = e_type
+        self.e_machine = e_machine
+        self.error = error
+
+    def __repr__(self) -> str:
+        return "<BinaryInfo %s build_id=%s %d symbols%s>" % (
+            self.path, self.build_id, len(self.symbols),
+            " error=%r" % self.error if self.error else "")
+
+    def offset_to_vaddr(self, file_offset: int) -> Optional[int]:
+        """Link-time address of a file offset, from the real binary's PT_LOADs."""
+        return self.load_map.offset_to_vaddr(file_offset)
+
+    def symbolize_offset(self, file_offset: int) -> Optional[str]:
+        """The function at ``file_offset`` (= addr - map start + pgoff)."""
+        vaddr = self.load_map.offset_to_vaddr(file_offset)
+        if vaddr is None:
+            return None
+        return self.symbols.lookup(vaddr)
+
+    def symbolize_vaddr(self, vaddr: int) -> Optional[str]:
+        """The function at a link-time address."""
+        return self.symbols.lookup(vaddr)
+
+    def at_path(self, path: str) -> "BinaryInfo":
+        """The same parsed data reported under another path (shares tables)."""
+        if path == self.path:
+            return self
+        return BinaryInfo(path, self.symbols, self.load_map, self.build_id, self.soname,
+                          self.debug_path, self.e_type, self.e_machine, self.error)
+
+
+class BinaryCache:
+    """Parses each binary once per run, however it is reached.
+
+    Entries are keyed by (st_dev, st_ino) — the caller usually knows them
+    from /proc/PID/maps, converted with ``os.makedev`` — else by ``os.stat``
+    of the file; and by build id, so one build at two paths (a container's
+    copy of libc, a reinstalled package) shares one symbol table.
+    ``parse_count`` counts full parses, for tests and statistics.
+    """
+
+    def __init__(self, debug_dirs: Optional[Sequence[str]] = None) -> None:
+        self.debug_dirs: Tuple[str, ...] = tuple(DEFAULT_DEBUG_DIRS if debug_dirs is None else debug_dirs)
+        self.parse_count = 0
+        self._by_inode: Dict[Tuple[int, int], BinaryInfo] = {}
+        self._by_build_id: Dict[str, BinaryInfo] = {}
+        self._lock = threading.Lock()
+
+    def load(self, path: str, st_dev: Optional[int] = None, st_ino: Optional[int] = None,
+             open_path: Optional[str] = None) -> BinaryInfo:
+        """The BinaryInfo for ``path``; never raises.
+
+        ``open_path`` is what to actually open when ``path`` (the name to
+        report) is not reachable as is from here, e.g.
+        ``/proc/PID/root/usr/lib/libc.so.6`` or
+        ``/proc/PID/map_files/START-END``.
+        """
+        try:
+            with self._lock:
+                return self._load(path, st_dev, st_ino, open_path or path)
+        except Exception as exc:  # a symbolizer bug must cost one binary's names, not the profile
+            return BinaryInfo(path, error="%s: %s: %s" % (path, type(exc).__name__, exc))
+
+    def _load(self, path: str, st_dev: Optional[int], st_ino: Optional[int], open_path: str) -> BinaryInfo:
+        if st_dev is None or st_ino is None:
+            try:
+                st = os.stat(open_path)
+            except OSError as exc:
+                return BinaryInfo(path, error="%s: %s" % (path, exc.strerror or exc))
+            st_dev, st_ino = st.st_dev, st.st_ino
+        key = (st_dev, st_ino)
+        cached = self._by_inode.get(key)
+        if cached is not None:
+            return cached.at_path(path)
+        info = self._parse(path, open_path)
+        self._by_inode[key] = info
+        return info
+
+    def _parse(self, path: str, open_path: str) -> BinaryInfo:
+        try:
+            elf = ELFFile.from_path(open_path)
+        except (OSError, ELFError) as exc:
+            return BinaryInfo(path, error=str(exc))  # both already name the file
+        with elf:
+            build_id = _quietly(lambda: elf.build_id)
+            if build_id is not None and build_id in self._by_build_id:
+                return self._by_build_id[build_id].at_path(path)
+            info = self._build(elf, path, open_path, build_id)
+        if build_id is not None:
+            self._by_build_id[build_id] = info
+        return info
+
+    def _build(self, elf: ELFFile, path: str, open_path: str, build_id: Optional[str]) -> BinaryInfo:
+        self.parse_count += 1
+        debug = None
+        if not _has_symtab(elf):
+            debug = self._open_debug_file(elf, path, open_path, build_id)
+        try:
+            sources = [debug[1], elf] if debug is not None else [elf]
+            symbols = SymbolTable(sources)
+        finally:
+            if debug is not None:
+                debug[1].close()
+        return BinaryInfo(
+            path, symbols=symbols, load_map=elf.load_map, build_id=build_id,
+            soname=_quietly(lambda: elf.soname),
+            debug_path=debug[0] if debug is not None else None,
+            e_type=elf.e_type, e_machine=elf.e_machine,
+            error="; ".join(symbols.errors) or None)
+
+    # ---------------------------------------------------------- debug files
+
+    def _open_debug_file(self, elf: ELFFile, path: str, open_path: str,
+                         build_id: Optional[str]) -> Optional[Tuple[str, ELFFile]]:
+        """A separate debug file: by build id first, then by .gnu_debuglink."""
+        if build_id is not None and len(build_id) > 2:
+            for debug_dir in self.debug_dirs:
+                candidate = os.path.join(debug_dir, ".build-id", build_id[:2], build_id[2:] + ".debug")
+                debug = _open_elf(candidate)
+                if debug is not None:
+                    if _quietly(lambda: debug.build_id) == build_id:
+                        return candidate, debug
+                    debug.close()
+        link = _quietly(lambda: elf.debuglink)
+        if link is None:
+            return None
+        name, crc = link
+        for candidate in self._debuglink_candidates(name, path, open_path):
+            if _same_file(candidate, open_path) or _file_crc32(candidate) != crc:
+                continue
+            debug = _open_elf(candidate)
+            if debug is not None:
+                return candidate, debug
+        return None
+
+    def _debuglink_candidates(self, name: str, path: str, open_path: str) -> List[str]:
+        """GDB's search order: beside the binary, its .debug/, the debug dirs."""
+        dirs = []
+        for p in (open_path, path):
+            d = os.path.dirname(p)
+            if d not in dirs:
+                dirs.append(d)
+        out = []
+        for d in dirs:
+            out.append(os.path.join(d, name))
+            out.append(os.path.join(d, ".debug", name))
+        reported_dir = os.path.dirname(path).lstrip("/")
+        for debug_dir in self.debug_dirs:
+            out.append(os.path.join(debug_dir, reported_dir, name))
+        return out
+
+
+def _has_symtab(elf: ELFFile) -> bool:
+    sec = elf.section(".symtab")
+    return sec is not None and sec.sh_size > 0 and sec.sh_type != SHT_NOBITS
+
+
+def _open_elf(path: str) -> Optional[ELFFile]:
+    if not os.path.isfile(path):
+        return None
+    try:
+        return ELFFile.from_path(path)
+    except (OSError, ELFError):
+        return None
+
+
+def _quietly(getter):
+    """A metadata value, or None if that part of the file is malformed."""
+    try:
+        return getter()
+    except ELFError:
+        return None
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _file_crc32(path: str) -> Optional[int]:
+    """zlib.crc32 of a whole file (the .gnu_debuglink checksum), or None."""
+    crc = 0
+    try:
+        with open(path, "rb") as f:
+            while True:
+                chunk = f.read(_CRC_CHUNK)
+                if not chunk:
+                    return crc
+                crc = zlib.crc32(chunk, crc)
+    except OSError:
+        return None
