@@ -132,7 +132,7 @@ class Sampler:
             self._open_on_cpu(attr, pid, cpu, "command (pid %d)" % pid)
         self.followed_tids.add(pid)
 
-    def open_threads(self, tids: Iterable[int]) -> List[int]:
+    def open_threads(self, tids: Iterable[int], enable_now: bool = False) -> List[int]:
         """Events on each thread (every CPU); returns the tids that were opened.
 
         A thread that exits before we reach it (ESRCH) is skipped: that is a
@@ -143,6 +143,7 @@ class Sampler:
         for tid in tids:
             if tid in self.followed_tids:
                 continue
+            first_fd = len(self.fds)
             try:
                 for cpu in self.cpus:
                     self._open_on_cpu(attr, tid, cpu, "pid %d" % tid)
@@ -152,6 +153,9 @@ class Sampler:
                 raise
             self.followed_tids.add(tid)
             opened.append(tid)
+            if enable_now:
+                for fd in self.fds[first_fd:]:
+                    E.enable(fd)
         return opened
 
     def enable(self) -> None:

@@ -1,0 +1,275 @@
+"""The state of one capture: processes, threads, mappings and sample counts.
+
+Samples arrive as raw instruction pointers.  Mappings change while the
+capture runs (libraries are loaded and unloaded, processes exec and exit),
+so each stack is resolved against the address space *at drain time* into
+(mapping, address) frames; names are looked up only at the end, once per
+distinct location, when the profile is written.
+
+Hot path: ``on_sample`` only counts the raw stack in a dict (identical
+stacks dominate any real profile); ``resolve_pending`` then resolves each
+distinct stack of the drain once, with a per-process cache of resolved
+addresses that is dropped whenever that process's mappings change.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Tuple
+
+from perfagent.symbolize.procmaps import AddressSpace, MapEntry, read_maps
+
+# Mapping kinds, stored in MappingRecord.kind.
+KIND_FILE = 0     # a file-backed executable mapping: ELF symbols
+KIND_JIT = 1      # anonymous executable memory: /tmp/perf-PID.map
+KIND_VDSO = 2     # [vdso]
+KIND_KERNEL = 3   # kernel text: /proc/kallsyms
+KIND_OTHER = 4    # [vsyscall], [stack], ... : addresses only
+
+KERNEL_MAPPING = 0  # index of the single kernel mapping in CaptureState.mappings
+
+# The upper half of the x86-64 / aarch64 (48-bit VA) address space.
+KERNEL_START = 0xFFFF800000000000
+KERNEL_LIMIT = 0xFFFFFFFFFFFFFFFF
+
+PROT_EXEC = 4
+
+
+class MappingRecord:
+    """One mapping as the profile will show it (a pprof Mapping)."""
+
+    __slots__ = ("index", "kind", "start", "end", "pgoff", "path", "dev_major",
+                 "dev_minor", "inode", "pid", "deleted")
+
+    def __init__(self, index: int, kind: int, entry: Optional[MapEntry], pid: int) -> None:
+        self.index = index
+        self.kind = kind
+        self.pid = pid
+        if entry is None:
+            self.start, self.end, self.pgoff, self.path = KERNEL_START, KERNEL_LIMIT, 0, "[kernel]"
+            self.dev_major = self.dev_minor = self.inode = 0
+            self.deleted = False
+        else:
+            self.start, self.end, self.pgoff = entry.start, entry.end, entry.pgoff
+            self.path = entry.path
+            self.dev_major, self.dev_minor, self.inode = entry.dev_major, entry.dev_minor, entry.inode
+            self.deleted = entry.deleted
+
+
+def mapping_kind(entry: MapEntry) -> int:
+    path = entry.path
+    if not path:
+        return KIND_JIT
+    if path == "[vdso]":
+        return KIND_VDSO
+    if path.startswith("[") or path.startswith("//anon"):
+        return KIND_JIT if path.startswith("[anon") else KIND_OTHER
+    if path.startswith("/memfd:"):
+        return KIND_JIT
+    return KIND_FILE
+
+
+def read_comm(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read().rstrip(b"\n").decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def read_uid(pid: int) -> int:
+    """The target's real uid (who may own its perf map), or -1 if unknown."""
+    try:
+        return os.stat("/proc/%d" % pid).st_uid
+    except OSError:
+        return -1
+
+
+class ProcessInfo:
+    __slots__ = ("pid", "comm", "space", "uid", "frame_cache", "exited", "maps_known")
+
+    def __init__(self, pid: int, comm: str = "") -> None:
+        self.pid = pid
+        self.comm = comm
+        self.space = AddressSpace()
+        self.uid = -1
+        self.frame_cache: Dict[int, Tuple[int, int]] = {}
+        self.exited = False
+        self.maps_known = False
+
+
+Frame = Tuple[int, int]  # (mapping index or -1, address used for lookup)
+
+
+class CaptureState:
+    """Everything a capture learned, fed by the sampler's callbacks."""
+
+    def __init__(self, skip_idle: bool = True) -> None:
+        self.processes: Dict[int, ProcessInfo] = {}
+        self.thread_comm: Dict[int, str] = {}
+        self.mappings: List[MappingRecord] = [MappingRecord(KERNEL_MAPPING, KIND_KERNEL, None, -1)]
+        self._mapping_index: Dict[tuple, int] = {}
+        self._pending: Dict[tuple, List[int]] = {}
+        # (pid, tid, frames) -> [samples, period nanoseconds]
+        self.stacks: Dict[Tuple[int, int, Tuple[Frame, ...]], List[int]] = {}
+        self.samples = 0
+        self.skip_idle = skip_idle
+        self.idle_samples = 0
+        self.pids_seen: set = set()
+        self.forked_tids: set = set()
+
+    # -- processes ---------------------------------------------------------
+    def process(self, pid: int) -> ProcessInfo:
+        proc = self.processes.get(pid)
+        if proc is None:
+            proc = self.processes[pid] = ProcessInfo(pid)
+        return proc
+
+    def load_from_proc(self, pid: int) -> Optional[ProcessInfo]:
+        """Seed a process from /proc: its mappings, comm, uid and threads' names.
+
+        Returns None when it is already gone (or unreadable): samples of it
+        will still resolve through the MMAP2 records of the capture.
+        """
+        proc = self.process(pid)
+        try:
+            entries = read_maps(pid)
+        except (OSError, ValueError):
+            return None
+        proc.space = AddressSpace(e for e in entries if e.is_exec)
+        proc.frame_cache.clear()
+        proc.maps_known = True
+        proc.comm = read_comm("/proc/%d/comm" % pid) or proc.comm
+        proc.uid = read_uid(pid)
+        try:
+            for tid in os.listdir("/proc/%d/task" % pid):
+                if tid.isdigit():
+                    comm = read_comm("/proc/%d/task/%s/comm" % (pid, tid))
+                    if comm:
+                        self.thread_comm.setdefault(int(tid), comm)
+        except OSError:
+            pass
+        return proc
+
+    # -- record callbacks --------------------------------------------------
+    def on_event(self, ev: tuple) -> None:
+        kind = ev[0]
+        if kind == "mmap":
+            _, pid, tid, addr, length, pgoff, maj, mnr, ino, prot, filename, _bid = ev
+            if pid == 0xFFFFFFFF or not prot & PROT_EXEC:
+                return  # kernel module maps (pid -1) and data mappings
+            proc = self.process(pid)
+            proc.space.add(addr, addr + length, pgoff, filename, True, maj, mnr, ino)
+            proc.frame_cache.clear()
+        elif kind == "comm":
+            _, pid, tid, comm, is_exec = ev
+            self.thread_comm[tid] = comm
+            proc = self.process(pid)
+            if pid == tid:
+                proc.comm = comm
+            if is_exec:
+                # exec replaced the image: its MMAP2 records follow this one.
+                proc.space = AddressSpace()
+                proc.frame_cache.clear()
+                proc.maps_known = True
+        elif kind == "fork":
+            _, pid, ppid, tid, ptid, _time = ev
+            self.forked_tids.add(tid)
+            parent = self.processes.get(ppid)
+            if pid != ppid:  # a new process: it starts with its parent's mappings
+                child = self.process(pid)
+                if parent is not None:
+                    child.space = parent.space.fork_copy()
+                    child.comm = parent.comm
+                    child.uid = parent.uid
+                    child.maps_known = parent.maps_known
+                    child.frame_cache.clear()
+            if tid not in self.thread_comm:
+                name = self.thread_comm.get(ptid) or (parent.comm if parent else "")
+                if name:
+                    self.thread_comm[tid] = name
+        elif kind == "exit":
+            _, pid, _ppid, tid, _ptid, _time = ev
+            if pid == tid and pid in self.processes:
+                self.processes[pid].exited = True
+
+    def on_sample(self, s: tuple) -> None:
+        """Count one raw sample (the per-sample hot path: one dict update)."""
+        pid = s[0]
+        if pid == 0 and self.skip_idle:
+            self.idle_samples += 1
+            return
+        kernel_ips = s[6]
+        user_ips = s[7]
+        if not kernel_ips and not user_ips:
+            ip = s[5]
+            if ip >= KERNEL_START:
+                kernel_ips = (ip,)
+            else:
+                user_ips = (ip,)
+        key = (pid, s[1], kernel_ips, user_ips)
+        slot = self._pending.get(key)
+        if slot is None:
+            self._pending[key] = [1, s[4]]
+        else:
+            slot[0] += 1
+            slot[1] += s[4]
+
+    # -- resolution --------------------------------------------------------
+    def resolve_pending(self) -> None:
+        """Resolve this drain's distinct raw stacks against the current mappings."""
+        pending, self._pending = self._pending, {}
+        stacks = self.stacks
+        for (pid, tid, kernel_ips, user_ips), (count, period) in pending.items():
+            frames = self._resolve(pid, kernel_ips, user_ips)
+            key = (pid, tid, frames)
+            slot = stacks.get(key)
+            if slot is None:
+                stacks[key] = [count, period]
+            else:
+                slot[0] += count
+                slot[1] += period
+            self.samples += count
+            self.pids_seen.add(pid)
+
+    def _resolve(self, pid: int, kernel_ips: tuple, user_ips: tuple) -> Tuple[Frame, ...]:
+        # The leaf is an exact pc; every frame above it is a return address,
+        # which points after the call: look up ``addr - 1`` so a call that is
+        # the last instruction of a function is attributed to that function.
+        frames: List[Frame] = []
+        first = True
+        for ip in kernel_ips:
+            frames.append((KERNEL_MAPPING, ip if first else ip - 1))
+            first = False
+        if user_ips:
+            proc = self.processes.get(pid)
+            if proc is None or not proc.maps_known:
+                proc = self.load_from_proc(pid) or self.process(pid)
+            cache = proc.frame_cache
+            for ip in user_ips:
+                addr = ip if first else ip - 1
+                first = False
+                frame = cache.get(addr)
+                if frame is None:
+                    frame = cache[addr] = self._user_frame(proc, addr)
+                frames.append(frame)
+        return tuple(frames)
+
+    def _user_frame(self, proc: ProcessInfo, addr: int) -> Frame:
+        entry = proc.space.find(addr)
+        if entry is None:
+            return (-1, addr)
+        kind = mapping_kind(entry)
+        key = (kind, entry.start, entry.end, entry.pgoff, entry.path, entry.inode,
+               proc.pid if kind == KIND_JIT else 0)
+        index = self._mapping_index.get(key)
+        if index is None:
+            index = self._mapping_index[key] = len(self.mappings)
+            self.mappings.append(MappingRecord(index, kind, entry, proc.pid))
+        return (index, addr)
+
+    def process_comm(self, pid: int) -> str:
+        proc = self.processes.get(pid)
+        if proc is not None and proc.comm:
+            return proc.comm
+        return self.thread_comm.get(pid, "")

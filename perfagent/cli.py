@@ -1,0 +1,194 @@
+"""The ``perf-agent`` command line.
+
+Flags follow the reference tool perf-agent.  Usage errors print one line
+naming the flag and exit 2; run-time failures print one line naming the
+cause and the fix and exit 1; neither ever shows a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from typing import List, Optional, Sequence, Tuple
+
+from perfagent import __version__
+from perfagent.errors import PerfAgentError, UsageError
+
+PROG = "perf-agent"
+DEFAULT_DURATION = 10.0
+DEFAULT_SAMPLE_RATE = 99
+UNWIND_MODES = ("fp", "dwarf", "auto")
+
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3,
+                   "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from a Go-style duration (``500ms``, ``1h30m``) or plain seconds."""
+    s = text.strip()
+    try:
+        value = float(s)
+    except ValueError:
+        pos = 0
+        value = 0.0
+        if not s:
+            raise ValueError("empty duration")
+        while pos < len(s):
+            m = _DURATION_PART.match(s, pos)
+            if m is None:
+                raise ValueError("not a duration: %r (use e.g. 500ms, 10s, 2m, 1h30m)" % text)
+            value += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+            pos = m.end()
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError("duration must be positive, got %r" % text)
+    return value
+
+
+def parse_tag(text: str) -> Tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError("tag must be key=value, got %r" % text)
+    return key.strip(), value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        usage="%(prog)s --profile (--pid PID | -a | -- COMMAND [ARGS...]) [options]",
+        description="Profile running Linux processes with perf_event_open and write pprof.",
+        epilog="Examples:\n"
+               "  %(prog)s --profile --pid 1234 --duration 30s\n"
+               "  %(prog)s --profile -a --duration 10s --profile-output all.pb.gz\n"
+               "  %(prog)s --profile -- ./my-program --its-flag\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_argument_group("what to profile")
+    g.add_argument("--profile", action="store_true",
+                   help="on-CPU sampling with stacks (writes --profile-output)")
+    g.add_argument("--pid", type=str, metavar="PID",
+                   help="profile one process: all its threads, including ones started during the capture")
+    g.add_argument("-a", "--all", action="store_true",
+                   help="profile every process on the machine")
+    o = p.add_argument_group("sampling")
+    o.add_argument("--duration", default=None, metavar="D",
+                   help="how long to capture: Go-style (500ms, 10s, 2m, 1h30m) or seconds "
+                        "(default: 10s; with a COMMAND: until it exits)")
+    o.add_argument("--sample-rate", default=str(DEFAULT_SAMPLE_RATE), metavar="HZ",
+                   help="samples per second per CPU (default: %d)" % DEFAULT_SAMPLE_RATE)
+    o.add_argument("--unwind", default="auto", metavar="MODE",
+                   help="user stack unwinding: fp (kernel frame-pointer callchain), dwarf, or auto "
+                        "(default: auto, which currently behaves as fp)")
+    w = p.add_argument_group("output")
+    w.add_argument("--profile-output", default=None, metavar="PATH",
+                   help="on-CPU profile path (default: <comm>-<YYYYmmddHHMM>-on-cpu.pb.gz in the "
+                        "current directory, <YYYYmmddHHMM>-on-cpu.pb.gz with -a; never overwrites "
+                        "an existing file: -1, -2, ... are added)")
+    w.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                   help="add KEY=VALUE to the profile's comments (repeatable; default: none)")
+    p.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    return p
+
+
+class Options:
+    """Validated options of one run."""
+
+    def __init__(self) -> None:
+        self.profile = False
+        self.pid: Optional[int] = None
+        self.all = False
+        self.command: List[str] = []
+        self.duration: Optional[float] = DEFAULT_DURATION
+        self.sample_rate = DEFAULT_SAMPLE_RATE
+        self.unwind = "auto"
+        self.profile_output: Optional[str] = None
+        self.tags: List[Tuple[str, str]] = []
+
+
+def parse_args(argv: Sequence[str]) -> Options:
+    argv = list(argv)
+    command: List[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, command = argv[:i], argv[i + 1:]
+    ns = build_parser().parse_args(argv)
+    opts = Options()
+    opts.profile = ns.profile
+    opts.all = ns.all
+    opts.command = command
+    if ns.pid is not None:
+        if not ns.pid.isdigit() or int(ns.pid) <= 0:
+            raise UsageError("--pid: not a process id: %r" % ns.pid)
+        opts.pid = int(ns.pid)
+    targets = sum((opts.pid is not None, opts.all, bool(command)))
+    if targets == 0:
+        raise UsageError("nothing to profile: give --pid PID, -a, or -- COMMAND [ARGS...]")
+    if targets > 1:
+        raise UsageError("--pid, -a and a COMMAND are mutually exclusive: give only one")
+    if not opts.profile:
+        raise UsageError("no mode selected: add --profile (on-CPU sampling)")
+    if ns.duration is None:
+        opts.duration = None if command else DEFAULT_DURATION
+    else:
+        try:
+            opts.duration = parse_duration(ns.duration)
+        except ValueError as exc:
+            raise UsageError("--duration: %s" % exc)
+    try:
+        opts.sample_rate = int(ns.sample_rate)
+    except ValueError:
+        raise UsageError("--sample-rate: not an integer: %r" % ns.sample_rate)
+    if opts.sample_rate <= 0:
+        raise UsageError("--sample-rate: must be a positive number of Hz, got %d" % opts.sample_rate)
+    max_rate = _max_sample_rate()
+    if max_rate and opts.sample_rate > max_rate:
+        raise UsageError("--sample-rate: %d Hz is above the kernel's limit kernel.perf_event_max_sample_rate=%d"
+                         % (opts.sample_rate, max_rate))
+    if ns.unwind not in UNWIND_MODES:
+        raise UsageError("--unwind: unknown mode %r (choose fp, dwarf or auto)" % ns.unwind)
+    if ns.unwind == "dwarf":
+        raise UsageError("--unwind dwarf: the DWARF unwinder is not available in this version; "
+                         "use --unwind fp (or auto)")
+    opts.unwind = ns.unwind
+    for tag in ns.tag:
+        try:
+            opts.tags.append(parse_tag(tag))
+        except ValueError as exc:
+            raise UsageError("--tag: %s" % exc)
+    if ns.profile_output is not None:
+        if not ns.profile_output.strip():
+            raise UsageError("--profile-output: empty path")
+        opts.profile_output = ns.profile_output
+    return opts
+
+
+def _max_sample_rate() -> int:
+    try:
+        with open("/proc/sys/kernel/perf_event_max_sample_rate") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    try:
+        opts = parse_args(argv)
+        from perfagent import run  # after parsing: --help and usage errors need no ctypes
+        return run.run(opts)
+    except PerfAgentError as exc:
+        print("%s: error: %s" % (PROG, exc), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("%s: interrupted" % PROG, file=sys.stderr)
+        return 130

@@ -1,0 +1,109 @@
+"""Turning a capture's counted stacks into an on-CPU pprof profile.
+
+One pprof Mapping per mapped file segment (plus ``[kernel]`` and ``[jit]``),
+one Location per (mapping, address), one Function per distinct name.  The
+Location address is the address that was looked up: the exact pc for the
+leaf frame and ``return address - 1`` for callers, so it always lies inside
+its mapping's [memory_start, memory_limit).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from perfagent.capture import (
+    KERNEL_MAPPING, KIND_FILE, KIND_JIT, KIND_KERNEL, KIND_VDSO, CaptureState, MappingRecord,
+)
+from perfagent.pprof.builder import ProfileBuilder
+from perfagent.symbolize.symbolizer import Symbolizer
+
+ON_CPU_SAMPLE_TYPES = (("samples", "count"), ("cpu", "nanoseconds"))
+
+
+class LocationTable:
+    """Symbolizes each distinct (mapping, address) once and hands out pprof ids."""
+
+    def __init__(self, builder: ProfileBuilder, state: CaptureState, symbolizer: Symbolizer) -> None:
+        self.builder = builder
+        self.state = state
+        self.symbolizer = symbolizer
+        self._mapping_ids: Dict[int, int] = {}
+        self._locations: Dict[Tuple[int, int], int] = {}
+        self.unsymbolized = 0
+
+    def location(self, frame: Tuple[int, int]) -> int:
+        lid = self._locations.get(frame)
+        if lid is None:
+            lid = self._locations[frame] = self._new_location(frame)
+        return lid
+
+    def _new_location(self, frame: Tuple[int, int]) -> int:
+        index, addr = frame
+        if index < 0:
+            self.unsymbolized += 1
+            return self.builder.location_id(0, addr)
+        rec = self.state.mappings[index]
+        name, filename = self._name(rec, addr)
+        mapping_id = self._mapping_id(rec)
+        if name is None:
+            self.unsymbolized += 1
+            return self.builder.location_id(mapping_id, addr)
+        fid = self.builder.function_id(name, name, filename)
+        return self.builder.location_id(mapping_id, addr, ((fid, 0),))
+
+    def _name(self, rec: MappingRecord, addr: int) -> Tuple[Optional[str], str]:
+        sym = self.symbolizer
+        if rec.kind == KIND_KERNEL:
+            return sym.kernel_name(addr)
+        if rec.kind == KIND_FILE:
+            info = sym.binary(rec.path, (rec.dev_major, rec.inode), rec.pid, rec.start, rec.end)
+            return info.symbolize_offset(addr - rec.start + rec.pgoff), rec.path
+        if rec.kind == KIND_JIT:
+            proc = self.state.processes.get(rec.pid)
+            uid = proc.uid if proc is not None else -1
+            return sym.jit_name(rec.pid, uid, addr), "[jit]"
+        if rec.kind == KIND_VDSO:
+            return sym.vdso_name(addr - rec.start), "[vdso]"
+        return None, rec.path
+
+    def _mapping_id(self, rec: MappingRecord) -> int:
+        mid = self._mapping_ids.get(rec.index)
+        if mid is None:
+            build_id = ""
+            filename = rec.path
+            if rec.kind == KIND_FILE:
+                info = self.symbolizer.binary(rec.path, (rec.dev_major, rec.inode), rec.pid,
+                                              rec.start, rec.end)
+                build_id = info.build_id or ""
+            elif rec.kind == KIND_JIT:
+                filename = "[jit]"
+            mid = self._mapping_ids[rec.index] = self.builder.add_mapping(
+                rec.start, rec.end, rec.pgoff, filename, build_id, has_functions=True)
+        return mid
+
+
+def build_profile(state: CaptureState, symbolizer: Symbolizer, sample_rate: int,
+                  time_nanos: int, duration_nanos: int, comments: Sequence[str] = ()
+                  ) -> Tuple[ProfileBuilder, LocationTable]:
+    """The on-CPU profile of a capture: samples/count and cpu/nanoseconds."""
+    builder = ProfileBuilder(
+        sample_types=ON_CPU_SAMPLE_TYPES,
+        period_type=("cpu", "nanoseconds"),
+        period=1_000_000_000 // sample_rate,
+        time_nanos=time_nanos,
+        duration_nanos=duration_nanos,
+        comments=comments,
+    )
+    table = LocationTable(builder, state, symbolizer)
+    labels_cache: Dict[Tuple[int, int], tuple] = {}
+    for (pid, tid, frames), (count, period) in state.stacks.items():
+        labels = labels_cache.get((pid, tid))
+        if labels is None:
+            labels = labels_cache[(pid, tid)] = (
+                ("pid", str(pid)), ("tid", str(tid)),
+                ("comm", state.thread_comm.get(tid, "") or state.process_comm(pid)),
+                ("process", state.process_comm(pid)),
+            )
+        location_ids: List[int] = [table.location(f) for f in frames]
+        builder.add_sample(location_ids, (count, period), labels)
+    return builder, table

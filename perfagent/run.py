@@ -1,0 +1,353 @@
+"""One capture run, from validated options to a written profile.
+
+The order of things is chosen so that nothing is lost and nothing is left
+behind: the output path is checked before sampling starts; SIGINT and
+SIGTERM only set a flag, so the capture stops at the next drain and the
+profile is still written; events are closed in ``finally``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import sys
+import time
+from typing import Callable, List, Optional
+
+from perfagent.capture import CaptureState
+from perfagent.cli import Options, PROG
+from perfagent.errors import CaptureError
+from perfagent.oncpu import build_profile
+from perfagent.perf.sampler import Sampler, list_threads
+from perfagent.symbolize.symbolizer import Symbolizer
+
+DRAIN_INTERVAL_MS = 100
+TERM_GRACE_SECONDS = 2.0
+
+
+def log(msg: str) -> None:
+    print("%s: %s" % (PROG, msg), file=sys.stderr, flush=True)
+
+
+# -- output paths --------------------------------------------------------------
+def safe_comm(comm: str) -> str:
+    """A process name usable as a file name part (no '/', spaces, or oddities)."""
+    out = "".join(c if (c.isalnum() or c in "._-") else "_" for c in comm).strip("._")
+    return out or "process"
+
+
+def unique_path(path: str) -> str:
+    """``path``, or ``name-1.pb.gz``, ``name-2.pb.gz``... if it exists."""
+    if not os.path.lexists(path):
+        return path
+    base, ext = path, ""
+    for suffix in (".pb.gz", ".pb", ".gz"):
+        if path.endswith(suffix):
+            base, ext = path[: -len(suffix)], suffix
+            break
+    n = 1
+    while os.path.lexists("%s-%d%s" % (base, n, ext)):
+        n += 1
+    return "%s-%d%s" % (base, n, ext)
+
+
+def default_output(comm: Optional[str], kind: str = "on-cpu", now: Optional[float] = None) -> str:
+    stamp = time.strftime("%Y%m%d%H%M", time.localtime(now))
+    name = "%s-%s.pb.gz" % (stamp, kind) if comm is None else "%s-%s-%s.pb.gz" % (safe_comm(comm), stamp, kind)
+    return unique_path(name)
+
+
+def check_writable(path: str, flag: str) -> None:
+    """Fail before capturing when the profile could not be written."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise CaptureError("%s: %s is a directory; give a file path" % (flag, path))
+    if not os.path.isdir(directory):
+        raise CaptureError("%s: directory %s does not exist; create it or choose another path"
+                           % (flag, directory))
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise CaptureError("%s: directory %s is not writable; choose another path" % (flag, directory))
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise CaptureError("%s: %s exists and is not writable" % (flag, path))
+
+
+# -- targets -------------------------------------------------------------------
+def check_pid(pid: int) -> str:
+    """The process's comm; a clear error when it is gone or not readable."""
+    try:
+        with open("/proc/%d/comm" % pid) as f:
+            comm = f.read().strip()
+        os.stat("/proc/%d/maps" % pid)
+        with open("/proc/%d/maps" % pid) as f:
+            f.read(1)
+    except FileNotFoundError:
+        raise CaptureError("--pid %d: no such process" % pid) from None
+    except PermissionError:
+        raise CaptureError("--pid %d: permission denied reading /proc/%d/maps; run as root or "
+                           "grant CAP_SYS_PTRACE (and CAP_PERFMON)" % (pid, pid)) from None
+    return comm
+
+
+def process_state(pid: int) -> str:
+    """The one-letter state from /proc/PID/stat, or "" when it is gone."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            data = f.read()
+    except OSError:
+        return ""
+    return data[data.rfind(b")") + 2: data.rfind(b")") + 3].decode("ascii", "replace")
+
+
+def process_alive(pid: int) -> bool:
+    return process_state(pid) not in ("", "Z", "X")
+
+
+class LaunchedCommand:
+    """A command started blocked before exec, so events exist before its first instruction."""
+
+    def __init__(self, argv: List[str]) -> None:
+        path = argv[0] if "/" in argv[0] else shutil.which(argv[0])
+        if path is None or not os.path.exists(path):
+            raise CaptureError("command not found: %s" % argv[0])
+        if not os.access(path, os.X_OK) or os.path.isdir(path):
+            raise CaptureError("command is not executable: %s" % path)
+        self.argv = argv
+        self.path = path
+        self.status: Optional[int] = None
+        go_r, self._go_w = os.pipe()
+        err_r, err_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: wait for the go, then exec
+            try:
+                os.close(self._go_w)
+                os.close(err_r)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                if os.read(go_r, 1) == b"g":
+                    os.execv(path, argv)
+            except OSError as exc:
+                os.write(err_w, str(exc.errno).encode())
+            finally:
+                os._exit(127)
+        os.close(go_r)
+        os.close(err_w)
+        self._err_r = err_r
+        self.pid = pid
+
+    def start(self) -> None:
+        """Let the child exec; raise if exec failed."""
+        os.write(self._go_w, b"g")
+        os.close(self._go_w)
+        self._go_w = -1
+        data = os.read(self._err_r, 32)  # EOF on successful exec (the pipe is close-on-exec)
+        os.close(self._err_r)
+        if data:
+            self.wait()
+            code = int(data) if data.isdigit() else 0
+            raise CaptureError("cannot execute %s: %s" % (self.path, os.strerror(code)))
+
+    def abandon(self) -> None:
+        """The capture failed before start(): the child exits without exec."""
+        if self._go_w >= 0:
+            os.close(self._go_w)
+            self._go_w = -1
+        self.wait()
+
+    def poll(self) -> bool:
+        """True once the command has exited (its status is then recorded)."""
+        if self.status is not None:
+            return True
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            self.status = 0
+            return True
+        if pid == 0:
+            return False
+        self.status = status
+        return True
+
+    def wait(self) -> None:
+        while not self.poll():
+            time.sleep(0.01)
+
+    def terminate(self, grace: float, during: Callable[[], None]) -> str:
+        """SIGTERM, then SIGKILL after ``grace`` seconds; returns what was done."""
+        if self.poll():
+            return ""
+        os.kill(self.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            during()
+            if self.poll():
+                return "terminated with SIGTERM"
+            time.sleep(0.05)
+        os.kill(self.pid, signal.SIGKILL)
+        self.wait()
+        return "killed with SIGKILL after %.0fs" % grace
+
+    def describe_status(self) -> str:
+        st = self.status or 0
+        if os.WIFSIGNALED(st):
+            sig = os.WTERMSIG(st)
+            try:
+                name = signal.Signals(sig).name
+            except ValueError:
+                name = str(sig)
+            return "killed by signal %s" % name
+        return "exited with status %d" % os.WEXITSTATUS(st)
+
+    def exit_code(self) -> int:
+        st = self.status or 0
+        return 128 + os.WTERMSIG(st) if os.WIFSIGNALED(st) else os.WEXITSTATUS(st)
+
+
+# -- the run -------------------------------------------------------------------
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the capture loop checks it at each drain."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._old = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.signum = signum
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+
+def _discover_threads(sampler: Sampler, state: CaptureState, pid: int) -> None:
+    """Open events on threads that appeared while we opened the first ones.
+
+    List first, then drain: a thread created by an already-followed thread
+    has its FORK record in the ring by the time we drain, so it is not opened
+    twice (which would double its samples).
+    """
+    for _ in range(20):
+        try:
+            tids = list_threads(pid)
+        except ProcessLookupError:
+            return
+        drain(sampler, state)
+        new = [t for t in tids if t not in sampler.followed_tids and t not in state.forked_tids]
+        if not new:
+            return
+        sampler.open_threads(new, enable_now=True)
+
+
+def drain(sampler: Sampler, state: CaptureState) -> None:
+    sampler.drain(state.on_sample, state.on_event)
+    state.resolve_pending()
+
+
+def run(opts: Options) -> int:
+    if opts.all:
+        comm: Optional[str] = None
+    elif opts.pid is not None:
+        comm = check_pid(opts.pid)
+    else:
+        comm = os.path.basename(opts.command[0])
+    if opts.profile_output:
+        out_path = opts.profile_output
+        if os.path.exists(out_path) and not os.path.isdir(out_path):
+            log("warning: %s exists and will be replaced" % out_path)
+    else:
+        out_path = default_output(comm)
+    check_writable(out_path, "--profile-output")
+
+    state = CaptureState()
+    sampler = Sampler(opts.sample_rate)
+    stop = StopFlag()
+    launched: Optional[LaunchedCommand] = None
+    stop_reason = ""
+    exit_code = 0
+    wall_start = time.time()
+    mono_start = time.monotonic()
+    stop.install()
+    try:
+        try:
+            if opts.all:
+                for name in os.listdir("/proc"):
+                    if name.isdigit():
+                        state.load_from_proc(int(name))
+                sampler.open_system_wide()
+                sampler.enable()
+            elif opts.pid is not None:
+                state.load_from_proc(opts.pid)
+                try:
+                    sampler.open_threads(list_threads(opts.pid))
+                except ProcessLookupError:
+                    raise CaptureError("--pid %d: no such process" % opts.pid) from None
+                sampler.enable()
+                _discover_threads(sampler, state, opts.pid)
+            else:
+                launched = LaunchedCommand(opts.command)
+                try:
+                    sampler.open_launched(launched.pid)
+                except BaseException:
+                    launched.abandon()
+                    raise
+                state.process(launched.pid).comm = comm or ""
+                mono_start = time.monotonic()
+                wall_start = time.time()
+                launched.start()
+        except BaseException:
+            sampler.close()
+            raise
+        deadline = None if opts.duration is None else mono_start + opts.duration
+        try:
+            while True:
+                if stop.signum:
+                    stop_reason = "stopped by %s" % signal.Signals(stop.signum).name
+                    break
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    break
+                timeout = DRAIN_INTERVAL_MS if deadline is None else min(DRAIN_INTERVAL_MS, (deadline - now) * 1000)
+                sampler.wait(max(1, int(timeout)))
+                drain(sampler, state)
+                if launched is not None and launched.poll():
+                    stop_reason = "command %s" % launched.describe_status()
+                    break
+                if opts.pid is not None and not process_alive(opts.pid):
+                    stop_reason = "process %d exited" % opts.pid
+                    break
+            if launched is not None and not launched.poll():
+                what = launched.terminate(TERM_GRACE_SECONDS, lambda: drain(sampler, state))
+                stop_reason = (stop_reason + "; " if stop_reason else "") + "command %s" % what
+        finally:
+            sampler.disable()
+            drain(sampler, state)
+            lost = sampler.lost
+            sampler.close()
+    finally:
+        stop.restore()
+    duration_ns = int((time.monotonic() - mono_start) * 1e9)
+
+    symbolizer = Symbolizer()
+    comments = ["%s=%s" % kv for kv in opts.tags]
+    builder, _table = build_profile(state, symbolizer, opts.sample_rate,
+                                    int(wall_start * 1e9), duration_ns, comments)
+    try:
+        builder.write(out_path)
+    except OSError as exc:
+        raise CaptureError("cannot write %s: %s" % (out_path, exc.strerror or exc)) from None
+    for warning in symbolizer.warnings:
+        log("warning: %s" % warning)
+    if stop_reason:
+        log(stop_reason)
+    if state.samples == 0:
+        log("warning: no samples were collected (was the target idle?); wrote an empty profile")
+    log("wrote %s: %d samples, %d lost, %d processes" % (out_path, state.samples, lost, len(state.pids_seen)))
+    if launched is not None and launched.status is not None:
+        exit_code = launched.exit_code()
+    return exit_code

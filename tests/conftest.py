@@ -1,0 +1,74 @@
+"""Shared fixtures: test programs compiled once per session, running the agent."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Dict, List, Sequence, Tuple
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROGRAMS = os.path.join(REPO, "tests", "programs")
+sys.path.insert(0, os.path.join(REPO, "tests"))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+# Frame pointers and no sibling calls: every level of the chain is a frame the
+# kernel's frame-pointer callchain can walk.
+FP_CFLAGS = ["-O2", "-g", "-fno-omit-frame-pointer", "-fno-optimize-sibling-calls",
+             "-pthread", "-Wl,--build-id=sha1"]
+
+
+def compile_c(source: str, out: str, flags: Sequence[str] = FP_CFLAGS) -> str:
+    subprocess.run(["gcc", *flags, "-o", out, source], check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def programs_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("programs"))
+
+
+@pytest.fixture(scope="session")
+def chain_bin(programs_dir) -> str:
+    return compile_c(os.path.join(PROGRAMS, "chain.c"), os.path.join(programs_dir, "chain"))
+
+
+def agent_env() -> Dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_agent(args: Sequence[str], cwd: str, timeout: float = 120,
+              python: str = sys.executable, **kw) -> subprocess.CompletedProcess:
+    """Run ``python -m perfagent ARGS`` and capture its output."""
+    return subprocess.run([python, "-m", "perfagent", *args], cwd=cwd, env=agent_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          timeout=timeout, **kw)
+
+
+def sample_stacks(profile) -> List[Tuple[List[str], Dict[str, str], List[int]]]:
+    """(function names root-first, labels, values) for every sample of a decoded profile."""
+    locs = {loc.id: loc for loc in profile.locations}
+    funcs = {f.id: f for f in profile.functions}
+    out = []
+    for s in profile.samples:
+        names: List[str] = []
+        for lid in s.location_ids:  # leaf first
+            loc = locs[lid]
+            if loc.lines:
+                names.extend(funcs[line.function_id].name for line in loc.lines)
+            else:
+                names.append("0x%x" % loc.address)
+        labels = {lab.key: (lab.str if lab.str else lab.num) for lab in s.labels}
+        out.append((names[::-1], labels, list(s.values)))
+    return out
+
+
+def contains_chain(names: Sequence[str], chain: Sequence[str]) -> bool:
+    """True when ``chain`` appears as consecutive frames of ``names`` (both root-first)."""
+    n = len(chain)
+    return any(list(names[i:i + n]) == list(chain) for i in range(len(names) - n + 1))
