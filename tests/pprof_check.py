@@ -131,9 +131,10 @@ class RawProfile:
     """What `go tool pprof -raw` printed, parsed back. Go renumbers locations when it
     merges the input, so compare stacks by address or name, not by id."""
 
-    sample_types: List[str]
+    sample_types: List[str]  # "type/unit"
     samples: List[RawSample]
     locations: Dict[int, RawLocation]
+    default_sample_type: str = ""  # "type/unit" of the one Go marked [dflt]
 
     def totals(self) -> List[int]:
         totals = [0] * len(self.sample_types)
@@ -149,6 +150,7 @@ class RawProfile:
         return sorted({name for location in self.locations.values() for name in location.function_names})
 
 
+_DEFAULT_MARK = "[dflt]"
 _SAMPLE_LINE = re.compile(r"^\s*(-?\d+(?:\s+-?\d+)*):((?:\s+\d+)*)\s*$")
 _LOCATION_LINE = re.compile(r"^\s*(\d+): (0x[0-9a-f]+)(?: M=\d+)?(?: (\S+))?")
 _INLINED_LINE = re.compile(r"^\s+(\S+) \S*:-?\d+ s=")
@@ -159,6 +161,7 @@ def parse_raw(text: str) -> RawProfile:
     lines = text.splitlines()
     section = ""
     sample_types: List[str] = []
+    default_sample_type = ""
     samples: List[RawSample] = []
     locations: Dict[int, RawLocation] = {}
     current_location: Optional[RawLocation] = None
@@ -168,7 +171,10 @@ def parse_raw(text: str) -> RawProfile:
             continue
         if section == "Samples:":
             if not sample_types:
-                sample_types = line.split()
+                for column in line.split():
+                    if column.endswith(_DEFAULT_MARK):
+                        column = default_sample_type = column[: -len(_DEFAULT_MARK)]
+                    sample_types.append(column)
                 continue
             match = _SAMPLE_LINE.match(line)
             if match:
@@ -185,4 +191,4 @@ def parse_raw(text: str) -> RawProfile:
             match = _INLINED_LINE.match(line)
             if match and current_location is not None:
                 current_location.function_names.append(match.group(1))
-    return RawProfile(sample_types, samples, locations)
+    return RawProfile(sample_types, samples, locations, default_sample_type)
