@@ -162,6 +162,10 @@ def read_varint(buf: Buffer, pos: int, end: int) -> Tuple[int, int]:
     Rejects varints running past ``end``, longer than 10 bytes, or whose
     10th byte carries bits beyond the 64th, as the reference decoders do.
     """
+    if pos < end:
+        byte = buf[pos]
+        if byte < 0x80:  # the common one-byte case, without the loop
+            return byte, pos + 1
     result = 0
     shift = 0
     while True:
@@ -270,11 +274,18 @@ def _skip_group(view: memoryview, pos: int, end: int, group_field: int) -> int:
 def unpack_varints(payload: memoryview) -> List[int]:
     """Decode the body of a packed repeated varint field."""
     values: List[int] = []
+    append = values.append
     pos = 0
     end = len(payload)
     while pos < end:
-        value, pos = read_varint(payload, pos, end)
-        values.append(value)
+        byte = payload[pos]
+        if byte < 0x80:
+            # One-byte values (small ids and counts) dominate: skip the call.
+            append(byte)
+            pos += 1
+        else:
+            value, pos = read_varint(payload, pos, end)
+            append(value)
     return values
 
 
