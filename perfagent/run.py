@@ -12,7 +12,9 @@ import errno
 import os
 import shutil
 import signal
+import stat
 import sys
+import tempfile
 import time
 from typing import Callable, List, Optional
 
@@ -64,11 +66,25 @@ def check_writable(path: str, flag: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise CaptureError("%s: %s is a directory; give a file path" % (flag, path))
-    if not os.path.isdir(directory):
+    try:
+        st = os.stat(directory)
+    except FileNotFoundError:
         raise CaptureError("%s: directory %s does not exist; create it or choose another path"
-                           % (flag, directory))
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise CaptureError("%s: directory %s is not writable; choose another path" % (flag, directory))
+                           % (flag, directory)) from None
+    except PermissionError:
+        raise CaptureError("%s: directory %s cannot be reached (permission denied); choose another path"
+                           % (flag, directory)) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise CaptureError("%s: %s is not a directory" % (flag, directory))
+    # Creating a file is the only honest test: root passes access(2) even on
+    # read-only mounts and pseudo file systems.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".perf-agent-", dir=directory)
+    except OSError as exc:
+        raise CaptureError("%s: directory %s is not writable (%s); choose another path"
+                           % (flag, directory, exc.strerror)) from None
+    os.close(fd)
+    os.unlink(probe)
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise CaptureError("%s: %s exists and is not writable" % (flag, path))
 

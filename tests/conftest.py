@@ -17,7 +17,8 @@ if REPO not in sys.path:
 
 # Frame pointers and no sibling calls: every level of the chain is a frame the
 # kernel's frame-pointer callchain can walk.
-FP_CFLAGS = ["-O2", "-g", "-fno-omit-frame-pointer", "-fno-optimize-sibling-calls",
+FP_CFLAGS = ["-O2", "-g", "-fno-omit-frame-pointer", "-mno-omit-leaf-frame-pointer",
+             "-fno-optimize-sibling-calls",
              "-pthread", "-Wl,--build-id=sha1"]
 
 

@@ -247,14 +247,15 @@ def test_error_messages(tmp_path, args, exit_code, pattern):
     assert "Traceback" not in r.stderr
 
 
-def test_unwritable_output_dir_fails_before_capture(tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
-    # root ignores permission bits; use a read-only bind of the directory instead when possible
-    r = run_agent(["--profile", "-a", "--duration", "1s", "--profile-output", str(tmp_path / "f" / "x")],
+def test_unwritable_output_fails_before_capture(tmp_path):
+    t0 = time.monotonic()
+    r = run_agent(["--profile", "-a", "--duration", "30s", "--profile-output", "/proc/x.pb.gz"],
                   cwd=str(tmp_path), timeout=30)
-    assert r.returncode == 1 and "does not exist" in r.stderr
+    assert r.returncode == 1 and "not writable" in r.stderr, r.stderr
+    assert time.monotonic() - t0 < 10  # refused before the 30 s capture
+    r = run_agent(["--profile", "-a", "--duration", "30s", "--profile-output", str(tmp_path)],
+                  cwd=str(tmp_path), timeout=30)
+    assert r.returncode == 1 and "is a directory" in r.stderr, r.stderr
 
 
 NOBODY = 65534
@@ -271,7 +272,10 @@ def test_permission_errors_name_the_fix(tmp_path, chain_bin):
     python = "/usr/bin/python3.11" if os.path.exists("/usr/bin/python3.11") else None
     if python is None:
         pytest.skip("no system python readable by an unprivileged user")
-    os.chmod(str(tmp_path), 0o777)
+    import tempfile
+    shared = tempfile.mkdtemp(prefix="perfagent-nobody-", dir="/tmp")
+    os.chmod(shared, 0o777)
+    tmp_path = shared
     target = start_target([chain_bin, "10"])
     try:
         r = run_agent(["--profile", "--pid", str(target.pid), "--duration", "1s"], cwd=str(tmp_path),
@@ -281,6 +285,9 @@ def test_permission_errors_name_the_fix(tmp_path, chain_bin):
     assert r.returncode == 1, r.stderr
     assert "permission denied" in r.stderr and "CAP_SYS_PTRACE" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+    r = run_agent(["--profile", "--pid", "1", "--duration", "1s", "--profile-output", "/root/x.pb.gz"],
+                  cwd=str(tmp_path), python=python, preexec_fn=_as_nobody, timeout=30)
+    assert r.returncode == 1 and "permission denied" in r.stderr, r.stderr
     with open("/proc/sys/kernel/perf_event_paranoid") as f:
         paranoid = int(f.read())
     if paranoid <= 0:

@@ -129,7 +129,7 @@ def _load_own_vdso() -> Optional[Tuple[int, SymbolTable, ELFFile]]:
                     mem.seek(entry.start)
                     data = mem.read(entry.end - entry.start)
                 elf = ELFFile.from_bytes(data)
-                return entry.start, SymbolTable.from_elf(elf), elf
+                return entry.start, SymbolTable([elf]), elf
     except (OSError, ValueError, ELFError):
         return None
     return None

@@ -24,11 +24,16 @@ static double now(void)
     return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+/* Called once per leaf() so that leaf is not a leaf function: gcc omits
+ * the frame-pointer prologue of true leaf functions even with
+ * -fno-omit-frame-pointer, which would hide c() from the kernel's walk. */
+__attribute__((noinline)) void tick(void) { __asm__ volatile("" ::: "memory"); }
+
 __attribute__((noinline)) void leaf(void)
 {
     for (unsigned long i = 0; i < 2000000; i++)
         sink += i * i;
-    __asm__ volatile("" ::: "memory");
+    tick();
 }
 
 __attribute__((noinline)) void c(void) { leaf(); __asm__ volatile("" ::: "memory"); }
