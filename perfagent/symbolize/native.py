@@ -181,7 +181,9 @@ def _candidate(sym, sections, thumb: bool, source_rank: int) -> Optional[_Candid
         return None
     start = sym.st_value & ~1 if thumb else sym.st_value  # Thumb bit is not an address bit
     section_end = section.sh_addr + section.sh_size if section is not None else None
-    name = sym.name
+    # Versioned definitions keep their version in .symtab ("memcpy@@GLIBC_2.14");
+    # the profile wants the function's name.
+    name = sym.name.split("@", 1)[0] or sym.name
     rank = (kind, _BIND_RANK.get(sym.st_bind, _LOCAL_RANK),
             len(name) - len(name.lstrip("_")), source_rank, name)
     return _Candidate(start, sym.st_size, name, rank, section_end)
