@@ -654,6 +654,28 @@ def test_close_with_a_live_view_does_not_raise(build_dir):
     assert len(view) == elf.section(".text").sh_size  # still readable; unmapped when dropped
 
 
+def read_vdso() -> Optional[bytes]:
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if line.rstrip().endswith("[vdso]"):
+                start, end = (int(x, 16) for x in line.split()[0].split("-"))
+                with open("/proc/self/mem", "rb") as mem:
+                    mem.seek(start)
+                    return mem.read(end - start)
+    return None
+
+
+def test_vdso_image_from_memory():
+    image = read_vdso()
+    if image is None:
+        pytest.skip("no [vdso] mapping")
+    elf = ELFFile.from_bytes(bytearray(image), path="[vdso]")
+    assert elf.soname is not None and elf.soname.startswith("linux-")
+    names = {s.name for s in elf.iter_symbols(".dynsym")}
+    assert names & {"__vdso_clock_gettime", "__kernel_clock_gettime", "__vdso_gettimeofday"}
+    assert elf.offset_to_vaddr(elf.section(".text").sh_offset) == elf.section(".text").sh_addr
+
+
 def test_loadmap_prefers_exact_segment_over_page_lead_in():
     from perfagent.elf import Segment
     segs = [Segment(PT_LOAD, 5, 0x1000, 0x1000, 0x1000, 0x200, 0x200, 0x1000),

@@ -209,8 +209,8 @@ class ELFFile:
     @classmethod
     def from_bytes(cls, data: Union[bytes, bytearray, memoryview], path: Optional[str] = None) -> "ELFFile":
         """Parse an in-memory image, e.g. the [vdso] read from /proc/PID/mem."""
-        if not isinstance(data, (bytes, bytearray)):
-            data = bytes(data)  # _StringTable needs .find()
+        if not isinstance(data, bytes):
+            data = bytes(data)  # immutable, and slices that os.fsdecode accepts
         if not data:
             raise ELFError("%s: empty image" % (path or "<bytes>"))
         return cls(data, path=path)
