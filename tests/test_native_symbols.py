@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+import bisect
 import os
 import random
 import shutil
 import subprocess
-import time
 import zlib
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Set, Tuple
 
 import pytest
 
 from perfagent.elf import ELFFile
-from perfagent.errors import ELFError
 from perfagent.symbolize.native import BinaryCache, BinaryInfo, SymbolTable
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None or shutil.which("nm") is None,
@@ -205,7 +204,6 @@ def check_against_nm(table: SymbolTable, functions: List[Tuple[int, int, str]]) 
         ranges.append((value, value + max(size, 1)))
     ranges.sort()
     starts = [r[0] for r in ranges]
-    import bisect
 
     def acceptable(addr: int) -> Set[str]:
         i = bisect.bisect_right(starts, addr)
