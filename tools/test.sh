@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine.  Installs what the tests need
+# (gcc and binutils for test programs and readelf, Debian's golang-go for
+# `go tool pprof`, pytest) when missing, then runs pytest as root, which the
+# integration tests need for perf_event_open, ptrace and bpf.
+# Extra arguments go to pytest:  tools/test.sh -k capture
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+    exec sudo -E "$0" "$@"
+fi
+
+missing=()
+command -v gcc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
+command -v readelf >/dev/null 2>&1 || missing+=(binutils)
+command -v go >/dev/null 2>&1 || missing+=(golang-go)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "tools/test.sh: installing ${missing[*]}" >&2
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import pytest" >/dev/null 2>&1; then
+    echo "tools/test.sh: installing pytest" >&2
+    "$PY" -m pip install -q pytest
+fi
+
+# Go's pprof must accept every profile the tests write: its absence is a failure here.
+export PERFAGENT_REQUIRE_GO=1
+exec "$PY" -m pytest -q -p no:cacheprovider "$@"
