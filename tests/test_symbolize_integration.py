@@ -1,0 +1,95 @@
+"""JIT (perf map) and vDSO frames in real captures, and bad ELF fallback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from conftest import PROGRAMS, compile_c, run_agent, sample_stacks
+from perfagent.capture import CaptureState
+from perfagent.oncpu import build_profile
+from perfagent.pprof.decode import decode_profile
+from perfagent.symbolize.procmaps import MapEntry
+from perfagent.symbolize.symbolizer import Symbolizer
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="integration tests need root")
+
+
+@pytest.fixture(scope="module")
+def special_bin(programs_dir):
+    return compile_c(os.path.join(PROGRAMS, "special.c"), os.path.join(programs_dir, "special"), ["-O2"])
+
+
+def capture(special_bin, mode, tmp_path, before=None):
+    proc = subprocess.Popen([special_bin, mode, "6"], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline().split()
+        assert line[0] == "ready"
+        if before:
+            before(proc.pid)
+        out = tmp_path / ("%s.pb.gz" % mode)
+        r = run_agent(["--profile", "--pid", str(proc.pid), "--duration", "1500ms",
+                       "--profile-output", str(out)], cwd=str(tmp_path))
+        assert r.returncode == 0, r.stderr
+        with open(str(out), "rb") as f:
+            return decode_profile(f.read()), int(line[2], 16)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def leaf_share(profile, name):
+    stacks = sample_stacks(profile)
+    total = sum(v[0] for _, _, v in stacks)
+    return sum(v[0] for names, _, v in stacks if names[-1] == name) / total
+
+
+def test_jit_frames_named_from_perf_map(special_bin, tmp_path):
+    prof, jit_addr = capture(special_bin, "jit", tmp_path)
+    assert leaf_share(prof, "jit_spin_loop") >= 0.9
+    jit_maps = [m for m in prof.mappings if m.filename == "[jit]"]
+    assert len(jit_maps) == 1 and jit_maps[0].memory_start <= jit_addr < jit_maps[0].memory_limit
+
+
+def test_untrusted_perf_map_is_ignored(special_bin, tmp_path):
+    prof, jit_addr = capture(special_bin, "jit", tmp_path,
+                             before=lambda pid: os.chown("/tmp/perf-%d.map" % pid, 12345, 12345))
+    assert leaf_share(prof, "jit_spin_loop") == 0
+    stacks = sample_stacks(prof)
+    leaves = {names[-1] for names, _, _ in stacks}
+    assert any(l.startswith("0x") and jit_addr <= int(l, 16) < jit_addr + 16 for l in leaves), leaves
+
+
+def test_vdso_frames_named(special_bin, tmp_path):
+    prof, _ = capture(special_bin, "vdso", tmp_path)
+    stacks = sample_stacks(prof)
+    vdso_ids = {m.id for m in prof.mappings if m.filename == "[vdso]"}
+    if not vdso_ids:
+        pytest.skip("clock_gettime does not run in the vDSO here (clocksource without vDSO support)")
+    names = [n for n, _, _ in stacks]
+    assert leaf_share(prof, "__vdso_clock_gettime") >= 0.5, names[:5]
+
+
+def test_bad_elf_frames_keep_addresses_in_their_mapping(tmp_path):
+    """A mapping whose file is not a valid ELF: the profile is written, frames are addresses."""
+    bad = tmp_path / "libbroken.so"
+    bad.write_bytes(b"\x7fELF" + b"\x02\x01\x01" + b"\xff" * 200)
+    st = os.stat(str(bad))
+    state = CaptureState()
+    proc = state.process(4242)
+    proc.maps_known = True
+    proc.space.add_entry(MapEntry(0x10000, 0x20000, "r-xp", 0x1000, os.major(st.st_dev),
+                                  os.minor(st.st_dev), st.st_ino, str(bad)))
+    state.on_sample((4242, 4242, 0, 0, 10_000_000, 0x10010, (), (0x10010, 0x10100), None, None))
+    state.resolve_pending()
+    builder, table = build_profile(state, Symbolizer(), 99, 0, 1)
+    prof = decode_profile(builder.encode())
+    assert len(prof.samples) == 1
+    (m,) = [m for m in prof.mappings if m.filename == str(bad)]
+    addrs = [prof.location_by_id[l].address for l in prof.samples[0].location_ids]
+    assert addrs == [0x10010, 0x100FF]  # leaf exact, caller return address - 1
+    assert all(m.memory_start <= a < m.memory_limit for a in addrs)
+    assert all(not prof.location_by_id[l].lines for l in prof.samples[0].location_ids)
+    assert table.unsymbolized == 2
