@@ -297,3 +297,21 @@ def test_permission_errors_name_the_fix(tmp_path, chain_bin):
     assert r.returncode == 1, r.stderr
     assert "CAP_PERFMON" in r.stderr and "perf_event_paranoid" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_process_started_and_exited_during_capture_symbolizes(chain_bin, tmp_path):
+    """Its mappings come only from MMAP2 records; it is gone before symbolization."""
+    out = tmp_path / "short.pb.gz"
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    agent = subprocess.Popen([sys.executable, "-m", "perfagent", "--profile", "-a", "--duration", "4s",
+                              "--profile-output", str(out)], env=env, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    short = subprocess.run([chain_bin, "1.5"], stdout=subprocess.PIPE, text=True, check=True)
+    pid = int(short.stdout.split()[1])
+    _, err = agent.communicate(timeout=60)
+    assert agent.returncode == 0, err
+    stacks = sample_stacks(read_profile(str(out)))
+    mine = [s for s in stacks if s[1]["pid"] == str(pid)]
+    assert sum(v[0] for _, _, v in mine) >= 80, err
+    assert all(s[1]["process"] == "chain" for s in mine)
+    assert chain_share(stacks, pid) >= 0.9

@@ -58,6 +58,17 @@ def online_cpus(path: str = "/sys/devices/system/cpu/online") -> List[int]:
     return cpus
 
 
+def raise_fd_limit() -> None:
+    """Lift the soft RLIMIT_NOFILE to the hard limit: --pid opens threads x CPUs fds."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 def list_threads(pid: int) -> List[int]:
     """Thread ids of ``pid`` (raises ProcessLookupError when it is gone)."""
     try:
@@ -78,6 +89,7 @@ class Sampler:
         self.sample_regs_user = sample_regs_user
         self.sample_stack_user = sample_stack_user
         self.cpus = online_cpus()
+        raise_fd_limit()
         self.fds: List[int] = []
         self.rings: Dict[int, RingBuffer] = {}  # cpu -> ring
         self.parser = RecordParser(sample_type, sample_regs_user)
