@@ -64,7 +64,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog=PROG,
-        usage="%(prog)s --profile (--pid PID | -a | -- COMMAND [ARGS...]) [options]",
+        usage="%(prog)s --profile (--pid PID | -a | -- COMMAND [ARGS...]) [options]\n"
+              "       %(prog)s report FILE [options]   (see: %(prog)s report --help)",
         description="Profile running Linux processes with perf_event_open and write pprof.",
         epilog="Examples:\n"
                "  %(prog)s --profile --pid 1234 --duration 30s\n"
@@ -182,6 +183,10 @@ def _max_sample_rate() -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
+    argv = list(argv)
+    if argv and argv[0] == "report":
+        from perfagent.report.command import main as report_main
+        return report_main(argv[1:])
     try:
         opts = parse_args(argv)
         from perfagent import run  # after parsing: --help and usage errors need no ctypes
