@@ -1,0 +1,255 @@
+"""Compiled unwind tables: one sorted, searchable table per binary.
+
+The walker looks up one row per unwound frame, thousands of times per second
+of profile, so the table is built for that: parallel ``array('Q')`` of range
+starts and ends searched with :func:`bisect.bisect_right`, and an
+``array('I')`` of indexes into a list of deduplicated :class:`UnwindRow`
+tuples.  A lookup allocates nothing: it returns a shared tuple.  Deduplication
+also keeps memory small: a large library has ~100k ranges but a few thousand
+distinct rows.
+"""
+
+from __future__ import annotations
+
+import bisect
+from array import array
+from typing import Callable, Dict, List, Optional, Tuple
+
+from .cfi import CallFrameInfo, EHFrameHdr
+from .pointers import DWARFError
+from .rules import RowSpan, UnwindRow, cie_initial_state, fde_rows
+
+# ELF section types with no bytes in the file.
+_SHT_NOBITS = 8
+
+
+class CFIStats:
+    """What compiling a table met: counts, and the first few errors for logs."""
+
+    MAX_KEPT_ERRORS = 20
+
+    def __init__(self) -> None:
+        self.fdes = 0  # FDEs decoded into rows
+        self.errors = 0  # FDEs (or section tails) lost to malformed/unsupported data
+        self.error_messages: List[str] = []
+        self.debug_frame_fdes = 0  # .debug_frame FDEs merged in (not covered by .eh_frame)
+
+    def add_errors(self, errors: List[DWARFError]) -> None:
+        self.errors += len(errors)
+        room = self.MAX_KEPT_ERRORS - len(self.error_messages)
+        self.error_messages.extend(str(e) for e in errors[:max(room, 0)])
+
+    def __repr__(self) -> str:
+        return "<CFIStats fdes=%d errors=%d debug_frame_fdes=%d>" % (
+            self.fdes, self.errors, self.debug_frame_fdes)
+
+
+def section_rows(cfi: CallFrameInfo, stats: CFIStats) -> List[List[RowSpan]]:
+    """Rows of every FDE in one section, one list per FDE; errors go to stats."""
+    errors: List[DWARFError] = []
+    initial_states: Dict[int, object] = {}
+    out: List[List[RowSpan]] = []
+    for fde in cfi.iter_fdes(errors):
+        if fde.address_range == 0:
+            continue
+        try:
+            initial = initial_states.get(fde.cie.offset)
+            if initial is None:
+                initial = initial_states[fde.cie.offset] = cie_initial_state(cfi, fde.cie)
+            out.append(fde_rows(cfi, fde, initial))  # type: ignore[arg-type]
+            stats.fdes += 1
+        except DWARFError as exc:
+            errors.append(exc)
+    stats.add_errors(errors)
+    return out
+
+
+class CFITable:
+    """A binary's unwind rows over link-time addresses (the ELF's p_vaddr space).
+
+    Build with :meth:`from_elf` (lazy: nothing is decoded until the first
+    :meth:`lookup`) or :meth:`from_spans`.  Ranges never overlap; where FDEs
+    do, the one starting first wins.
+    """
+
+    def __init__(self, builder: Callable[[CFIStats], List[RowSpan]]) -> None:
+        self._builder: Optional[Callable[[CFIStats], List[RowSpan]]] = builder
+        self.stats = CFIStats()
+        self.starts = array("Q")
+        self.ends = array("Q")
+        self.row_ids = array("I")
+        self.rows: List[UnwindRow] = []
+
+    @classmethod
+    def from_spans(cls, spans: List[RowSpan]) -> "CFITable":
+        table = cls(lambda stats: spans)
+        table.compile()
+        return table
+
+    @classmethod
+    def from_elf(cls, elf, read_pointer=None) -> "CFITable":
+        """The table for an :class:`~perfagent.elf.ELFFile`, compiled on first use.
+
+        Prefers .eh_frame (located through .eh_frame_hdr's pointer when the
+        section headers are gone) and adds .debug_frame FDEs for code it does
+        not cover.  Section bytes are copied now, so ``elf`` may be closed.
+        """
+        sources = _elf_sources(elf, read_pointer)
+        return cls(lambda stats: _merge_sources(sources, stats))
+
+    # --------------------------------------------------------------- building
+
+    def compile(self) -> None:
+        """Decode and index now (otherwise the first lookup does it)."""
+        if self._builder is None:
+            return
+        builder, self._builder = self._builder, None
+        spans = sorted(builder(self.stats), key=lambda span: span[0])
+        self._index(spans)
+
+    def _index(self, spans: List[RowSpan]) -> None:
+        interned: Dict[tuple, int] = {}
+        starts, ends, row_ids, rows = self.starts, self.ends, self.row_ids, self.rows
+        last_end = 0
+        for start, end, fields in spans:
+            if start < last_end:  # overlaps the previous range: clip it
+                start = last_end
+                if start >= end:
+                    continue
+            row_id = interned.get(fields)
+            if row_id is None:
+                row_id = interned[fields] = len(rows)
+                rows.append(UnwindRow(*fields))
+            starts.append(start)
+            ends.append(end)
+            row_ids.append(row_id)
+            last_end = end
+
+    # ---------------------------------------------------------------- queries
+
+    def lookup(self, pc: int) -> Optional[UnwindRow]:
+        """The row whose [pc_start, pc_end) holds ``pc``, or None (no CFI).
+
+        For a return address the caller should look up ``pc - 1`` (the call
+        may be a function's last instruction) unless the frame below was a
+        signal frame.
+        """
+        if self._builder is not None:
+            self.compile()
+        i = bisect.bisect_right(self.starts, pc) - 1
+        if i < 0 or pc >= self.ends[i]:
+            return None
+        return self.rows[self.row_ids[i]]
+
+    def lookup_range(self, pc: int) -> Optional[Tuple[int, int, UnwindRow]]:
+        """(pc_start, pc_end, row) around ``pc`` (allocates; for tests and tools)."""
+        if self._builder is not None:
+            self.compile()
+        i = bisect.bisect_right(self.starts, pc) - 1
+        if i < 0 or pc >= self.ends[i]:
+            return None
+        return self.starts[i], self.ends[i], self.rows[self.row_ids[i]]
+
+    def __len__(self) -> int:
+        if self._builder is not None:
+            self.compile()
+        return len(self.starts)
+
+
+# ------------------------------------------------------------------ ELF glue
+
+def _section_bytes(elf, name: str):
+    sec = elf.section(name)
+    if sec is None or sec.sh_type == _SHT_NOBITS or sec.sh_size == 0:
+        return None, None
+    return sec, bytes(elf.section_data(sec))
+
+
+def elf_pointer_reader(elf) -> Callable[[int], Optional[int]]:
+    """A DW_EH_PE_indirect reader over the file's own bytes (link-time values).
+
+    Good enough for the personality/LSDA pointers that use indirect; a GOT
+    slot filled by the dynamic linker reads as its unrelocated content.
+    """
+    size = elf.elfclass // 8
+    order = "little" if elf.little_endian else "big"
+    spans = []
+    for sec in elf.sections:
+        if sec.sh_addr and sec.sh_type != _SHT_NOBITS and sec.sh_size:
+            spans.append((sec.sh_addr, sec.sh_addr + sec.sh_size, sec))
+
+    def read_pointer(address: int) -> Optional[int]:
+        for lo, hi, sec in spans:
+            if lo <= address and address + size <= hi:
+                data = elf.section_data(sec)
+                off = address - lo
+                return int.from_bytes(bytes(data[off:off + size]), order)
+        return None
+
+    return read_pointer
+
+
+def _elf_sources(elf, read_pointer) -> List[CallFrameInfo]:
+    """CallFrameInfo for .eh_frame then .debug_frame, whichever exist and parse."""
+    address_size = elf.elfclass // 8
+    reader = read_pointer if read_pointer is not None else elf_pointer_reader(elf)
+    text = elf.section(".text")
+    got = elf.section(".got")
+    common = dict(address_size=address_size, little_endian=elf.little_endian,
+                  text_base=text.sh_addr if text is not None else None,
+                  data_base=got.sh_addr if got is not None else None)
+    sources: List[CallFrameInfo] = []
+    sec, data = _section_bytes(elf, ".eh_frame")
+    if sec is not None:
+        sources.append(CallFrameInfo(data, sec.sh_addr, True, read_pointer=reader, name=".eh_frame",
+                                     **common))  # type: ignore[arg-type]
+    sec, data = _section_bytes(elf, ".debug_frame")
+    if sec is not None:
+        sources.append(CallFrameInfo(data, 0, False, read_pointer=reader, name=".debug_frame",
+                                     **common))  # type: ignore[arg-type]
+    return sources
+
+
+def load_eh_frame_hdr(elf) -> Optional[EHFrameHdr]:
+    """The parsed .eh_frame_hdr of ``elf``, or None if absent or malformed."""
+    sec, data = _section_bytes(elf, ".eh_frame_hdr")
+    if sec is None:
+        return None
+    try:
+        return EHFrameHdr(data, sec.sh_addr, elf.elfclass // 8, elf.little_endian)
+    except DWARFError:
+        return None
+
+
+def _merge_sources(sources: List[CallFrameInfo], stats: CFIStats) -> List[RowSpan]:
+    """All .eh_frame rows, plus .debug_frame FDEs that touch no .eh_frame range."""
+    merged: List[RowSpan] = []
+    covered_starts: List[int] = []
+    covered_ends: List[int] = []
+    for cfi in sources:
+        per_fde = section_rows(cfi, stats)
+        if not cfi.is_eh_frame:
+            per_fde = [rows for rows in per_fde
+                       if rows and not _overlaps(covered_starts, covered_ends, rows[0][0], rows[-1][1])]
+            stats.debug_frame_fdes += len(per_fde)
+        for rows in per_fde:
+            merged.extend(rows)
+        if cfi.is_eh_frame:
+            covered = sorted((rows[0][0], rows[-1][1]) for rows in per_fde if rows)
+            covered_starts = [c[0] for c in covered]
+            covered_ends = _running_max([c[1] for c in covered])
+    return merged
+
+
+def _running_max(values: List[int]) -> List[int]:
+    out, best = [], 0
+    for v in values:
+        best = max(best, v)
+        out.append(best)
+    return out
+
+
+def _overlaps(starts: List[int], ends_max: List[int], lo: int, hi: int) -> bool:
+    """Does [lo, hi) meet any covered range?  ``ends_max`` is a running max of ends."""
+    i = bisect.bisect_left(starts, hi) - 1  # last range starting before hi
+    return i >= 0 and ends_max[i] > lo
