@@ -80,10 +80,12 @@ def random_profile(distinct_stacks: int, function_count: int = 400, max_depth: i
         for i in range(function_count)
     ]
     seen = set()
-    roots = location_ids[:8]
     while len(seen) < distinct_stacks:
+        # Skewed choices (small indexes are likelier) give a realistic shape:
+        # a few hot paths that draw wide frames, and a long tail of narrow ones.
         depth = rng.randint(2, max_depth)
-        stack = (rng.choice(roots),) + tuple(rng.choice(location_ids) for _ in range(depth - 1))
+        stack = tuple(location_ids[(level * 16 + min(int(rng.expovariate(0.6)), 15)) % function_count]
+                      for level in range(depth))
         if stack in seen:
             continue
         seen.add(stack)
