@@ -172,3 +172,96 @@ def test_empty_profile_renders(tmp_path, capsys):
     assert run_report([path, "--svg", str(target), "--pid", "999"], capsys)[0] == 0
     frames = frame_groups(ET.fromstring(target.read_text()))
     assert len(frames) == 1 and frames[0].get("data-v") == "0"
+
+
+# ------------------------------------------------------------------ the script, run under node
+
+_NODE_HARNESS = r"""
+const input = JSON.parse(require("fs").readFileSync(0, "utf8"));
+function El(spec) {
+  this.tagName = spec.tag; this.attrs = spec.attrs; this.textContent = spec.text || "";
+  this.children = spec.children.map(function (c) { return new El(c); });
+  this.listeners = {};
+}
+El.prototype.getAttribute = function (n) { return n in this.attrs ? this.attrs[n] : null; };
+El.prototype.setAttribute = function (n, v) { this.attrs[n] = String(v); };
+El.prototype.addEventListener = function (t, f) { (this.listeners[t] = this.listeners[t] || []).push(f); };
+El.prototype.all = function (out) {
+  this.children.forEach(function (c) { out.push(c); c.all(out); }); return out;
+};
+El.prototype.getElementsByTagName = function (t) {
+  return this.all([]).filter(function (e) { return e.tagName === t; });
+};
+const root = new El(input.svg);
+global.document = {
+  documentElement: root, readyState: "complete",
+  getElementsByTagName: function (t) { return root.getElementsByTagName(t); },
+  getElementById: function (id) { return root.all([]).filter(function (e) { return e.attrs.id === id; })[0]; },
+};
+global.window = { addEventListener: function () {}, prompt: function () { return null; } };
+eval(input.script);
+function state() {
+  return {
+    matched: document.getElementById("matched").textContent,
+    reset: document.getElementById("reset").getAttribute("class"),
+    frames: root.getElementsByTagName("g").filter(function (g) { return g.attrs["data-d"] !== undefined; })
+      .map(function (g) {
+        const rect = g.getElementsByTagName("rect")[0], text = g.getElementsByTagName("text")[0];
+        return { cls: g.attrs["class"], title: g.getElementsByTagName("title")[0].textContent,
+                 x: +rect.attrs.x, width: +rect.attrs.width, fill: rect.attrs.fill, label: text.textContent };
+      }),
+  };
+}
+const out = {};
+window.flamegraph.search("leaf_"); out.leaf = state();
+window.flamegraph.search("recurse"); out.recurse = state();
+window.flamegraph.clearSearch(); out.cleared = state();
+const target = root.getElementsByTagName("g").filter(function (g) {
+  return g.getElementsByTagName("title").length && g.getElementsByTagName("title")[0].textContent.indexOf("compute (") === 0;
+})[0];
+target.listeners.click.forEach(function (f) { f(); }); out.zoomed = state();
+document.getElementById("reset").listeners.click.forEach(function (f) { f(); }); out.reset = state();
+process.stdout.write(JSON.stringify(out));
+"""
+
+
+def _element_spec(element: ET.Element) -> dict:
+    return {"tag": element.tag.replace(SVG, ""), "attrs": dict(element.attrib), "text": element.text or "",
+            "children": [_element_spec(child) for child in element]}
+
+
+def test_script_searches_and_zooms_under_node(known_svg):
+    import json
+    import shutil
+    import subprocess
+
+    node = shutil.which("node") or shutil.which("nodejs")
+    if node is None:
+        pytest.skip("node not installed: the viewer script is only checked structurally")
+    root = ET.fromstring(known_svg)
+    script = root.find(SVG + "script").text
+    payload = json.dumps({"svg": _element_spec(root), "script": script})
+    result = subprocess.run([node, "-e", _NODE_HARNESS], input=payload, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    states = json.loads(result.stdout)
+
+    assert states["leaf"]["matched"].startswith("Matched: 71.88% of all")  # leaf_a 13 + leaf_b 10 of 32
+    highlighted = {f["title"].split(" (")[0] for f in states["leaf"]["frames"] if f["fill"] == "rgb(230,0,230)"}
+    assert highlighted == {"leaf_a", "leaf_b"}
+    # Nested recursive matches are counted once: 4 of 32.
+    assert states["recurse"]["matched"].startswith("Matched: 12.50% of all (3 frames)")
+    assert states["cleared"]["matched"] == ""
+
+    zoomed = {f["title"].split(" (")[0] + "@" + str(i): f for i, f in enumerate(states["zoomed"]["frames"])}
+    by_title = {f["title"].split(" (")[0]: f for f in states["zoomed"]["frames"] if f["cls"] != "f hidden"}
+    plot_width = DEFAULT_WIDTH - 2 * PAD_X
+    assert set(by_title) == {"all", "main", "compute", "leaf_a", "leaf_b", "sys_write"}
+    assert by_title["all"]["cls"] == by_title["main"]["cls"] == "f anc"
+    assert by_title["compute"]["width"] == pytest.approx(plot_width)
+    assert by_title["leaf_a"]["width"] == pytest.approx(plot_width * 10 / 17, abs=0.01)
+    assert by_title["leaf_a"]["label"] == "leaf_a"
+    assert states["zoomed"]["reset"] == "btn"
+    assert len(zoomed) == len(states["reset"]["frames"])
+    assert all(f["cls"] == "f" for f in states["reset"]["frames"])
+    assert states["reset"]["reset"] == "btn hidden"
