@@ -49,7 +49,7 @@ def test_top_table_matches_hand_computed_totals(known_path, capsys):
     code, out, err = run_report([known_path, "--top", "0"], capsys)
     assert code == 0, err
     assert "Type: cpu" in out
-    assert "Showing nodes accounting for 32ms, 100.00% of 32ms total" in out
+    assert "Showing nodes accounting for 32ms, 100% of 32ms total" in out
     rows = by_name(out)
     assert set(rows) == set(KNOWN_FLAT)
     for name, flat in KNOWN_FLAT.items():
@@ -67,7 +67,7 @@ def test_top_is_sorted_by_flat_with_running_sum(known_path, capsys):
     assert flats == sorted(flats, reverse=True)
     assert rows[0][5] == "leaf_a" and rows[1][5] == "leaf_b"
     assert [row[2] for row in rows[:2]] == ["40.62%", "71.88%"]  # 13/32, 23/32
-    assert rows[-1][2] == "100.00%"
+    assert rows[-1][2] == "100%"
 
 
 def test_recursive_function_counts_once_per_sample(known_path, capsys):
@@ -251,3 +251,10 @@ def test_module_entry_point_reads_uncompressed_profile(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
     assert result.returncode == 0, result.stderr
     assert "leaf_a" in result.stdout
+
+
+def test_percent_formatting_follows_pprof():
+    assert format_percent(1, 1) == "100%"
+    assert format_percent(9996, 10000) == "100%"
+    assert format_percent(11, 10000) == "0.11%"
+    assert format_percent(74, 1000000) == "0.0074%"

@@ -68,7 +68,11 @@ def _unit_of(scale: List[Tuple[str, int]], value: int) -> Tuple[str, int]:
 
 
 def format_percent(part: float, total: float) -> str:
-    """pprof's percentage: two decimals, bare "0%" for nothing."""
-    if not total or not part:
-        return "0%"
-    return "%.2f%%" % (100.0 * part / total)
+    """pprof's percentage: "100%" when within rounding of it, two decimals
+    from 1% up, two significant digits below (0.11%, 0.0074%), "0%" for nothing."""
+    ratio = abs(part / total) * 100.0 if total else 0.0
+    if 99.95 <= ratio <= 100.05:
+        return "100%"
+    if ratio >= 1.0:
+        return "%.2f%%" % ratio
+    return "%.2g%%" % ratio
