@@ -1,0 +1,111 @@
+"""The single-file build: tools/build_pyz.py makes a zipapp that runs on any CPython 3.8+."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+import zipfile
+from typing import List
+
+import pytest
+
+from conftest import REPO
+from test_report_profiles import known_profile, write_profile_file
+
+from perfagent import __version__
+
+FIXTURE_GO_HEAP = os.path.join(REPO, "tests", "fixtures", "pprof_go_heap.pb.gz")
+BUILD_SCRIPT = os.path.join(REPO, "tools", "build_pyz.py")
+
+
+def interpreters() -> List[str]:
+    """This Python plus every pyenv CPython 3.8+ on the machine (3.8 and 3.13 at least, where present)."""
+    found = [sys.executable]
+    for candidate in sorted(glob.glob("/root/.pyenv/versions/3.*/bin/python3.*")):
+        name = os.path.basename(candidate)
+        if name.count(".") == 1 and name[len("python3."):].isdigit() and int(name[len("python3."):]) >= 8:
+            found.append(candidate)
+    return found
+
+
+@pytest.fixture(scope="module")
+def pyz(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("pyz") / "perf-agent.pyz")
+    result = subprocess.run([sys.executable, BUILD_SCRIPT, "-o", out], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def run_pyz(python: str, pyz: str, args: List[str], cwd: str) -> subprocess.CompletedProcess:
+    """Run the archive from an unrelated directory with no PYTHONPATH: only the archive's code runs."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
+    return subprocess.run([python, pyz] + args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=120)
+
+
+def test_archive_holds_sources_only(pyz):
+    with open(pyz, "rb") as f:
+        assert f.readline() == b"#!/usr/bin/env python3\n"
+    names = zipfile.ZipFile(pyz).namelist()
+    assert "__main__.py" in names
+    assert "perfagent/__init__.py" in names and "perfagent/cli.py" in names
+    assert "perfagent/report/command.py" in names and "perfagent/pprof/decode.py" in names
+    files = [n for n in names if not n.endswith("/")]
+    assert not [n for n in files if "__pycache__" in n or not n.endswith(".py")]
+    assert os.access(pyz, os.X_OK)
+
+
+@pytest.mark.parametrize("python", interpreters())
+def test_pyz_runs_report_and_version(pyz, tmp_path, python):
+    version = run_pyz(python, pyz, ["--version"], str(tmp_path))
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.strip() == "perf-agent " + __version__
+
+    top = run_pyz(python, pyz, ["report", FIXTURE_GO_HEAP, "--top", "3"], str(tmp_path))
+    assert top.returncode == 0, top.stderr
+    assert "main.allocLarge" in top.stdout and "Type: inuse_space" in top.stdout
+
+    known = write_profile_file(known_profile(), str(tmp_path / "known.pb.gz"))
+    svg = tmp_path / "flame.svg"
+    folded = tmp_path / "out.folded"
+    views = run_pyz(python, pyz, ["report", known, "--svg", str(svg), "--folded", str(folded)], str(tmp_path))
+    assert views.returncode == 0, views.stderr
+    ET.parse(str(svg))
+    assert "main;compute;sys_write_[k] 2000000" in folded.read_text().splitlines()
+
+    tree = run_pyz(python, pyz, ["report", known, "--tree", "--pid", "200"], str(tmp_path))
+    assert tree.returncode == 0, tree.stderr
+    assert "recurse" in tree.stdout
+
+
+@pytest.mark.parametrize("python", interpreters())
+def test_pyz_errors_are_one_line(pyz, tmp_path, python):
+    bad = tmp_path / "bad.pb.gz"
+    bad.write_bytes(b"\x1f\x8b\x08\x00truncated")
+    result = run_pyz(python, pyz, ["report", str(bad)], str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.startswith("perf-agent: error: ") and len(result.stderr.splitlines()) == 1
+    usage = run_pyz(python, pyz, ["report", str(bad), "--top", "x"], str(tmp_path))
+    assert usage.returncode == 2 and len(usage.stderr.splitlines()) == 1
+
+
+def test_build_replaces_an_existing_archive(pyz, tmp_path):
+    out = str(tmp_path / "again.pyz")
+    with open(out, "w") as f:
+        f.write("stale")
+    result = subprocess.run([sys.executable, BUILD_SCRIPT, "-o", out], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert zipfile.is_zipfile(out) and not os.path.exists(out + ".partial")
+
+
+@pytest.mark.parametrize("python", sorted(glob.glob("/root/.pyenv/versions/3.[67].*/bin/python3.[67]")))
+def test_pyz_refuses_old_pythons_in_one_line(pyz, tmp_path, python):
+    result = run_pyz(python, pyz, ["--version"], str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.startswith("perf-agent: error: needs Python 3.8 or newer")
+    assert "Traceback" not in result.stderr
