@@ -123,6 +123,7 @@ class CallFrameInfo:
                                              data_base, text_base, read_pointer)
         self.structs = self.pointers.structs
         self._cies: Dict[int, Union[CIE, DWARFError]] = {}
+        self._fde_index: Optional[Tuple[List[int], List[FDE]]] = None
 
     # ------------------------------------------------------------ entry walk
 
@@ -344,6 +345,34 @@ class CallFrameInfo:
                 yield self._fde(header)
             except DWARFError as exc:
                 _record(errors, exc)
+
+    def find_fde(self, pc: int, hdr: Optional["EHFrameHdr"] = None) -> Optional[FDE]:
+        """The FDE covering ``pc``, or None.
+
+        With an .eh_frame_hdr this decodes just that FDE (and its CIE); without
+        one, the first call indexes every FDE's range.
+        """
+        if hdr is not None and len(hdr):
+            address = hdr.find_fde_address(pc)
+            if address is None:
+                return None
+            try:
+                fde = self.fde_at(address - self.section_addr)
+            except DWARFError:
+                return None
+        else:
+            fde = self._find_fde_linear(pc)
+        if fde is not None and fde.initial_location <= pc < fde.pc_end:
+            return fde
+        return None
+
+    def _find_fde_linear(self, pc: int) -> Optional[FDE]:
+        if self._fde_index is None:
+            fdes = sorted(self.iter_fdes(), key=lambda f: f.initial_location)
+            self._fde_index = ([f.initial_location for f in fdes], fdes)
+        starts, fdes = self._fde_index
+        i = bisect.bisect_right(starts, pc) - 1
+        return fdes[i] if i >= 0 else None
 
     def instructions(self, entry: Union[CIE, FDE]) -> bytes:
         """The raw DW_CFA bytes of a CIE (initial_instructions) or FDE."""

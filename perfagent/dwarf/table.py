@@ -90,9 +90,10 @@ class CFITable:
     def from_elf(cls, elf, read_pointer=None) -> "CFITable":
         """The table for an :class:`~perfagent.elf.ELFFile`, compiled on first use.
 
-        Prefers .eh_frame (located through .eh_frame_hdr's pointer when the
-        section headers are gone) and adds .debug_frame FDEs for code it does
-        not cover.  Section bytes are copied now, so ``elf`` may be closed.
+        Prefers .eh_frame and adds .debug_frame FDEs for code it does not
+        cover.  Section bytes are copied now, so ``elf`` may be closed.
+        ``read_pointer`` resolves DW_EH_PE_indirect (default: the file's
+        own bytes at that link-time address).
         """
         sources = _elf_sources(elf, read_pointer)
         return cls(lambda stats: _merge_sources(sources, stats))
