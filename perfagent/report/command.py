@@ -116,6 +116,8 @@ def _validated_filter(args: argparse.Namespace) -> SampleFilter:
     for path, flag in ((args.svg, "--svg"), (args.folded, "--folded")):
         if path is not None and not path.strip():
             raise UsageError("%s: empty path" % flag)
+    if args.folded == STDOUT and args.tree:
+        raise UsageError("--folded and --tree both print to stdout: give --folded a PATH")
     tags = [parse_tag_filter(text) for text in args.tag_filter]
     return SampleFilter(focus=args.focus, ignore=args.ignore, pid=args.pid, tags=tags)
 

@@ -131,7 +131,6 @@ def _frame_element(frame: FlameFrame, scale: float, bottom: int, total: int, for
 
 
 def _header(width: int, height: int, title: str, total: int, plot_width: int, stacks: StackSet) -> str:
-    legend = " ".join("%s: %s" % (kind, _PALETTE[kind][0]) for kind in ("native", KIND_PYTHON, KIND_KERNEL, KIND_JIT))
     return (
         '<?xml version="1.0" encoding="UTF-8" standalone="no"?>\n'
         '<svg xmlns="http://www.w3.org/2000/svg" version="1.1" width="%d" height="%d" '
@@ -142,19 +141,35 @@ def _header(width: int, height: int, title: str, total: int, plot_width: int, st
         '<text id="title" x="%d" y="20" text-anchor="middle" class="big">%s</text>\n'
         '<text id="reset" x="%d" y="20" class="btn hidden">Reset Zoom</text>\n'
         '<text id="search" x="%d" y="20" text-anchor="end" class="btn">Search</text>\n'
+        "%s"
         '<text id="matched" x="%d" y="%d" text-anchor="end"></text>\n'
         '<text id="details" x="%d" y="%d"> </text>\n'
-        "<!-- colours by kind (base rgb): %s -->\n"
         '<g id="frames">\n'
         % (width, height, width, height, total, plot_width, PAD_X, quoteattr(stacks.unit),
            _STYLE, _SCRIPT, width, height, width // 2, escape(title), PAD_X, width - PAD_X,
-           width - PAD_X, height - 10, PAD_X, height - 10, escape(legend))
+           _legend(width), width - PAD_X, height - 10, PAD_X, height - 10)
     )
+
+
+def _legend(width: int) -> str:
+    """One swatch per frame kind (its mid shade), centred under the title."""
+    kinds = (("native", "native"), (KIND_PYTHON, "python"), (KIND_KERNEL, "kernel"), (KIND_JIT, "jit"))
+    x = width // 2 - 2 * 80
+    parts = ['<g id="legend">']
+    for kind, label in kinds:
+        base, spread = _PALETTE[kind]
+        mid = tuple(b + s // 2 for b, s in zip(base, spread))
+        parts.append('<rect x="%d" y="28" width="10" height="10" fill="rgb(%d,%d,%d)"/>' % ((x,) + mid))
+        parts.append('<text x="%d" y="37" class="small">%s</text>' % (x + 14, label))
+        x += 80
+    parts.append("</g>\n")
+    return "".join(parts)
 
 
 _STYLE = """
 text { font-family: monospace; font-size: %dpx; fill: rgb(0,0,0); }
 text.big { font-size: 16px; }
+text.small { font-size: 10px; }
 .btn { cursor: pointer; fill: rgb(40,70,160); }
 .hidden { display: none; }
 g.f { cursor: pointer; }
