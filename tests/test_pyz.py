@@ -109,3 +109,16 @@ def test_pyz_refuses_old_pythons_in_one_line(pyz, tmp_path, python):
     assert result.returncode == 1
     assert result.stderr.startswith("perf-agent: error: needs Python 3.8 or newer")
     assert "Traceback" not in result.stderr
+
+
+def test_package_never_reads_its_own_files():
+    """Inside a zipapp __file__ is not a real path: no module may open files beside itself."""
+    offenders = []
+    for dirpath, _, filenames in os.walk(os.path.join(REPO, "perfagent")):
+        for filename in filenames:
+            if filename.endswith(".py"):
+                path = os.path.join(dirpath, filename)
+                with open(path) as f:
+                    if "__file__" in f.read():
+                        offenders.append(os.path.relpath(path, REPO))
+    assert offenders == []

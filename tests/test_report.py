@@ -258,3 +258,14 @@ def test_percent_formatting_follows_pprof():
     assert format_percent(9996, 10000) == "100%"
     assert format_percent(11, 10000) == "0.11%"
     assert format_percent(74, 1000000) == "0.0074%"
+
+
+def test_help_returns_zero(capsys):
+    code, out, _ = run_report(["--help"], capsys)
+    assert code == 0
+    assert "--focus" in out and "--svg" in out and "--folded" in out
+
+
+def test_folded_stdout_and_tree_conflict(known_path, capsys):
+    code, out, err = run_report([known_path, "--folded", "--tree"], capsys)
+    _assert_one_line_error(code, out, err, expected_code=2)

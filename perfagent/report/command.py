@@ -78,6 +78,8 @@ def main(argv: Sequence[str]) -> int:
     """Run the report command; returns the exit status."""
     try:
         return _run(build_parser().parse_args(list(argv)))
+    except SystemExit as done:  # --help: argparse printed it and "exits"; return its status instead
+        return done.code if isinstance(done.code, int) else 0
     except PerfAgentError as error:
         print("%s: error: %s" % (PROG, error), file=sys.stderr)
         return error.exit_code

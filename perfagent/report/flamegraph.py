@@ -16,7 +16,7 @@ the file stays bounded however many distinct stacks the profile has.
 from __future__ import annotations
 
 import zlib
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 from xml.sax.saxutils import escape, quoteattr
 
 from perfagent.report.calltree import CHILDREN, TOTAL, Node, build_call_tree
