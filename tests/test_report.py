@@ -269,3 +269,19 @@ def test_help_returns_zero(capsys):
 def test_folded_stdout_and_tree_conflict(known_path, capsys):
     code, out, err = run_report([known_path, "--folded", "--tree"], capsys)
     _assert_one_line_error(code, out, err, expected_code=2)
+
+
+def test_very_deep_stack_needs_no_recursion(tmp_path, capsys):
+    from perfagent.pprof.profile import ProfileBuilder
+
+    builder = ProfileBuilder([("samples", "count")])
+    exe = builder.add_mapping(0x1000, 0x100000, 0, "/bin/deep")
+    frames = [builder.location_id(exe, 0x1000 + i, ((builder.function_id("f%d" % i), 0),)) for i in range(3000)]
+    builder.add_sample(tuple(reversed(frames)), (7,))
+    path = write_profile_file(builder.to_profile(), str(tmp_path / "deep.pb.gz"))
+    code, out, err = run_report([path, "--tree"], capsys)
+    assert code == 0, err
+    assert out.splitlines()[-1].strip().endswith("f2999")
+    assert run_report([path, "--svg", str(tmp_path / "deep.svg")], capsys)[0] == 0
+    code, out, _ = run_report([path, "--folded"], capsys)
+    assert out.count(";") == 2999 and out.endswith(" 7\n")
