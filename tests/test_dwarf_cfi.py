@@ -269,3 +269,205 @@ def test_appendix_d6_example():
         assert row.rule(RBX) == (RULE_UNDEFINED, 0)  # R3, undefined by the CIE
     assert rows[-1][:2] == (0x14C, 0x150)
     assert table.lookup(0x150) is None and table.lookup(0xFF) is None
+
+
+# ------------------------------------------------------------- every opcode
+
+def _cfa(row: UnwindRow):
+    return row.cfa_kind, row.cfa_register, row.cfa_offset
+
+
+@pytest.mark.parametrize("name, instructions, check", [
+    ("def_cfa", op(DW_CFA_def_cfa, uleb(RBP), uleb(16)),
+     lambda r: _cfa(r) == (CFA_REG_OFFSET, RBP, 16)),
+    ("def_cfa_sf", op(DW_CFA_def_cfa_sf, uleb(RBP), sleb(-2)),  # factored by daf -8
+     lambda r: _cfa(r) == (CFA_REG_OFFSET, RBP, 16)),
+    ("def_cfa_register", op(DW_CFA_def_cfa_register, uleb(RBP)),
+     lambda r: _cfa(r) == (CFA_REG_OFFSET, RBP, 8)),
+    ("def_cfa_offset", op(DW_CFA_def_cfa_offset, uleb(200)),
+     lambda r: _cfa(r) == (CFA_REG_OFFSET, RSP, 200)),
+    ("def_cfa_offset_sf", op(DW_CFA_def_cfa_offset_sf, sleb(-3)),
+     lambda r: _cfa(r) == (CFA_REG_OFFSET, RSP, 24)),
+    ("offset", op(DW_CFA_offset | RBX, uleb(2)), lambda r: r.rule(RBX) == (RULE_OFFSET, -16)),
+    ("offset_extended", op(DW_CFA_offset_extended, uleb(R12), uleb(3)),
+     lambda r: r.rule(R12) == (RULE_OFFSET, -24)),
+    ("offset_extended_sf", op(DW_CFA_offset_extended_sf, uleb(R12), sleb(-3)),
+     lambda r: r.rule(R12) == (RULE_OFFSET, 24)),
+    ("val_offset", op(DW_CFA_val_offset, uleb(RBP), uleb(1)),
+     lambda r: r.rule(RBP) == (RULE_VAL_OFFSET, -8)),
+    ("val_offset_sf", op(DW_CFA_val_offset_sf, uleb(RBP), sleb(1)),
+     lambda r: r.rule(RBP) == (RULE_VAL_OFFSET, -8)),
+    ("GNU_negative_offset_extended", op(DW_CFA_GNU_negative_offset_extended, uleb(RBX), uleb(2)),
+     lambda r: r.rule(RBX) == (RULE_OFFSET, 16)),
+    ("undefined", op(DW_CFA_undefined, uleb(RA)), lambda r: r.rule(RA) == (RULE_UNDEFINED, 0)),
+    ("same_value", op(DW_CFA_offset | RBX, uleb(2)) + op(DW_CFA_same_value, uleb(RBX)),
+     lambda r: r.rule(RBX) == (RULE_SAME_VALUE, 0)),
+    ("register", op(DW_CFA_register, uleb(RBX), uleb(R12)), lambda r: r.rule(RBX) == (RULE_REGISTER, R12)),
+    ("expression", op(DW_CFA_expression, uleb(RBP), uleb(2), bytes([DW_OP_breg0 + RSP, 8])),
+     lambda r: r.rule(RBP) == (RULE_UNSUPPORTED, 0)),
+    ("val_expression", op(DW_CFA_val_expression, uleb(RBP), uleb(2), bytes([DW_OP_breg0 + RSP, 8])),
+     lambda r: r.rule(RBP) == (RULE_UNSUPPORTED, 0)),
+    ("restore", op(DW_CFA_offset | RA, uleb(5)) + op(DW_CFA_restore | RA),
+     lambda r: r.rule(RA) == (RULE_OFFSET, -8)),
+    ("restore_extended", op(DW_CFA_offset | RA, uleb(5)) + op(DW_CFA_restore_extended, uleb(RA)),
+     lambda r: r.rule(RA) == (RULE_OFFSET, -8)),
+    ("restore_without_cie_rule", op(DW_CFA_offset | RBX, uleb(5)) + op(DW_CFA_restore | RBX),
+     lambda r: r.rule(RBX) == (RULE_SAME_VALUE, 0)),
+    ("GNU_args_size", op(DW_CFA_GNU_args_size, uleb(300)) + op(DW_CFA_def_cfa_offset, uleb(16)),
+     lambda r: _cfa(r) == (CFA_REG_OFFSET, RSP, 16)),
+    ("nop", op(DW_CFA_nop) * 3, lambda r: _cfa(r) == (CFA_REG_OFFSET, RSP, 8)),
+    ("untracked_registers_ignored",
+     op(DW_CFA_offset | 17, uleb(2)) + op(DW_CFA_offset_extended, uleb(40), uleb(3))
+     + op(DW_CFA_register, uleb(33), uleb(1)),
+     lambda r: all(r.rule(reg) == (RULE_SAME_VALUE, 0) for reg in (RBP, RBX, R12))),
+    ("def_cfa_register_after_expression",
+     op(DW_CFA_def_cfa_expression, uleb(2), bytes([DW_OP_breg0 + RSP, 8])) + op(DW_CFA_def_cfa_register, uleb(RBP)),
+     lambda r: _cfa(r) == (CFA_REG_OFFSET, RBP, 8)),
+])
+def test_opcode(name, instructions, check):
+    row = last_row(instructions)
+    assert check(row), (name, row)
+
+
+def test_no_rule_means_same_value_and_ra_undefined_marks_outermost():
+    row = last_row(op(DW_CFA_undefined, uleb(RA)))
+    for reg in (RBP, RBX, 12, 13, 14, 15):
+        assert row.rule(reg) == (RULE_SAME_VALUE, 0)
+    assert row.ra_kind == RULE_UNDEFINED
+
+
+@pytest.mark.parametrize("advance, expected_end", [
+    (op(DW_CFA_advance_loc | 5), 0x1005),
+    (op(DW_CFA_advance_loc1, bytes([200])), 0x10C8),
+    (op(DW_CFA_advance_loc2, struct.pack("<H", 0x1234)), 0x1000 + 0x1234),
+    (op(DW_CFA_advance_loc4, struct.pack("<I", 0x12345)), 0x1000 + 0x12345),
+    (op(DW_CFA_MIPS_advance_loc8, struct.pack("<Q", 0x777)), 0x1777),
+    (op(DW_CFA_set_loc, struct.pack("<I", 0x1040)), 0x1040),  # CIE 'R' = udata4
+])
+def test_advance_opcodes(advance, expected_end):
+    rows = single_fde(advance + op(DW_CFA_def_cfa_offset, uleb(16)), size=0x100000)
+    assert [(s, e) for s, e, _ in rows] == [(0x1000, expected_end), (expected_end, 0x1000 + 0x100000)]
+    assert rows[0][2].cfa_offset == 8 and rows[1][2].cfa_offset == 16
+
+
+def test_code_alignment_factor_scales_advances():
+    sec = Section()
+    cie = sec.cie(X86_CIE, caf=4)
+    fde = sec.fde(cie, 0x1000, 0x40, op(DW_CFA_advance_loc | 3) + op(DW_CFA_def_cfa_offset, uleb(16)))
+    assert [(s, e) for s, e, _ in rows_of(sec, fde)] == [(0x1000, 0x100C), (0x100C, 0x1040)]
+
+
+def test_advance_past_the_end_and_backwards():
+    rows = single_fde(op(DW_CFA_advance_loc1, bytes([0xF0])) + op(DW_CFA_def_cfa_offset, uleb(16)), size=0x10)
+    assert [(s, e) for s, e, _ in rows] == [(0x1000, 0x1010)]
+    with pytest.raises(DWARFError):
+        single_fde(op(DW_CFA_advance_loc | 4) + op(DW_CFA_set_loc, struct.pack("<I", 0x1001)))
+
+
+def test_identical_rows_are_merged():
+    rows = single_fde(op(DW_CFA_advance_loc | 4) + op(DW_CFA_nop) + op(DW_CFA_advance_loc | 4)
+                      + op(DW_CFA_def_cfa_offset, uleb(16)), size=0x20)
+    assert [(s, e) for s, e, _ in rows] == [(0x1000, 0x1008), (0x1008, 0x1020)]
+
+
+def test_remember_restore_state_includes_cfa():
+    instructions = (op(DW_CFA_advance_loc | 1) + op(DW_CFA_def_cfa_offset, uleb(16))
+                    + op(DW_CFA_offset | RBX, uleb(2)) + op(DW_CFA_remember_state)
+                    + op(DW_CFA_advance_loc | 1) + op(DW_CFA_def_cfa_offset, uleb(8))
+                    + op(DW_CFA_restore | RBX)
+                    + op(DW_CFA_advance_loc | 1) + op(DW_CFA_restore_state))
+    rows = single_fde(instructions, size=0x10)
+    by_start = {s: r for s, _, r in rows}
+    assert by_start[0x1001].cfa_offset == 16 and by_start[0x1001].rule(RBX) == (RULE_OFFSET, -16)
+    assert by_start[0x1002].cfa_offset == 8 and by_start[0x1002].rule(RBX) == (RULE_SAME_VALUE, 0)
+    assert by_start[0x1003].cfa_offset == 16 and by_start[0x1003].rule(RBX) == (RULE_OFFSET, -16)
+
+
+def test_restore_state_without_remember_fails_the_fde():
+    with pytest.raises(DWARFError):
+        single_fde(op(DW_CFA_restore_state))
+
+
+def test_restore_returns_to_the_cie_rule():
+    cie_instructions = X86_CIE + op(DW_CFA_offset | RBX, uleb(2))
+    row = last_row(op(DW_CFA_offset | RBX, uleb(4)) + op(DW_CFA_restore | RBX), cie_instructions=cie_instructions)
+    assert row.rule(RBX) == (RULE_OFFSET, -16)
+    row = last_row(op(DW_CFA_undefined, uleb(RBX)) + op(DW_CFA_restore_extended, uleb(RBX)),
+                   cie_instructions=cie_instructions)
+    assert row.rule(RBX) == (RULE_OFFSET, -16)
+
+
+@pytest.mark.parametrize("instructions", [
+    op(0x3F),  # DW_CFA_hi_user: unknown
+    op(DW_CFA_def_cfa, uleb(RBP)),  # operand missing (runs into padding/end)
+    op(DW_CFA_offset_extended, b"\x80\x80\x80"),  # LEB128 runs off the end
+])
+def test_bad_instructions_raise_dwarf_error(instructions):
+    sec = Section()
+    cie = sec.cie(X86_CIE)
+    # No padding, so the entry ends exactly where the instructions do.
+    sec.address_size = 1
+    fde = sec.fde(cie, 0x1000, 0x10, instructions)
+    with pytest.raises(DWARFError):
+        rows_of(sec, fde)
+
+
+# --------------------------------------------------- PLT CFA expression
+
+PLT_EXPRESSION = bytes([0x77, 0x08, 0x80, 0x00, 0x3F, 0x1A, 0x3B, 0x2A, 0x33, 0x24, 0x22])
+
+
+def test_plt_expression_bytes_are_recognised():
+    assert match_plt_expression(PLT_EXPRESSION) == (8, 11)
+    lit10 = PLT_EXPRESSION[:6] + bytes([DW_OP_lit0 + 10]) + PLT_EXPRESSION[7:]
+    assert match_plt_expression(lit10) == (8, 10)
+    assert match_plt_expression(PLT_EXPRESSION[:-1]) is None
+    assert match_plt_expression(PLT_EXPRESSION + b"\x22") is None
+    assert match_plt_expression(bytes([0x77, 0x08, 0x06])) is None  # breg7 8; deref
+    assert match_plt_expression(b"") is None and match_plt_expression(b"\x77") is None
+
+
+def test_plt_expression_row_and_other_expressions_unsupported():
+    instructions = (op(DW_CFA_def_cfa_offset, uleb(16)) + op(DW_CFA_advance_loc | 6)
+                    + op(DW_CFA_def_cfa_offset, uleb(24)) + op(DW_CFA_advance_loc | 10)
+                    + op(DW_CFA_def_cfa_expression, uleb(len(PLT_EXPRESSION)), PLT_EXPRESSION)
+                    + op(DW_CFA_advance_loc1, bytes([0x30]))
+                    + op(DW_CFA_def_cfa_expression, uleb(3), bytes([0x77, 0x08, 0x06]))
+                    + op(DW_CFA_advance_loc1, bytes([0x10])) + op(DW_CFA_def_cfa, uleb(RSP), uleb(8)))
+    rows = single_fde(instructions, size=0x100)
+    kinds = [(s, r.cfa_kind) for s, _, r in rows]
+    assert kinds == [(0x1000, CFA_REG_OFFSET), (0x1006, CFA_REG_OFFSET), (0x1010, CFA_PLT),
+                     (0x1040, CFA_UNSUPPORTED), (0x1050, CFA_REG_OFFSET)]
+    plt = rows[2][2]
+    assert (plt.cfa_register, plt.cfa_offset, plt.cfa_plt_threshold) == (RSP, 8, 11)
+    assert plt.rule(RA) == (RULE_OFFSET, -8)
+
+
+def _plt_checks(path: str) -> int:
+    from perfagent.elf import ELFFile
+    elf = ELFFile.from_path(path)
+    plt = elf.section(".plt")
+    if plt is None or plt.sh_size < 32:
+        pytest.skip("no .plt in %s" % path)
+    table = CFITable.from_elf(elf)
+    hits = 0
+    for pc in range(plt.sh_addr + 16, plt.sh_addr + plt.sh_size):
+        row = table.lookup(pc)
+        if row is not None and row.cfa_kind == CFA_PLT:
+            assert (row.cfa_register, row.cfa_offset, row.cfa_plt_threshold) == (RSP, 8, 11)
+            assert row.rule(RA) == (RULE_OFFSET, -8)
+            hits += 1
+    return hits
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_plt_expression_in_a_lazy_binding_binary(tmp_path):
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "cfi_sample.c")
+    out = str(tmp_path / "lazy")
+    subprocess.run(["gcc", "-O2", "-Wl,-z,lazy", "-o", out, source], check=True)
+    assert _plt_checks(out) > 0
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/lib/x86_64-linux-gnu/libc.so.6"), reason="no libc")
+def test_plt_expression_in_libc():
+    assert _plt_checks("/usr/lib/x86_64-linux-gnu/libc.so.6") > 0
