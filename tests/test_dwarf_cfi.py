@@ -471,3 +471,265 @@ def test_plt_expression_in_a_lazy_binding_binary(tmp_path):
 @pytest.mark.skipif(not os.path.exists("/usr/lib/x86_64-linux-gnu/libc.so.6"), reason="no libc")
 def test_plt_expression_in_libc():
     assert _plt_checks("/usr/lib/x86_64-linux-gnu/libc.so.6") > 0
+
+
+# ------------------------------------------------ entry formats and augmentations
+
+def test_64bit_length_cie_and_fde_in_eh_frame():
+    sec = Section()
+    cie = sec.cie(X86_CIE, dwarf64=True)
+    fde = sec.fde(cie, 0x2000, 0x20, op(DW_CFA_advance_loc | 4) + op(DW_CFA_def_cfa_offset, uleb(16)),
+                  dwarf64=True)
+    fde32 = sec.fde(cie, 0x3000, 0x20)  # a 32-bit FDE may use a 64-bit CIE
+    cfi = sec.cfi()
+    assert cfi.cie_at(cie).dwarf64
+    rows = rows_of(sec, fde)
+    assert [(s, e, r.cfa_offset) for s, e, r in rows] == [(0x2000, 0x2004, 8), (0x2004, 0x2020, 16)]
+    assert cfi.fde_at(fde32).initial_location == 0x3000
+    assert [f.offset for f in cfi.iter_fdes()] == [fde, fde32]
+
+
+@pytest.mark.parametrize("dwarf64", [False, True])
+@pytest.mark.parametrize("version", [1, 3, 4])
+def test_debug_frame_cie_id_and_versions(dwarf64, version):
+    sec = Section(eh=False)
+    sec.fde  # noqa: B018
+    cie = sec.cie(X86_CIE, augmentation=b"", version=version, dwarf64=dwarf64)
+    fde = sec.fde(cie, 0x401000, 0x30, op(DW_CFA_advance_loc | 1) + op(DW_CFA_def_cfa_offset, uleb(16)),
+                  dwarf64=dwarf64, address_fmt="<Q", aug_data=None)
+    cfi = sec.cfi(section_addr=0)
+    c = cfi.cie_at(cie)
+    assert (c.version, c.dwarf64, c.return_address_register) == (version, dwarf64, RA)
+    f = cfi.fde_at(fde)
+    assert (f.initial_location, f.address_range, f.cie.offset) == (0x401000, 0x30, cie)
+    assert rows_of(sec, fde)[1][2].cfa_offset == 16
+
+
+def test_debug_frame_fde_pointer_is_a_section_offset():
+    sec = Section(eh=False)
+    first = sec.cie(X86_CIE, augmentation=b"", daf=-8)
+    second = sec.cie(X86_CIE, augmentation=b"", daf=-4)
+    fde = sec.fde(first, 0x1000, 0x10, op(DW_CFA_offset | RBX, uleb(2)), address_fmt="<Q", aug_data=None)
+    fde2 = sec.fde(second, 0x2000, 0x10, op(DW_CFA_offset | RBX, uleb(2)), address_fmt="<Q", aug_data=None)
+    assert rows_of(sec, fde)[0][2].rule(RBX) == (RULE_OFFSET, -16)
+    assert rows_of(sec, fde2)[0][2].rule(RBX) == (RULE_OFFSET, -8)
+
+
+def test_eh_frame_pcrel_fde_addresses():
+    sec = Section()
+    cie = sec.cie(X86_CIE, aug_data=bytes([DW_EH_PE_pcrel | DW_EH_PE_sdata4]))
+    # initial_location is the field's address plus the stored value.
+    field_addr = 0x10000 + len(sec.buf) + 8
+    target = 0x1234
+    fde = sec.fde(cie, 0, 0, raw_addresses=struct.pack("<iI", target - field_addr, 0x40))
+    f = sec.cfi(section_addr=0x10000).fde_at(fde)
+    assert (f.initial_location, f.address_range) == (target, 0x40)
+
+
+def test_augmentation_data_personality_lsda_and_unknown_letters():
+    sec = Section()
+    personality_field = 0x10000 + 4 + 4 + 1 + len(b"zPLRX\0") + 3 + 1 + 1  # after the 'P' encoding byte
+    aug = (bytes([DW_EH_PE_pcrel | DW_EH_PE_sdata4]) + struct.pack("<i", 0x500 - personality_field)
+           + bytes([DW_EH_PE_udata4]) + bytes([DW_EH_PE_udata4]) + b"\x99\x99")  # X's data: skipped
+    cie = sec.cie(X86_CIE, augmentation=b"zPLRX", aug_data=aug)
+    fde = sec.fde(cie, 0x1000, 0x10, op(DW_CFA_def_cfa_offset, uleb(16)),
+                  aug_data=struct.pack("<I", 0xABCD))
+    cfi = sec.cfi(section_addr=0x10000)
+    c = cfi.cie_at(cie)
+    assert c.personality == 0x500 and c.lsda_encoding == DW_EH_PE_udata4
+    assert c.fde_encoding == DW_EH_PE_udata4 and c.augmentation_data == aug
+    f = cfi.fde_at(fde)
+    assert f.lsda_pointer == 0xABCD
+    assert rows_of(sec, fde, section_addr=0x10000)[0][2].cfa_offset == 16
+
+
+def test_indirect_personality_is_unresolvable_but_harmless():
+    sec = Section()
+    aug = bytes([DW_EH_PE_indirect | DW_EH_PE_pcrel | DW_EH_PE_sdata4]) + struct.pack("<i", 0x40) \
+        + bytes([DW_EH_PE_udata4])
+    cie = sec.cie(X86_CIE, augmentation=b"zPR", aug_data=aug)
+    fde = sec.fde(cie, 0x1000, 0x10)
+    cfi = sec.cfi()
+    assert cfi.cie_at(cie).personality is None
+    assert cfi.fde_at(fde).initial_location == 0x1000
+    resolved = sec.cfi(read_pointer=lambda addr: 0x7000).cie_at(cie)
+    assert resolved.personality == 0x7000
+
+
+def test_signal_frame_and_bti_augmentations():
+    sec = Section()
+    cie = sec.cie(X86_CIE, augmentation=b"zRSB", aug_data=bytes([DW_EH_PE_udata4]))
+    fde = sec.fde(cie, 0x1000, 0x10)
+    assert sec.cfi().cie_at(cie).signal_frame
+    assert rows_of(sec, fde)[0][2].signal_frame == 1
+
+
+def test_legacy_eh_augmentation_skips_eh_data():
+    sec = Section(eh=False)
+    cie = sec.cie(X86_CIE, augmentation=b"eh", extra=struct.pack("<Q", 0xDEAD))
+    fde = sec.fde(cie, 0x1000, 0x10, address_fmt="<Q", aug_data=None)
+    assert rows_of(sec, fde)[0][2].cfa_offset == 8
+
+
+def test_zero_terminator_ends_eh_frame():
+    sec = Section()
+    cie = sec.cie(X86_CIE)
+    first = sec.fde(cie, 0x1000, 0x10)
+    sec.terminate()
+    sec.fde(cie, 0x2000, 0x10)  # beyond the terminator: not part of the table
+    assert [f.offset for f in sec.cfi().iter_fdes()] == [first]
+
+
+# --------------------------------------------------- malformed entry isolation
+
+def _stats(sec: Section, **kw):
+    stats = CFIStats()
+    per_fde = section_rows(sec.cfi(**kw), stats)
+    return stats, per_fde
+
+
+def test_corrupt_fde_in_the_middle_only_costs_itself():
+    sec = Section()
+    cie = sec.cie(X86_CIE)
+    sec.fde(cie, 0x1000, 0x10, op(DW_CFA_def_cfa_offset, uleb(16)))
+    sec.fde(cie, 0x2000, 0x10, op(0x3F) + op(DW_CFA_def_cfa_offset, uleb(16)))  # unknown opcode
+    sec.fde(cie, 0x3000, 0x10, op(DW_CFA_restore_state))  # nothing remembered
+    bad_cie_pointer = len(sec.buf)
+    sec.fde(cie, 0x4000, 0x10)
+    sec.buf[bad_cie_pointer + 4:bad_cie_pointer + 8] = struct.pack("<I", 0x7FFF)  # points nowhere
+    sec.fde(cie, 0x5000, 0x10, op(DW_CFA_def_cfa_offset, uleb(32)))
+    stats, per_fde = _stats(sec)
+    assert stats.errors == 3 and stats.fdes == 2, stats.error_messages
+    table = CFITable.from_spans([span for rows in per_fde for span in rows])
+    assert table.lookup(0x1004).cfa_offset == 16 and table.lookup(0x5004).cfa_offset == 32
+    assert table.lookup(0x2004) is None and table.lookup(0x4004) is None
+
+
+def test_bad_cie_costs_its_fdes_only():
+    sec = Section()
+    good = sec.cie(X86_CIE)
+    bad = sec.cie(X86_CIE, augmentation=b"xyz")  # unknown augmentation without 'z'
+    sec.fde(bad, 0x1000, 0x10)
+    sec.fde(bad, 0x2000, 0x10)
+    sec.fde(good, 0x3000, 0x10)
+    stats, per_fde = _stats(sec)
+    assert (stats.fdes, stats.errors) == (1, 2)
+    assert "augmentation" in stats.error_messages[0]
+
+
+def test_length_past_the_end_stops_the_walk_and_counts():
+    sec = Section()
+    cie = sec.cie(X86_CIE)
+    sec.fde(cie, 0x1000, 0x10)
+    sec.buf += struct.pack("<I", 0x1000) + b"\0" * 8  # claims 4 KB
+    stats, per_fde = _stats(sec)
+    assert (stats.fdes, stats.errors) == (1, 1)
+
+
+@pytest.mark.parametrize("tail", [
+    struct.pack("<I", 0xFFFFFFF5) + b"\0" * 8,  # reserved length
+    b"\x05\x00",  # truncated length
+    struct.pack("<IQ", DWARF64_ESCAPE, 2 ** 63),  # 64-bit length way past the end
+])
+def test_bad_lengths(tail):
+    sec = Section()
+    cie = sec.cie(X86_CIE)
+    sec.fde(cie, 0x1000, 0x10)
+    sec.buf += tail
+    stats, _ = _stats(sec)
+    assert (stats.fdes, stats.errors) == (1, 1)
+
+
+def test_random_corruption_only_raises_dwarf_error():
+    """Flip bytes of a real-looking section: nothing but DWARFError escapes."""
+    sec = Section()
+    cie = sec.cie(X86_CIE, augmentation=b"zPLR",
+                  aug_data=bytes([DW_EH_PE_udata4]) + struct.pack("<I", 1) + bytes([DW_EH_PE_udata4, DW_EH_PE_udata4]))
+    for i in range(6):
+        sec.fde(cie, 0x1000 * (i + 1), 0x40,
+                op(DW_CFA_advance_loc | 1) + op(DW_CFA_def_cfa_offset, uleb(16)) + op(DW_CFA_remember_state)
+                + op(DW_CFA_offset | RBX, uleb(2)) + op(DW_CFA_advance_loc1, b"\x10") + op(DW_CFA_restore_state),
+                aug_data=struct.pack("<I", 0))
+    rng = random.Random(1234)
+    original = bytes(sec.buf)
+    for _ in range(400):
+        data = bytearray(original)
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        cfi = CallFrameInfo(bytes(data), 0x10000, True, 8, True)
+        stats = CFIStats()
+        per_fde = section_rows(cfi, stats)
+        CFITable.from_spans([span for rows in per_fde for span in rows]).lookup(0x1010)
+        for offset in range(0, len(data), 7):
+            try:
+                cfi.fde_at(offset)
+            except DWARFError:
+                pass
+
+
+# ------------------------------------------------------------- compiled table
+
+def test_table_lookup_returns_shared_rows_and_none_in_gaps():
+    sec = Section()
+    cie = sec.cie(X86_CIE)
+    sec.fde(cie, 0x1000, 0x10, op(DW_CFA_advance_loc | 4) + op(DW_CFA_def_cfa_offset, uleb(16)))
+    sec.fde(cie, 0x2000, 0x10, op(DW_CFA_advance_loc | 4) + op(DW_CFA_def_cfa_offset, uleb(16)))
+    stats, per_fde = _stats(sec)
+    table = CFITable.from_spans([span for rows in per_fde for span in rows])
+    assert len(table) == 4 and len(table.rows) == 2  # identical rows stored once
+    assert table.lookup(0x1004) is table.lookup(0x2008)
+    assert table.lookup(0xFFF) is None and table.lookup(0x1010) is None and table.lookup(0x3000) is None
+    assert table.lookup_range(0x2005) == (0x2004, 0x2010, table.lookup(0x2005))
+    row = table.lookup(0x1000)
+    assert row[0] == row.cfa_kind and isinstance(row, tuple)
+
+
+def test_overlapping_fdes_first_wins():
+    spans = [(0x1000, 0x1010, (CFA_REG_OFFSET, RSP, 8, 0, 0) + (RULE_OFFSET, -8) + (RULE_SAME_VALUE, 0) * 6),
+             (0x1008, 0x1020, (CFA_REG_OFFSET, RSP, 16, 0, 0) + (RULE_OFFSET, -8) + (RULE_SAME_VALUE, 0) * 6)]
+    table = CFITable.from_spans(spans)
+    assert table.lookup(0x100C).cfa_offset == 8 and table.lookup(0x1010).cfa_offset == 16
+
+
+# -------------------------------------------------------------- .eh_frame_hdr
+
+def test_synthetic_eh_frame_hdr():
+    hdr_addr = 0x8000
+    entries = [(0x3000, 0x9300), (0x1000, 0x9100), (0x2000, 0x9200)]  # unsorted on purpose
+    data = bytes([1, DW_EH_PE_pcrel | DW_EH_PE_sdata4, DW_EH_PE_udata4, DW_EH_PE_datarel | DW_EH_PE_sdata4])
+    data += struct.pack("<i", 0x9000 - (hdr_addr + 4)) + struct.pack("<I", len(entries))
+    for loc, fde in entries:
+        data += struct.pack("<ii", loc - hdr_addr, fde - hdr_addr)
+    hdr = EHFrameHdr(data, hdr_addr)
+    assert hdr.eh_frame_ptr == 0x9000 and len(hdr) == 3
+    assert hdr.find_fde_address(0x2FFF) == 0x9200 and hdr.find_fde_address(0x3000) == 0x9300
+    assert hdr.find_fde_address(0xFFF) is None
+    # The same table through the generic (non-datarel/sdata4) path.
+    generic = bytes([1, DW_EH_PE_udata8, DW_EH_PE_udata4, DW_EH_PE_udata8]) + struct.pack("<QI", 0x9000, 3)
+    for loc, fde in entries:
+        generic += struct.pack("<QQ", loc, fde)
+    assert EHFrameHdr(generic, hdr_addr).fde_addresses == [0x9100, 0x9200, 0x9300]
+    with pytest.raises(DWARFError):
+        EHFrameHdr(bytes([2]) + data[1:], hdr_addr)
+    with pytest.raises(DWARFError):
+        EHFrameHdr(data[:-4], hdr_addr)
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_eh_frame_hdr_finds_every_fde_of_a_real_binary(tmp_path):
+    from perfagent.elf import ELFFile
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "cfi_sample.c")
+    out = str(tmp_path / "prog")
+    subprocess.run(["gcc", "-O2", "-o", out, source], check=True)
+    elf = ELFFile.from_path(out)
+    hdr = load_eh_frame_hdr(elf)
+    sec = elf.section(".eh_frame")
+    cfi = CallFrameInfo(elf.section_data(sec), sec.sh_addr, True)
+    assert hdr is not None and hdr.eh_frame_ptr == sec.sh_addr
+    fdes = [f for f in cfi.iter_fdes() if f.address_range]
+    assert len(hdr) == len(fdes) > 3
+    for f in fdes:
+        for pc in (f.initial_location, f.pc_end - 1):
+            assert cfi.find_fde(pc, hdr).offset == f.offset
+            assert cfi.find_fde(pc).offset == f.offset  # the linear index agrees
+    assert cfi.find_fde(0, hdr) is None
