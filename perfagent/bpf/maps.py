@@ -1,0 +1,236 @@
+"""BPF maps as objects that own their fd.
+
+``Map`` works on raw bytes (keys and values exactly as the kernel stores
+them); callers pack/unpack with their own struct.Struct.  For per-CPU maps a
+value is ``possible_cpus()`` slots of round_up(value_size, 8) bytes, which is
+what the kernel copies in and out; ``value_size_user`` says how many.
+
+``drain()`` empties the map and returns what it held, using
+BPF_MAP_LOOKUP_AND_DELETE_BATCH where the map type and kernel support it and
+falling back to get_next_key + lookup + delete otherwise (stack maps, pre-5.6
+kernels).  The fallback is not atomic: an entry the program updates between
+our lookup and delete loses that update, which is acceptable for profiling
+counts and why the batch path is preferred.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from typing import Dict, Iterator, List, Optional, Tuple
+
+from perfagent.bpf import syscall as sc
+from perfagent.bpf.syscall import BPFError
+
+PERCPU_TYPES = (sc.BPF_MAP_TYPE_PERCPU_HASH, sc.BPF_MAP_TYPE_PERCPU_ARRAY,
+                sc.BPF_MAP_TYPE_LRU_PERCPU_HASH)
+
+_POSSIBLE_PATH = "/sys/devices/system/cpu/possible"
+_possible: Optional[int] = None
+
+
+def possible_cpus() -> int:
+    """How many CPUs the kernel may ever bring up (the per-CPU value count).
+
+    Parsed from the "0-7,9" list in sysfs: the highest listed CPU plus one,
+    since per-CPU storage is indexed by CPU number.
+    """
+    global _possible
+    if _possible is None:
+        try:
+            with open(_POSSIBLE_PATH) as f:
+                text = f.read().strip()
+            top = 0
+            for part in text.split(","):
+                top = max(top, int(part.split("-")[-1]))
+            _possible = top + 1
+        except (OSError, ValueError):
+            _possible = os.cpu_count() or 1
+    return _possible
+
+
+class Map:
+    """One kernel map; closes its fd on close() / leaving a ``with`` block.
+
+    A program that references the map holds its own kernel reference, so
+    closing the Map while a program is loaded does not free it.
+    """
+
+    def __init__(self, map_type: int, key_size: int, value_size: int,
+                 max_entries: int, map_flags: int = 0, name: str = "") -> None:
+        self._fd: Optional[int] = None
+        self.map_type = map_type
+        self.key_size = key_size
+        self.value_size = value_size
+        self.max_entries = max_entries
+        self.name = name
+        if map_type in PERCPU_TYPES:
+            self.value_size_user = ((value_size + 7) // 8 * 8) * possible_cpus()
+        else:
+            self.value_size_user = value_size
+        self._fd = sc.map_create(map_type, key_size, value_size,
+                                 max_entries, map_flags, name)
+        self._batch_ok: Optional[bool] = None
+
+    @property
+    def fd(self) -> int:
+        if self._fd is None:
+            raise BPFError("map %r is closed" % self.name, errno.EBADF)
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    @property
+    def id(self) -> int:
+        """The kernel-wide map id (BPF_OBJ_GET_INFO_BY_FD)."""
+        return sc.obj_id(self.fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            sc.close_fd(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "Map":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return "<Map %r type=%d fd=%s>" % (self.name, self.map_type, self._fd)
+
+    def _check_key(self, key: bytes) -> bytes:
+        if len(key) != self.key_size:
+            raise ValueError("key is %d bytes, map %r wants %d" % (len(key), self.name, self.key_size))
+        return key
+
+    def lookup(self, key: bytes) -> Optional[bytes]:
+        """The value stored for ``key``, None when absent."""
+        return sc.map_lookup_elem(self.fd, self._check_key(key), self.value_size_user)
+
+    def update(self, key: bytes, value: bytes, flags: int = sc.BPF_ANY) -> None:
+        if len(value) != self.value_size_user:
+            raise ValueError("value is %d bytes, map %r wants %d"
+                             % (len(value), self.name, self.value_size_user))
+        sc.map_update_elem(self.fd, self._check_key(key), value, flags)
+
+    def delete(self, key: bytes) -> bool:
+        """Remove ``key``; False if it was not there."""
+        return sc.map_delete_elem(self.fd, self._check_key(key))
+
+    def next_key(self, key: Optional[bytes]) -> Optional[bytes]:
+        return sc.map_get_next_key(self.fd, None if key is None else self._check_key(key),
+                                   self.key_size)
+
+    def keys(self) -> Iterator[bytes]:
+        """Every key, by BPF_MAP_GET_NEXT_KEY (a snapshot-free walk: entries
+        added or removed meanwhile may or may not be seen)."""
+        key = self.next_key(None)
+        while key is not None:
+            yield key
+            key = self.next_key(key)
+
+    def items(self) -> List[Tuple[bytes, bytes]]:
+        """(key, value) for every key whose value could still be read."""
+        out = []
+        for key in list(self.keys()):
+            value = self.lookup(key)
+            if value is not None:
+                out.append((key, value))
+        return out
+
+    def drain(self, chunk: int = 256) -> List[Tuple[bytes, bytes]]:
+        """Remove and return every (key, value), batched when the kernel can."""
+        if self._batch_ok is not False:
+            try:
+                out = self._drain_batch(chunk)
+                self._batch_ok = True
+                return out
+            except BPFError as exc:
+                if exc.errno not in (errno.EINVAL, sc.ENOTSUPP, errno.EOPNOTSUPP):
+                    raise
+                if self._batch_ok:
+                    raise
+                self._batch_ok = False
+        return self._drain_iterate()
+
+    def _drain_batch(self, chunk: int) -> List[Tuple[bytes, bytes]]:
+        out: List[Tuple[bytes, bytes]] = []
+        token: Optional[bytes] = None
+        # The batch token for hash maps is a bucket index (u32); for arrays
+        # it is a key.  A buffer that fits either.
+        batch_size = max(self.key_size, 8)
+        count = max(1, min(chunk, self.max_entries))
+        ks, vs = self.key_size, self.value_size_user
+        while True:
+            try:
+                keys, values, n, token = sc.map_batch(
+                    sc.BPF_MAP_LOOKUP_AND_DELETE_BATCH, self.fd, token, batch_size,
+                    ks, vs, count)
+            except BPFError as exc:
+                # One hash bucket holds more entries than ``count``: retry bigger.
+                if exc.errno == errno.ENOSPC and count < self.max_entries:
+                    count = min(self.max_entries, count * 4)
+                    continue
+                raise
+            for i in range(n):
+                out.append((keys[i * ks:(i + 1) * ks], values[i * vs:(i + 1) * vs]))
+            if token is None:
+                return out
+
+    def _drain_iterate(self) -> List[Tuple[bytes, bytes]]:
+        out = []
+        for key in list(self.keys()):
+            value = self.lookup(key)
+            if value is not None and self.delete(key):
+                out.append((key, value))
+        return out
+
+    def as_dict(self) -> Dict[bytes, bytes]:
+        return dict(self.items())
+
+
+class HashMap(Map):
+    def __init__(self, key_size: int, value_size: int, max_entries: int,
+                 name: str = "", map_flags: int = 0) -> None:
+        super().__init__(sc.BPF_MAP_TYPE_HASH, key_size, value_size, max_entries,
+                         map_flags, name)
+
+
+class PerCPUHashMap(Map):
+    def __init__(self, key_size: int, value_size: int, max_entries: int,
+                 name: str = "", map_flags: int = 0) -> None:
+        super().__init__(sc.BPF_MAP_TYPE_PERCPU_HASH, key_size, value_size, max_entries,
+                         map_flags, name)
+
+
+class ArrayMap(Map):
+    def __init__(self, value_size: int, max_entries: int, name: str = "") -> None:
+        super().__init__(sc.BPF_MAP_TYPE_ARRAY, 4, value_size, max_entries, 0, name)
+
+
+class StackTraceMap(Map):
+    """BPF_MAP_TYPE_STACK_TRACE: u32 stack id -> ``depth`` u64 instruction pointers.
+
+    ``stack(id)`` returns the addresses without the zero padding.
+    """
+
+    def __init__(self, max_entries: int, depth: int = sc.PERF_MAX_STACK_DEPTH,
+                 name: str = "") -> None:
+        self.depth = depth
+        super().__init__(sc.BPF_MAP_TYPE_STACK_TRACE, 4, 8 * depth, max_entries, 0, name)
+
+    def stack(self, stack_id: int) -> Optional[List[int]]:
+        raw = self.lookup(struct.pack("<I", stack_id))
+        if raw is None:
+            return None
+        ips = list(struct.unpack("<%dQ" % self.depth, raw))
+        while ips and ips[-1] == 0:
+            ips.pop()
+        return ips

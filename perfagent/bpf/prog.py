@@ -1,0 +1,209 @@
+"""Loaded programs, their attachments, and the verifier log.
+
+``Prog`` owns a program fd; ``Link`` owns the fd of an attachment made with
+BPF_RAW_TRACEPOINT_OPEN or BPF_LINK_CREATE (detached when closed);
+``PerfEvent`` owns a perf event fd a PERF_EVENT program is attached to with
+PERF_EVENT_IOC_SET_BPF.  All are context managers and close on garbage
+collection too, so a failing run leaves nothing in the kernel.
+
+Loading first runs without a log (the verifier is much faster without one);
+only a rejection is retried with log_level 1 and a buffer that grows on
+ENOSPC, and the resulting VerifierError names the verifier's complaint and
+the instruction it was looking at.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+from typing import List, Optional
+
+from perfagent import libc as _libc
+from perfagent.bpf import syscall as sc
+from perfagent.bpf.syscall import BPFError, VerifierError
+from perfagent.perf import event as _event
+
+LOG_SIZE_START = 256 * 1024
+# Kernels before 5.2 reject log_size >= 16 MiB; later ones allow more but
+# a log that large is not something a person reads.
+LOG_SIZE_MAX = (1 << 24) - 1
+LOG_TAIL_LINES = 10
+
+# "12: (85) call bpf_map_lookup_elem#1": one instruction as the verifier prints it.
+_INSN_LINE = re.compile(r"^\d+: \([0-9a-f]{2}\)")
+# Statistics the verifier appends after its verdict.
+_STATS_LINE = re.compile(r"^(processed \d+ insns|verification time|stack depth|mark_read)")
+
+
+def summarize_log(log: str):
+    """(reason, offending instruction, tail lines) from a verifier log."""
+    lines = [ln.rstrip() for ln in log.splitlines() if ln.strip()]
+    body = list(lines)
+    while body and _STATS_LINE.match(body[-1]):
+        body.pop()
+    reason = body[-1] if body else ""
+    insn = None
+    for ln in reversed(body):
+        if _INSN_LINE.match(ln):
+            insn = ln
+            break
+    return reason, insn, lines[-LOG_TAIL_LINES:]
+
+
+def _rejection(name: str, err: int, log: str) -> VerifierError:
+    reason, insn, tail = summarize_log(log)
+    what = "BPF_PROG_LOAD%s: the verifier rejected the program (%s)" % (
+        " (%s)" % name if name else "", errno.errorcode.get(err, str(err)))
+    if reason:
+        what += ": " + reason
+    if insn and insn != reason:
+        what += " at insn " + insn
+    message = what + "\n  verifier log tail:\n" + "\n".join("    " + ln for ln in tail)
+    return VerifierError(message, err, log, insn)
+
+
+def load_program(prog_type: int, insns: bytes, license: str = "GPL",
+                 expected_attach_type: int = 0, attach_btf_id: int = 0,
+                 name: str = "") -> int:
+    """BPF_PROG_LOAD with the verifier log captured on rejection; returns the fd."""
+    kw = dict(license=license, expected_attach_type=expected_attach_type,
+              attach_btf_id=attach_btf_id, prog_name=name)
+    try:
+        return sc.prog_load(prog_type, insns, **kw)
+    except BPFError as exc:
+        if exc.errno in (errno.EPERM, errno.ENOSYS, errno.E2BIG, errno.ENOMEM):
+            raise
+        first = exc
+    size = LOG_SIZE_START
+    while True:
+        buf = sc._Buf(size)
+        try:
+            # Accepted with a log after all (e.g. a transient ENOMEM): keep it.
+            return sc.prog_load(prog_type, insns, log_level=1, log_buf=buf, **kw)
+        except BPFError as exc:
+            if exc.errno == errno.ENOSPC and size < LOG_SIZE_MAX:
+                size = min(size * 4, LOG_SIZE_MAX)
+                continue
+            log = buf.raw.value.decode("utf-8", "replace")
+            if not log.strip():
+                raise first from None
+            raise _rejection(name, exc.errno, log) from None
+
+
+class _FD:
+    """Owns one fd; closes it once."""
+
+    kind = "fd"
+
+    def __init__(self, fd: int) -> None:
+        self._fd: Optional[int] = fd
+
+    @property
+    def fd(self) -> int:
+        if self._fd is None:
+            raise BPFError("%s is closed" % self.kind, errno.EBADF)
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def close(self) -> None:
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            sc.close_fd(fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class Link(_FD):
+    """An attachment; the program stays attached until this is closed."""
+
+    kind = "link"
+
+    @property
+    def id(self) -> int:
+        return sc.obj_id(self.fd)
+
+
+class Prog(_FD):
+    """A loaded, verified program.
+
+    ``maps`` keeps the Map objects the program references alive for as long
+    as the Prog is (the kernel holds its own references anyway).
+    """
+
+    kind = "program"
+
+    def __init__(self, prog_type: int, insns: bytes, license: str = "GPL",
+                 expected_attach_type: int = 0, attach_btf_id: int = 0,
+                 name: str = "", maps: Optional[List[object]] = None) -> None:
+        self._fd = None
+        self.prog_type = prog_type
+        self.expected_attach_type = expected_attach_type
+        self.name = name
+        self.maps = list(maps or ())
+        super().__init__(load_program(prog_type, insns, license, expected_attach_type,
+                                      attach_btf_id, name))
+
+    @property
+    def id(self) -> int:
+        """The kernel-wide program id (BPF_OBJ_GET_INFO_BY_FD)."""
+        return sc.obj_id(self.fd)
+
+    def attach_raw_tracepoint(self, name: str) -> Link:
+        """BPF_RAW_TRACEPOINT_OPEN for a BPF_PROG_TYPE_RAW_TRACEPOINT program.
+
+        ``name`` is the tracepoint without its group ("sched_switch"); no
+        tracefs is needed.
+        """
+        return Link(sc.raw_tracepoint_open(self.fd, name))
+
+    def attach_tracing(self) -> Link:
+        """Attach a BPF_PROG_TYPE_TRACING program (tp_btf, fentry, fexit) to the
+        target named by its attach_btf_id.
+
+        BPF_LINK_CREATE where the kernel takes it for this attach type (raw_tp
+        links since 6.x), else BPF_RAW_TRACEPOINT_OPEN with no name, which
+        every kernel with tracing programs accepts.
+        """
+        try:
+            return Link(sc.link_create(self.fd, 0, self.expected_attach_type))
+        except BPFError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, sc.ENOTSUPP):
+                raise
+        return Link(sc.raw_tracepoint_open(self.fd, None))
+
+
+class PerfEvent(_FD):
+    """A perf event fd (from perf_event_open) that can run a PERF_EVENT program.
+
+    The program runs on every sample (overflow) of the event while the event
+    is open and enabled; closing the event detaches it.
+    """
+
+    kind = "perf event"
+
+    def __init__(self, attr: bytes, pid: int, cpu: int) -> None:
+        self._fd = None
+        super().__init__(_event.perf_event_open(attr, pid, cpu))
+
+    def set_bpf(self, prog: Prog) -> None:
+        """PERF_EVENT_IOC_SET_BPF: run ``prog`` on each overflow."""
+        try:
+            _libc.ioctl(self.fd, _event.PERF_EVENT_IOC_SET_BPF, prog.fd)
+        except OSError as exc:
+            raise BPFError("PERF_EVENT_IOC_SET_BPF: %s" % exc.strerror, exc.errno or 0) from None
+
+    def enable(self) -> None:
+        _event.enable(self.fd)
+
+    def disable(self) -> None:
+        _event.disable(self.fd)
