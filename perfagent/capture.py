@@ -69,6 +69,19 @@ def mapping_kind(entry: MapEntry) -> int:
     return KIND_FILE
 
 
+def best_open_path(pid: int, entry: MapEntry) -> str:
+    """Where to open a mapping's file: the process's view first (containers,
+    deleted files), then the path as we see it."""
+    for candidate in ("/proc/%d/root%s" % (pid, entry.path),
+                      "/proc/%d/map_files/%x-%x" % (pid, entry.start, entry.end)):
+        try:
+            if os.stat(candidate).st_ino == entry.inode or not entry.inode:
+                return candidate
+        except OSError:
+            pass
+    return entry.path
+
+
 def read_comm(path: str) -> str:
     try:
         with open(path, "rb") as f:
@@ -104,7 +117,10 @@ Frame = Tuple[int, int]  # (mapping index or -1, address used for lookup)
 class CaptureState:
     """Everything a capture learned, fed by the sampler's callbacks."""
 
-    def __init__(self, skip_idle: bool = True) -> None:
+    def __init__(self, skip_idle: bool = True, walker=None) -> None:
+        self.walker = walker  # a perfagent.unwind.walker.Walker for --unwind dwarf/auto
+        self._pending_walks: List[tuple] = []
+        self._binary_cfi: Dict[tuple, object] = {}
         self.processes: Dict[int, ProcessInfo] = {}
         self.thread_comm: Dict[int, str] = {}
         self.mappings: List[MappingRecord] = [MappingRecord(KERNEL_MAPPING, KIND_KERNEL, None, -1)]
@@ -201,6 +217,10 @@ class CaptureState:
             return
         kernel_ips = s[6]
         user_ips = s[7]
+        if s[8] is not None and self.walker is not None:
+            # Unwound after the drain, once every ring's MMAP2 records are in.
+            self._pending_walks.append((pid, s[1], kernel_ips, s[8], s[9], s[4]))
+            return
         if not kernel_ips and not user_ips:
             ip = s[5]
             if ip >= KERNEL_START:
@@ -218,6 +238,8 @@ class CaptureState:
     # -- resolution --------------------------------------------------------
     def resolve_pending(self) -> None:
         """Resolve this drain's distinct raw stacks against the current mappings."""
+        if self._pending_walks:
+            self._walk_pending()
         pending, self._pending = self._pending, {}
         stacks = self.stacks
         for (pid, tid, kernel_ips, user_ips), (count, period) in pending.items():
@@ -231,6 +253,42 @@ class CaptureState:
                 slot[1] += period
             self.samples += count
             self.pids_seen.add(pid)
+
+    def _walk_pending(self) -> None:
+        walks, self._pending_walks = self._pending_walks, []
+        walk = self.walker.walk
+        pending = self._pending
+        for pid, tid, kernel_ips, regs, stack, period in walks:
+            proc = self.processes.get(pid)
+            if proc is None or not proc.maps_known:
+                proc = self.load_from_proc(pid) or self.process(pid)
+            user_ips = walk(proc, self._binary_cfi_for(proc), regs, stack)
+            key = (pid, tid, kernel_ips, user_ips)
+            slot = pending.get(key)
+            if slot is None:
+                pending[key] = [1, period]
+            else:
+                slot[0] += 1
+                slot[1] += period
+
+    def _binary_cfi_for(self, proc: ProcessInfo):
+        """``binary_for(entry)`` for the walker: the CFI of a mapping's file, or None."""
+        cache = self._binary_cfi
+        cfi_cache = self.walker.cache
+        pid = proc.pid
+
+        def binary_for(entry: MapEntry):
+            key = (entry.path, entry.inode)
+            binary = cache.get(key)
+            if binary is None and key not in cache:
+                kind = mapping_kind(entry)
+                if kind == KIND_FILE:
+                    binary = cfi_cache.get(entry.path, entry.inode, best_open_path(pid, entry))
+                elif kind == KIND_VDSO:
+                    binary = cfi_cache.get_vdso()
+                cache[key] = binary
+            return binary
+        return binary_for
 
     def _resolve(self, pid: int, kernel_ips: tuple, user_ips: tuple) -> Tuple[Frame, ...]:
         # The leaf is an exact pc; every frame above it is a return address,
@@ -247,6 +305,8 @@ class CaptureState:
                 proc = self.load_from_proc(pid) or self.process(pid)
             cache = proc.frame_cache
             for ip in user_ips:
+                if ip == 0:
+                    break  # no user context (e.g. a sample without user registers)
                 addr = ip if first else ip - 1
                 first = False
                 frame = cache.get(addr)

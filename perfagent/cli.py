@@ -20,6 +20,12 @@ PROG = "perf-agent"
 DEFAULT_DURATION = 10.0
 DEFAULT_SAMPLE_RATE = 99
 UNWIND_MODES = ("fp", "dwarf", "auto")
+# 16 KiB of stack per sample: on the development VM a busy CPython 3.11
+# loop needs about 5 KiB from the sampled frame to Py_RunMain and
+# __libc_start_main; deep C recursion (json, re, C extensions calling back
+# into Python) goes further.  See the README for the measurements.
+DEFAULT_STACK_SIZE = 16384
+MAX_STACK_SIZE = 65528
 
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3,
                    "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -87,8 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--sample-rate", default=str(DEFAULT_SAMPLE_RATE), metavar="HZ",
                    help="samples per second per CPU (default: %d)" % DEFAULT_SAMPLE_RATE)
     o.add_argument("--unwind", default="auto", metavar="MODE",
-                   help="user stack unwinding: fp (kernel frame-pointer callchain), dwarf, or auto "
-                        "(default: auto, which currently behaves as fp)")
+                   help="user stack unwinding: fp (the kernel's frame-pointer callchain), dwarf "
+                        "(the binaries' DWARF CFI over a sampled stack copy), or auto (CFI where a "
+                        "binary has it, frame pointers where it does not) (default: auto)")
+    o.add_argument("--stack-size", default=str(DEFAULT_STACK_SIZE), metavar="BYTES",
+                   help="bytes of user stack copied per sample for dwarf/auto unwinding: a multiple "
+                        "of 8, at most %d (default: %d)" % (MAX_STACK_SIZE, DEFAULT_STACK_SIZE))
     w = p.add_argument_group("output")
     w.add_argument("--profile-output", default=None, metavar="PATH",
                    help="on-CPU profile path (default: <comm>-<YYYYmmddHHMM>-on-cpu.pb.gz in the "
@@ -111,6 +121,7 @@ class Options:
         self.duration: Optional[float] = DEFAULT_DURATION
         self.sample_rate = DEFAULT_SAMPLE_RATE
         self.unwind = "auto"
+        self.stack_size = DEFAULT_STACK_SIZE
         self.profile_output: Optional[str] = None
         self.tags: List[Tuple[str, str]] = []
 
@@ -156,10 +167,14 @@ def parse_args(argv: Sequence[str]) -> Options:
                          % (opts.sample_rate, max_rate))
     if ns.unwind not in UNWIND_MODES:
         raise UsageError("--unwind: unknown mode %r (choose fp, dwarf or auto)" % ns.unwind)
-    if ns.unwind == "dwarf":
-        raise UsageError("--unwind dwarf: the DWARF unwinder is not available in this version; "
-                         "use --unwind fp (or auto)")
     opts.unwind = ns.unwind
+    try:
+        opts.stack_size = int(ns.stack_size)
+    except ValueError:
+        raise UsageError("--stack-size: not an integer: %r" % ns.stack_size)
+    if not 0 < opts.stack_size <= MAX_STACK_SIZE or opts.stack_size % 8:
+        raise UsageError("--stack-size: must be a multiple of 8 between 8 and %d, got %d"
+                         % (MAX_STACK_SIZE, opts.stack_size))
     for tag in ns.tag:
         try:
             opts.tags.append(parse_tag(tag))

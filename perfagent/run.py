@@ -280,8 +280,22 @@ def run(opts: Options) -> int:
         out_path = default_output(comm)
     check_writable(out_path, "--profile-output")
 
-    state = CaptureState()
-    sampler = Sampler(opts.sample_rate)
+    walker = None
+    if opts.unwind == "fp":
+        sampler = Sampler(opts.sample_rate)
+    else:
+        from perfagent.arch import current
+        from perfagent.perf import attr as A
+        from perfagent.perf.sampler import SAMPLE_TYPE, data_pages_for
+        from perfagent.unwind.walker import Walker
+        if current().UNWIND_REGS_MASK is None:
+            raise CaptureError("--unwind %s is not supported on %s yet; use --unwind fp"
+                               % (opts.unwind, current().NAME))
+        walker = Walker(opts.unwind)
+        sampler = Sampler(opts.sample_rate, data_pages=data_pages_for(opts.stack_size, opts.sample_rate),
+                          sample_type=SAMPLE_TYPE | A.PERF_SAMPLE_REGS_USER | A.PERF_SAMPLE_STACK_USER,
+                          sample_regs_user=current().UNWIND_REGS_MASK, sample_stack_user=opts.stack_size)
+    state = CaptureState(walker=walker)
     stop = StopFlag()
     launched: Optional[LaunchedCommand] = None
     stop_reason = ""
@@ -361,6 +375,8 @@ def run(opts: Options) -> int:
         log("warning: %s" % warning)
     if stop_reason:
         log(stop_reason)
+    if walker is not None:
+        log(walker.summary())
     if state.samples == 0:
         log("warning: no samples were collected (was the target idle?); wrote an empty profile")
     log("wrote %s: %d samples, %d lost, %d processes" % (out_path, state.samples, lost, len(state.pids_seen)))

@@ -36,3 +36,6 @@ DWARF_SP = 31
 # ring buffer needs a barrier between data_head and the data (the interpreter's
 # own locking between the two reads provides one in practice).
 RING_LOADS_ORDERED = False
+
+# The DWARF unwinder walks x86-64 register sets only for now.
+UNWIND_REGS_MASK = None

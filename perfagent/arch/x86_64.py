@@ -53,3 +53,20 @@ DWARF_RA = 16  # the return address column
 # Loads are not reordered with other loads on x86 (TSO), so reading the perf
 # ring buffer's data_head and then the data needs no explicit barrier.
 RING_LOADS_ORDERED = True
+
+# The user registers a DWARF unwind needs, as sampled with
+# PERF_SAMPLE_REGS_USER: the kernel writes them in increasing bit order, so a
+# sample's register tuple is (bx, bp, sp, ip, r12, r13, r14, r15).
+UNWIND_PERF_REGS = (PERF_REG_X86_BX, PERF_REG_X86_BP, PERF_REG_X86_SP, PERF_REG_X86_IP,
+                    PERF_REG_X86_R12, PERF_REG_X86_R13, PERF_REG_X86_R14, PERF_REG_X86_R15)
+UNWIND_REGS_MASK = sum(1 << r for r in UNWIND_PERF_REGS)
+# DWARF register number of each value in that tuple (ip is the RA column).
+UNWIND_DWARF_ORDER = (DWARF_RBX, DWARF_RBP, DWARF_RSP, DWARF_RA, 12, 13, 14, DWARF_R15)
+
+# CPython's perf trampoline (Python/asm_trampoline.S), the whole function:
+#     sub $8, %rsp ; call *%rcx ; add $8, %rsp ; ret
+# so at a return address inside it the caller's return address is at sp+8,
+# the CFA is sp+16 and no other register changes.
+PY_TRAMPOLINE_CODE = bytes.fromhex("4883ec08" "ffd1" "4883c408" "c3")
+PY_TRAMPOLINE_RA_OFFSET = 8
+PY_TRAMPOLINE_CFA_OFFSET = 16

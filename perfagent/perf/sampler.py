@@ -41,6 +41,20 @@ SAMPLE_TYPE = (A.PERF_SAMPLE_IP | A.PERF_SAMPLE_TID | A.PERF_SAMPLE_TIME
 DEFAULT_DATA_PAGES = 128
 
 
+def data_pages_for(stack_size: int, sample_rate: int) -> int:
+    """Ring pages per CPU: about half a second of samples with full stack copies.
+
+    A sample with a stack copy is ``stack_size`` plus ~1 KiB; the ring is
+    drained every 100 ms, so half a second of margin absorbs a descheduled
+    agent.  A power of two between 128 (512 KiB) and 2048 (8 MiB).
+    """
+    want = (stack_size + 1024) * sample_rate // 2
+    pages = 128
+    while pages * 4096 < want and pages < 2048:
+        pages *= 2
+    return pages
+
+
 def online_cpus(path: str = "/sys/devices/system/cpu/online") -> List[int]:
     """CPU numbers from the kernel's range list (``0-3,8-11``)."""
     try:
@@ -103,6 +117,9 @@ class Sampler:
             disabled=True, freq=True, inherit=inherit, enable_on_exec=enable_on_exec,
             mmap=True, mmap2=True, comm=True, comm_exec=True, task=True,
             sample_id_all=True, watermark=True, exclude_hv=True,
+            # With a stack copy the agent unwinds user frames itself: the
+            # kernel's user callchain would only cost ring-buffer space.
+            exclude_callchain_user=bool(self.sample_stack_user),
         )
         return A.pack_attr(
             A.PERF_TYPE_SOFTWARE, A.PERF_COUNT_SW_CPU_CLOCK, self.sample_rate,

@@ -1,0 +1,1 @@
+"""User-stack unwinding over the stack copies the kernel samples."""

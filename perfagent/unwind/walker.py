@@ -1,0 +1,292 @@
+"""Walking a sampled user stack with the binaries' own call-frame information.
+
+Each sample carries the user registers (bx, bp, sp, ip, r12-r15 on x86-64)
+and a copy of the stack from sp upward.  Frame by frame: find the mapping of
+the pc, the binary's compiled CFI row for it, compute the CFA, restore the
+callee-saved registers and read the return address from the copy.
+
+Modes (``--unwind``):
+
+* ``dwarf``: CFI only; a frame-pointer step only for code that has no CFI at
+  all (a binary without .eh_frame/.debug_frame, JIT code).
+* ``auto``: CFI where the binary has a row for the pc, a frame-pointer step
+  where it does not (hand-written assembly without FDEs, stripped CFI), each
+  step checked (the stack grows monotonically, the return address lies in an
+  executable mapping).
+
+CPython's perf trampolines (anonymous executable memory the interpreter's
+perf map names ``py::...``) have neither CFI nor a frame pointer; they are
+recognised by their exact code bytes, read once per address from the
+target's memory, and unwound by their known shape (see perfagent.arch).
+
+This is the per-frame hot path: registers live in local variables, the
+stack copy is read with ``unpack_from`` on the bytes the parser produced,
+tables are cached per binary (device+inode, then build id) across processes
+and captures, and the only allocation per frame is the appended address.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Dict, List, Optional, Tuple
+
+from perfagent.arch import x86_64 as X
+from perfagent.dwarf.rules import (
+    CFA_PLT, CFA_REG_OFFSET, RULE_OFFSET, RULE_REGISTER, RULE_SAME_VALUE, RULE_UNDEFINED,
+    RULE_VAL_OFFSET,
+)
+from perfagent.dwarf.table import CFITable
+from perfagent.elf import ELFFile, LoadMap
+from perfagent.errors import ParseError
+
+MAX_FRAMES = 256
+
+# Outcomes of one walk, counted for the end-of-capture summary.
+OUTCOME_COMPLETE = 0    # reached the outermost frame (undefined return address)
+OUTCOME_TRUNCATED = 1   # needed stack beyond the sampled copy
+OUTCOME_NO_CFI = 2      # met code it could not unwind (no CFI, no usable frame pointer)
+OUTCOME_BAD = 3         # a step failed a sanity check
+OUTCOME_NAMES = ("complete", "truncated by the stack copy", "stopped at code without CFI",
+                 "failed a sanity check")
+
+_U64 = struct.Struct("<Q")
+_unpack_u64 = _U64.unpack_from
+
+# Offsets of the trampoline's instructions and, for a pc at each, where the
+# return address is relative to sp and what the CFA is (sp + value).
+#   +0 sub $8,%rsp | +4 call *%rcx | +6 add $8,%rsp | +10 ret
+_TRAMPOLINE_STATES = ((0, 0, 8), (4, 8, 16), (6, 8, 16), (10, 0, 8))
+
+
+class BinaryCFI:
+    """A binary's CFI table and load map (file offset -> link-time address)."""
+
+    __slots__ = ("table", "load_map", "has_cfi")
+
+    def __init__(self, table: Optional[CFITable], load_map: Optional[LoadMap]) -> None:
+        self.table = table
+        self.load_map = load_map
+        self.has_cfi = table is not None and len(table) > 0
+
+
+class CFICache:
+    """One compiled table per binary, shared by every process that maps it."""
+
+    def __init__(self) -> None:
+        self._by_inode: Dict[Tuple[str, int], BinaryCFI] = {}
+        self._by_build_id: Dict[str, BinaryCFI] = {}
+        self.errors: List[str] = []
+
+    def get(self, path: str, inode: int, open_path: str) -> BinaryCFI:
+        key = (path, inode)
+        cfi = self._by_inode.get(key)
+        if cfi is None:
+            cfi = self._by_inode[key] = self._load(open_path)
+        return cfi
+
+    def get_vdso(self) -> BinaryCFI:
+        """The vDSO's CFI, from the agent's own image (the same kernel's)."""
+        cfi = self._by_inode.get(("[vdso]", 0))
+        if cfi is None:
+            cfi = self._by_inode[("[vdso]", 0)] = self._load("[vdso]")
+        return cfi
+
+    def _load(self, open_path: str) -> BinaryCFI:
+        try:
+            with (_own_vdso() if open_path == "[vdso]" else ELFFile.from_path(open_path)) as elf:
+                build_id = elf.build_id
+                if build_id and build_id in self._by_build_id:
+                    return self._by_build_id[build_id]
+                table = CFITable.from_elf(elf)
+                load_map = LoadMap(elf.segments)
+                table.compile()  # section bytes were copied; decode while we are here
+        except (OSError, ParseError) as exc:
+            if len(self.errors) < 20:
+                self.errors.append("%s: %s" % (open_path, exc))
+            return BinaryCFI(None, None)
+        cfi = BinaryCFI(table, load_map)
+        if build_id:
+            self._by_build_id[build_id] = cfi
+        return cfi
+
+
+class Walker:
+    """Unwinds the samples of one capture (``mode`` is "dwarf" or "auto")."""
+
+    def __init__(self, mode: str, cfi_cache: Optional[CFICache] = None) -> None:
+        self.mode = mode
+        self.cache = cfi_cache or CFICache()
+        self.outcomes = [0, 0, 0, 0]
+        self._trampolines: Dict[Tuple[int, int], int] = {}  # (pid, pc) -> state index or -1
+
+    # The frame step needs: the mapping lookup, the per-binary table, the
+    # trampoline check.  ``proc`` supplies ``space.find`` and ``pid``;
+    # ``binary_for(entry)`` returns the BinaryCFI of a file mapping or None
+    # for anonymous (JIT) memory.
+    def walk(self, proc, binary_for, regs: tuple, stack: Optional[bytes]) -> Tuple[int, ...]:
+        """Return addresses of the sample's user frames, leaf first."""
+        bx, bp, sp, pc, r12, r13, r14, r15 = regs
+        if pc == 0:
+            return ()
+        ips = [pc]
+        if not stack:
+            self.outcomes[OUTCOME_TRUNCATED] += 1
+            return tuple(ips)
+        base = sp
+        limit = base + len(stack) - 8
+        find = proc.space.find
+        auto = self.mode == "auto"
+        outcome = OUTCOME_NO_CFI
+        first = True
+        for _ in range(MAX_FRAMES):
+            lookup = pc if first else pc - 1
+            entry = find(lookup)
+            if entry is None:
+                outcome = OUTCOME_BAD if not first else OUTCOME_NO_CFI
+                break
+            binary = binary_for(entry)
+            row = None
+            if binary is not None and binary.has_cfi:
+                vaddr = binary.load_map.offset_to_vaddr(lookup - entry.start + entry.pgoff)
+                if vaddr is not None:
+                    row = binary.table.lookup(vaddr)
+            if row is not None and row[0] != 2:  # not CFA_UNSUPPORTED
+                # -- a CFI step --------------------------------------------------
+                kind = row[0]
+                if kind == CFA_REG_OFFSET:
+                    reg = row[1]
+                    if reg == 7:
+                        cfa = sp + row[2]
+                    elif reg == 6:
+                        cfa = bp + row[2] if bp is not None else None
+                    else:
+                        cfa = _reg_value(reg, bx, bp, r12, r13, r14, r15)
+                        cfa = cfa + row[2] if cfa is not None else None
+                else:  # CFA_PLT
+                    cfa = sp + row[2] + (8 if (pc & 15) >= row[3] else 0)
+                if cfa is None:
+                    outcome = OUTCOME_BAD
+                    break
+                ra_kind = row[5]
+                if ra_kind == RULE_UNDEFINED:
+                    outcome = OUTCOME_COMPLETE
+                    break
+                if ra_kind != RULE_OFFSET:
+                    outcome = OUTCOME_BAD
+                    break
+                addr = cfa + row[6]
+                if addr < base or addr > limit:
+                    outcome = OUTCOME_TRUNCATED
+                    break
+                ra = _unpack_u64(stack, addr - base)[0]
+                # Callee-saved registers: offset rules read the copy; an
+                # address outside it leaves the register unknown (None).
+                new_bp = _restore(row[7], row[8], cfa, bp, stack, base, limit, bx, bp, r12, r13, r14, r15)
+                new_bx = _restore(row[9], row[10], cfa, bx, stack, base, limit, bx, bp, r12, r13, r14, r15)
+                n12 = _restore(row[11], row[12], cfa, r12, stack, base, limit, bx, bp, r12, r13, r14, r15)
+                n13 = _restore(row[13], row[14], cfa, r13, stack, base, limit, bx, bp, r12, r13, r14, r15)
+                n14 = _restore(row[15], row[16], cfa, r14, stack, base, limit, bx, bp, r12, r13, r14, r15)
+                n15 = _restore(row[17], row[18], cfa, r15, stack, base, limit, bx, bp, r12, r13, r14, r15)
+                bp, bx, r12, r13, r14, r15 = new_bp, new_bx, n12, n13, n14, n15
+            else:
+                state = self._trampoline_state(proc.pid, pc, entry) if binary is None else -1
+                if state >= 0:
+                    # -- a CPython perf trampoline -----------------------------
+                    _, ra_off, cfa_off = _TRAMPOLINE_STATES[state]
+                    addr = sp + ra_off
+                    if addr > limit:
+                        outcome = OUTCOME_TRUNCATED
+                        break
+                    ra = _unpack_u64(stack, addr - base)[0]
+                    cfa = sp + cfa_off
+                else:
+                    # -- a frame-pointer step ----------------------------------
+                    if not (auto or binary is None or not binary.has_cfi) or bp is None:
+                        outcome = OUTCOME_NO_CFI
+                        break
+                    if bp < sp or bp + 8 > limit:
+                        outcome = OUTCOME_NO_CFI if bp < sp else OUTCOME_TRUNCATED
+                        break
+                    ra = _unpack_u64(stack, bp + 8 - base)[0]
+                    cfa = bp + 16
+                    bp = _unpack_u64(stack, bp - base)[0]
+            if ra == 0:
+                outcome = OUTCOME_COMPLETE  # the psABI's outermost-frame marker
+                break
+            if cfa <= sp and not first or cfa < sp:
+                outcome = OUTCOME_BAD  # the stack must grow towards the caller
+                break
+            ra_entry = find(ra - 1)
+            if ra_entry is None or not ra_entry.is_exec:
+                outcome = OUTCOME_BAD
+                break
+            ips.append(ra)
+            sp = cfa
+            pc = ra
+            first = False
+        self.outcomes[outcome] += 1
+        return tuple(ips)
+
+    def _trampoline_state(self, pid: int, pc: int, entry) -> int:
+        """Which trampoline instruction ``pc`` is at, or -1 when not in one."""
+        key = (pid, pc)
+        state = self._trampolines.get(key)
+        if state is None:
+            state = self._trampolines[key] = _match_trampoline(pid, pc)
+        return state
+
+    def summary(self) -> str:
+        total = sum(self.outcomes)
+        parts = ", ".join("%d %s" % (n, OUTCOME_NAMES[i]) for i, n in enumerate(self.outcomes))
+        return "unwound %d user stacks: %s" % (total, parts)
+
+
+def _own_vdso() -> ELFFile:
+    from perfagent.symbolize.procmaps import read_maps
+    for entry in read_maps("self"):
+        if entry.path == "[vdso]":
+            with open("/proc/self/mem", "rb") as mem:
+                mem.seek(entry.start)
+                return ELFFile.from_bytes(mem.read(entry.end - entry.start))
+    raise OSError("no [vdso] mapping")
+
+
+def _reg_value(reg: int, bx, bp, r12, r13, r14, r15):
+    if reg == 3:
+        return bx
+    if reg == 6:
+        return bp
+    if 12 <= reg <= 15:
+        return (r12, r13, r14, r15)[reg - 12]
+    return None
+
+
+def _restore(kind: int, value: int, cfa: int, current, stack: bytes, base: int, limit: int,
+             bx, bp, r12, r13, r14, r15):
+    """The caller's value of one callee-saved register."""
+    if kind == RULE_SAME_VALUE:
+        return current
+    if kind == RULE_OFFSET:
+        addr = cfa + value
+        if base <= addr <= limit:
+            return _unpack_u64(stack, addr - base)[0]
+        return None
+    if kind == RULE_VAL_OFFSET:
+        return cfa + value
+    if kind == RULE_REGISTER:
+        return _reg_value(value, bx, bp, r12, r13, r14, r15)
+    return None  # undefined / unsupported: unknown from here on
+
+
+def _match_trampoline(pid: int, pc: int) -> int:
+    code = X.PY_TRAMPOLINE_CODE
+    try:
+        with open("/proc/%d/mem" % pid, "rb", buffering=0) as mem:
+            for index, (offset, _ra, _cfa) in enumerate(_TRAMPOLINE_STATES):
+                start = pc - offset
+                mem.seek(start)
+                if mem.read(len(code)) == code:
+                    return index
+    except (OSError, ValueError, OverflowError):
+        pass
+    return -1

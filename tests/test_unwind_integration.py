@@ -1,0 +1,107 @@
+"""The DWARF unwinder on real processes built without frame pointers.
+
+The same targets under --unwind fp show what the kernel's frame-pointer walk
+loses; under dwarf and auto the full chain must be there.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+
+import pytest
+
+from conftest import PROGRAMS, contains_chain, run_agent, sample_stacks
+from perfagent.pprof.decode import read_profile
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="integration tests need root")
+
+NOFP = ["-O2", "-g", "-fomit-frame-pointer"]
+
+
+@pytest.fixture(scope="module")
+def unwind_bin(programs_dir):
+    lib = os.path.join(programs_dir, "libunwhop.so")
+    subprocess.run(["gcc", *NOFP, "-shared", "-fPIC", "-o", lib, os.path.join(PROGRAMS, "unwhop.c")], check=True)
+    out = os.path.join(programs_dir, "unwind")
+    subprocess.run(["gcc", *NOFP, "-o", out, os.path.join(PROGRAMS, "unwind.c"), "-L", programs_dir,
+                    "-lunwhop", "-Wl,-rpath," + programs_dir], check=True)
+    return out
+
+
+def profile(argv, unwind, tmp_path, duration="2s"):
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("ready")
+        out = tmp_path / ("%s.pb.gz" % unwind)
+        r = run_agent(["--profile", "--pid", str(proc.pid), "--duration", duration, "--unwind", unwind,
+                       "--profile-output", str(out)], cwd=str(tmp_path))
+    finally:
+        proc.kill()
+        proc.wait()
+    assert r.returncode == 0, r.stderr
+    return sample_stacks(read_profile(str(out))), r.stderr
+
+
+def share(stacks, predicate) -> float:
+    total = sum(v[0] for _, _, v in stacks)
+    assert total >= 50, total
+    return sum(v[0] for names, _, v in stacks if predicate(names)) / total
+
+
+def user_part(names):
+    """Root-first frames up to the first kernel frame (interrupt entry)."""
+    out = []
+    for n in names:
+        if n.startswith("asm_") or n.startswith("entry_SYSCALL"):
+            break
+        out.append(n)
+    return out
+
+
+CHAIN = ["__libc_start_main", "__libc_start_call_main", "main", "a", "b", "c", "d", "leaf"]
+
+
+@pytest.mark.parametrize("unwind", ["dwarf", "auto"])
+def test_chain_through_alloca_and_plt(unwind_bin, tmp_path, unwind):
+    stacks, err = profile([unwind_bin, "chain", "8"], unwind, tmp_path)
+    assert share(stacks, lambda n: contains_chain(user_part(n), CHAIN) and user_part(n)[-1] == "leaf") >= 0.95
+    m = re.search(r"unwound (\d+) user stacks: (\d+) complete", err)
+    assert m and int(m.group(2)) >= 0.95 * int(m.group(1)), err
+
+
+@pytest.mark.parametrize("unwind", ["dwarf", "auto"])
+def test_qsort_comparator_called_back_from_libc(unwind_bin, tmp_path, unwind):
+    stacks, _ = profile([unwind_bin, "qsort", "8"], unwind, tmp_path)
+
+    def ok(names):
+        u = user_part(names)
+        return (contains_chain(u, ["__libc_start_call_main", "main", "a"]) and u[-2:] == ["compare", "leaf"]
+                and any(f.startswith("qsort") for f in u))
+    assert share(stacks, ok) >= 0.95
+
+
+def test_fp_truncates_the_same_target(unwind_bin, tmp_path):
+    stacks, _ = profile([unwind_bin, "chain", "8"], "fp", tmp_path)
+    assert share(stacks, lambda n: contains_chain(n, CHAIN)) < 0.5
+
+
+PY_LOOP = "def f(n):\n    return sum(i * i for i in range(n))\nwhile True:\n    f(10000)\n"
+
+
+def test_cpython_without_frame_pointers_unwinds_to_main(tmp_path):
+    python = "/usr/bin/python3.11"
+    if not os.path.exists(python):
+        pytest.skip("no /usr/bin/python3.11")
+    proc_argv = [python, "-c", "print('ready', flush=True)\n" + PY_LOOP]
+    stacks, err = profile(proc_argv, "dwarf", tmp_path)
+    assert share(stacks, lambda n: "Py_RunMain" in n or "__libc_start_main" in n) >= 0.90, err
+    fp_stacks, _ = profile(proc_argv, "fp", tmp_path)
+    assert share(fp_stacks, lambda n: "Py_RunMain" in n) < 0.5
+
+
+def test_stack_size_validation(tmp_path):
+    for value, msg in (("12", "multiple of 8"), ("65536", "at most|between"), ("0", "between"), ("x", "not an integer")):
+        r = run_agent(["--profile", "-a", "--stack-size", value], cwd=str(tmp_path), timeout=30)
+        assert r.returncode == 2 and "--stack-size" in r.stderr and re.search(msg, r.stderr), r.stderr
