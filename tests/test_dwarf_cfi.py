@@ -493,7 +493,6 @@ def test_64bit_length_cie_and_fde_in_eh_frame():
 @pytest.mark.parametrize("version", [1, 3, 4])
 def test_debug_frame_cie_id_and_versions(dwarf64, version):
     sec = Section(eh=False)
-    sec.fde  # noqa: B018
     cie = sec.cie(X86_CIE, augmentation=b"", version=version, dwarf64=dwarf64)
     fde = sec.fde(cie, 0x401000, 0x30, op(DW_CFA_advance_loc | 1) + op(DW_CFA_def_cfa_offset, uleb(16)),
                   dwarf64=dwarf64, address_fmt="<Q", aug_data=None)
@@ -733,3 +732,27 @@ def test_eh_frame_hdr_finds_every_fde_of_a_real_binary(tmp_path):
             assert cfi.find_fde(pc, hdr).offset == f.offset
             assert cfi.find_fde(pc).offset == f.offset  # the linear index agrees
     assert cfi.find_fde(0, hdr) is None
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_from_elf_merges_a_separate_debug_file(tmp_path):
+    """.eh_frame from the stripped binary, .debug_frame from the debug file."""
+    from perfagent.elf import ELFFile
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "cfi_sample.c")
+    full = str(tmp_path / "full")
+    subprocess.run(["gcc", "-O1", "-g", "-fno-asynchronous-unwind-tables", "-o", full, source], check=True)
+    stripped = str(tmp_path / "stripped")
+    subprocess.run(["strip", "-g", "-o", stripped, full], check=True)
+    plain = CFITable.from_elf(ELFFile.from_path(stripped))
+    merged = CFITable.from_elf(ELFFile.from_path(stripped), debug_elf=ELFFile.from_path(full))
+    merged.compile()
+    assert merged.stats.debug_frame_fdes > 0
+    assert len(merged) > len(plain)
+
+
+def test_from_elf_refuses_other_machines():
+    class FakeELF:
+        e_machine = 183  # EM_AARCH64
+        path = "fake"
+    with pytest.raises(DWARFError):
+        CFITable.from_elf(FakeELF())  # type: ignore[arg-type]

@@ -122,6 +122,7 @@ class CallFrameInfo:
         self.pointers = EncodedPointerReader(self.data, section_addr, address_size, little_endian,
                                              data_base, text_base, read_pointer)
         self.structs = self.pointers.structs
+        self._sized = {2: self.structs.u16, 4: self.structs.u32, 8: self.structs.u64}
         self._cies: Dict[int, Union[CIE, DWARFError]] = {}
         self._fde_index: Optional[Tuple[List[int], List[FDE]]] = None
 
@@ -313,7 +314,7 @@ class CallFrameInfo:
                    augmentation_data, pos, h.end)
 
     def _read_sized(self, pos: int, size: int) -> Tuple[int, int]:
-        layouts = {4: self.structs.u32, 8: self.structs.u64, 2: self.structs.u16}
+        layouts = self._sized
         if size not in layouts:
             raise DWARFError("%s: unsupported address size %d" % (self.name, size))
         return layouts[size].unpack_from(self.data, pos)[0], pos + size

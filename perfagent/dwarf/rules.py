@@ -340,7 +340,6 @@ def fde_rows(cfi: CallFrameInfo, fde: FDE, initial: Optional[_State] = None) -> 
     with _parsing("%s FDE at %#x instructions" % (cfi.name, fde.offset)):
         interp = _Interpreter(cfi, fde.cie, initial.copy(), initial)
         loc = interp.run(fde.instructions_start, fde.instructions_end, fde.initial_location)
-    interp.record = True
     boundaries = interp.boundaries
     boundaries.append((loc, _snapshot(interp.state, fde.cie.return_address_register,
                                       int(fde.cie.signal_frame))))

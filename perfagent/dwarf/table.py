@@ -15,12 +15,11 @@ import bisect
 from array import array
 from typing import Callable, Dict, List, Optional, Tuple
 
+from ..elf.constants import EM_X86_64, SHT_NOBITS
 from .cfi import CallFrameInfo, EHFrameHdr
 from .pointers import DWARFError
 from .rules import RowSpan, UnwindRow, cie_initial_state, fde_rows
 
-# ELF section types with no bytes in the file.
-_SHT_NOBITS = 8
 
 
 class CFIStats:
@@ -87,15 +86,22 @@ class CFITable:
         return table
 
     @classmethod
-    def from_elf(cls, elf, read_pointer=None) -> "CFITable":
+    def from_elf(cls, elf, debug_elf=None, read_pointer=None) -> "CFITable":
         """The table for an :class:`~perfagent.elf.ELFFile`, compiled on first use.
 
         Prefers .eh_frame and adds .debug_frame FDEs for code it does not
-        cover.  Section bytes are copied now, so ``elf`` may be closed.
-        ``read_pointer`` resolves DW_EH_PE_indirect (default: the file's
-        own bytes at that link-time address).
+        cover, from ``debug_elf`` (the separate debug file, same link-time
+        addresses) when given, else from ``elf``.  Section bytes are copied
+        now, so the files may be closed.  ``read_pointer`` resolves
+        DW_EH_PE_indirect (default: the file's own bytes at that address).
+        Raises DWARFError for a machine other than x86-64: the row layout
+        names x86-64 registers.
         """
-        sources = _elf_sources(elf, read_pointer)
+        if elf.e_machine != EM_X86_64:
+            raise DWARFError("%s: CFI tables support x86-64 only (e_machine %d)"
+                             % (elf.path or "<bytes>", elf.e_machine))
+        sources = _elf_sources(elf, read_pointer, ".eh_frame")
+        sources += _elf_sources(debug_elf if debug_elf is not None else elf, read_pointer, ".debug_frame")
         return cls(lambda stats: _merge_sources(sources, stats))
 
     # --------------------------------------------------------------- building
@@ -137,6 +143,8 @@ class CFITable:
         """
         if self._builder is not None:
             self.compile()
+        # Hot path, once per unwound frame: one C-level bisect over a flat
+        # array and three indexings; the row returned is shared, not built.
         i = bisect.bisect_right(self.starts, pc) - 1
         if i < 0 or pc >= self.ends[i]:
             return None
@@ -161,7 +169,7 @@ class CFITable:
 
 def _section_bytes(elf, name: str):
     sec = elf.section(name)
-    if sec is None or sec.sh_type == _SHT_NOBITS or sec.sh_size == 0:
+    if sec is None or sec.sh_type == SHT_NOBITS or sec.sh_size == 0:
         return None, None
     return sec, bytes(elf.section_data(sec))
 
@@ -176,7 +184,7 @@ def elf_pointer_reader(elf) -> Callable[[int], Optional[int]]:
     order = "little" if elf.little_endian else "big"
     spans = []
     for sec in elf.sections:
-        if sec.sh_addr and sec.sh_type != _SHT_NOBITS and sec.sh_size:
+        if sec.sh_addr and sec.sh_type != SHT_NOBITS and sec.sh_size:
             spans.append((sec.sh_addr, sec.sh_addr + sec.sh_size, sec))
 
     def read_pointer(address: int) -> Optional[int]:
@@ -190,8 +198,9 @@ def elf_pointer_reader(elf) -> Callable[[int], Optional[int]]:
     return read_pointer
 
 
-def _elf_sources(elf, read_pointer) -> List[CallFrameInfo]:
-    """CallFrameInfo for .eh_frame then .debug_frame, whichever exist and parse."""
+def _elf_sources(elf, read_pointer, *names: str) -> List[CallFrameInfo]:
+    """CallFrameInfo for each of ``names`` (default .eh_frame, .debug_frame) present."""
+    names = names or (".eh_frame", ".debug_frame")
     address_size = elf.elfclass // 8
     reader = read_pointer if read_pointer is not None else elf_pointer_reader(elf)
     text = elf.section(".text")
@@ -200,14 +209,13 @@ def _elf_sources(elf, read_pointer) -> List[CallFrameInfo]:
                   text_base=text.sh_addr if text is not None else None,
                   data_base=got.sh_addr if got is not None else None)
     sources: List[CallFrameInfo] = []
-    sec, data = _section_bytes(elf, ".eh_frame")
-    if sec is not None:
-        sources.append(CallFrameInfo(data, sec.sh_addr, True, read_pointer=reader, name=".eh_frame",
-                                     **common))  # type: ignore[arg-type]
-    sec, data = _section_bytes(elf, ".debug_frame")
-    if sec is not None:
-        sources.append(CallFrameInfo(data, 0, False, read_pointer=reader, name=".debug_frame",
-                                     **common))  # type: ignore[arg-type]
+    for name in names:
+        sec, data = _section_bytes(elf, name)
+        if sec is not None:
+            is_eh_frame = name == ".eh_frame"
+            sources.append(CallFrameInfo(data, sec.sh_addr if is_eh_frame else 0, is_eh_frame,
+                                         read_pointer=reader, name=name,
+                                         **common))  # type: ignore[arg-type]
     return sources
 
 
