@@ -756,3 +756,25 @@ def test_from_elf_refuses_other_machines():
         path = "fake"
     with pytest.raises(DWARFError):
         CFITable.from_elf(FakeELF())  # type: ignore[arg-type]
+
+
+def test_overlong_leb128_is_rejected_quickly():
+    with pytest.raises(DWARFError):
+        read_uleb128(b"\x80" * 100000 + b"\x01", 0)
+    with pytest.raises(DWARFError):
+        read_sleb128(b"\xff" * 100000 + b"\x7f", 0)
+
+
+def test_cie_pointer_outside_the_section():
+    sec = Section()
+    cie = sec.cie(X86_CIE)
+    fde = sec.fde(cie, 0x1000, 0x10)
+    sec.buf[fde + 4:fde + 8] = struct.pack("<I", 0x7FFFFFF0)  # far before offset 0
+    with pytest.raises(DWARFError):
+        sec.cfi().fde_at(fde)
+    fde2 = sec.fde(cie, 0x2000, 0x10)
+    sec.buf[fde2 + 4:fde2 + 8] = struct.pack("<i", -8)  # "back" to after itself
+    with pytest.raises(DWARFError):
+        sec.cfi().fde_at(fde2)
+    with pytest.raises(DWARFError):
+        sec.cfi().fde_at(-4)

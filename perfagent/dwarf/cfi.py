@@ -134,6 +134,10 @@ class CallFrameInfo:
             return self._entry_header(offset)
 
     def _entry_header(self, offset: int) -> Optional[_EntryHeader]:
+        if not 0 <= offset < len(self.data):
+            # Also keeps negative offsets (a CIE pointer past its FDE) from
+            # indexing from the end.
+            raise DWARFError("%s: entry offset %#x outside the section" % (self.name, offset))
         s = self.structs
         length = s.u32.unpack_from(self.data, offset)[0]
         pos = offset + 4

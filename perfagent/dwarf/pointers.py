@@ -64,6 +64,11 @@ def structs_for(little_endian: bool) -> Structs:
     return STRUCTS_LE if little_endian else STRUCTS_BE
 
 
+# No CFI operand exceeds 64 bits (10 LEB128 bytes).  Without a cap a crafted
+# run of 0x80 bytes would build ever larger ints: quadratic time.
+_MAX_LEB128_SHIFT = 70
+
+
 def read_uleb128(data: bytes, pos: int) -> Tuple[int, int]:
     """(value, new position).  IndexError past the end (the choke point maps it)."""
     byte = data[pos]
@@ -79,6 +84,8 @@ def read_uleb128(data: bytes, pos: int) -> Tuple[int, int]:
         if byte < 0x80:
             return result, pos
         shift += 7
+        if shift > _MAX_LEB128_SHIFT:
+            raise DWARFError("LEB128 number at %d longer than 64 bits" % pos)
 
 
 def read_sleb128(data: bytes, pos: int) -> Tuple[int, int]:
@@ -94,6 +101,8 @@ def read_sleb128(data: bytes, pos: int) -> Tuple[int, int]:
             if byte & 0x40:
                 result -= 1 << shift
             return result, pos
+        if shift > _MAX_LEB128_SHIFT:
+            raise DWARFError("LEB128 number at %d longer than 64 bits" % pos)
 
 
 class EncodedPointerReader:
