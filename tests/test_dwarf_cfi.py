@@ -778,3 +778,21 @@ def test_cie_pointer_outside_the_section():
         sec.cfi().fde_at(fde2)
     with pytest.raises(DWARFError):
         sec.cfi().fde_at(-4)
+
+
+def test_big_endian_eh_frame():
+    cie_body = (struct.pack(">I", EH_CIE_ID) + b"\x01zR\0" + uleb(1) + sleb(-8) + bytes([RA])
+                + uleb(1) + bytes([DW_EH_PE_udata4]) + X86_CIE)
+    cie_body += bytes([DW_CFA_nop]) * (-len(cie_body) % 4)
+    data = struct.pack(">I", len(cie_body)) + cie_body
+    fde_offset = len(data)
+    fde_body = (struct.pack(">III", fde_offset + 4, 0x1000, 0x10) + uleb(0)
+                + op(DW_CFA_advance_loc | 1) + op(DW_CFA_def_cfa_offset, uleb(16))
+                + op(DW_CFA_advance_loc2, struct.pack(">H", 0x3)) + op(DW_CFA_offset | RBX, uleb(2)))
+    data += struct.pack(">I", len(fde_body)) + fde_body
+    cfi = CallFrameInfo(data, 0, True, 8, little_endian=False)
+    fde = cfi.fde_at(fde_offset)
+    assert (fde.initial_location, fde.address_range) == (0x1000, 0x10)
+    rows = [(s, e, UnwindRow(*f)) for s, e, f in fde_rows(cfi, fde)]
+    assert [(s, e) for s, e, _ in rows] == [(0x1000, 0x1001), (0x1001, 0x1004), (0x1004, 0x1010)]
+    assert rows[2][2].rule(RBX) == (RULE_OFFSET, -16) and rows[2][2].cfa_offset == 16
