@@ -796,3 +796,22 @@ def test_big_endian_eh_frame():
     rows = [(s, e, UnwindRow(*f)) for s, e, f in fde_rows(cfi, fde)]
     assert [(s, e) for s, e, _ in rows] == [(0x1000, 0x1001), (0x1001, 0x1004), (0x1004, 0x1010)]
     assert rows[2][2].rule(RBX) == (RULE_OFFSET, -16) and rows[2][2].cfa_offset == 16
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_elf_pointer_reader_after_close(tmp_path):
+    from perfagent.dwarf.table import elf_pointer_reader
+    from perfagent.elf import ELFFile
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "cfi_sample.c")
+    out = str(tmp_path / "prog")
+    subprocess.run(["gcc", "-O2", "-o", out, source], check=True)
+    elf = ELFFile.from_path(out)
+    read = elf_pointer_reader(elf)
+    text = elf.section(".text")
+    first = bytes(elf.section_data(text)[:8])
+    assert read(text.sh_addr) == int.from_bytes(first, "little")
+    assert read(0) is None
+    table = CFITable.from_elf(elf)
+    elf.close()
+    assert read(text.sh_addr) is None
+    assert len(table) > 0 and table.stats.errors == 0  # compiled lazily from copied bytes

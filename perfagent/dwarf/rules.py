@@ -112,7 +112,7 @@ def match_plt_expression(expr: bytes) -> Optional[Tuple[int, int]]:
     return offset, lit
 
 
-class _State:
+class RuleState:
     """The register-rule state machine's mutable state (one row in progress).
 
     ``cfa`` is [kind, register, offset, plt_threshold]; ``kinds``/``values``
@@ -126,17 +126,17 @@ class _State:
         self.kinds = kinds
         self.values = values
 
-    def copy(self) -> "_State":
-        return _State(list(self.cfa), list(self.kinds), list(self.values))
+    def copy(self) -> "RuleState":
+        return RuleState(list(self.cfa), list(self.kinds), list(self.values))
 
 
-def _empty_state() -> _State:
+def _empty_state() -> RuleState:
     # Before the CIE's instructions: CFA unknown, every register "no rule".
-    return _State([CFA_UNSUPPORTED, 0, 0, 0], [RULE_SAME_VALUE] * NUM_TRACKED_COLUMNS,
+    return RuleState([CFA_UNSUPPORTED, 0, 0, 0], [RULE_SAME_VALUE] * NUM_TRACKED_COLUMNS,
                   [0] * NUM_TRACKED_COLUMNS)
 
 
-def _snapshot(state: _State, ra_column: int, signal_frame: int) -> tuple:
+def _snapshot(state: RuleState, ra_column: int, signal_frame: int) -> tuple:
     """The UnwindRow fields for the current state, as a plain tuple."""
     kinds, values = state.kinds, state.values
     out = list(state.cfa)
@@ -153,7 +153,7 @@ def _snapshot(state: _State, ra_column: int, signal_frame: int) -> tuple:
 
 
 class _Interpreter:
-    """Runs one instruction stream of a CIE or FDE over a _State.
+    """Runs one instruction stream of a CIE or FDE over a RuleState.
 
     One object per stream; the opcode loop is a single method with an
     if-chain ordered by frequency (advance_loc, offset, def_cfa_offset are
@@ -161,7 +161,7 @@ class _Interpreter:
     cost of compiling a large library's tables.
     """
 
-    def __init__(self, cfi: CallFrameInfo, cie: CIE, state: _State, initial: Optional[_State]) -> None:
+    def __init__(self, cfi: CallFrameInfo, cie: CIE, state: RuleState, initial: Optional[RuleState]) -> None:
         self.cfi = cfi
         self.cie = cie
         self.state = state
@@ -201,7 +201,7 @@ class _Interpreter:
         caf = self.cie.code_alignment_factor
         daf = self.cie.data_alignment_factor
         state = self.state
-        stack: List[_State] = []
+        stack: List[RuleState] = []
         while pos < end:
             op = data[pos]
             pos += 1
@@ -317,7 +317,7 @@ class _Interpreter:
         return [CFA_UNSUPPORTED, cfa[1], cfa[2], 0]
 
 
-def cie_initial_state(cfi: CallFrameInfo, cie: CIE) -> _State:
+def cie_initial_state(cfi: CallFrameInfo, cie: CIE) -> RuleState:
     """The state after the CIE's initial_instructions (what DW_CFA_restore restores)."""
     with _parsing("%s CIE at %#x instructions" % (cfi.name, cie.offset)):
         interp = _Interpreter(cfi, cie, _empty_state(), None)
@@ -328,7 +328,7 @@ def cie_initial_state(cfi: CallFrameInfo, cie: CIE) -> _State:
 RowSpan = Tuple[int, int, tuple]  # (pc_start, pc_end, UnwindRow fields)
 
 
-def fde_rows(cfi: CallFrameInfo, fde: FDE, initial: Optional[_State] = None) -> List[RowSpan]:
+def fde_rows(cfi: CallFrameInfo, fde: FDE, initial: Optional[RuleState] = None) -> List[RowSpan]:
     """The rows of one FDE as (pc_start, pc_end, row tuple), adjacent equal rows merged.
 
     ``initial`` is the CIE's state from :func:`cie_initial_state` (pass it

@@ -16,9 +16,10 @@ from array import array
 from typing import Callable, Dict, List, Optional, Tuple
 
 from ..elf.constants import EM_X86_64, SHT_NOBITS
+from ..errors import ParseError
 from .cfi import CallFrameInfo, EHFrameHdr
 from .pointers import DWARFError
-from .rules import RowSpan, UnwindRow, cie_initial_state, fde_rows
+from .rules import RowSpan, RuleState, UnwindRow, cie_initial_state, fde_rows
 
 
 
@@ -46,7 +47,7 @@ class CFIStats:
 def section_rows(cfi: CallFrameInfo, stats: CFIStats) -> List[List[RowSpan]]:
     """Rows of every FDE in one section, one list per FDE; errors go to stats."""
     errors: List[DWARFError] = []
-    initial_states: Dict[int, object] = {}
+    initial_states: Dict[int, RuleState] = {}  # per CIE: shared by its FDEs
     out: List[List[RowSpan]] = []
     for fde in cfi.iter_fdes(errors):
         if fde.address_range == 0:
@@ -55,7 +56,7 @@ def section_rows(cfi: CallFrameInfo, stats: CFIStats) -> List[List[RowSpan]]:
             initial = initial_states.get(fde.cie.offset)
             if initial is None:
                 initial = initial_states[fde.cie.offset] = cie_initial_state(cfi, fde.cie)
-            out.append(fde_rows(cfi, fde, initial))  # type: ignore[arg-type]
+            out.append(fde_rows(cfi, fde, initial))
             stats.fdes += 1
         except DWARFError as exc:
             errors.append(exc)
@@ -179,20 +180,24 @@ def elf_pointer_reader(elf) -> Callable[[int], Optional[int]]:
 
     Good enough for the personality/LSDA pointers that use indirect; a GOT
     slot filled by the dynamic linker reads as its unrelocated content.
+    Reads nothing (None) once ``elf`` is closed or where it is malformed:
+    an unresolvable pointer costs at most one FDE, an exception here would
+    escape the per-FDE isolation.
     """
     size = elf.elfclass // 8
     order = "little" if elf.little_endian else "big"
-    spans = []
-    for sec in elf.sections:
-        if sec.sh_addr and sec.sh_type != SHT_NOBITS and sec.sh_size:
-            spans.append((sec.sh_addr, sec.sh_addr + sec.sh_size, sec))
+    spans = [(sec.sh_addr, sec.sh_addr + sec.sh_size, sec) for sec in elf.sections
+             if sec.sh_addr and sec.sh_type != SHT_NOBITS and sec.sh_size]
 
     def read_pointer(address: int) -> Optional[int]:
         for lo, hi, sec in spans:
             if lo <= address and address + size <= hi:
-                data = elf.section_data(sec)
-                off = address - lo
-                return int.from_bytes(bytes(data[off:off + size]), order)
+                try:
+                    data = elf.section_data(sec)
+                    off = address - lo
+                    return int.from_bytes(bytes(data[off:off + size]), order)
+                except (ParseError, ValueError):
+                    return None
         return None
 
     return read_pointer
@@ -205,17 +210,16 @@ def _elf_sources(elf, read_pointer, *names: str) -> List[CallFrameInfo]:
     reader = read_pointer if read_pointer is not None else elf_pointer_reader(elf)
     text = elf.section(".text")
     got = elf.section(".got")
-    common = dict(address_size=address_size, little_endian=elf.little_endian,
-                  text_base=text.sh_addr if text is not None else None,
-                  data_base=got.sh_addr if got is not None else None)
+    text_base = text.sh_addr if text is not None else None
+    data_base = got.sh_addr if got is not None else None
     sources: List[CallFrameInfo] = []
     for name in names:
         sec, data = _section_bytes(elf, name)
         if sec is not None:
             is_eh_frame = name == ".eh_frame"
             sources.append(CallFrameInfo(data, sec.sh_addr if is_eh_frame else 0, is_eh_frame,
-                                         read_pointer=reader, name=name,
-                                         **common))  # type: ignore[arg-type]
+                                         address_size, elf.little_endian, data_base, text_base,
+                                         reader, name))
     return sources
 
 
