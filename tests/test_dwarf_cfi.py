@@ -11,7 +11,7 @@ import random
 import shutil
 import struct
 import subprocess
-from typing import List, Optional
+from typing import Optional
 
 import pytest
 

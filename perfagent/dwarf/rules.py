@@ -22,7 +22,7 @@ from .constants import (
     DW_CFA_def_cfa_register, DW_CFA_def_cfa_sf, DW_CFA_expression, DW_CFA_GNU_args_size,
     DW_CFA_GNU_negative_offset_extended, DW_CFA_MIPS_advance_loc8, DW_CFA_nop, DW_CFA_offset,
     DW_CFA_offset_extended, DW_CFA_offset_extended_sf, DW_CFA_OPERAND_MASK, DW_CFA_PRIMARY_MASK,
-    DW_CFA_register, DW_CFA_remember_state, DW_CFA_restore, DW_CFA_restore_extended,
+    DW_CFA_register, DW_CFA_remember_state, DW_CFA_restore_extended,
     DW_CFA_restore_state, DW_CFA_same_value, DW_CFA_set_loc, DW_CFA_undefined,
     DW_CFA_val_expression, DW_CFA_val_offset, DW_CFA_val_offset_sf, DW_OP_and, DW_OP_breg0,
     DW_OP_ge, DW_OP_lit0, DW_OP_plus, DW_OP_shl,
