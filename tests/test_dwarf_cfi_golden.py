@@ -285,3 +285,12 @@ def test_system_libraries_match_readelf(path):
     counts = compare_binary(path)
     assert counts["fdes"] > 100
     assert counts["table_rows"] > 0.9 * counts["rows"], counts
+
+
+def test_start_is_the_outermost_frame(built):
+    """crt1's _start marks the return address undefined: the walk ends there."""
+    elf = ELFFile.from_path(built["O2_omit_fp"])
+    row = CFITable.from_elf(elf).lookup(elf.e_entry)
+    if row is None:
+        pytest.skip("this crt1 has no CFI for _start")
+    assert row.ra_kind == RULE_UNDEFINED
