@@ -8,7 +8,7 @@ what the kernel copies in and out; ``value_size_user`` says how many.
 ``drain()`` empties the map and returns what it held, using
 BPF_MAP_LOOKUP_AND_DELETE_BATCH where the map type and kernel support it and
 falling back to get_next_key + lookup + delete otherwise (stack maps, pre-5.6
-kernels).  The fallback is not atomic: an entry the program updates between
+kernels; arrays, whose slots cannot be deleted, are read and zeroed).  The fallback is not atomic: an entry the program updates between
 our lookup and delete loses that update, which is acceptable for profiling
 counts and why the batch path is preferred.
 """
@@ -25,6 +25,8 @@ from perfagent.bpf.syscall import BPFError
 
 PERCPU_TYPES = (sc.BPF_MAP_TYPE_PERCPU_HASH, sc.BPF_MAP_TYPE_PERCPU_ARRAY,
                 sc.BPF_MAP_TYPE_LRU_PERCPU_HASH)
+
+ARRAY_TYPES = (sc.BPF_MAP_TYPE_ARRAY, sc.BPF_MAP_TYPE_PERCPU_ARRAY)
 
 _POSSIBLE_PATH = "/sys/devices/system/cpu/possible"
 _possible: Optional[int] = None
@@ -185,6 +187,14 @@ class Map:
                 return out
 
     def _drain_iterate(self) -> List[Tuple[bytes, bytes]]:
+        if self.map_type in ARRAY_TYPES:
+            # Array slots cannot be deleted: read them and write zeros back.
+            zero = bytes(self.value_size_user)
+            out = []
+            for key, value in self.items():
+                self.update(key, zero)
+                out.append((key, value))
+            return out
         out = []
         for key in list(self.keys()):
             value = self.lookup(key)
