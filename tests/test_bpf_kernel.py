@@ -1,0 +1,405 @@
+"""The BPF layer against the running kernel: maps, programs on real events,
+verifier rejections, and nothing left behind afterwards.
+
+Needs root (or CAP_BPF + CAP_PERFMON) and bpf(); skipped otherwise.  No
+tracefs: raw tracepoints are attached by name with BPF_RAW_TRACEPOINT_OPEN
+and tp_btf programs by BTF id.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import subprocess
+import sys
+import time
+from typing import Iterable, List, Set
+
+import pytest
+
+from perfagent.bpf import syscall as sc
+from perfagent.bpf.asm import DW, FP, R0, R1, R2, R3, R4, R6, W, Program
+from perfagent.bpf.btf import VMLINUX_PATH, vmlinux
+from perfagent.bpf.maps import ArrayMap, HashMap, PerCPUHashMap, StackTraceMap, possible_cpus
+from perfagent.bpf.prog import PerfEvent, Prog, summarize_log
+from perfagent.bpf.syscall import BPFError, VerifierError
+from perfagent.perf import attr as pattr
+
+
+def _bpf_usable() -> str:
+    try:
+        with HashMap(4, 4, 1, name="probe"):
+            return ""
+    except BPFError as exc:
+        return str(exc)
+
+
+_WHY = _bpf_usable()
+pytestmark = pytest.mark.skipif(bool(_WHY), reason="bpf() unusable here: %s" % _WHY)
+
+U32 = struct.Struct("<I")
+U64 = struct.Struct("<Q")
+# struct key { __u32 tgid; __u32 tid; __s32 ustack; __s32 kstack; };
+STACK_KEY = struct.Struct("<IIii")
+
+
+# -- helpers -------------------------------------------------------------------
+
+def emit_count(p: Program, counts, key_off: int, one_off: int) -> None:
+    """counts[*(key *)(fp + key_off)] += 1, inserting 1 when absent.
+
+    Clobbers r0-r5; expects nothing in them.  ``one_off`` is a free u64 slot.
+    """
+    p.ld_map_fd(R1, counts)
+    p.mov(R2, FP)
+    p.add(R2, key_off)
+    p.call("map_lookup_elem")
+    p.jeq(R0, 0, "insert")
+    p.mov(R1, 1)
+    p.atomic_add(DW, R0, R1, 0)          # lock *(u64 *)r0 += 1
+    p.ja("counted")
+    p.label("insert")
+    p.st(DW, FP, one_off, 1)
+    p.ld_map_fd(R1, counts)
+    p.mov(R2, FP)
+    p.add(R2, key_off)
+    p.mov(R3, FP)
+    p.add(R3, one_off)
+    p.mov(R4, sc.BPF_NOEXIST)            # a racing insert on another CPU wins; fine
+    p.call("map_update_elem")
+    p.label("counted")
+
+
+def sleeper(n: int = 50, interval: float = 0.01) -> subprocess.Popen:
+    """A process that sleeps ``n`` times: at least ``n`` context switches out."""
+    code = "import time\nfor _ in range(%d): time.sleep(%r)\n" % (n, interval)
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def bpf_fds() -> Set[int]:
+    """This process's fds that are BPF progs, maps or links (from fdinfo)."""
+    out = set()
+    for name in os.listdir("/proc/self/fdinfo"):
+        try:
+            with open("/proc/self/fdinfo/" + name) as f:
+                text = f.read()
+        except OSError:
+            continue
+        if "prog_type:" in text or "map_type:" in text or "link_type:" in text:
+            out.add(int(name))
+    return out
+
+
+def assert_gone(prog_ids: Iterable[int] = (), map_ids: Iterable[int] = (),
+                link_ids: Iterable[int] = (), timeout: float = 5.0) -> None:
+    """The kernel no longer enumerates any of these ids.
+
+    Freeing is deferred past an RCU grace period for maps a program used,
+    so poll briefly.
+    """
+    want = [(sc.BPF_PROG_GET_NEXT_ID, set(prog_ids)), (sc.BPF_MAP_GET_NEXT_ID, set(map_ids)),
+            (sc.BPF_LINK_GET_NEXT_ID, set(link_ids))]
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [(cmd, ids & set(sc.all_ids(cmd))) for cmd, ids in want]
+        if not any(ids for _cmd, ids in left):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError("still in the kernel: %r" % left)
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def no_fd_leak():
+    before = bpf_fds()
+    yield
+    assert bpf_fds() <= before
+
+
+# -- maps ------------------------------------------------------------------------
+
+def test_hash_map_crud(no_fd_leak):
+    with HashMap(4, 8, 16, name="crud") as m:
+        assert m.lookup(U32.pack(1)) is None
+        assert m.next_key(None) is None
+        m.update(U32.pack(1), U64.pack(10))
+        m.update(U32.pack(2), U64.pack(20))
+        assert U64.unpack(m.lookup(U32.pack(1)))[0] == 10
+        m.update(U32.pack(1), U64.pack(11), sc.BPF_EXIST)
+        assert U64.unpack(m.lookup(U32.pack(1)))[0] == 11
+        with pytest.raises(BPFError) as ei:
+            m.update(U32.pack(2), U64.pack(0), sc.BPF_NOEXIST)
+        assert ei.value.errno == errno.EEXIST
+        assert "BPF_MAP_UPDATE_ELEM" in str(ei.value)
+        assert sorted(U32.unpack(k)[0] for k in m.keys()) == [1, 2]
+        assert m.delete(U32.pack(2)) is True
+        assert m.delete(U32.pack(2)) is False
+        assert [U32.unpack(k)[0] for k in m.keys()] == [1]
+        with pytest.raises(ValueError):
+            m.lookup(b"abc")
+        mid = m.id
+        assert mid > 0
+    assert m.closed
+    assert_gone(map_ids=[mid])
+
+
+def test_hash_map_drain_batch(no_fd_leak):
+    with HashMap(8, 8, 4096, name="batch") as m:
+        for i in range(1000):
+            m.update(U64.pack(i), U64.pack(i * 3))
+        got = dict((U64.unpack(k)[0], U64.unpack(v)[0]) for k, v in m.drain(chunk=64))
+        assert m._batch_ok is True  # BPF_MAP_LOOKUP_AND_DELETE_BATCH was used
+        assert got == {i: i * 3 for i in range(1000)}
+        assert m.next_key(None) is None
+        assert m.drain() == []
+
+
+def test_drain_fallback_and_percpu(no_fd_leak):
+    # Stack maps have no batch ops: drain falls back to iterate + delete.
+    with StackTraceMap(8, name="st") as st:
+        assert st.drain() == []
+        assert st._batch_ok is False
+    with ArrayMap(8, 4, name="arr") as a:
+        a.update(U32.pack(2), U64.pack(5))
+        got = dict(a.drain())
+        assert U64.unpack(got[U32.pack(2)])[0] == 5
+        assert U64.unpack(a.lookup(U32.pack(2)))[0] == 0
+    with PerCPUHashMap(4, 8, 4, name="pcpu") as pc:
+        assert pc.value_size_user == 8 * possible_cpus()
+        pc.update(U32.pack(1), b"".join(U64.pack(c) for c in range(possible_cpus())))
+        vals = struct.unpack("<%dQ" % possible_cpus(), pc.lookup(U32.pack(1)))
+        assert list(vals) == list(range(possible_cpus()))
+
+
+# -- programs ----------------------------------------------------------------------
+
+def test_verifier_rejection_names_the_problem(no_fd_leak):
+    p = Program("uninit")
+    p.mov(R0, 0)
+    p.mov(R0, R2)        # r2 is never written: the verifier refuses to read it
+    p.exit()
+    with pytest.raises(VerifierError) as ei:
+        p.load(sc.BPF_PROG_TYPE_RAW_TRACEPOINT)
+    e = ei.value
+    first = str(e).splitlines()[0]
+    assert "BPF_PROG_LOAD (uninit)" in first
+    assert "R2 !read_ok" in first
+    assert "1: (bf) r0 = r2" in first          # the offending instruction
+    assert e.insn == "1: (bf) r0 = r2"
+    assert "R2 !read_ok" in e.log
+    assert len(str(e).splitlines()) <= 2 + 10
+
+
+def test_verifier_log_grows(no_fd_leak, monkeypatch):
+    # A log buffer too small for the log: the loader retries with a bigger one.
+    import perfagent.bpf.prog as prog_mod
+    monkeypatch.setattr(prog_mod, "LOG_SIZE_START", 64)
+    p = Program("small_log")
+    for _ in range(50):
+        p.mov(R1, 1)
+    p.mov(R0, R3)
+    p.exit()
+    with pytest.raises(VerifierError) as ei:
+        p.load(sc.BPF_PROG_TYPE_RAW_TRACEPOINT)
+    assert "R3 !read_ok" in str(ei.value).splitlines()[0]
+
+
+def test_summarize_log():
+    log = ("func#0 @0\n0: R1=ctx() R10=fp0\n0: (b7) r0 = 0\n1: (79) r2 = *(u64 *)(r1 +8)\n"
+           "invalid bpf_context access off=8 size=8\n"
+           "processed 2 insns (limit 1000000) max_states_per_insn 0\n")
+    reason, insn, tail = summarize_log(log)
+    assert reason == "invalid bpf_context access off=8 size=8"
+    assert insn == "1: (79) r2 = *(u64 *)(r1 +8)"
+    assert tail[-1].startswith("processed 2 insns")
+
+
+def test_permission_message():
+    msg = sc.explain(sc.BPF_PROG_LOAD, errno.EPERM)
+    assert "needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN)" in msg
+    assert "\n" not in msg
+    assert "CONFIG_BPF_SYSCALL" in sc.explain(sc.BPF_MAP_CREATE, errno.ENOSYS)
+
+
+def count_switches_raw_tp():
+    """BPF_PROG_TYPE_RAW_TRACEPOINT on sched_switch: counts[current tid] += 1.
+
+    sched_switch fires in the context of the task being switched out, so
+    current is ``prev``.
+    """
+    counts = HashMap(4, 8, 10240, name="sw_raw")
+    p = Program("sw_raw")
+    p.call("get_current_pid_tgid")       # r0 = tgid << 32 | tid
+    p.stx(W, FP, R0, -4)                 # key = tid
+    emit_count(p, counts, -4, -16)
+    p.mov(R0, 0)
+    p.exit()
+    return counts, p
+
+
+def test_raw_tracepoint_counts_context_switches(no_fd_leak):
+    counts, p = count_switches_raw_tp()
+    with counts, p.load(sc.BPF_PROG_TYPE_RAW_TRACEPOINT) as prog:
+        ids = (prog.id, counts.id)
+        with prog.attach_raw_tracepoint("sched_switch") as link:
+            link_id = link.id
+            child = sleeper(50)
+            child.wait(timeout=30)
+        n = counts.lookup(U32.pack(child.pid))
+    assert n is not None, "no context switches counted for the sleeping child"
+    n = U64.unpack(n)[0]
+    assert 50 <= n < 10000, n
+    assert_gone([ids[0]], [ids[1]], [link_id])
+
+
+def test_tp_btf_reads_prev_pid(no_fd_leak):
+    if not os.path.exists(VMLINUX_PATH):
+        pytest.skip("no kernel BTF")
+    btf = vmlinux()
+    attach_id = btf.raw_tp_btf_id("sched_switch")
+    prev_arg = btf.raw_tp_arg_index("sched_switch", "prev")
+    pid = btf.member("task_struct", "pid")
+    assert btf.member_size(pid) == 4
+    counts = HashMap(4, 8, 10240, name="sw_btf")
+    p = Program("sw_btf")
+    p.ldx(DW, R3, R1, 8 * prev_arg)      # r3 = ctx[prev] (struct task_struct *)
+    p.add(R3, pid.offset)                # r3 = &prev->pid
+    p.mov(R1, FP)
+    p.add(R1, -4)
+    p.mov(R2, 4)
+    p.call("probe_read_kernel")          # *(u32 *)(fp - 4) = prev->pid
+    p.jne(R0, 0, "out")
+    emit_count(p, counts, -4, -16)
+    p.label("out")
+    p.mov(R0, 0)
+    p.exit()
+    with counts, p.load(sc.BPF_PROG_TYPE_TRACING, expected_attach_type=sc.BPF_TRACE_RAW_TP,
+                        attach_btf_id=attach_id) as prog:
+        ids = (prog.id, counts.id)
+        with prog.attach_tracing() as link:
+            link_id = link.id
+            child = sleeper(50)
+            child.wait(timeout=30)
+        n = counts.lookup(U32.pack(child.pid))
+    assert n is not None
+    assert 50 <= U64.unpack(n)[0] < 10000
+    assert_gone([ids[0]], [ids[1]], [link_id])
+
+
+BUSY = r"""
+import os, time
+end = time.monotonic() + 1.0
+x = 0
+while time.monotonic() < end:
+    for i in range(2000):
+        x += i * i
+    os.stat("/")
+"""
+
+
+def sample_child(argv: List[str]):
+    """Run ``argv`` under a 1 kHz cpu-clock event whose PERF_EVENT program
+    counts (tgid, tid, user stack id, kernel stack id).
+
+    Returns the child's pid, its [(key, count)] and {stack id: ips}, read
+    before the maps are closed; checks that nothing stays in the kernel.
+    """
+    stacks = StackTraceMap(1024, name="stacks")
+    counts = HashMap(STACK_KEY.size, 8, 4096, name="samples")
+    p = Program("on_sample")
+    p.mov(R6, R1)                         # r6 = ctx (struct bpf_perf_event_data *)
+    p.call("get_current_pid_tgid")
+    p.stx(W, FP, R0, -12)                 # key.tid = low half
+    p.rsh(R0, 32)
+    p.stx(W, FP, R0, -16)                 # key.tgid = high half
+    p.mov(R1, R6)
+    p.ld_map_fd(R2, stacks)
+    p.mov(R3, sc.BPF_F_USER_STACK)
+    p.call("get_stackid")
+    p.stx(W, FP, R0, -8)                  # key.ustack (negative errno if none)
+    p.mov(R1, R6)
+    p.ld_map_fd(R2, stacks)
+    p.mov(R3, 0)
+    p.call("get_stackid")
+    p.stx(W, FP, R0, -4)                  # key.kstack
+    emit_count(p, counts, -16, -24)
+    p.mov(R0, 0)
+    p.exit()
+
+    attr = pattr.pack_attr(
+        pattr.PERF_TYPE_SOFTWARE, pattr.PERF_COUNT_SW_CPU_CLOCK, 1000, 0,
+        pattr.attr_flags(disabled=True, freq=True))
+    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    try:
+        with stacks, counts, p.load(sc.BPF_PROG_TYPE_PERF_EVENT) as prog:
+            ids = (prog.id, stacks.id, counts.id)
+            with PerfEvent(attr, child.pid, -1) as ev:
+                ev.set_bpf(prog)
+                ev.enable()
+                child.wait(timeout=30)
+            samples = [(STACK_KEY.unpack(k), U64.unpack(v)[0]) for k, v in counts.drain()]
+            mine = [(k, n) for k, n in samples if k[0] == child.pid]
+            found = {}
+            for k, _n in mine:
+                for sid in k[2:]:
+                    if sid >= 0:
+                        found[sid] = stacks.stack(sid)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert_gone([ids[0]], ids[1:])
+    return child.pid, mine, found
+
+
+USER_TOP = 1 << 47
+KERNEL_BOTTOM = 0xFFFF800000000000
+
+
+def test_perf_event_program_kernel_and_user_stacks(no_fd_leak):
+    pid, mine, found = sample_child([sys.executable, "-c", BUSY])
+    assert sum(n for _k, n in mine) >= 100, mine
+    assert all(k[1] == pid for k, _n in mine)  # single-threaded child: tid == tgid
+    ustacks = {k[2] for k, _n in mine if k[2] >= 0}
+    kstacks = {k[3] for k, _n in mine if k[3] >= 0}
+    assert ustacks, "no user stack collected"
+    # The interpreter has no frame pointers, so only the sampled ip is sure
+    # to be meaningful; deeper "frames" may be whatever rbp held.
+    assert all(found[s] and 0 < found[s][0] < USER_TOP for s in ustacks)
+    assert kstacks, "no kernel stack collected (the child stats / in a loop)"
+    assert all(found[s] and all(ip >= KERNEL_BOTTOM for ip in found[s]) for s in kstacks)
+
+
+def test_perf_event_program_frame_pointer_user_stack(no_fd_leak, chain_bin):
+    pid, mine, found = sample_child([chain_bin, "1.0"])
+    assert sum(n for _k, n in mine) >= 100, mine
+    deep = [found[k[2]] for k, _n in mine if k[2] >= 0 and len(found[k[2]]) >= 5]
+    # main > a > b > c > leaf, all walkable by frame pointer: at least five
+    # user-space return addresses.
+    assert deep, "no frame-pointer stack of depth >= 5: %r" % found
+    assert all(0 < ip < USER_TOP for ip in deep[0][:5])
+
+
+def test_obj_info_ids_and_enumeration(no_fd_leak):
+    counts, p = count_switches_raw_tp()
+    with counts, p.load(sc.BPF_PROG_TYPE_RAW_TRACEPOINT) as prog:
+        info = sc.obj_get_info_by_fd(prog.fd)
+        ptype, pid_ = struct.unpack_from("<II", info)
+        assert ptype == sc.BPF_PROG_TYPE_RAW_TRACEPOINT
+        assert pid_ == prog.id
+        assert prog.id in sc.all_ids(sc.BPF_PROG_GET_NEXT_ID)
+        assert counts.id in sc.all_ids(sc.BPF_MAP_GET_NEXT_ID)
+        minfo = sc.obj_get_info_by_fd(counts.fd)
+        assert struct.unpack_from("<IIIII", minfo) == (
+            sc.BPF_MAP_TYPE_HASH, counts.id, 4, 8, 10240)
+        ids = (prog.id, counts.id)
+    assert_gone([ids[0]], [ids[1]])
+
+
+def test_closed_objects_refuse_use():
+    m = HashMap(4, 4, 1, name="closed")
+    m.close()
+    m.close()  # idempotent
+    with pytest.raises(BPFError, match="closed"):
+        m.lookup(U32.pack(0))
