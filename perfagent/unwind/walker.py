@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Tuple
 
 from perfagent.arch import x86_64 as X
 from perfagent.dwarf.rules import (
-    CFA_PLT, CFA_REG_OFFSET, RULE_OFFSET, RULE_REGISTER, RULE_SAME_VALUE, RULE_UNDEFINED,
+    CFA_PLT, CFA_REG_OFFSET, CFA_UNSUPPORTED, RULE_OFFSET, RULE_REGISTER, RULE_SAME_VALUE, RULE_UNDEFINED,
     RULE_VAL_OFFSET,
 )
 from perfagent.dwarf.table import CFITable
@@ -138,8 +138,9 @@ class Walker:
         auto = self.mode == "auto"
         outcome = OUTCOME_NO_CFI
         first = True
+        exact = True  # the leaf, and the frame interrupted by a signal, use the exact pc
         for _ in range(MAX_FRAMES):
-            lookup = pc if first else pc - 1
+            lookup = pc if exact else pc - 1
             entry = find(lookup)
             if entry is None:
                 outcome = OUTCOME_BAD if not first else OUTCOME_NO_CFI
@@ -150,7 +151,7 @@ class Walker:
                 vaddr = binary.load_map.offset_to_vaddr(lookup - entry.start + entry.pgoff)
                 if vaddr is not None:
                     row = binary.table.lookup(vaddr)
-            if row is not None and row[0] != 2:  # not CFA_UNSUPPORTED
+            if row is not None and row[0] != CFA_UNSUPPORTED:
                 # -- a CFI step --------------------------------------------------
                 kind = row[0]
                 if kind == CFA_REG_OFFSET:
@@ -224,6 +225,7 @@ class Walker:
             sp = cfa
             pc = ra
             first = False
+            exact = row is not None and row[4] == 1  # this was a signal frame (CIE 'S')
         self.outcomes[outcome] += 1
         return tuple(ips)
 
