@@ -403,3 +403,80 @@ def test_closed_objects_refuse_use():
     m.close()  # idempotent
     with pytest.raises(BPFError, match="closed"):
         m.lookup(U32.pack(0))
+
+
+def test_unprivileged_gets_capability_hint():
+    """A process without privileges gets the one-line capability message."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to drop privileges")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: become nobody, try, report
+        code = 1
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            try:
+                HashMap(4, 4, 1, name="noperm").close()
+                os.write(w, b"OK")
+            except BPFError as exc:
+                os.write(w, ("%d|%s" % (exc.errno, exc)).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read().decode()
+    os.waitpid(pid, 0)
+    if out == "OK":
+        pytest.skip("unprivileged BPF is allowed on this machine")
+    err, msg = out.split("|", 1)
+    assert int(err) == errno.EPERM
+    assert msg.startswith("BPF_MAP_CREATE (noperm): Operation not permitted: needs CAP_BPF "
+                          "and CAP_PERFMON (or CAP_SYS_ADMIN)")
+    assert "\n" not in msg
+
+
+PY38 = os.environ.get("PERFAGENT_PY38", "/root/.pyenv/versions/3.8.18/bin/python3.8")
+
+SMOKE = r"""
+import struct, subprocess, sys
+from perfagent.bpf import syscall as sc
+from perfagent.bpf.asm import Program, R0, R1, R2, R3, R4, FP, W, DW
+from perfagent.bpf.btf import vmlinux
+from perfagent.bpf.maps import HashMap
+b = vmlinux()
+off = b.member("task_struct", "pid").offset
+with HashMap(4, 8, 1024, name="smoke") as counts:
+    p = Program("smoke")
+    p.call("get_current_pid_tgid")
+    p.stx(W, FP, R0, -4)
+    p.ld_map_fd(R1, counts); p.mov(R2, FP); p.add(R2, -4)
+    p.call("map_lookup_elem")
+    p.jeq(R0, 0, "new")
+    p.mov(R1, 1); p.atomic_add(DW, R0, R1, 0); p.ja("out")
+    p.label("new")
+    p.st(DW, FP, -16, 1)
+    p.ld_map_fd(R1, counts); p.mov(R2, FP); p.add(R2, -4); p.mov(R3, FP); p.add(R3, -16)
+    p.mov(R4, 0); p.call("map_update_elem")
+    p.label("out"); p.mov(R0, 0); p.exit()
+    with p.load(sc.BPF_PROG_TYPE_RAW_TRACEPOINT) as prog, prog.attach_raw_tracepoint("sched_switch"):
+        child = subprocess.Popen(["sleep", "0.2"])
+        child.wait()
+    n = counts.lookup(struct.pack("<I", child.pid))
+    print("count", struct.unpack("<Q", n)[0] if n else 0, "pid_off", off)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists(PY38), reason="no Python 3.8 interpreter here")
+def test_runs_on_python38():
+    """The oldest supported interpreter loads BTF, assembles, loads and attaches."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo)
+    res = subprocess.run([PY38, "-c", SMOKE], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    words = res.stdout.split()
+    assert words[0] == "count" and int(words[1]) >= 1, res.stdout
