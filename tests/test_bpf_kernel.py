@@ -253,9 +253,15 @@ def test_raw_tracepoint_counts_context_switches(no_fd_leak):
     assert_gone([ids[0]], [ids[1]], [link_id])
 
 
-def test_tp_btf_reads_prev_pid(no_fd_leak):
+@pytest.mark.parametrize("attach", ["link_create", "raw_tracepoint_open"])
+def test_tp_btf_reads_prev_pid(no_fd_leak, monkeypatch, attach):
     if not os.path.exists(VMLINUX_PATH):
         pytest.skip("no kernel BTF")
+    if attach == "raw_tracepoint_open":
+        # As on kernels whose BPF_LINK_CREATE does not take raw_tp programs.
+        def refuse(*args, **kw):
+            raise BPFError("BPF_LINK_CREATE: Invalid argument", errno.EINVAL)
+        monkeypatch.setattr(sc, "link_create", refuse)
     btf = vmlinux()
     attach_id = btf.raw_tp_btf_id("sched_switch")
     prev_arg = btf.raw_tp_arg_index("sched_switch", "prev")

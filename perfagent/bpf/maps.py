@@ -102,7 +102,10 @@ class Map:
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: modules may be gone
+            pass
 
     def __repr__(self) -> str:
         return "<Map %r type=%d fd=%s>" % (self.name, self.map_type, self._fd)

@@ -120,7 +120,10 @@ class _FD:
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: modules may be gone
+            pass
 
 
 class Link(_FD):

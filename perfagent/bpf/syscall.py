@@ -18,7 +18,7 @@ import ctypes
 import errno
 import os
 import struct
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 from perfagent import libc as _libc
 from perfagent.errors import PerfAgentError
@@ -456,7 +456,7 @@ def get_next_id(cmd: int, start_id: int) -> Optional[int]:
     return NEXT_ID_ATTR.unpack(attr)[1]
 
 
-def all_ids(cmd: int) -> list:
+def all_ids(cmd: int) -> List[int]:
     """Every id the kernel enumerates for ``cmd`` (a *_GET_NEXT_ID command)."""
     ids = []
     cur = get_next_id(cmd, 0)
