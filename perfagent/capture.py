@@ -99,7 +99,7 @@ def read_uid(pid: int) -> int:
 
 
 class ProcessInfo:
-    __slots__ = ("pid", "comm", "space", "uid", "frame_cache", "exited", "maps_known")
+    __slots__ = ("pid", "comm", "space", "uid", "frame_cache", "unwind_cache", "exited", "maps_known")
 
     def __init__(self, pid: int, comm: str = "") -> None:
         self.pid = pid
@@ -107,8 +107,15 @@ class ProcessInfo:
         self.space = AddressSpace()
         self.uid = -1
         self.frame_cache: Dict[int, Tuple[int, int]] = {}
+        # lookup pc -> (mapping, binary CFI, row), filled by the unwinder
+        self.unwind_cache: Dict[int, tuple] = {}
         self.exited = False
         self.maps_known = False
+
+    def mappings_changed(self) -> None:
+        """Drop what was derived from the old mappings."""
+        self.frame_cache.clear()
+        self.unwind_cache.clear()
 
 
 Frame = Tuple[int, int]  # (mapping index or -1, address used for lookup)
@@ -153,7 +160,7 @@ class CaptureState:
         except (OSError, ValueError):
             return None
         proc.space = AddressSpace(e for e in entries if e.is_exec)
-        proc.frame_cache.clear()
+        proc.mappings_changed()
         proc.maps_known = True
         proc.comm = read_comm("/proc/%d/comm" % pid) or proc.comm
         proc.uid = read_uid(pid)
@@ -176,7 +183,7 @@ class CaptureState:
                 return  # kernel module maps (pid -1) and data mappings
             proc = self.process(pid)
             proc.space.add(addr, addr + length, pgoff, filename, True, maj, mnr, ino)
-            proc.frame_cache.clear()
+            proc.mappings_changed()
         elif kind == "comm":
             _, pid, tid, comm, is_exec = ev
             self.thread_comm[tid] = comm
@@ -186,7 +193,7 @@ class CaptureState:
             if is_exec:
                 # exec replaced the image: its MMAP2 records follow this one.
                 proc.space = AddressSpace()
-                proc.frame_cache.clear()
+                proc.mappings_changed()
                 proc.maps_known = True
         elif kind == "fork":
             _, pid, ppid, tid, ptid, _time = ev
@@ -199,7 +206,7 @@ class CaptureState:
                     child.comm = parent.comm
                     child.uid = parent.uid
                     child.maps_known = parent.maps_known
-                    child.frame_cache.clear()
+                    child.mappings_changed()
             if tid not in self.thread_comm:
                 name = self.thread_comm.get(ptid) or (parent.comm if parent else "")
                 if name:

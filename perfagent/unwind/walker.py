@@ -35,7 +35,9 @@ from perfagent.dwarf.rules import (
     CFA_PLT, CFA_REG_OFFSET, CFA_UNSUPPORTED, RULE_OFFSET, RULE_REGISTER, RULE_SAME_VALUE, RULE_UNDEFINED,
     RULE_VAL_OFFSET,
 )
-from perfagent.dwarf.table import CFITable
+from perfagent.dwarf.cfi import CallFrameInfo, EHFrameHdr
+from perfagent.dwarf.rules import cie_initial_state, fde_rows
+from perfagent.dwarf.table import CFITable, _elf_sources, load_eh_frame_hdr
 from perfagent.elf import ELFFile, LoadMap
 from perfagent.errors import ParseError
 
@@ -58,15 +60,57 @@ _unpack_u64 = _U64.unpack_from
 _TRAMPOLINE_STATES = ((0, 0, 8), (4, 8, 16), (6, 8, 16), (10, 0, 8))
 
 
+class LazyEhFrame:
+    """Rows decoded one FDE at a time through .eh_frame_hdr's search table.
+
+    A profile touches a few hundred of libpython's ten thousand FDEs, so
+    decoding only those (found by the header's binary search) costs
+    milliseconds where compiling the whole table costs a fifth of a second
+    per large binary.  A pc no .eh_frame FDE covers falls back to the full
+    table, which also holds .debug_frame.
+    """
+
+    __slots__ = ("_cfi", "_hdr", "_full", "_fdes", "_initial")
+
+    def __init__(self, cfi: CallFrameInfo, hdr: EHFrameHdr, full: CFITable) -> None:
+        self._cfi = cfi
+        self._hdr = hdr
+        self._full = full
+        self._fdes: Dict[int, list] = {}     # FDE initial_location -> its row spans
+        self._initial: Dict[int, object] = {}  # CIE offset -> initial rule state
+
+    def lookup(self, pc: int):
+        try:
+            fde = self._cfi.find_fde(pc, self._hdr)
+        except ParseError:
+            fde = None
+        if fde is None:
+            return self._full.lookup(pc)
+        spans = self._fdes.get(fde.initial_location)
+        if spans is None:
+            try:
+                initial = self._initial.get(fde.cie.offset)
+                if initial is None:
+                    initial = self._initial[fde.cie.offset] = cie_initial_state(self._cfi, fde.cie)
+                spans = fde_rows(self._cfi, fde, initial)
+            except ParseError:
+                spans = []  # a malformed FDE costs only its own range
+            self._fdes[fde.initial_location] = spans
+        for start, end, fields in spans:
+            if start <= pc < end:
+                return fields
+        return None
+
+
 class BinaryCFI:
     """A binary's CFI table and load map (file offset -> link-time address)."""
 
     __slots__ = ("table", "load_map", "has_cfi")
 
-    def __init__(self, table: Optional[CFITable], load_map: Optional[LoadMap]) -> None:
+    def __init__(self, table, load_map: Optional[LoadMap], has_cfi: bool) -> None:
         self.table = table
         self.load_map = load_map
-        self.has_cfi = table is not None and len(table) > 0
+        self.has_cfi = has_cfi
 
 
 class CFICache:
@@ -97,14 +141,19 @@ class CFICache:
                 build_id = elf.build_id
                 if build_id and build_id in self._by_build_id:
                     return self._by_build_id[build_id]
-                table = CFITable.from_elf(elf)
+                full = CFITable.from_elf(elf)  # copies the section bytes; decodes on first use
                 load_map = LoadMap(elf.segments)
-                table.compile()  # section bytes were copied; decode while we are here
+                has_cfi = elf.section(".eh_frame") is not None or elf.section(".debug_frame") is not None
+                table = full
+                hdr = load_eh_frame_hdr(elf)
+                eh = _elf_sources(elf, None, ".eh_frame") if hdr is not None and len(hdr) else []
+                if eh:
+                    table = LazyEhFrame(eh[0], hdr, full)
         except (OSError, ParseError) as exc:
             if len(self.errors) < 20:
                 self.errors.append("%s: %s" % (open_path, exc))
-            return BinaryCFI(None, None)
-        cfi = BinaryCFI(table, load_map)
+            return BinaryCFI(None, None, False)
+        cfi = BinaryCFI(table, load_map, has_cfi)
         if build_id:
             self._by_build_id[build_id] = cfi
         return cfi
@@ -135,22 +184,23 @@ class Walker:
         base = sp
         limit = base + len(stack) - 8
         find = proc.space.find
+        cache = proc.unwind_cache
         auto = self.mode == "auto"
         outcome = OUTCOME_NO_CFI
         first = True
         exact = True  # the leaf, and the frame interrupted by a signal, use the exact pc
         for _ in range(MAX_FRAMES):
             lookup = pc if exact else pc - 1
-            entry = find(lookup)
+            # Frames repeat across samples: mapping, binary and row are
+            # looked up once per distinct pc of a process (the cache is
+            # dropped when its mappings change).
+            hit = cache.get(lookup)
+            if hit is None:
+                hit = cache[lookup] = self._step_info(find, binary_for, lookup)
+            entry, binary, row = hit
             if entry is None:
                 outcome = OUTCOME_BAD if not first else OUTCOME_NO_CFI
                 break
-            binary = binary_for(entry)
-            row = None
-            if binary is not None and binary.has_cfi:
-                vaddr = binary.load_map.offset_to_vaddr(lookup - entry.start + entry.pgoff)
-                if vaddr is not None:
-                    row = binary.table.lookup(vaddr)
             if row is not None and row[0] != CFA_UNSUPPORTED:
                 # -- a CFI step --------------------------------------------------
                 kind = row[0]
@@ -182,12 +232,54 @@ class Walker:
                 ra = _unpack_u64(stack, addr - base)[0]
                 # Callee-saved registers: offset rules read the copy; an
                 # address outside it leaves the register unknown (None).
-                new_bp = _restore(row[7], row[8], cfa, bp, stack, base, limit, bx, bp, r12, r13, r14, r15)
-                new_bx = _restore(row[9], row[10], cfa, bx, stack, base, limit, bx, bp, r12, r13, r14, r15)
-                n12 = _restore(row[11], row[12], cfa, r12, stack, base, limit, bx, bp, r12, r13, r14, r15)
-                n13 = _restore(row[13], row[14], cfa, r13, stack, base, limit, bx, bp, r12, r13, r14, r15)
-                n14 = _restore(row[15], row[16], cfa, r14, stack, base, limit, bx, bp, r12, r13, r14, r15)
-                n15 = _restore(row[17], row[18], cfa, r15, stack, base, limit, bx, bp, r12, r13, r14, r15)
+                k = row[7]
+                if k == RULE_OFFSET:  # the common case, inline: saved in the frame
+                    a = cfa + row[8]
+                    new_bp = _unpack_u64(stack, a - base)[0] if base <= a <= limit else None
+                elif k:
+                    new_bp = _restore(k, row[8], cfa, bp, stack, base, limit, bx, bp, r12, r13, r14, r15)
+                else:
+                    new_bp = bp
+                k = row[9]
+                if k == RULE_OFFSET:  # the common case, inline: saved in the frame
+                    a = cfa + row[10]
+                    new_bx = _unpack_u64(stack, a - base)[0] if base <= a <= limit else None
+                elif k:
+                    new_bx = _restore(k, row[10], cfa, bx, stack, base, limit, bx, bp, r12, r13, r14, r15)
+                else:
+                    new_bx = bx
+                k = row[11]
+                if k == RULE_OFFSET:  # the common case, inline: saved in the frame
+                    a = cfa + row[12]
+                    n12 = _unpack_u64(stack, a - base)[0] if base <= a <= limit else None
+                elif k:
+                    n12 = _restore(k, row[12], cfa, r12, stack, base, limit, bx, bp, r12, r13, r14, r15)
+                else:
+                    n12 = r12
+                k = row[13]
+                if k == RULE_OFFSET:  # the common case, inline: saved in the frame
+                    a = cfa + row[14]
+                    n13 = _unpack_u64(stack, a - base)[0] if base <= a <= limit else None
+                elif k:
+                    n13 = _restore(k, row[14], cfa, r13, stack, base, limit, bx, bp, r12, r13, r14, r15)
+                else:
+                    n13 = r13
+                k = row[15]
+                if k == RULE_OFFSET:  # the common case, inline: saved in the frame
+                    a = cfa + row[16]
+                    n14 = _unpack_u64(stack, a - base)[0] if base <= a <= limit else None
+                elif k:
+                    n14 = _restore(k, row[16], cfa, r14, stack, base, limit, bx, bp, r12, r13, r14, r15)
+                else:
+                    n14 = r14
+                k = row[17]
+                if k == RULE_OFFSET:  # the common case, inline: saved in the frame
+                    a = cfa + row[18]
+                    n15 = _unpack_u64(stack, a - base)[0] if base <= a <= limit else None
+                elif k:
+                    n15 = _restore(k, row[18], cfa, r15, stack, base, limit, bx, bp, r12, r13, r14, r15)
+                else:
+                    n15 = r15
                 bp, bx, r12, r13, r14, r15 = new_bp, new_bx, n12, n13, n14, n15
             else:
                 state = self._trampoline_state(proc.pid, pc, entry) if binary is None else -1
@@ -217,10 +309,8 @@ class Walker:
             if cfa <= sp and not first or cfa < sp:
                 outcome = OUTCOME_BAD  # the stack must grow towards the caller
                 break
-            ra_entry = find(ra - 1)
-            if ra_entry is None or not ra_entry.is_exec:
-                outcome = OUTCOME_BAD
-                break
+            # The return address's own mapping (executable: only those are
+            # tracked) is checked by the next iteration's lookup.
             ips.append(ra)
             sp = cfa
             pc = ra
@@ -228,6 +318,19 @@ class Walker:
             exact = row is not None and row[4] == 1  # this was a signal frame (CIE 'S')
         self.outcomes[outcome] += 1
         return tuple(ips)
+
+    @staticmethod
+    def _step_info(find, binary_for, lookup: int) -> tuple:
+        entry = find(lookup)
+        if entry is None:
+            return (None, None, None)
+        binary = binary_for(entry)
+        row = None
+        if binary is not None and binary.has_cfi:
+            vaddr = binary.load_map.offset_to_vaddr(lookup - entry.start + entry.pgoff)
+            if vaddr is not None:
+                row = binary.table.lookup(vaddr)
+        return (entry, binary, row)
 
     def _trampoline_state(self, pid: int, pc: int, entry) -> int:
         """Which trampoline instruction ``pc`` is at, or -1 when not in one."""
