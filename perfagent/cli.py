@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "an existing file: -1, -2, ... are added)")
     w.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
                    help="add KEY=VALUE to the profile's comments (repeatable; default: none)")
+    w.add_argument("--quiet", action="store_true",
+                   help="no live progress line (errors and the final summary are still printed)")
     p.add_argument("--version", action="version", version="%(prog)s " + __version__)
     return p
 
@@ -125,6 +127,7 @@ class Options:
         self.stack_size = DEFAULT_STACK_SIZE
         self.profile_output: Optional[str] = None
         self.tags: List[Tuple[str, str]] = []
+        self.quiet = False
 
 
 def parse_args(argv: Sequence[str]) -> Options:
@@ -136,6 +139,7 @@ def parse_args(argv: Sequence[str]) -> Options:
     ns = build_parser().parse_args(argv)
     opts = Options()
     opts.profile = ns.profile
+    opts.quiet = ns.quiet
     opts.all = ns.all
     opts.command = command
     if ns.pid is not None:

@@ -221,6 +221,37 @@ class LaunchedCommand:
 
 
 # -- the run -------------------------------------------------------------------
+class Progress:
+    """One status line on stderr, rewritten in place about once a second.
+
+    Only on a terminal and without --quiet: a log file or a pipe gets no
+    carriage-return noise.  Nothing ever goes to stdout, which belongs to the
+    launched command.
+    """
+
+    def __init__(self, enabled: bool, total: Optional[float]) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self.total = total
+        self._next = 0.0
+        self._shown = False
+
+    def update(self, elapsed: float, samples: int, lost: int, processes: int) -> None:
+        if not self.enabled or elapsed < self._next:
+            return
+        self._next = elapsed + 1.0
+        total = "/%.0fs" % self.total if self.total is not None else ""
+        sys.stderr.write("\r\x1b[K%s: %.0fs%s  %d samples  %d lost  %d processes"
+                         % (PROG, elapsed, total, samples, lost, processes))
+        sys.stderr.flush()
+        self._shown = True
+
+    def clear(self) -> None:
+        if self._shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self._shown = False
+
+
 class StopFlag:
     """Set by SIGINT/SIGTERM; the capture loop checks it at each drain."""
 
@@ -299,6 +330,7 @@ def run(opts: Options) -> int:
     stop = StopFlag()
     launched: Optional[LaunchedCommand] = None
     stop_reason = ""
+    terminated_by_us = False
     exit_code = 0
     wall_start = time.time()
     mono_start = time.monotonic()
@@ -334,6 +366,7 @@ def run(opts: Options) -> int:
             sampler.close()
             raise
         deadline = None if opts.duration is None else mono_start + opts.duration
+        progress = Progress(not opts.quiet, opts.duration)
         try:
             while True:
                 if stop.signum:
@@ -345,6 +378,8 @@ def run(opts: Options) -> int:
                 timeout = DRAIN_INTERVAL_MS if deadline is None else min(DRAIN_INTERVAL_MS, (deadline - now) * 1000)
                 sampler.wait(max(1, int(timeout)))
                 drain(sampler, state)
+                progress.update(time.monotonic() - mono_start, state.samples, sampler.lost,
+                                len(state.pids_seen))
                 if launched is not None and launched.poll():
                     stop_reason = "command %s" % launched.describe_status()
                     break
@@ -352,9 +387,11 @@ def run(opts: Options) -> int:
                     stop_reason = "process %d exited" % opts.pid
                     break
             if launched is not None and not launched.poll():
+                terminated_by_us = True
                 what = launched.terminate(TERM_GRACE_SECONDS, lambda: drain(sampler, state))
                 stop_reason = (stop_reason + "; " if stop_reason else "") + "command %s" % what
         finally:
+            progress.clear()
             sampler.disable()
             drain(sampler, state)
             lost = sampler.lost
@@ -380,6 +417,6 @@ def run(opts: Options) -> int:
     if state.samples == 0:
         log("warning: no samples were collected (was the target idle?); wrote an empty profile")
     log("wrote %s: %d samples, %d lost, %d processes" % (out_path, state.samples, lost, len(state.pids_seen)))
-    if launched is not None and launched.status is not None:
-        exit_code = launched.exit_code()
+    if launched is not None and launched.status is not None and not terminated_by_us:
+        exit_code = launched.exit_code()  # the command ended by itself: pass its status on
     return exit_code

@@ -105,6 +105,7 @@ def test_launch_mode_reports_failing_status_and_duration_kill(chain_bin, tmp_pat
     r = run_agent(["--profile", "--duration", "1s", "--", chain_bin, "30"], cwd=str(tmp_path))
     assert time.monotonic() - t0 < 20
     assert "terminated with SIGTERM" in r.stderr, r.stderr
+    assert r.returncode == 0  # stopped by --duration, not a failure of the command
     files = sorted(os.listdir(str(tmp_path)))
     assert any(f.startswith("sh-") and f.endswith("-on-cpu.pb.gz") for f in files), files
     assert any(f.startswith("chain-") and f.endswith("-on-cpu.pb.gz") for f in files), files

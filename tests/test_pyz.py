@@ -122,3 +122,19 @@ def test_package_never_reads_its_own_files():
                     if "__file__" in f.read():
                         offenders.append(os.path.relpath(path, REPO))
     assert offenders == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a capture needs perf_event_open as root")
+@pytest.mark.parametrize("python", [p for p in interpreters() if "3.8" in p or "3.13" in p or p == sys.executable])
+def test_pyz_runs_a_real_capture_and_report(pyz, tmp_path, python, chain_bin):
+    """Copy one file, run it: capture a launched target, then report on the spot."""
+    out = str(tmp_path / "cap.pb.gz")
+    r = run_pyz(python, pyz, ["--profile", "--duration", "1500ms", "--profile-output", out, "--",
+                              chain_bin, "10"], str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "wrote %s" % out in r.stderr
+    r = run_pyz(python, pyz, ["report", out, "--top", "5"], str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "leaf" in r.stdout
+    r = run_pyz(python, pyz, ["report", out, "--folded"], str(tmp_path))
+    assert any(line.rsplit(" ", 1)[0].endswith("main;a;b;c;leaf") for line in r.stdout.splitlines()), r.stdout[:500]
