@@ -48,6 +48,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--rate", type=int, default=99)
+    ap.add_argument("--unwind", default="fp", help="the agent's --unwind (fp matches perf record -g)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("run as root", file=sys.stderr)
@@ -64,7 +65,7 @@ def main() -> int:
         out = os.path.join(tmp, "agent.pb.gz")
         r, agent_cpu, agent_wall = run_measured(
             [sys.executable, "-m", "perfagent", "--profile", "--pid", str(work.pid),
-             "--duration", "%gs" % args.duration, "--sample-rate", str(args.rate),
+             "--duration", "%gs" % args.duration, "--sample-rate", str(args.rate), "--unwind", args.unwind,
              "--profile-output", out], env=env)
         work.kill()
         work.wait()
@@ -93,10 +94,11 @@ def main() -> int:
             perf_lost = int(m.group(1)) if m else 0
 
         print("workload: 2 busy threads, %d Hz, %.0f s" % (args.rate, args.duration))
-        print("%-34s %9s %6s %12s" % ("", "samples", "lost", "CPU seconds"))
-        print("%-34s %9d %6d %12.3f" % ("perfagent --profile --pid", agent_samples, agent_lost, agent_cpu))
+        print("%-40s %9s %6s %12s" % ("", "samples", "lost", "CPU seconds"))
+        print("%-40s %9d %6d %12.3f" % ("perfagent --profile --pid --unwind " + args.unwind,
+                                         agent_samples, agent_lost, agent_cpu))
         if perf_cpu is not None:
-            print("%-34s %9d %6d %12.3f" % ("perf record -g + perf report", perf_samples, perf_lost, perf_cpu))
+            print("%-40s %9d %6d %12.3f" % ("perf record -g + perf report", perf_samples, perf_lost, perf_cpu))
             print("ratio perfagent / perf CPU: %.2f" % (agent_cpu / perf_cpu if perf_cpu else float("nan")))
         else:
             print("perf not installed: no comparison")
