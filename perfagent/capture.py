@@ -62,8 +62,10 @@ def mapping_kind(entry: MapEntry) -> int:
         return KIND_JIT
     if path == "[vdso]":
         return KIND_VDSO
-    if path.startswith("[") or path.startswith("//anon"):
-        return KIND_JIT if path.startswith("[anon") else KIND_OTHER
+    if path.startswith("//anon") or path.startswith("[anon"):
+        return KIND_JIT  # anonymous executable memory: how MMAP2 records and prctl names show it
+    if path.startswith("["):
+        return KIND_OTHER
     if path.startswith("/memfd:"):
         return KIND_JIT
     return KIND_FILE

@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="profile one process: all its threads, including ones started during the capture")
     g.add_argument("-a", "--all", action="store_true",
                    help="profile every process on the machine")
+    y = p.add_argument_group("python")
+    y.add_argument("--inject-python", action="store_true",
+                   help="name Python functions in CPython 3.12+ targets: switch on the interpreter's perf "
+                        "trampoline through ptrace for the capture and off again at the end (launch mode: "
+                        "through PYTHONPERFSUPPORT=1) (default: off)")
+    y.add_argument("--keep-native-frames", action="store_true",
+                   help="keep the interpreter's own frames between Python frames (default: hidden)")
     o = p.add_argument_group("sampling")
     o.add_argument("--duration", default=None, metavar="D",
                    help="how long to capture: Go-style (500ms, 10s, 2m, 1h30m) or seconds "
@@ -128,6 +135,8 @@ class Options:
         self.profile_output: Optional[str] = None
         self.tags: List[Tuple[str, str]] = []
         self.quiet = False
+        self.inject_python = False
+        self.keep_native_frames = False
 
 
 def parse_args(argv: Sequence[str]) -> Options:
@@ -140,6 +149,8 @@ def parse_args(argv: Sequence[str]) -> Options:
     opts = Options()
     opts.profile = ns.profile
     opts.quiet = ns.quiet
+    opts.inject_python = ns.inject_python
+    opts.keep_native_frames = ns.keep_native_frames
     opts.all = ns.all
     opts.command = command
     if ns.pid is not None:

@@ -19,6 +19,39 @@ from perfagent.symbolize.symbolizer import Symbolizer
 
 ON_CPU_SAMPLE_TYPES = (("samples", "count"), ("cpu", "nanoseconds"))
 
+# Frame classes for hiding the interpreter's plumbing between Python frames.
+FRAME_OTHER = 0
+FRAME_PYTHON = 1       # a CPython perf-trampoline frame named py::qualname:file.py
+FRAME_INTERPRETER = 2  # native code of the interpreter itself (libpython or a static python)
+
+PY_PERF_MAP_PREFIX = "py::"
+# A binary holding this symbol is a CPython interpreter (shared or static).
+INTERPRETER_MARKER = "_PyEval_EvalFrameDefault"
+
+
+def split_python_symbol(symbol: str) -> Tuple[str, str]:
+    """(qualname, file) of a CPython perf-map symbol ``py::qualname:/path/file.py``."""
+    rest = symbol[len(PY_PERF_MAP_PREFIX):]
+    qualname, sep, filename = rest.partition(":")
+    return (qualname, filename) if sep else (rest, "")
+
+
+def hide_interpreter_frames(frames: Sequence, classes: Sequence[int]) -> list:
+    """Drop interpreter frames lying between two Python frames (leaf-first lists).
+
+    Frames rootward of the outermost Python frame (Py_RunMain, main) and
+    leafward of the innermost one (the C code Python called: time_sleep,
+    hashlib, a C extension, and the eval loop that called it) stay, as do
+    native frames of other binaries between Python frames (a C extension
+    calling back into Python).
+    """
+    py = [i for i, c in enumerate(classes) if c == FRAME_PYTHON]
+    if len(py) < 2:
+        return list(frames)
+    lo, hi = py[0], py[-1]
+    return [f for i, f in enumerate(frames)
+            if not (lo < i < hi and classes[i] == FRAME_INTERPRETER)]
+
 
 class LocationTable:
     """Symbolizes each distinct (mapping, address) once and hands out pprof ids."""
@@ -29,7 +62,13 @@ class LocationTable:
         self.symbolizer = symbolizer
         self._mapping_ids: Dict[int, int] = {}
         self._locations: Dict[Tuple[int, int], int] = {}
+        self._classes: Dict[Tuple[int, int], int] = {}
+        self._interpreter_mappings: Dict[int, bool] = {}
         self.unsymbolized = 0
+
+    def frame_class(self, frame: Tuple[int, int]) -> int:
+        """FRAME_PYTHON / FRAME_INTERPRETER / FRAME_OTHER (after location() named it)."""
+        return self._classes.get(frame, FRAME_OTHER)
 
     def location(self, frame: Tuple[int, int]) -> int:
         lid = self._locations.get(frame)
@@ -48,8 +87,23 @@ class LocationTable:
         if name is None:
             self.unsymbolized += 1
             return self.builder.location_id(mapping_id, addr)
-        fid = self.builder.function_id(name, name, filename)
+        if rec.kind == KIND_JIT and name.startswith(PY_PERF_MAP_PREFIX):
+            qualname, pyfile = split_python_symbol(name)
+            self._classes[frame] = FRAME_PYTHON
+            fid = self.builder.function_id(qualname, name, pyfile)
+        else:
+            if rec.kind == KIND_FILE and self._is_interpreter(rec):
+                self._classes[frame] = FRAME_INTERPRETER
+            fid = self.builder.function_id(name, name, filename)
         return self.builder.location_id(mapping_id, addr, ((fid, 0),))
+
+    def _is_interpreter(self, rec: MappingRecord) -> bool:
+        known = self._interpreter_mappings.get(rec.index)
+        if known is None:
+            info = self.symbolizer.binary(rec.path, (rec.dev_major, rec.inode), rec.pid, rec.start, rec.end)
+            names = info.symbols.names if info.symbols is not None else ()
+            known = self._interpreter_mappings[rec.index] = INTERPRETER_MARKER in names
+        return known
 
     def _name(self, rec: MappingRecord, addr: int) -> Tuple[Optional[str], str]:
         sym = self.symbolizer
@@ -83,8 +137,8 @@ class LocationTable:
 
 
 def build_profile(state: CaptureState, symbolizer: Symbolizer, sample_rate: int,
-                  time_nanos: int, duration_nanos: int, comments: Sequence[str] = ()
-                  ) -> Tuple[ProfileBuilder, LocationTable]:
+                  time_nanos: int, duration_nanos: int, comments: Sequence[str] = (),
+                  keep_native_frames: bool = False) -> Tuple[ProfileBuilder, LocationTable]:
     """The on-CPU profile of a capture: samples/count and cpu/nanoseconds."""
     builder = ProfileBuilder(
         sample_types=ON_CPU_SAMPLE_TYPES,
@@ -105,5 +159,9 @@ def build_profile(state: CaptureState, symbolizer: Symbolizer, sample_rate: int,
                 ("process", state.process_comm(pid)),
             )
         location_ids: List[int] = [table.location(f) for f in frames]
+        if not keep_native_frames:
+            classes = [table.frame_class(f) for f in frames]
+            if FRAME_PYTHON in classes:
+                location_ids = hide_interpreter_frames(location_ids, classes)
         builder.add_sample(location_ids, (count, period), labels)
     return builder, table

@@ -123,7 +123,7 @@ def process_alive(pid: int) -> bool:
 class LaunchedCommand:
     """A command started blocked before exec, so events exist before its first instruction."""
 
-    def __init__(self, argv: List[str]) -> None:
+    def __init__(self, argv: List[str], env: Optional[dict] = None) -> None:
         path = argv[0] if "/" in argv[0] else shutil.which(argv[0])
         if path is None or not os.path.exists(path):
             raise CaptureError("command not found: %s" % argv[0])
@@ -142,7 +142,9 @@ class LaunchedCommand:
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 if os.read(go_r, 1) == b"g":
-                    os.execv(path, argv)
+                    if env is None:
+                        os.execv(path, argv)
+                    os.execve(path, argv, env)
             except OSError as exc:
                 os.write(err_w, str(exc.errno).encode())
             finally:
@@ -352,7 +354,12 @@ def run(opts: Options) -> int:
                 sampler.enable()
                 _discover_threads(sampler, state, opts.pid)
             else:
-                launched = LaunchedCommand(opts.command)
+                env = None
+                if opts.inject_python:
+                    # The trampoline is on from the interpreter's first call;
+                    # other programs ignore the variable.
+                    env = dict(os.environ, PYTHONPERFSUPPORT="1")
+                launched = LaunchedCommand(opts.command, env)
                 try:
                     sampler.open_launched(launched.pid)
                 except BaseException:
@@ -403,7 +410,8 @@ def run(opts: Options) -> int:
     symbolizer = Symbolizer()
     comments = ["%s=%s" % kv for kv in opts.tags]
     builder, _table = build_profile(state, symbolizer, opts.sample_rate,
-                                    int(wall_start * 1e9), duration_ns, comments)
+                                    int(wall_start * 1e9), duration_ns, comments,
+                                    keep_native_frames=opts.keep_native_frames)
     try:
         builder.write(out_path)
     except OSError as exc:
