@@ -27,6 +27,16 @@ if ! "$PY" -c "import pytest" >/dev/null 2>&1; then
     "$PY" -m pip install -q pytest
 fi
 
+# The CPython 3.13 interpreters the Python tests run against, built once per
+# machine from Debian's source package (cached outside the repository).
+if [ -x tools/build_test_pythons.sh ]; then
+    if bash tools/build_test_pythons.sh >&2; then
+        export PERFAGENT_REQUIRE_PYTHONS=1
+    else
+        echo "tools/test.sh: warning: building the test interpreters failed; Python tests that need them are skipped" >&2
+    fi
+fi
+
 # Go's pprof must accept every profile the tests write: its absence is a failure here.
 export PERFAGENT_REQUIRE_GO=1
 exec "$PY" -m pytest -q -p no:cacheprovider "$@"
