@@ -23,6 +23,7 @@ from perfagent.cli import Options, PROG
 from perfagent.errors import CaptureError
 from perfagent.oncpu import build_profile
 from perfagent.perf.sampler import Sampler, list_threads
+from perfagent.symbolize.native import BinaryCache
 from perfagent.symbolize.symbolizer import Symbolizer
 
 DRAIN_INTERVAL_MS = 100
@@ -314,17 +315,18 @@ def run(opts: Options) -> int:
     check_writable(out_path, "--profile-output")
 
     walker = None
+    binaries = BinaryCache()  # shared by the unwinder and the symbolizer: each file examined once
     if opts.unwind == "fp":
         sampler = Sampler(opts.sample_rate)
     else:
         from perfagent.arch import current
         from perfagent.perf import attr as A
         from perfagent.perf.sampler import SAMPLE_TYPE, data_pages_for
-        from perfagent.unwind.walker import Walker
+        from perfagent.unwind.walker import CFICache, Walker
         if current().UNWIND_REGS_MASK is None:
             raise CaptureError("--unwind %s is not supported on %s yet; use --unwind fp"
                                % (opts.unwind, current().NAME))
-        walker = Walker(opts.unwind)
+        walker = Walker(opts.unwind, CFICache(binaries))
         sampler = Sampler(opts.sample_rate, data_pages=data_pages_for(opts.stack_size, opts.sample_rate),
                           sample_type=SAMPLE_TYPE | A.PERF_SAMPLE_REGS_USER | A.PERF_SAMPLE_STACK_USER,
                           sample_regs_user=current().UNWIND_REGS_MASK, sample_stack_user=opts.stack_size)
@@ -407,7 +409,7 @@ def run(opts: Options) -> int:
         stop.restore()
     duration_ns = int((time.monotonic() - mono_start) * 1e9)
 
-    symbolizer = Symbolizer()
+    symbolizer = Symbolizer(binaries)
     comments = ["%s=%s" % kv for kv in opts.tags]
     builder, _table = build_profile(state, symbolizer, opts.sample_rate,
                                     int(wall_start * 1e9), duration_ns, comments,

@@ -105,3 +105,20 @@ def test_stack_size_validation(tmp_path):
     for value, msg in (("12", "multiple of 8"), ("65536", "at most|between"), ("0", "between"), ("x", "not an integer")):
         r = run_agent(["--profile", "-a", "--stack-size", value], cwd=str(tmp_path), timeout=30)
         assert r.returncode == 2 and "--stack-size" in r.stderr and re.search(msg, r.stderr), r.stderr
+
+
+def test_debug_frame_from_separate_debug_file(unwind_bin, programs_dir, tmp_path):
+    """No .eh_frame for the program's own code: its CFI lives only in a debuglink'd debug file."""
+    d = tmp_path / "dbg"
+    d.mkdir()
+    exe = str(d / "unwind")
+    subprocess.run(["gcc", *NOFP, "-fno-asynchronous-unwind-tables", "-fno-unwind-tables", "-o", exe,
+                    os.path.join(PROGRAMS, "unwind.c"), "-L", programs_dir, "-lunwhop",
+                    "-Wl,-rpath," + programs_dir], check=True)
+    subprocess.run(["objcopy", "--only-keep-debug", exe, exe + ".debug"], check=True)
+    subprocess.run(["strip", "-s", exe], check=True)
+    subprocess.run(["objcopy", "--add-gnu-debuglink=" + exe + ".debug", exe], check=True, cwd=str(d))
+    sections = subprocess.run(["readelf", "-SW", exe], stdout=subprocess.PIPE, text=True).stdout
+    assert ".debug_frame" not in sections and ".symtab" not in sections
+    stacks, err = profile([exe, "chain", "8"], "dwarf", tmp_path)
+    assert share(stacks, lambda n: contains_chain(user_part(n), CHAIN)) >= 0.95, err

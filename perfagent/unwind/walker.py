@@ -114,9 +114,15 @@ class BinaryCFI:
 
 
 class CFICache:
-    """One compiled table per binary, shared by every process that maps it."""
+    """One compiled table per binary, shared by every process that maps it.
 
-    def __init__(self) -> None:
+    ``binaries`` (the symbolizer's BinaryCache, shared so each file is
+    examined once) finds separate debug files, whose .debug_frame covers
+    code the binary's own .eh_frame does not.
+    """
+
+    def __init__(self, binaries=None) -> None:
+        self.binaries = binaries
         self._by_inode: Dict[Tuple[str, int], BinaryCFI] = {}
         self._by_build_id: Dict[str, BinaryCFI] = {}
         self.errors: List[str] = []
@@ -125,7 +131,10 @@ class CFICache:
         key = (path, inode)
         cfi = self._by_inode.get(key)
         if cfi is None:
-            cfi = self._by_inode[key] = self._load(open_path)
+            debug_path = None
+            if self.binaries is not None:
+                debug_path = self.binaries.load(path, open_path=open_path).debug_path
+            cfi = self._by_inode[key] = self._load(open_path, debug_path)
         return cfi
 
     def get_vdso(self) -> BinaryCFI:
@@ -135,15 +144,22 @@ class CFICache:
             cfi = self._by_inode[("[vdso]", 0)] = self._load("[vdso]")
         return cfi
 
-    def _load(self, open_path: str) -> BinaryCFI:
+    def _load(self, open_path: str, debug_path: Optional[str] = None) -> BinaryCFI:
         try:
             with (_own_vdso() if open_path == "[vdso]" else ELFFile.from_path(open_path)) as elf:
                 build_id = elf.build_id
                 if build_id and build_id in self._by_build_id:
                     return self._by_build_id[build_id]
-                full = CFITable.from_elf(elf)  # copies the section bytes; decodes on first use
+                debug_elf = _open_quietly(debug_path) if debug_path else None
+                try:
+                    # copies the section bytes; decodes on first use
+                    full = CFITable.from_elf(elf, debug_elf)
+                    has_cfi = (elf.section(".eh_frame") is not None or elf.section(".debug_frame") is not None
+                               or (debug_elf is not None and debug_elf.section(".debug_frame") is not None))
+                finally:
+                    if debug_elf is not None:
+                        debug_elf.close()
                 load_map = LoadMap(elf.segments)
-                has_cfi = elf.section(".eh_frame") is not None or elf.section(".debug_frame") is not None
                 table = full
                 hdr = load_eh_frame_hdr(elf)
                 eh = _elf_sources(elf, None, ".eh_frame") if hdr is not None and len(hdr) else []
@@ -344,6 +360,13 @@ class Walker:
         total = sum(self.outcomes)
         parts = ", ".join("%d %s" % (n, OUTCOME_NAMES[i]) for i, n in enumerate(self.outcomes))
         return "unwound %d user stacks: %s" % (total, parts)
+
+
+def _open_quietly(path: str) -> Optional[ELFFile]:
+    try:
+        return ELFFile.from_path(path)
+    except (OSError, ParseError):
+        return None
 
 
 def _own_vdso() -> ELFFile:
