@@ -125,7 +125,13 @@ def test_package_never_reads_its_own_files():
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a capture needs perf_event_open as root")
-@pytest.mark.parametrize("python", [p for p in interpreters() if "3.8" in p or "3.13" in p or p == sys.executable])
+def _capture_interpreters() -> List[str]:
+    import pythons  # the CPython 3.13 builds of tools/build_test_pythons.sh, where present
+    found = [p for p in interpreters() if "3.8" in p or "3.13" in p or p == sys.executable]
+    return found + sorted(pythons.test_pythons().values())
+
+
+@pytest.mark.parametrize("python", _capture_interpreters())
 def test_pyz_runs_a_real_capture_and_report(pyz, tmp_path, python, chain_bin):
     """Copy one file, run it: capture a launched target, then report on the spot."""
     out = str(tmp_path / "cap.pb.gz")
