@@ -120,14 +120,20 @@ class ProcessInfo:
         self.unwind_cache.clear()
 
 
-Frame = Tuple[int, int]  # (mapping index or -1, address used for lookup)
+# (mapping index or -1, address used for lookup), or for a named JIT frame
+# (mapping index, address, name as the perf map said while it was sampled).
+Frame = tuple
 
 
 class CaptureState:
     """Everything a capture learned, fed by the sampler's callbacks."""
 
-    def __init__(self, skip_idle: bool = True, walker=None) -> None:
-        self.walker = walker  # a perfagent.unwind.walker.Walker for --unwind dwarf/auto
+    def __init__(self, skip_idle: bool = True, walker=None, symbolizer=None) -> None:
+        self.walker = walker
+        # Names JIT frames while the capture runs (perf maps are re-read as
+        # they grow, and JIT memory is reused: a name is right only for the
+        # samples taken while it was current).
+        self.symbolizer = symbolizer  # a perfagent.unwind.walker.Walker for --unwind dwarf/auto
         self._pending_walks: List[tuple] = []
         self._binary_cfi: Dict[tuple, object] = {}
         self.processes: Dict[int, ProcessInfo] = {}
@@ -247,6 +253,8 @@ class CaptureState:
     # -- resolution --------------------------------------------------------
     def resolve_pending(self) -> None:
         """Resolve this drain's distinct raw stacks against the current mappings."""
+        if self.symbolizer is not None:
+            self._refresh_perf_maps()
         if self._pending_walks:
             self._walk_pending()
         pending, self._pending = self._pending, {}
@@ -262,6 +270,14 @@ class CaptureState:
                 slot[1] += period
             self.samples += count
             self.pids_seen.add(pid)
+
+    def _refresh_perf_maps(self) -> None:
+        """Re-read grown perf maps; resolved JIT frames of those processes are redone."""
+        for pid, perf_map in self.symbolizer.perf_maps():
+            if perf_map.refresh():
+                proc = self.processes.get(pid)
+                if proc is not None:
+                    proc.frame_cache.clear()
 
     def _walk_pending(self) -> None:
         walks, self._pending_walks = self._pending_walks, []
@@ -335,6 +351,10 @@ class CaptureState:
         if index is None:
             index = self._mapping_index[key] = len(self.mappings)
             self.mappings.append(MappingRecord(index, kind, entry, proc.pid))
+        if kind == KIND_JIT and self.symbolizer is not None:
+            name = self.symbolizer.jit_name(proc.pid, proc.uid, addr)
+            if name is not None:
+                return (index, addr, name)  # type: ignore[return-value]
         return (index, addr)
 
     def process_comm(self, pid: int) -> str:

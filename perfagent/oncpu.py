@@ -71,18 +71,23 @@ class LocationTable:
         return self._classes.get(frame, FRAME_OTHER)
 
     def location(self, frame: Tuple[int, int]) -> int:
+        # Keyed by the whole frame: a JIT address reused by another function
+        # is another location (the pprof location id differs, the address not).
         lid = self._locations.get(frame)
         if lid is None:
             lid = self._locations[frame] = self._new_location(frame)
         return lid
 
-    def _new_location(self, frame: Tuple[int, int]) -> int:
-        index, addr = frame
+    def _new_location(self, frame: tuple) -> int:
+        index, addr = frame[0], frame[1]
         if index < 0:
             self.unsymbolized += 1
             return self.builder.location_id(0, addr)
         rec = self.state.mappings[index]
-        name, filename = self._name(rec, addr)
+        if len(frame) == 3:  # a JIT frame named during the capture
+            name, filename = frame[2], "[jit]"
+        else:
+            name, filename = self._name(rec, addr)
         mapping_id = self._mapping_id(rec)
         if name is None:
             self.unsymbolized += 1
@@ -95,7 +100,7 @@ class LocationTable:
             if rec.kind == KIND_FILE and self._is_interpreter(rec):
                 self._classes[frame] = FRAME_INTERPRETER
             fid = self.builder.function_id(name, name, filename)
-        return self.builder.location_id(mapping_id, addr, ((fid, 0),))
+        return self.builder.location_id(mapping_id, addr, ((fid, 0),), by_lines=len(frame) == 3)
 
     def _is_interpreter(self, rec: MappingRecord) -> bool:
         known = self._interpreter_mappings.get(rec.index)

@@ -330,7 +330,8 @@ def run(opts: Options) -> int:
         sampler = Sampler(opts.sample_rate, data_pages=data_pages_for(opts.stack_size, opts.sample_rate),
                           sample_type=SAMPLE_TYPE | A.PERF_SAMPLE_REGS_USER | A.PERF_SAMPLE_STACK_USER,
                           sample_regs_user=current().UNWIND_REGS_MASK, sample_stack_user=opts.stack_size)
-    state = CaptureState(walker=walker)
+    symbolizer = Symbolizer(binaries)
+    state = CaptureState(walker=walker, symbolizer=symbolizer)
     stop = StopFlag()
     launched: Optional[LaunchedCommand] = None
     stop_reason = ""
@@ -368,6 +369,7 @@ def run(opts: Options) -> int:
                     launched.abandon()
                     raise
                 state.process(launched.pid).comm = comm or ""
+                state.process(launched.pid).uid = os.getuid()  # it runs as we do
                 mono_start = time.monotonic()
                 wall_start = time.time()
                 launched.start()
@@ -409,7 +411,6 @@ def run(opts: Options) -> int:
         stop.restore()
     duration_ns = int((time.monotonic() - mono_start) * 1e9)
 
-    symbolizer = Symbolizer(binaries)
     comments = ["%s=%s" % kv for kv in opts.tags]
     builder, _table = build_profile(state, symbolizer, opts.sample_rate,
                                     int(wall_start * 1e9), duration_ns, comments,

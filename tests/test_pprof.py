@@ -471,3 +471,15 @@ def test_read_profile_of_a_text_file(tmp_path):
     path.write_text("hello\n")
     with pytest.raises(ProfileFormatError):
         read_profile(str(path))
+
+
+def test_location_by_lines_keeps_reused_jit_addresses_apart():
+    b = ProfileBuilder(sample_types=[("samples", "count")])
+    m = b.add_mapping(0x1000, 0x2000, 0, "[jit]")
+    f1 = b.function_id("first")
+    f2 = b.function_id("second")
+    a = b.location_id(m, 0x1010, ((f1, 0),), by_lines=True)
+    assert b.location_id(m, 0x1010, ((f1, 0),), by_lines=True) == a
+    c = b.location_id(m, 0x1010, ((f2, 0),), by_lines=True)
+    assert c != a
+    assert b.location_id(m, 0x1010, ((f2, 0),)) == b.location_id(m, 0x1010)  # default: by address

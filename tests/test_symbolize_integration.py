@@ -93,3 +93,21 @@ def test_bad_elf_frames_keep_addresses_in_their_mapping(tmp_path):
     assert all(m.memory_start <= a < m.memory_limit for a in addrs)
     assert all(not prof.location_by_id[l].lines for l in prof.samples[0].location_ids)
     assert table.unsymbolized == 2
+
+
+def test_reused_jit_address_keeps_both_names(special_bin, tmp_path):
+    """The perf map is re-read during the capture; each sample gets the name current when it was taken."""
+    proc = subprocess.Popen([special_bin, "jitreuse", "3"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("ready")
+        out = tmp_path / "reuse.pb.gz"
+        r = run_agent(["--profile", "--pid", str(proc.pid), "--duration", "5s",
+                       "--profile-output", str(out)], cwd=str(tmp_path))
+        assert r.returncode == 0, r.stderr
+    finally:
+        proc.kill()
+        proc.wait()
+    with open(str(out), "rb") as f:
+        prof = decode_profile(f.read())
+    first, second = leaf_share(prof, "jit_spin_loop"), leaf_share(prof, "jit_second")
+    assert first > 0.3 and second > 0.3, (first, second)

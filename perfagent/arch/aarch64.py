@@ -39,3 +39,31 @@ RING_LOADS_ORDERED = False
 
 # The DWARF unwinder walks x86-64 register sets only for now.
 UNWIND_REGS_MASK = None
+
+# ---------------------------------------------------------------- ptrace
+# Remote function calls (perfagent.python.inject) are x86-64 only for now;
+# these placeholders name what an aarch64 port has to fill in
+# (struct user_pt_regs: x0..x30, sp, pc, pstate; no red zone; svc is 4 bytes;
+# the syscall number lives in x8 and is changed with NT_ARM_SYSTEM_CALL).
+USER_REGS_FIELDS = None
+REG_IP = "pc"
+REG_SP = "sp"
+REG_RETVAL = "x0"
+REG_ARGS = ("x0", "x1", "x2", "x3", "x4", "x5", "x6", "x7")
+REG_ORIG_SYSCALL = None
+REG_FLAGS = "pstate"
+FLAGS_DF = 0
+STACK_RED_ZONE = 0
+STACK_ALIGN = 16
+SYSCALL_INSN_LEN = 4
+SYSCALLS["restart_syscall"] = 128
+ERESTARTSYS = 512
+ERESTARTNOINTR = 513
+ERESTARTNOHAND = 514
+ERESTART_RESTARTBLOCK = 516
+SYSCALL_RESTART_ERRNOS = (ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK)
+SYSCALLS["brk"] = 214
+SYSCALLS["mprotect"] = 226
+SYSCALLS["mremap"] = 216
+SYSCALLS["madvise"] = 233
+ALLOCATOR_SYSCALLS = ("mmap", "munmap", "brk", "mprotect", "mremap", "madvise")

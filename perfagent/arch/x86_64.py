@@ -70,3 +70,56 @@ UNWIND_DWARF_ORDER = (DWARF_RBX, DWARF_RBP, DWARF_RSP, DWARF_RA, 12, 13, 14, DWA
 PY_TRAMPOLINE_CODE = bytes.fromhex("4883ec08" "ffd1" "4883c408" "c3")
 PY_TRAMPOLINE_RA_OFFSET = 8
 PY_TRAMPOLINE_CFA_OFFSET = 16
+
+# ---------------------------------------------------------------- ptrace
+# struct user_regs_struct (arch/x86/include/asm/user_64.h, sys/user.h), the
+# layout PTRACE_GETREGS and PTRACE_GETREGSET(NT_PRSTATUS) read and write:
+#     struct user_regs_struct {
+#         unsigned long r15, r14, r13, r12, rbp, rbx, r11, r10;
+#         unsigned long r9, r8, rax, rcx, rdx, rsi, rdi, orig_rax;
+#         unsigned long rip, cs, eflags, rsp, ss, fs_base, gs_base;
+#         unsigned long ds, es, fs, gs;
+#     };
+USER_REGS_FIELDS = (
+    "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10",
+    "r9", "r8", "rax", "rcx", "rdx", "rsi", "rdi", "orig_rax",
+    "rip", "cs", "eflags", "rsp", "ss", "fs_base", "gs_base",
+    "ds", "es", "fs", "gs",
+)
+REG_IP = "rip"
+REG_SP = "rsp"
+REG_RETVAL = "rax"
+# System V psABI integer argument registers, in order.
+REG_ARGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
+# The system call number as the kernel saw it on entry; -1 outside a syscall.
+REG_ORIG_SYSCALL = "orig_rax"
+REG_FLAGS = "eflags"
+# The psABI requires the direction flag clear on function entry.
+FLAGS_DF = 0x400
+# Bytes below the stack pointer a leaf function may use without moving it
+# (psABI 3.2.2 "The Red Zone"): injected data goes below it.
+STACK_RED_ZONE = 128
+# rsp + 8 is a multiple of 16 on function entry (psABI 3.2.2).
+STACK_ALIGN = 16
+# Length of the `syscall` instruction (0f 05): the kernel backs rip up by
+# this much to restart an interrupted system call.
+SYSCALL_INSN_LEN = 2
+SYSCALLS["restart_syscall"] = 219
+
+# include/linux/errno.h: kernel-internal "restart me" results a thread shows
+# in rax (negated) when it is stopped on its way out of an interrupted
+# system call; the kernel turns them into a restart or -EINTR when the
+# thread leaves the stop (arch/x86/kernel/signal.c).
+ERESTARTSYS = 512
+ERESTARTNOINTR = 513
+ERESTARTNOHAND = 514
+ERESTART_RESTARTBLOCK = 516
+SYSCALL_RESTART_ERRNOS = (ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK)
+# Memory-management system calls: a thread stopped in one of these may be
+# inside an allocator with its lock held or its lists half updated, so a
+# remote call that allocates waits for a better moment.
+SYSCALLS["brk"] = 12
+SYSCALLS["mprotect"] = 10
+SYSCALLS["mremap"] = 25
+SYSCALLS["madvise"] = 28
+ALLOCATOR_SYSCALLS = ("mmap", "munmap", "brk", "mprotect", "mremap", "madvise")

@@ -109,7 +109,8 @@ class ProfileBuilder:
             function_id = self._function_ids[key] = len(self._functions)
         return function_id
 
-    def location_id(self, mapping_id: int, address: int, lines: Sequence = (), is_folded: bool = False) -> int:
+    def location_id(self, mapping_id: int, address: int, lines: Sequence = (), is_folded: bool = False,
+                    by_lines: bool = False) -> int:
         """Return the id of the location at (mapping_id, address), adding it if new.
 
         ``lines`` holds (function_id, line) or (function_id, line, column)
@@ -118,21 +119,24 @@ class ProfileBuilder:
         call's location. Address 0 means "no address" (a synthetic frame),
         so such locations are told apart by their lines instead. Pass a
         tuple of tuples for address 0 locations; other sequences work but
-        take a slower path.
+        take a slower path. ``by_lines`` tells locations at one address apart
+        by their lines too: JIT code memory is reused, so one address can hold
+        different functions over a capture.
         """
         # Per frame of every sample: one small tuple and one dict lookup.
-        key = (mapping_id, address) if address else (mapping_id, 0, lines)
+        key = (mapping_id, address) if address and not by_lines else (mapping_id, address, lines)
         try:
             location_id = self._location_ids.get(key)
         except TypeError:  # unhashable lines (a list): take the slow path
             location_id = None
             key = None
         if location_id is None:
-            location_id = self._add_location(key, mapping_id, address, lines, is_folded)
+            location_id = self._add_location(key, mapping_id, address, lines, is_folded, by_lines)
         return location_id
 
     def _add_location(
-        self, key: Optional[tuple], mapping_id: int, address: int, lines: Sequence, is_folded: bool
+        self, key: Optional[tuple], mapping_id: int, address: int, lines: Sequence, is_folded: bool,
+        by_lines: bool = False,
     ) -> int:
         """Register a location under its canonical key, and ``key`` as an alias of it.
 
@@ -141,7 +145,7 @@ class ProfileBuilder:
         keeps later calls spelled like this one on the fast path.
         """
         normalised = _normalise_lines(lines)
-        canonical = (mapping_id, address) if address else (mapping_id, 0, normalised)
+        canonical = (mapping_id, address) if address and not by_lines else (mapping_id, address, normalised)
         location_id = self._location_ids.get(canonical)
         if location_id is None:
             location_id = self._new_location(mapping_id, address, normalised, is_folded)

@@ -89,6 +89,10 @@ class Symbolizer:
             pm = self._perf_maps[pid] = PerfMap(path, uid)  # reads the file once
         return pm
 
+    def perf_maps(self):
+        """(pid, PerfMap) of every perf map opened so far."""
+        return list(self._perf_maps.items())
+
     def jit_name(self, pid: int, uid: int, addr: int) -> Optional[str]:
         return self.perf_map(pid, uid).lookup(addr)
 

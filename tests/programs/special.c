@@ -1,6 +1,9 @@
 /* Targets for frames that are neither plain ELF nor kernel.
  *
- * usage: special jit SECONDS   - runs generated code in an anonymous
+ * usage: special jitreuse SECONDS - as jit, but halfway through the same
+ *                                address is named again (jit_second), as a
+ *                                JIT reusing freed code memory would
+ *        special jit SECONDS   - runs generated code in an anonymous
  *                                executable mapping and names it in
  *                                /tmp/perf-PID.map, as a JIT would
  *        special vdso SECONDS  - calls clock_gettime in a loop (vDSO code)
@@ -25,7 +28,9 @@ int main(int argc, char **argv)
     const char *mode = argc > 1 ? argv[1] : "jit";
     double stop_at = now() + (argc > 2 ? atof(argv[2]) : 5.0);
 
-    if (strcmp(mode, "jit") == 0) {
+    if (strcmp(mode, "jit") == 0 || strcmp(mode, "jitreuse") == 0) {
+        int reuse = strcmp(mode, "jitreuse") == 0;
+        double half = (stop_at + now()) / 2;
         /* mov $2000000,%ecx; 1: dec %ecx; jnz 1b; ret */
         static const unsigned char code[] = {0xb9, 0x80, 0x84, 0x1e, 0x00, 0xff, 0xc9, 0x75, 0xfc, 0xc3};
         unsigned char *mem = mmap(NULL, 4096, PROT_READ | PROT_WRITE | PROT_EXEC,
@@ -41,8 +46,15 @@ int main(int argc, char **argv)
         fclose(map);
         printf("ready %d %lx\n", (int)getpid(), (unsigned long)mem);
         fflush(stdout);
-        while (now() < stop_at)
+        while (now() < stop_at) {
             ((void (*)(void))mem)();
+            if (reuse && now() >= half) {
+                reuse = 0;
+                map = fopen(path, "a");
+                fprintf(map, "%lx %zx jit_second\n", (unsigned long)mem, sizeof code);
+                fclose(map);
+            }
+        }
         unlink(path);
     } else {
         struct timespec ts;

@@ -1,0 +1,287 @@
+"""Is process PID a CPython 3.12+ whose perf trampoline we can switch on?
+
+Everything is read from outside the process, without stopping it:
+
+* /proc/PID/maps names the interpreter: a ``libpython3.X[t|d...].so``
+  mapping (shared build) or, failing that, the executable itself when its
+  symbol tables carry the interpreter (static build, e.g. ``python3.13``
+  without ``--enable-shared``);
+* the ELF file is opened as the *process* sees it, through
+  ``/proc/PID/root/<path>`` (so an interpreter in another mount namespace,
+  e.g. a container, is found from the host), falling back to
+  ``/proc/PID/map_files/<start>-<end>`` (which also covers a deleted file);
+* the version comes from the SONAME (``libpython3.13.so.1.0``) or else from
+  ``Py_Version`` (the PY_VERSION_HEX constant, 3.11+) read out of the
+  target's memory at the symbol's run-time address;
+* the functions the injection calls are resolved to run-time addresses with
+  the load bias of the file's mapping at offset 0.
+
+Failures are :class:`InjectionSkip` with a ``reason`` callers log as
+``pid=N reason=...`` and use to choose strict (abort) or lenient (skip).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+from typing import Dict, Iterable, List, Optional, Tuple
+
+from perfagent.elf import ELFFile
+from perfagent.elf.constants import PT_LOAD
+from perfagent.errors import CaptureError, ELFError
+from perfagent.symbolize.procmaps import MapEntry, read_maps
+
+#: First CPython with sys.activate_stack_trampoline().
+MIN_VERSION = (3, 12)
+
+#: The functions the injection calls.
+CALL_SYMBOLS = ("PyGILState_Ensure", "PyRun_SimpleString", "PyGILState_Release")
+
+#: Any one of these in an executable's symbol tables means it embeds the
+#: interpreter (rather than merely linking libpython, which maps it).
+INTERPRETER_SYMBOLS = ("Py_Initialize", "_PyEval_EvalFrameDefault", "PyGILState_Ensure")
+
+#: Present only when CPython was configured with the perf trampoline
+#: (--enable-perf-trampoline, the default on x86-64/aarch64 Linux).  In
+#: 3.12 and 3.13 ``_Py_trampoline_func_start`` (the label in
+#: Python/asm_trampoline.S) is a global, exported symbol, while
+#: ``_PyPerfTrampoline_SetCallbacks`` is local (.symtab only).
+TRAMPOLINE_SYMBOLS = ("_Py_trampoline_func_start", "_PyPerfTrampoline_SetCallbacks")
+
+VERSION_SYMBOL = "Py_Version"
+
+#: libpython3.13.so.1.0, libpython3.13t.so.1.0, libpython3.12d.so ...
+_LIBPYTHON_RE = re.compile(r"^libpython(\d+)\.(\d+)([a-z]*)\.so(\.[0-9.]*)?$")
+
+REASONS = ("not_python", "python_too_old", "no_perf_trampoline", "no_libpython_symbols",
+           "process_gone", "ptrace_eperm")
+
+
+class InjectionSkip(CaptureError):
+    """The target cannot (or need not) be injected; nothing was changed.
+
+    ``reason`` is one of :data:`REASONS`; ``str(exc)`` starts with
+    ``pid=N reason=R``.
+    """
+
+    def __init__(self, reason: str, message: str, pid: int = 0) -> None:
+        super().__init__("pid=%d reason=%s: %s" % (pid, reason, message))
+        self.reason = reason
+        self.pid = pid
+
+
+class PythonTarget:
+    """A detected CPython process.
+
+    ``symbols`` maps the names in :data:`CALL_SYMBOLS` to run-time
+    addresses in the target; ``path`` is the interpreter file as the target
+    names it and ``opened_as`` the host path we read it through.
+    """
+
+    def __init__(self, pid: int, version: Tuple[int, int], path: str, opened_as: str,
+                 bias: int, symbols: Dict[str, int], shared: bool, abiflags: str = "") -> None:
+        self.pid = pid
+        self.version = version
+        self.path = path
+        self.opened_as = opened_as
+        self.bias = bias
+        self.symbols = symbols
+        self.shared = shared
+        self.abiflags = abiflags
+
+    def __repr__(self) -> str:
+        return "<PythonTarget pid=%d %d.%d%s %s %s>" % (
+            self.pid, self.version[0], self.version[1], self.abiflags,
+            "shared" if self.shared else "static", self.path)
+
+
+def _skip(pid: int, reason: str, message: str) -> InjectionSkip:
+    return InjectionSkip(reason, message, pid)
+
+
+def _os_skip(pid: int, exc: OSError, what: str) -> InjectionSkip:
+    if exc.errno in (errno.ENOENT, errno.ESRCH):
+        return _skip(pid, "process_gone", "%s: %s" % (what, exc.strerror))
+    if exc.errno in (errno.EPERM, errno.EACCES):
+        return _skip(pid, "ptrace_eperm", "%s: %s (set kernel.yama.ptrace_scope to 0 or 1, "
+                     "or grant CAP_SYS_PTRACE)" % (what, exc.strerror))
+    return _skip(pid, "not_python", "%s: %s" % (what, exc))
+
+
+def libpython_version(name: str) -> Optional[Tuple[int, int, str]]:
+    """(major, minor, abiflags) from a libpython file name or SONAME."""
+    m = _LIBPYTHON_RE.match(os.path.basename(name))
+    if not m:
+        return None
+    return int(m.group(1)), int(m.group(2)), m.group(3)
+
+
+def _open_elf(pid: int, entry: MapEntry) -> Tuple[ELFFile, str]:
+    """The mapped file, through the target's root, else its map_files link."""
+    candidates = []
+    if entry.path.startswith("/") and not entry.deleted:
+        candidates.append("/proc/%d/root%s" % (pid, entry.path))
+    candidates.append("/proc/%d/map_files/%x-%x" % (pid, entry.start, entry.end))
+    last: Optional[Exception] = None
+    for cand in candidates:
+        try:
+            elf = ELFFile.from_path(cand)
+        except (OSError, ELFError) as exc:
+            last = exc
+            continue
+        # The same file as mapped? (a container could have replaced it.)
+        try:
+            st = os.stat(cand)
+            if entry.inode and st.st_ino != entry.inode:
+                elf.close()
+                last = OSError(errno.ESTALE, "inode differs from the mapping")
+                continue
+        except OSError:
+            pass
+        return elf, cand
+    if isinstance(last, OSError):
+        raise last
+    raise OSError(errno.ENOENT, "library not found on disk: %s (%s)" % (entry.path, last))
+
+
+def _symbols(elf: ELFFile, names: Iterable[str]) -> Dict[str, int]:
+    """Link-time values of ``names`` from .dynsym, then .symtab (defined ones)."""
+    wanted = set(names)
+    found: Dict[str, int] = {}
+    for section in (".dynsym", ".symtab"):
+        if elf.section(section) is None:
+            continue
+        for sym in elf.iter_symbols(section):
+            if sym.name in wanted and sym.name not in found and sym.st_shndx != 0:
+                found[sym.name] = sym.st_value
+        if len(found) == len(wanted):
+            break
+    return found
+
+
+def load_bias(elf: ELFFile, maps: List[MapEntry], entry: MapEntry) -> int:
+    """Run-time address minus link-time address for the file of ``entry``.
+
+    The mapping that starts at file offset 0 holds the first PT_LOAD (whose
+    p_offset is 0): bias = map.start - page_down(p_vaddr).  A non-PIE
+    executable links at its run-time address, giving 0.
+    """
+    first = None
+    for seg in elf.segments:
+        if seg.p_type == PT_LOAD:
+            first = seg
+            break
+    if first is None:
+        raise ELFError("no PT_LOAD segment")
+    base_map = None
+    for m in maps:
+        if m.inode == entry.inode and m.path == entry.path and m.dev_major == entry.dev_major \
+                and m.dev_minor == entry.dev_minor and m.pgoff == 0:
+            base_map = m
+            break
+    if base_map is None:
+        # No offset-0 mapping: derive from any mapping of the file.
+        vaddr = elf.offset_to_vaddr(entry.pgoff)
+        if vaddr is None:
+            raise ELFError("offset %#x of %s is not loaded" % (entry.pgoff, entry.path))
+        return entry.start - vaddr
+    page = os.sysconf("SC_PAGE_SIZE")
+    return base_map.start - ((first.p_vaddr - first.p_offset) & ~(page - 1))
+
+
+def _exe_entry(pid: int, maps: List[MapEntry]) -> Optional[MapEntry]:
+    try:
+        exe = os.readlink("/proc/%d/exe" % pid)
+    except OSError:
+        exe = ""
+    if exe.endswith(" (deleted)"):
+        exe = exe[:-len(" (deleted)")]
+    for m in maps:
+        if m.path == exe and m.pgoff == 0:
+            return m
+    for m in maps:  # first file mapping is the executable
+        if m.path.startswith("/"):
+            return m
+    return None
+
+
+def read_memory(pid: int, addr: int, size: int) -> bytes:
+    with open("/proc/%d/mem" % pid, "rb", buffering=0) as f:
+        f.seek(addr)
+        return f.read(size)
+
+
+def detect(pid: int) -> PythonTarget:
+    """Find the CPython interpreter in process ``pid``; raise InjectionSkip if none fits."""
+    try:
+        maps = read_maps(pid)
+    except OSError as exc:
+        raise _os_skip(pid, exc, "/proc/%d/maps" % pid) from None
+    if not maps:
+        raise _skip(pid, "process_gone", "no mappings (zombie or kernel thread)")
+
+    entry: Optional[MapEntry] = None
+    name_version: Optional[Tuple[int, int, str]] = None
+    for m in maps:
+        v = libpython_version(m.path)
+        if v is not None:
+            entry, name_version = m, v
+            break
+    shared = entry is not None
+    if entry is None:
+        entry = _exe_entry(pid, maps)
+        if entry is None:
+            raise _skip(pid, "not_python", "no file mappings")
+
+    try:
+        elf, opened_as = _open_elf(pid, entry)
+    except OSError as exc:
+        if exc.errno in (errno.EPERM, errno.EACCES, errno.ESRCH):
+            raise _os_skip(pid, exc, entry.path) from None
+        if shared:
+            raise _skip(pid, "not_python", "cannot read %s: %s" % (entry.path, exc)) from None
+        raise _skip(pid, "not_python", "cannot read executable %s: %s" % (entry.path, exc)) from None
+    try:
+        wanted = set(CALL_SYMBOLS) | set(INTERPRETER_SYMBOLS) | set(TRAMPOLINE_SYMBOLS) | {VERSION_SYMBOL}
+        try:
+            syms = _symbols(elf, wanted)
+            if name_version is None:
+                soname = elf.soname
+                if soname:
+                    name_version = libpython_version(soname)
+            if not shared and not any(s in syms for s in INTERPRETER_SYMBOLS):
+                raise _skip(pid, "not_python", "%s carries no CPython interpreter" % entry.path)
+            bias = load_bias(elf, maps, entry)
+        except ELFError as exc:
+            raise _skip(pid, "not_python", "%s: %s" % (entry.path, exc)) from None
+    finally:
+        elf.close()
+
+    abiflags = ""
+    if name_version is not None:
+        version = name_version[:2]
+        abiflags = name_version[2]
+    elif VERSION_SYMBOL in syms:
+        try:
+            raw = read_memory(pid, syms[VERSION_SYMBOL] + bias, 4)
+        except OSError as exc:
+            raise _os_skip(pid, exc, "/proc/%d/mem" % pid) from None
+        if len(raw) != 4:
+            raise _skip(pid, "process_gone", "could not read Py_Version")
+        hexversion = int.from_bytes(raw, "little")
+        version = (hexversion >> 24, (hexversion >> 16) & 0xff)
+    else:
+        # Py_Version appeared in 3.11: an interpreter without it is older.
+        raise _skip(pid, "python_too_old", "%s: no %s symbol (CPython < 3.11)" % (entry.path, VERSION_SYMBOL))
+
+    if version < MIN_VERSION:
+        raise _skip(pid, "python_too_old", "CPython %d.%d < %d.%d: no sys.activate_stack_trampoline"
+                    % (version + MIN_VERSION))
+    if not any(s in syms for s in TRAMPOLINE_SYMBOLS):
+        raise _skip(pid, "no_perf_trampoline", "%s: built without --enable-perf-trampoline" % entry.path)
+    missing = [s for s in CALL_SYMBOLS if s not in syms]
+    if missing:
+        raise _skip(pid, "no_libpython_symbols", "%s: missing %s" % (entry.path, ", ".join(missing)))
+    return PythonTarget(pid, version, entry.path, opened_as, bias,
+                        {s: syms[s] + bias for s in CALL_SYMBOLS}, shared, abiflags)

@@ -1,0 +1,181 @@
+"""Switch CPython's perf trampoline on or off in a running process.
+
+The target's main thread is seized and interrupted, then made to call::
+
+    state = PyGILState_Ensure();
+    PyRun_SimpleString("__import__('sys').activate_stack_trampoline('perf')");
+    PyGILState_Release(state);
+
+(:mod:`perfagent.ptrace.call` explains how a call is made and how an
+interrupted system call is resumed), after which its registers and stack
+bytes are put back and it is detached.  The statement uses ``__import__``
+rather than ``import sys`` because PyRun_SimpleString runs in ``__main__``'s
+namespace and ``import sys`` would bind (or rebind) a global there.
+
+Choosing the moment: code that the interrupted thread was running may hold
+a non-reentrant lock or be half-way through updating allocator lists, and
+our call allocates.  A thread blocked in a system call is at a well-defined
+point (usually waiting for the GIL, sleeping or doing I/O with the GIL
+released), so the thread is interrupted again, a millisecond later, for up
+to :data:`SAFE_POINT_BUDGET` seconds until it is caught in a system call
+other than a memory-management one; after that the call is made wherever
+it stopped (a thread spinning in bytecode holds the GIL and is between
+bytecodes or in C code most of the time).
+
+Failures raise :class:`~perfagent.python.detect.InjectionSkip` (nothing was
+done: ``not_python``, ``python_too_old``, ``no_perf_trampoline``,
+``no_libpython_symbols``, ``process_gone``, ``ptrace_eperm``) or
+:class:`InjectionError` (``timeout``, ``python_error``, ``target_fault``,
+``ptrace_failed``); both carry ``reason`` and ``pid`` and print as
+``pid=N reason=R: details``.  In every case the thread has been restored
+and detached before the exception leaves (or the process is gone).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+from perfagent import arch
+from perfagent.errors import CaptureError
+from perfagent.ptrace.call import RemoteCaller, in_syscall
+from perfagent.ptrace.thread import PTRACE_EPERM_HINT, PtraceError, TracedThread
+from perfagent.python.detect import InjectionSkip, PythonTarget, detect
+
+log = logging.getLogger("perfagent.python")
+
+ACTIVATE_CODE = "__import__('sys').activate_stack_trampoline('perf')"
+DEACTIVATE_CODE = "__import__('sys').deactivate_stack_trampoline()"
+
+#: Seconds spent looking for a system-call stop before calling anyway.
+SAFE_POINT_BUDGET = 0.05
+#: Pause between two interrupts while looking for one.
+SAFE_POINT_RETRY = 0.001
+#: Upper bound on the time to stop a thread that is running our call after a
+#: timeout, so it can be restored.
+_RESTORE_STOP_TIMEOUT = 2.0
+
+
+class InjectionError(CaptureError):
+    """The injection was attempted and failed; the target was restored.
+
+    ``reason``: ``timeout`` (the thread did not stop, or a call -- usually
+    PyGILState_Ensure waiting for a GIL that is never released -- did not
+    return in time), ``python_error`` (the statement raised; the target
+    printed the traceback on its stderr), ``target_fault`` (the call
+    crashed in the target), ``ptrace_failed``.
+    """
+
+    def __init__(self, reason: str, message: str, pid: int = 0) -> None:
+        super().__init__("pid=%d reason=%s: %s" % (pid, reason, message))
+        self.reason = reason
+        self.pid = pid
+
+
+def _convert(exc: PtraceError, pid: int) -> CaptureError:
+    msg = str(exc)
+    prefix = "pid=%d reason=%s: " % (pid, exc.reason)
+    if msg.startswith(prefix):
+        msg = msg[len(prefix):]
+    if exc.reason == "ptrace_eperm":
+        if PTRACE_EPERM_HINT not in msg:
+            msg += " (%s)" % PTRACE_EPERM_HINT
+        return InjectionSkip("ptrace_eperm", msg, pid)
+    if exc.reason == "process_gone":
+        return InjectionSkip("process_gone", msg, pid)
+    return InjectionError(exc.reason, msg, pid)
+
+
+def _c_int(value: int) -> int:
+    value &= 0xffffffff
+    return value - (1 << 32) if value >= (1 << 31) else value
+
+
+def _stop_at_safe_point(thread: TracedThread, deadline: float) -> None:
+    """Interrupt the thread, preferably while it is in a system call."""
+    a = arch.current()
+    avoid = {a.SYSCALLS[name] for name in a.ALLOCATOR_SYSCALLS}
+    thread.interrupt(max(deadline - time.monotonic(), 0.001))
+    give_up = min(time.monotonic() + SAFE_POINT_BUDGET, deadline)
+    while time.monotonic() < give_up:
+        nr = in_syscall(thread.getregs())
+        if nr is not None and nr not in avoid:
+            return
+        thread.resume(0)
+        time.sleep(SAFE_POINT_RETRY)
+        thread.interrupt(max(deadline - time.monotonic(), 0.001))
+
+
+def run_statement(target: PythonTarget, code: str, timeout: float) -> None:
+    """Run one Python statement in the target's main thread, via ptrace."""
+    pid = target.pid
+    start = time.monotonic()
+    deadline = start + timeout
+    thread = TracedThread(pid)
+    caller: Optional[RemoteCaller] = None
+    error: Optional[BaseException] = None
+    try:
+        thread.seize()
+        _stop_at_safe_point(thread, deadline)
+        caller = RemoteCaller(thread)
+        caller.begin()
+        payload = caller.push(code.encode("utf-8") + b"\0")
+        sym = target.symbols
+        state = _c_int(caller.call(sym["PyGILState_Ensure"], (), deadline))
+        rc = _c_int(caller.call(sym["PyRun_SimpleString"], (payload,), deadline))
+        caller.call(sym["PyGILState_Release"], (state,), deadline)
+        if rc != 0:
+            raise InjectionError("python_error", "PyRun_SimpleString(%r) returned %d" % (code, rc), pid)
+    except PtraceError as exc:
+        error = _convert(exc, pid)
+    except BaseException as exc:  # KeyboardInterrupt too: restore first
+        error = exc
+    finally:
+        try:
+            if caller is not None and thread.attached:
+                caller.restore()
+        except PtraceError as exc:
+            if error is None and exc.reason != "process_gone":
+                error = _convert(exc, pid)
+        finally:
+            try:
+                thread.detach()
+            except PtraceError as exc:
+                if error is None and exc.reason != "process_gone":
+                    error = _convert(exc, pid)
+    if error is not None:
+        if isinstance(error, InjectionError) and error.reason == "timeout":
+            log.debug("%s (after %.3fs)", error, time.monotonic() - start)
+        raise error
+
+
+def _run(pid: int, code: str, timeout: float) -> float:
+    start = time.monotonic()
+    target = detect(pid)
+    remaining = timeout - (time.monotonic() - start)
+    if remaining <= 0:
+        raise InjectionError("timeout", "detection took longer than %.1fs" % timeout, pid)
+    run_statement(target, code, remaining)
+    return time.monotonic() - start
+
+
+def activate(pid: int, timeout: float = 5.0) -> float:
+    """Turn on the perf trampoline in CPython process ``pid``.
+
+    Returns the elapsed seconds (detection + injection).  The target then
+    appends ``py::`` entries to /tmp/perf-PID.map as it calls Python
+    functions not yet compiled into trampolines.  Idempotent.  Raises
+    InjectionSkip or InjectionError (see the module docstring); a caller in
+    lenient mode logs ``str(exc)`` and goes on, in strict mode aborts.
+    """
+    return _run(pid, ACTIVATE_CODE, timeout)
+
+
+def deactivate(pid: int, timeout: float = 5.0) -> float:
+    """Turn the perf trampoline off again (also if it came from -X perf).
+
+    A target that exited meanwhile gives InjectionSkip("process_gone"),
+    which callers treat as harmless.
+    """
+    return _run(pid, DEACTIVATE_CODE, timeout)
