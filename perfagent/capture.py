@@ -207,7 +207,11 @@ class CaptureState:
             _, pid, ppid, tid, ptid, _time = ev
             self.forked_tids.add(tid)
             parent = self.processes.get(ppid)
-            if pid != ppid:  # a new process: it starts with its parent's mappings
+            # A new process starts with its parent's mappings and name.  Rings
+            # of different CPUs are not ordered with each other, so the child's
+            # own COMM/MMAP2 (after an exec on another CPU) may already be in:
+            # never overwrite what the child itself reported.
+            if pid != ppid and pid not in self.processes:
                 child = self.process(pid)
                 if parent is not None:
                     child.space = parent.space.fork_copy()
