@@ -204,20 +204,28 @@ class StackResolver:
         self.stacks = stacks
         self.cache: Dict[int, Tuple[int, ...]] = {}
         self.lost = 0
+        # errno -> how many: EEXIST is a bucket collision in the stack map
+        # (about n^2 / 2 / max_entries of n distinct stacks), ENOENT an id
+        # no longer in the map.
+        self.lost_by_errno: Dict[int, int] = {}
+
+    def _lose(self, err: int) -> Tuple[int, ...]:
+        self.lost += 1
+        self.lost_by_errno[err] = self.lost_by_errno.get(err, 0) + 1
+        return ()
 
     def resolve(self, stack_id: int) -> Tuple[int, ...]:
         if stack_id < 0:
-            # -EFAULT for a kernel thread's user stack is not a loss: there
-            # is no user stack to have.
-            if stack_id != -errno.EFAULT:
-                self.lost += 1
-            return ()
+            # -EFAULT (nothing to walk: a kernel thread's user stack, an
+            # empty callchain) is not a loss: there is no stack to have.
+            if stack_id == -errno.EFAULT:
+                return ()
+            return self._lose(-stack_id)
         ips = self.cache.get(stack_id)
         if ips is None:
             got = self.stacks.stack(stack_id) if not self.stacks.closed else None
             if got is None:
-                self.lost += 1
-                return ()
+                return self._lose(errno.ENOENT)
             ips = self.cache[stack_id] = tuple(got)
         return ips
 
