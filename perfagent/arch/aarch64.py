@@ -62,8 +62,9 @@ ERESTARTNOINTR = 513
 ERESTARTNOHAND = 514
 ERESTART_RESTARTBLOCK = 516
 SYSCALL_RESTART_ERRNOS = (ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK)
-SYSCALLS["brk"] = 214
-SYSCALLS["mprotect"] = 226
-SYSCALLS["mremap"] = 216
-SYSCALLS["madvise"] = 233
-ALLOCATOR_SYSCALLS = ("mmap", "munmap", "brk", "mprotect", "mremap", "madvise")
+# Placeholders until remote calls are ported (see the x86-64 module).
+BLOCKING_SYSCALLS = {"futex": 98, "read": 63, "write": 64, "ppoll": 73, "pselect6": 72,
+                     "clock_nanosleep": 115, "epoll_pwait": 22, "wait4": 260}
+FUTEX_WAIT_OPS = (0, 6, 9, 11, 13)
+FUTEX_CMD_MASK = 0x7f
+REG_SYSCALL_ARG2 = "x1"

@@ -115,11 +115,25 @@ ERESTARTNOINTR = 513
 ERESTARTNOHAND = 514
 ERESTART_RESTARTBLOCK = 516
 SYSCALL_RESTART_ERRNOS = (ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK)
-# Memory-management system calls: a thread stopped in one of these may be
-# inside an allocator with its lock held or its lists half updated, so a
-# remote call that allocates waits for a better moment.
-SYSCALLS["brk"] = 12
-SYSCALLS["mprotect"] = 10
-SYSCALLS["mremap"] = 25
-SYSCALLS["madvise"] = 28
-ALLOCATOR_SYSCALLS = ("mmap", "munmap", "brk", "mprotect", "mremap", "madvise")
+# System calls in which a thread is *waiting* (for the GIL, a lock, time,
+# I/O) rather than in the middle of work: a remote call made while it is
+# stopped in one does not re-enter code that holds a lock or has data
+# structures half updated (arch/x86/entry/syscalls/syscall_64.tbl).
+BLOCKING_SYSCALLS = {
+    "read": 0, "write": 1, "poll": 7, "pread64": 17, "readv": 19, "writev": 20,
+    "select": 23, "pause": 34, "nanosleep": 35, "connect": 42, "accept": 43,
+    "sendto": 44, "recvfrom": 45, "sendmsg": 46, "recvmsg": 47, "wait4": 61,
+    "rt_sigtimedwait": 128, "rt_sigsuspend": 130, "futex": 202,
+    "clock_nanosleep": 230, "epoll_wait": 232, "waitid": 247, "pselect6": 270,
+    "ppoll": 271, "epoll_pwait": 281, "accept4": 288, "recvmmsg": 299,
+    "epoll_pwait2": 441, "futex_waitv": 449,
+}
+# futex(2) is a wait only for these operations (op & FUTEX_CMD_MASK): a
+# FUTEX_WAKE is typically issued with a lock held (pthread_cond_signal under
+# the GIL's mutex), so it is no place to call into the interpreter.
+# include/uapi/linux/futex.h: FUTEX_WAIT 0, FUTEX_LOCK_PI 6,
+# FUTEX_WAIT_BITSET 9, FUTEX_WAIT_REQUEUE_PI 11, FUTEX_LOCK_PI2 13.
+FUTEX_WAIT_OPS = (0, 6, 9, 11, 13)
+FUTEX_CMD_MASK = 0x7f
+# The register holding a system call's second argument (futex's op).
+REG_SYSCALL_ARG2 = "rsi"

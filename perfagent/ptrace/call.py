@@ -49,6 +49,23 @@ def in_syscall(regs) -> Optional[int]:
     return nr if nr >= 0 else None
 
 
+def waiting_in_syscall(regs) -> bool:
+    """True when the stopped thread is blocked in a waiting system call.
+
+    See ``BLOCKING_SYSCALLS`` in the arch module: such a thread is parked
+    at a well-defined point, not half-way through an update of something a
+    remote call might use.  futex counts only for its wait operations.
+    """
+    a = arch.current()
+    nr = in_syscall(regs)
+    if nr is None or nr not in a.BLOCKING_SYSCALLS.values():
+        return False
+    if nr == a.BLOCKING_SYSCALLS["futex"]:
+        op = getattr(regs, a.REG_SYSCALL_ARG2) & a.FUTEX_CMD_MASK
+        return op in a.FUTEX_WAIT_OPS
+    return True
+
+
 def interrupted_syscall(regs) -> Optional[Tuple[int, int]]:
     """(syscall number, ERESTART* code) when the thread is stopped on the way
     out of an interrupted system call the kernel will restart, else None."""
@@ -96,7 +113,7 @@ class RemoteCaller:
         self._cursor = addr
         return addr
 
-    def call(self, func: int, args: Sequence[int], deadline: float) -> int:
+    def call(self, func: int, args: Sequence[int], deadline: float, name: str = "") -> int:
         """Call ``func(*args)`` in the thread; its return value (unsigned).
 
         Signals that arrive meanwhile are recorded on the thread (delivered
@@ -124,7 +141,13 @@ class RemoteCaller:
         t.setregs(regs)
         t.resume(0)
         while True:
-            st = t.wait(deadline)
+            try:
+                st = t.wait(deadline)
+            except PtraceError as exc:
+                if exc.reason == "timeout":
+                    raise PtraceError("timeout", "pid=%d reason=timeout: remote call of %s did not "
+                                      "return in time" % (t.tid, name or hex(func))) from None
+                raise
             if st.is_signal_delivery and st.stopsig == signal.SIGSEGV:
                 now = t.getregs()
                 if (getattr(now, a.REG_IP) == RETURN_TRAP_ADDRESS

@@ -51,6 +51,11 @@ TRAMPOLINE_SYMBOLS = ("_Py_trampoline_func_start", "_PyPerfTrampoline_SetCallbac
 
 VERSION_SYMBOL = "Py_Version"
 
+#: The bytecode interpreter loop: a thread whose instruction pointer is in
+#: this function (not in a callee) holds the GIL between C calls, a point
+#: where calling back into the interpreter is safe.
+EVAL_LOOP_SYMBOL = "_PyEval_EvalFrameDefault"
+
 #: libpython3.13.so.1.0, libpython3.13t.so.1.0, libpython3.12d.so ...
 _LIBPYTHON_RE = re.compile(r"^libpython(\d+)\.(\d+)([a-z]*)\.so(\.[0-9.]*)?$")
 
@@ -89,6 +94,8 @@ class PythonTarget:
         self.symbols = symbols
         self.shared = shared
         self.abiflags = abiflags
+        #: [start, end) of _PyEval_EvalFrameDefault at run time, if known.
+        self.eval_loop: Optional[Tuple[int, int]] = None
 
     def __repr__(self) -> str:
         return "<PythonTarget pid=%d %d.%d%s %s %s>" % (
@@ -145,8 +152,11 @@ def _open_elf(pid: int, entry: MapEntry) -> Tuple[ELFFile, str]:
     raise OSError(errno.ENOENT, "library not found on disk: %s (%s)" % (entry.path, last))
 
 
-def _symbols(elf: ELFFile, names: Iterable[str]) -> Dict[str, int]:
-    """Link-time values of ``names`` from .dynsym, then .symtab (defined ones)."""
+def _symbols(elf: ELFFile, names: Iterable[str], sizes: Optional[Dict[str, int]] = None) -> Dict[str, int]:
+    """Link-time values of ``names`` from .dynsym, then .symtab (defined ones).
+
+    ``sizes``, when given, receives each found symbol's st_size.
+    """
     wanted = set(names)
     found: Dict[str, int] = {}
     for section in (".dynsym", ".symtab"):
@@ -155,6 +165,8 @@ def _symbols(elf: ELFFile, names: Iterable[str]) -> Dict[str, int]:
         for sym in elf.iter_symbols(section):
             if sym.name in wanted and sym.name not in found and sym.st_shndx != 0:
                 found[sym.name] = sym.st_value
+                if sizes is not None:
+                    sizes[sym.name] = sym.st_size
         if len(found) == len(wanted):
             break
     return found
@@ -243,9 +255,11 @@ def detect(pid: int) -> PythonTarget:
             raise _skip(pid, "not_python", "cannot read %s: %s" % (entry.path, exc)) from None
         raise _skip(pid, "not_python", "cannot read executable %s: %s" % (entry.path, exc)) from None
     try:
-        wanted = set(CALL_SYMBOLS) | set(INTERPRETER_SYMBOLS) | set(TRAMPOLINE_SYMBOLS) | {VERSION_SYMBOL}
+        wanted = (set(CALL_SYMBOLS) | set(INTERPRETER_SYMBOLS) | set(TRAMPOLINE_SYMBOLS)
+                  | {VERSION_SYMBOL, EVAL_LOOP_SYMBOL})
+        sizes: Dict[str, int] = {}
         try:
-            syms = _symbols(elf, wanted)
+            syms = _symbols(elf, wanted, sizes)
             if name_version is None:
                 soname = elf.soname
                 if soname:
@@ -283,5 +297,9 @@ def detect(pid: int) -> PythonTarget:
     missing = [s for s in CALL_SYMBOLS if s not in syms]
     if missing:
         raise _skip(pid, "no_libpython_symbols", "%s: missing %s" % (entry.path, ", ".join(missing)))
-    return PythonTarget(pid, version, entry.path, opened_as, bias,
-                        {s: syms[s] + bias for s in CALL_SYMBOLS}, shared, abiflags)
+    target = PythonTarget(pid, version, entry.path, opened_as, bias,
+                          {s: syms[s] + bias for s in CALL_SYMBOLS}, shared, abiflags)
+    if sizes.get(EVAL_LOOP_SYMBOL):
+        start = syms[EVAL_LOOP_SYMBOL] + bias
+        target.eval_loop = (start, start + sizes[EVAL_LOOP_SYMBOL])
+    return target

@@ -13,14 +13,16 @@ rather than ``import sys`` because PyRun_SimpleString runs in ``__main__``'s
 namespace and ``import sys`` would bind (or rebind) a global there.
 
 Choosing the moment: code that the interrupted thread was running may hold
-a non-reentrant lock or be half-way through updating allocator lists, and
-our call allocates.  A thread blocked in a system call is at a well-defined
-point (usually waiting for the GIL, sleeping or doing I/O with the GIL
-released), so the thread is interrupted again, a millisecond later, for up
-to :data:`SAFE_POINT_BUDGET` seconds until it is caught in a system call
-other than a memory-management one; after that the call is made wherever
-it stopped (a thread spinning in bytecode holds the GIL and is between
-bytecodes or in C code most of the time).
+a non-reentrant lock (the GIL's own mutex while it signals a condition
+variable, malloc's arena lock) or be half-way through updating allocator
+lists, and our call takes the GIL and allocates.  So the thread is
+interrupted, and let go again for half a millisecond, until it is stopped
+at a *safe point*: blocked in a waiting system call (futex wait, sleep,
+poll/select, read ...: parked with nothing half done -- typically waiting for
+the GIL or doing I/O with the GIL released), or executing the eval loop
+itself (``_PyEval_EvalFrameDefault``, not a callee: it holds the GIL between
+bytecodes or C calls).  A thread never seen at one within the timeout gives
+``timeout``.
 
 Failures raise :class:`~perfagent.python.detect.InjectionSkip` (nothing was
 done: ``not_python``, ``python_too_old``, ``no_perf_trampoline``,
@@ -39,7 +41,7 @@ from typing import Optional
 
 from perfagent import arch
 from perfagent.errors import CaptureError
-from perfagent.ptrace.call import RemoteCaller, in_syscall
+from perfagent.ptrace.call import RemoteCaller, waiting_in_syscall
 from perfagent.ptrace.thread import PTRACE_EPERM_HINT, PtraceError, TracedThread
 from perfagent.python.detect import InjectionSkip, PythonTarget, detect
 
@@ -48,10 +50,8 @@ log = logging.getLogger("perfagent.python")
 ACTIVATE_CODE = "__import__('sys').activate_stack_trampoline('perf')"
 DEACTIVATE_CODE = "__import__('sys').deactivate_stack_trampoline()"
 
-#: Seconds spent looking for a system-call stop before calling anyway.
-SAFE_POINT_BUDGET = 0.05
-#: Pause between two interrupts while looking for one.
-SAFE_POINT_RETRY = 0.001
+#: Pause between two interrupts while looking for a safe point.
+SAFE_POINT_RETRY = 0.0005
 #: Upper bound on the time to stop a thread that is running our call after a
 #: timeout, so it can be restored.
 _RESTORE_STOP_TIMEOUT = 2.0
@@ -92,19 +92,33 @@ def _c_int(value: int) -> int:
     return value - (1 << 32) if value >= (1 << 31) else value
 
 
-def _stop_at_safe_point(thread: TracedThread, deadline: float) -> None:
-    """Interrupt the thread, preferably while it is in a system call."""
-    a = arch.current()
-    avoid = {a.SYSCALLS[name] for name in a.ALLOCATOR_SYSCALLS}
+def _at_safe_point(target: PythonTarget, regs) -> bool:
+    if waiting_in_syscall(regs):
+        return True
+    if target.eval_loop is not None:
+        ip = getattr(regs, arch.current().REG_IP)
+        return target.eval_loop[0] <= ip < target.eval_loop[1]
+    return False
+
+
+def _stop_at_safe_point(thread: TracedThread, target: PythonTarget, deadline: float) -> int:
+    """Interrupt the thread until it stops at a safe point; the attempts made.
+
+    Between attempts the thread runs freely (its signals delivered as
+    usual) for :data:`SAFE_POINT_RETRY` seconds.
+    """
+    attempts = 1
     thread.interrupt(max(deadline - time.monotonic(), 0.001))
-    give_up = min(time.monotonic() + SAFE_POINT_BUDGET, deadline)
-    while time.monotonic() < give_up:
-        nr = in_syscall(thread.getregs())
-        if nr is not None and nr not in avoid:
-            return
+    while not _at_safe_point(target, thread.getregs()):
+        if time.monotonic() >= deadline:
+            raise PtraceError("timeout", "pid=%d reason=timeout: the main thread was never seen "
+                              "at a safe point (blocked in a system call or in the eval loop)"
+                              % thread.tid)
         thread.resume(0)
         time.sleep(SAFE_POINT_RETRY)
         thread.interrupt(max(deadline - time.monotonic(), 0.001))
+        attempts += 1
+    return attempts
 
 
 def run_statement(target: PythonTarget, code: str, timeout: float) -> None:
@@ -117,14 +131,15 @@ def run_statement(target: PythonTarget, code: str, timeout: float) -> None:
     error: Optional[BaseException] = None
     try:
         thread.seize()
-        _stop_at_safe_point(thread, deadline)
+        attempts = _stop_at_safe_point(thread, target, deadline)
+        log.debug("pid=%d safe point after %d interrupt(s)", pid, attempts)
         caller = RemoteCaller(thread)
         caller.begin()
         payload = caller.push(code.encode("utf-8") + b"\0")
         sym = target.symbols
-        state = _c_int(caller.call(sym["PyGILState_Ensure"], (), deadline))
-        rc = _c_int(caller.call(sym["PyRun_SimpleString"], (payload,), deadline))
-        caller.call(sym["PyGILState_Release"], (state,), deadline)
+        state = _c_int(caller.call(sym["PyGILState_Ensure"], (), deadline, "PyGILState_Ensure"))
+        rc = _c_int(caller.call(sym["PyRun_SimpleString"], (payload,), deadline, "PyRun_SimpleString"))
+        caller.call(sym["PyGILState_Release"], (state,), deadline, "PyGILState_Release")
         if rc != 0:
             raise InjectionError("python_error", "PyRun_SimpleString(%r) returned %d" % (code, rc), pid)
     except PtraceError as exc:

@@ -1,0 +1,323 @@
+"""perf-trampoline injection into real CPython processes (no mocks).
+
+For each CPython 3.12+ available here, a target (tests/programs/py_target.py)
+is started *without* -X perf in an awkward state with a second thread
+running; the test activates the trampoline, checks that /tmp/perf-PID.map
+fills with ``py::`` entries, deactivates, checks that it stops growing, and
+that the target is alive, untraced, has no stopped thread, keeps making
+progress in every thread, did not see a blocking call return early and
+wrote nothing on stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import List, Optional, Tuple
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from perfagent.ptrace import thread_states, tracer_pid  # noqa: E402
+from perfagent.python import InjectionError, InjectionSkip, activate, deactivate, detect  # noqa: E402
+
+TARGET = os.path.join(REPO, "tests", "programs", "py_target.py")
+BLOCK = 4.0  # py_target.BLOCK
+
+CACHE = "/var/cache/perfagent/pythons"
+_CANDIDATES = [
+    ("3.13-shared", os.path.join(CACHE, "3.13-shared/bin/python3.13")),
+    ("3.13-static", os.path.join(CACHE, "3.13-static/bin/python3.13")),
+    ("pyenv-3.13", "/root/.pyenv/versions/3.13.0/bin/python3.13"),
+    ("pyenv-3.12", "/root/.pyenv/versions/3.12.1/bin/python3.12"),
+]
+
+
+def available_pythons() -> List[Tuple[str, str]]:
+    found = [(n, p) for n, p in _CANDIDATES if os.access(p, os.X_OK)]
+    if any(n.startswith("3.13-") for n, _ in found):
+        # The purpose-built 3.13s cover 3.13; keep pyenv's 3.12.
+        found = [(n, p) for n, p in found if n != "pyenv-3.13"]
+    return found
+
+
+PYTHONS = available_pythons()
+OLD_PYTHON = "/usr/bin/python3.11"
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="ptrace of other processes needs root here")
+
+
+class Target:
+    """A running py_target.py whose stdout lines are collected with timestamps."""
+
+    def __init__(self, python: str, mode: str, tmpdir: str) -> None:
+        self.err_path = os.path.join(tmpdir, "stderr-%s.txt" % mode)
+        self.err = open(self.err_path, "wb")
+        self.proc = subprocess.Popen([python, TARGET, mode], stdout=subprocess.PIPE,
+                                     stderr=self.err, stdin=subprocess.DEVNULL)
+        self.pid = self.proc.pid
+        self.lines: List[Tuple[float, str]] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.wait_for(lambda: self.find("ready"), 10, "ready")
+
+    def _read(self) -> None:
+        for raw in self.proc.stdout:
+            self.lines.append((time.monotonic(), raw.decode().strip()))
+
+    def find(self, prefix: str, since: float = 0.0) -> List[List[str]]:
+        return [line.split() for t, line in list(self.lines) if t >= since and line.startswith(prefix)]
+
+    def last_tick(self) -> int:
+        ticks = self.find("tick")
+        return int(ticks[-1][1]) if ticks else -1
+
+    def wait_for(self, cond, timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = cond()
+            if value:
+                return value
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        raise AssertionError("target %s: no %s within %.1fs; stderr: %r; last lines %r"
+                             % (self.pid, what, timeout, self.stderr(), self.lines[-5:]))
+
+    def stderr(self) -> str:
+        self.err.flush()
+        with open(self.err_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    @property
+    def perf_map(self) -> str:
+        return "/tmp/perf-%d.map" % self.pid
+
+    def py_entries(self) -> List[str]:
+        try:
+            with open(self.perf_map) as f:
+                return [line for line in f if " py::" in line]
+        except FileNotFoundError:
+            return []
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.err.close()
+        try:
+            os.unlink(self.perf_map)
+        except FileNotFoundError:
+            pass
+
+
+def assert_released(pid: int) -> None:
+    """Alive, untraced, and no thread in tracing/job-control stop."""
+    assert os.path.exists("/proc/%d" % pid)
+    assert tracer_pid(pid) == 0
+    states = thread_states(pid)
+    assert states and not any(s in "tT" for s in states.values()), states
+
+
+@pytest.fixture
+def target_factory(tmp_path):
+    started: List[Target] = []
+
+    def start(python: str, mode: str) -> Target:
+        t = Target(python, mode, str(tmp_path))
+        started.append(t)
+        return t
+    yield start
+    for t in started:
+        t.close()
+
+
+def _activate_deactivate(t: Target) -> Tuple[float, float]:
+    t.wait_for(lambda: t.last_tick() >= 3, 5, "worker ticks")
+    assert t.py_entries() == [], "target writes a perf map before activation"
+    up = activate(t.pid)
+    assert_released(t.pid)
+    entries = t.wait_for(lambda: [e for e in t.py_entries() if "fresh_" in e], 5,
+                         "py:: entries after activation")
+    assert any(e.split(None, 2)[2].startswith("py::") for e in entries)
+    down = deactivate(t.pid)
+    assert_released(t.pid)
+    # Functions already compiled into trampolines may finish being written;
+    # after that, calling new functions must add nothing.
+    time.sleep(0.3)
+    settled = len(t.py_entries())
+    tick = t.last_tick()
+    t.wait_for(lambda: t.last_tick() >= tick + 10, 5, "worker progress after deactivation")
+    assert len(t.py_entries()) == settled, "perf map still growing after deactivation"
+    return up, down
+
+
+BLOCKING_MODES = ("sleep", "event", "select", "read")
+PROGRESS_MODES = ("busy", "alloc", "subproc", "pipe", "sigalrm")
+
+
+@needs_root
+@pytest.mark.skipif(not PYTHONS, reason="no CPython 3.12+ available")
+@pytest.mark.parametrize("python", [p for _, p in PYTHONS], ids=[n for n, _ in PYTHONS])
+@pytest.mark.parametrize("mode", BLOCKING_MODES + PROGRESS_MODES)
+def test_activate_deactivate(target_factory, python, mode):
+    t = target_factory(python, mode)
+    started = time.monotonic()
+    if mode == "sigalrm":
+        t.wait_for(lambda: len(t.find("main sigalrm")) >= 4, 5, "signal reports")
+    t.wait_for(lambda: t.last_tick() >= 3, 5, "worker ticks")
+    before_main = len(t.find("main"))
+    _activate_deactivate(t)
+
+    if mode in BLOCKING_MODES:
+        # The first blocking call was under way during both injections: it
+        # must complete normally, and not a moment early.
+        first = t.wait_for(lambda: t.find("main"), BLOCK + 5, "main thread report")[0]
+        elapsed = float(first[-1])
+        assert elapsed >= BLOCK - 0.002, first
+        if mode == "event":
+            assert first[2] == "False"
+        elif mode == "select":
+            assert first[2] == "0"
+        elif mode == "read":
+            assert first[2] == "x"
+        assert time.monotonic() - started >= BLOCK - 0.5
+    else:
+        # The main thread keeps going after the agent is gone.
+        n = len(t.find("main"))
+        t.wait_for(lambda: len(t.find("main")) >= n + 2, 10, "main thread progress")
+        assert len(t.find("main")) > before_main
+    if mode == "sigalrm":
+        reports = t.find("main sigalrm")
+        count, elapsed = int(reports[-1][2]), float(reports[-1][3])
+        # 1 kHz for `elapsed` seconds; itimer overruns coalesce under load,
+        # but a swallowed stream of signals would show as a large shortfall.
+        assert count >= 0.5 * elapsed * 1000, (count, elapsed)
+        # Counting never stalled across the injections.
+        counts = [int(r[2]) for r in reports]
+        assert counts == sorted(counts) and counts[-1] > counts[0]
+    assert t.proc.poll() is None
+    assert_released(t.pid)
+    assert t.stderr() == ""
+
+
+@needs_root
+@pytest.mark.skipif(not PYTHONS, reason="no CPython 3.12+ available")
+@pytest.mark.parametrize("python", [p for _, p in PYTHONS], ids=[n for n, _ in PYTHONS])
+def test_detect(target_factory, python):
+    t = target_factory(python, "sleep")
+    target = detect(t.pid)
+    out = subprocess.run([python, "-c", "import sys; print('%d.%d' % sys.version_info[:2]);"
+                          "import sysconfig; print(sysconfig.get_config_var('Py_ENABLE_SHARED'))"],
+                         stdout=subprocess.PIPE, text=True, check=True).stdout.split()
+    assert "%d.%d" % target.version == out[0]
+    assert target.shared == (out[1] == "1")
+    assert set(target.symbols) == {"PyGILState_Ensure", "PyRun_SimpleString", "PyGILState_Release"}
+    assert_released(t.pid)
+
+
+@needs_root
+@pytest.mark.skipif(not PYTHONS, reason="no CPython 3.12+ available")
+@pytest.mark.parametrize("python", [p for _, p in PYTHONS], ids=[n for n, _ in PYTHONS])
+def test_gil_never_released_times_out(target_factory, python):
+    """A thread holding the GIL in C forever: give up after `timeout`, restore, detach."""
+    t = target_factory(python, "gilhog")
+    time.sleep(0.3)
+    start = time.monotonic()
+    with pytest.raises(InjectionError) as info:
+        activate(t.pid, timeout=1.0)
+    took = time.monotonic() - start
+    assert info.value.reason == "timeout"
+    assert str(info.value).startswith("pid=%d reason=timeout" % t.pid)
+    assert took < 4.0
+    assert_released(t.pid)
+    time.sleep(0.2)
+    assert t.proc.poll() is None
+    assert_released(t.pid)
+    assert t.stderr() == ""
+
+
+@needs_root
+@pytest.mark.skipif(not PYTHONS, reason="no CPython 3.12+ available")
+def test_repeated_activation_is_idempotent(target_factory):
+    t = target_factory(PYTHONS[0][1], "busy")
+    t.wait_for(lambda: t.last_tick() >= 3, 5, "worker ticks")
+    for _ in range(5):
+        activate(t.pid)
+        activate(t.pid)
+        deactivate(t.pid)
+    assert_released(t.pid)
+    n = len(t.find("main"))
+    t.wait_for(lambda: len(t.find("main")) >= n + 2, 10, "main thread progress")
+    assert t.stderr() == ""
+
+
+# ------------------------------------------------------------------ refusals
+
+def _spawn(argv: List[str]) -> subprocess.Popen:
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    time.sleep(0.3)
+    return p
+
+
+@pytest.mark.skipif(not os.access(OLD_PYTHON, os.X_OK), reason="no %s" % OLD_PYTHON)
+def test_python_too_old():
+    p = _spawn([OLD_PYTHON, "-c", "import time; time.sleep(30)"])
+    try:
+        with pytest.raises(InjectionSkip) as info:
+            activate(p.pid)
+        assert info.value.reason == "python_too_old"
+        assert str(info.value).startswith("pid=%d reason=python_too_old" % p.pid)
+        assert tracer_pid(p.pid) == 0
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_native_program_is_not_python():
+    p = _spawn(["sleep", "30"])
+    try:
+        with pytest.raises(InjectionSkip) as info:
+            activate(p.pid)
+        assert info.value.reason == "not_python"
+        assert tracer_pid(p.pid) == 0
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_process_gone():
+    p = subprocess.Popen(["true"])
+    p.wait()
+    with pytest.raises(InjectionSkip) as info:
+        deactivate(p.pid)
+    assert info.value.reason == "process_gone"
+
+
+@needs_root
+@pytest.mark.skipif(not PYTHONS, reason="no CPython 3.12+ available")
+@pytest.mark.skipif(not os.access(OLD_PYTHON, os.X_OK), reason="no %s" % OLD_PYTHON)
+def test_unprivileged_agent_gets_ptrace_eperm(target_factory):
+    t = target_factory(PYTHONS[0][1], "sleep")
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "from perfagent.python import activate, InjectionSkip\n"
+            "try:\n    activate(%d)\nexcept InjectionSkip as e:\n    print(e.reason); print(e)\n"
+            % (REPO, t.pid))
+
+    def drop():
+        os.setgid(65534)
+        os.setuid(65534)
+    # The agent runs as nobody (with an interpreter nobody may execute).
+    out = subprocess.run([OLD_PYTHON, "-c", code], stdout=subprocess.PIPE, text=True,
+                         preexec_fn=drop, timeout=30)
+    lines = out.stdout.splitlines()
+    assert lines and lines[0] == "ptrace_eperm", out
+    assert "CAP_SYS_PTRACE" in lines[1]
+    assert_released(t.pid)
