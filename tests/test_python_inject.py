@@ -40,8 +40,20 @@ _CANDIDATES = [
 ]
 
 
+def _works(python: str) -> bool:
+    """Installed and runnable (a build in progress may have a half-made tree)."""
+    if not os.access(python, os.X_OK):
+        return False
+    try:
+        return subprocess.run([python, "-c", "import sys; assert sys.version_info >= (3, 12)"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
 def available_pythons() -> List[Tuple[str, str]]:
-    found = [(n, p) for n, p in _CANDIDATES if os.access(p, os.X_OK)]
+    found = [(n, p) for n, p in _CANDIDATES if _works(p)]
     if any(n.startswith("3.13-") for n, _ in found):
         # The purpose-built 3.13s cover 3.13; keep pyenv's 3.12.
         found = [(n, p) for n, p in found if n != "pyenv-3.13"]

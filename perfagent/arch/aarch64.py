@@ -68,3 +68,6 @@ BLOCKING_SYSCALLS = {"futex": 98, "read": 63, "write": 64, "ppoll": 73, "pselect
 FUTEX_WAIT_OPS = (0, 6, 9, 11, 13)
 FUTEX_CMD_MASK = 0x7f
 REG_SYSCALL_ARG2 = "x1"
+# NT_PRFPREG: struct user_fpsimd_state (v0..v31, fpsr, fpcr).
+NT_PRFPREG = 2
+XSTATE_NOTES = ((NT_PRFPREG, 528),)

@@ -137,3 +137,10 @@ FUTEX_WAIT_OPS = (0, 6, 9, 11, 13)
 FUTEX_CMD_MASK = 0x7f
 # The register holding a system call's second argument (futex's op).
 REG_SYSCALL_ARG2 = "rsi"
+# Register sets holding the FPU/SSE/AVX state, best first, with a buffer size
+# big enough for each (include/uapi/linux/elf.h): NT_X86_XSTATE is the XSAVE
+# area (a few KiB with AVX-512, AMX tile data makes it ~11 KiB),
+# NT_PRFPREG the 512-byte FXSAVE area (struct user_fpregs_struct).
+NT_X86_XSTATE = 0x202
+NT_PRFPREG = 2
+XSTATE_NOTES = ((NT_X86_XSTATE, 16384), (NT_PRFPREG, 512))

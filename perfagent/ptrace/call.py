@@ -91,6 +91,7 @@ class RemoteCaller:
         self.thread = thread
         self.arch = arch.current()
         self.saved = None
+        self.saved_xstate = None
         self._cursor = 0
         self._undo: List[Tuple[int, bytes]] = []
 
@@ -99,6 +100,10 @@ class RemoteCaller:
             raise PtraceError("ptrace_failed", "pid=%d reason=ptrace_failed: thread not stopped"
                               % self.thread.tid)
         self.saved = self.thread.getregs()
+        # The called code clobbers vector/x87 registers the interrupted code
+        # may have live (memcpy keeps data in ymm registers, compilers spill
+        # into xmm): the extended state is saved and restored too.
+        self.saved_xstate = self.thread.get_xstate()
         self._cursor = getattr(self.saved, self.arch.REG_SP) - self.arch.STACK_RED_ZONE
         self._undo = []
 
@@ -130,8 +135,8 @@ class RemoteCaller:
         slot = ((self._cursor & ~(a.STACK_ALIGN - 1)) - 8)
         self._write_saving(slot, RETURN_TRAP_ADDRESS.to_bytes(8, "little"))
         regs = copy_regs(self.saved)
-        for name, value in zip(a.REG_ARGS, args):
-            setattr(regs, name, value & _MASK64)
+        for reg, value in zip(a.REG_ARGS, args):
+            setattr(regs, reg, value & _MASK64)
         setattr(regs, a.REG_IP, func)
         setattr(regs, a.REG_SP, slot)
         setattr(regs, a.REG_ORIG_SYSCALL, _MASK64)  # -1: not in a system call
@@ -180,4 +185,6 @@ class RemoteCaller:
             t.write(addr, data)
         self._undo = []
         t.setregs(self.saved)
+        if self.saved_xstate is not None:
+            t.set_xstate(self.saved_xstate)
         self.saved = None

@@ -241,6 +241,32 @@ class TracedThread:
         iov = B.iovec(ctypes.addressof(regs), ctypes.sizeof(regs))
         self._ptrace(B.PTRACE_SETREGSET, B.NT_PRSTATUS, ctypes.addressof(iov))
 
+    def get_xstate(self):
+        """The FPU/vector register state as an opaque (note type, bytes) pair.
+
+        PTRACE_GETREGSET with the arch's extended note (NT_X86_XSTATE: the
+        XSAVE area with AVX/AVX-512 state), else NT_PRFPREG (the 512-byte
+        FXSAVE area).  The kernel shortens iov_len to what it wrote.
+        """
+        for note, size in arch.current().XSTATE_NOTES:
+            buf = ctypes.create_string_buffer(size)
+            iov = B.iovec(ctypes.addressof(buf), size)
+            try:
+                B.ptrace(B.PTRACE_GETREGSET, self.tid, note, ctypes.addressof(iov))
+            except OSError as exc:
+                if exc.errno in (errno.EINVAL, errno.ENODEV, errno.EIO):
+                    continue
+                raise self._fail(exc, "PTRACE_GETREGSET(%#x)" % note) from None
+            return note, buf.raw[:iov.iov_len]
+        return None
+
+    def set_xstate(self, state) -> None:
+        """Write back what :meth:`get_xstate` returned."""
+        note, data = state
+        buf = ctypes.create_string_buffer(data, len(data))
+        iov = B.iovec(ctypes.addressof(buf), len(data))
+        self._ptrace(B.PTRACE_SETREGSET, note, ctypes.addressof(iov))
+
     def siginfo(self) -> B.siginfo_t:
         try:
             return B.getsiginfo(self.tid)

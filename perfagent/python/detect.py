@@ -56,6 +56,17 @@ VERSION_SYMBOL = "Py_Version"
 #: where calling back into the interpreter is safe.
 EVAL_LOOP_SYMBOL = "_PyEval_EvalFrameDefault"
 
+#: Functions that take, drop or wait for the GIL.  A thread with one of
+#: them on its stack is inside pthread_cond/mutex code of the GIL itself;
+#: nesting a PyGILState_Ensure there can deadlock (glibc's condvar makes a
+#: signaller wait for every registered waiter, including the one we hold).
+#: take_gil/drop_gil are local symbols (.symtab); the others are exported,
+#: which still catches a build without .symtab one frame further out.
+GIL_SYMBOLS = ("take_gil", "drop_gil", "PyEval_RestoreThread", "PyEval_SaveThread",
+               "PyEval_AcquireThread", "PyEval_ReleaseThread", "PyEval_AcquireLock",
+               "PyEval_ReleaseLock", "_PyEval_AcquireLock", "PyGILState_Ensure",
+               "PyGILState_Release", "_Py_HandlePending", "_PyEval_ReInitThreads")
+
 #: libpython3.13.so.1.0, libpython3.13t.so.1.0, libpython3.12d.so ...
 _LIBPYTHON_RE = re.compile(r"^libpython(\d+)\.(\d+)([a-z]*)\.so(\.[0-9.]*)?$")
 
@@ -96,6 +107,8 @@ class PythonTarget:
         self.abiflags = abiflags
         #: [start, end) of _PyEval_EvalFrameDefault at run time, if known.
         self.eval_loop: Optional[Tuple[int, int]] = None
+        #: [start, end) of each GIL_SYMBOLS function found, at run time.
+        self.gil_ranges: List[Tuple[int, int]] = []
 
     def __repr__(self) -> str:
         return "<PythonTarget pid=%d %d.%d%s %s %s>" % (
@@ -256,7 +269,7 @@ def detect(pid: int) -> PythonTarget:
         raise _skip(pid, "not_python", "cannot read executable %s: %s" % (entry.path, exc)) from None
     try:
         wanted = (set(CALL_SYMBOLS) | set(INTERPRETER_SYMBOLS) | set(TRAMPOLINE_SYMBOLS)
-                  | {VERSION_SYMBOL, EVAL_LOOP_SYMBOL})
+                  | {VERSION_SYMBOL, EVAL_LOOP_SYMBOL} | set(GIL_SYMBOLS))
         sizes: Dict[str, int] = {}
         try:
             syms = _symbols(elf, wanted, sizes)
@@ -299,6 +312,8 @@ def detect(pid: int) -> PythonTarget:
         raise _skip(pid, "no_libpython_symbols", "%s: missing %s" % (entry.path, ", ".join(missing)))
     target = PythonTarget(pid, version, entry.path, opened_as, bias,
                           {s: syms[s] + bias for s in CALL_SYMBOLS}, shared, abiflags)
+    target.gil_ranges = sorted((syms[s] + bias, syms[s] + bias + sizes[s])
+                               for s in GIL_SYMBOLS if sizes.get(s))
     if sizes.get(EVAL_LOOP_SYMBOL):
         start = syms[EVAL_LOOP_SYMBOL] + bias
         target.eval_loop = (start, start + sizes[EVAL_LOOP_SYMBOL])

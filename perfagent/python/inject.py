@@ -21,7 +21,11 @@ at a *safe point*: blocked in a waiting system call (futex wait, sleep,
 poll/select, read ...: parked with nothing half done -- typically waiting for
 the GIL or doing I/O with the GIL released), or executing the eval loop
 itself (``_PyEval_EvalFrameDefault``, not a callee: it holds the GIL between
-bytecodes or C calls).  A thread never seen at one within the timeout gives
+bytecodes or C calls).  A blocked thread counts only if none of its
+innermost frames (unwound with the DWARF walker) is a GIL function
+(``take_gil``, ``drop_gil``, ``PyEval_RestoreThread`` ...): a thread parked
+in the GIL's condition variable is registered as a waiter, and glibc makes
+the next signaller wait for it -- while we hold it, that is a deadlock.  A thread never seen at one within the timeout gives
 ``timeout``.
 
 Failures raise :class:`~perfagent.python.detect.InjectionSkip` (nothing was
@@ -42,6 +46,7 @@ from typing import Optional
 from perfagent import arch
 from perfagent.errors import CaptureError
 from perfagent.ptrace.call import RemoteCaller, waiting_in_syscall
+from perfagent.ptrace.stack import unwind
 from perfagent.ptrace.thread import PTRACE_EPERM_HINT, PtraceError, TracedThread
 from perfagent.python.detect import InjectionSkip, PythonTarget, detect
 
@@ -92,13 +97,25 @@ def _c_int(value: int) -> int:
     return value - (1 << 32) if value >= (1 << 31) else value
 
 
-def _at_safe_point(target: PythonTarget, regs) -> bool:
-    if waiting_in_syscall(regs):
+#: Innermost frames examined for GIL functions.
+GIL_FRAMES = 12
+
+
+def _at_safe_point(thread: TracedThread, target: PythonTarget, regs) -> bool:
+    ip = getattr(regs, arch.current().REG_IP)
+    if target.eval_loop is not None and target.eval_loop[0] <= ip < target.eval_loop[1]:
         return True
-    if target.eval_loop is not None:
-        ip = getattr(regs, arch.current().REG_IP)
-        return target.eval_loop[0] <= ip < target.eval_loop[1]
-    return False
+    if not waiting_in_syscall(regs):
+        return False
+    pcs = unwind(thread, regs)
+    if len(pcs) < 3:
+        return False  # unknown: no CFI, unreadable stack
+    for i, pc in enumerate(pcs[:GIL_FRAMES]):
+        pc = pc if i == 0 else pc - 1  # a return address follows its call
+        for start, end in target.gil_ranges:
+            if start <= pc < end:
+                return False
+    return True
 
 
 def _stop_at_safe_point(thread: TracedThread, target: PythonTarget, deadline: float) -> int:
@@ -109,7 +126,7 @@ def _stop_at_safe_point(thread: TracedThread, target: PythonTarget, deadline: fl
     """
     attempts = 1
     thread.interrupt(max(deadline - time.monotonic(), 0.001))
-    while not _at_safe_point(target, thread.getregs()):
+    while not _at_safe_point(thread, target, thread.getregs()):
         if time.monotonic() >= deadline:
             raise PtraceError("timeout", "pid=%d reason=timeout: the main thread was never seen "
                               "at a safe point (blocked in a system call or in the eval loop)"
