@@ -40,6 +40,7 @@ and detached before the exception leaves (or the process is gone).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Optional
 
@@ -47,6 +48,7 @@ from perfagent import arch
 from perfagent.errors import CaptureError
 from perfagent.ptrace.call import RemoteCaller, waiting_in_syscall
 from perfagent.ptrace.stack import unwind
+from perfagent.symbolize.procmaps import AddressSpace
 from perfagent.ptrace.thread import PTRACE_EPERM_HINT, PtraceError, TracedThread
 from perfagent.python.detect import InjectionSkip, PythonTarget, detect
 
@@ -107,9 +109,18 @@ def _at_safe_point(thread: TracedThread, target: PythonTarget, regs) -> bool:
         return True
     if not waiting_in_syscall(regs):
         return False
-    pcs = unwind(thread, regs)
-    if len(pcs) < 3:
-        return False  # unknown: no CFI, unreadable stack
+    space = AddressSpace.from_pid(thread.tgid)
+    pcs = unwind(thread, regs, space)
+    # The walk must get out of the C library (where the futex/cond-wait
+    # frames are) to tell who is waiting; otherwise it is unknown.
+    outside_libc = False
+    for pc in pcs[1:]:
+        entry = space.find(pc - 1)
+        if entry is not None and not os.path.basename(entry.path).startswith(("libc.so", "libc-", "libpthread")):
+            outside_libc = True
+            break
+    if not outside_libc:
+        return False
     for i, pc in enumerate(pcs[:GIL_FRAMES]):
         pc = pc if i == 0 else pc - 1  # a return address follows its call
         for start, end in target.gil_ranges:
