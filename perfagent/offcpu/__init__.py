@@ -10,5 +10,5 @@ Both key their counts by (tgid, tid, user stack id, kernel stack id) and
 return instruction pointers leaf first; symbolization is the caller's.
 """
 
-from perfagent.offcpu.collector import OffCpuCollector, OffCpuStack  # noqa: F401
+from perfagent.offcpu.collector import OffCpuCollector, OffCpuStack, strip_tracing_frames  # noqa: F401
 from perfagent.offcpu.inkernel import InKernelSampler, OnCpuStack  # noqa: F401

@@ -14,8 +14,11 @@ A tp_btf program on sched_switch does the bookkeeping in the kernel:
 than TASK_RUNNING, and not by preemption: a thread that is preempted (or
 yields) stays runnable, and the time it then spends waiting in the run queue
 is left out on purpose.  That is CPU contention, not blocking, and counting
-it would make every busy thread on a loaded machine look "off-CPU".  Dying
-threads (TASK_DEAD) are not recorded either: they never come back.
+it would make every busy thread on a loaded machine look "off-CPU".  An
+interval that did start with blocking ends when the thread runs again, not
+when it is woken, so it includes the run-queue wait after the wakeup (on a
+loaded machine, part of a 10 ms sleep is waiting for a CPU).  Dying threads
+(TASK_DEAD) are not recorded: they never come back.
 
 User stacks come from bpf_get_stackid with BPF_F_USER_STACK, which walks
 frame pointers from the user registers saved at kernel entry.  Code built
@@ -39,7 +42,7 @@ from __future__ import annotations
 import errno
 import struct
 import time
-from typing import Dict, List, NamedTuple, Optional, Set, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from perfagent.bpf import syscall as sc
 from perfagent.bpf.asm import DW, FP, R0, R1, R2, R3, R4, R6, R7, R8, R9, W, Program
@@ -87,7 +90,8 @@ class OffCpuStack(NamedTuple):
     """Blocked time of one thread at one (user stack, kernel stack).
 
     Instruction pointers are leaf first; an empty tuple means the stack was
-    not available (see ``OffCpuCollector.lost_stacks``).
+    not available (see ``OffCpuCollector.lost_stacks``).  The kernel stack
+    starts inside the BPF program: see ``strip_tracing_frames``.
     """
 
     tgid: int
@@ -206,6 +210,28 @@ def build_program(args: _SchedSwitchArgs, blocked: HashMap, counts: HashMap,
     p.mov(R0, 0)
     p.exit()
     return p
+
+
+SCHEDULER_ENTRY = "__schedule"
+
+
+def strip_tracing_frames(kernel_ips: Sequence[int],
+                         lookup: Callable[[int], Optional[str]]) -> Tuple[int, ...]:
+    """``kernel_ips`` from __schedule on: without the program's own frames.
+
+    A kernel stack taken at sched_switch starts with the BPF program and the
+    tracepoint's dispatch (bpf_trace_run4 here; __bpf_trace_sched_switch and
+    __traceiter_sched_switch on older kernels), which vary by kernel version,
+    so they are cut by name at symbolization time rather than with a fixed
+    skip count in the program.  ``lookup`` is a kallsyms lookup (e.g.
+    perfagent.symbolize.kallsyms.KernelSymbols.lookup); a stack without
+    __schedule (or without symbols) is returned whole.
+    """
+    for i, ip in enumerate(kernel_ips):
+        name = lookup(ip)
+        if name is not None and name.split(".")[0] == SCHEDULER_ENTRY:
+            return tuple(kernel_ips[i:])
+    return tuple(kernel_ips)
 
 
 def _monotonic_ns() -> int:
