@@ -185,6 +185,33 @@ def _symbols(elf: ELFFile, names: Iterable[str], sizes: Optional[Dict[str, int]]
     return found
 
 
+#: (st_dev, st_ino, st_size, st_mtime_ns) -> (symbols, sizes, soname): the
+#: symbol scan is the slow part of detection (tens of ms in pure Python for
+#: libpython's .symtab) and activate/deactivate of one process, or many
+#: processes of one interpreter, read the same file.
+_SYMBOL_CACHE: Dict[Tuple[int, int, int, int], Tuple[Dict[str, int], Dict[str, int], Optional[str]]] = {}
+_SYMBOL_CACHE_MAX = 64
+
+
+def _cached_symbols(elf: ELFFile, opened_as: str, wanted: Iterable[str]):
+    try:
+        st = os.stat(opened_as)
+        key: Optional[Tuple[int, int, int, int]] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        key = None
+    hit = _SYMBOL_CACHE.get(key) if key is not None else None
+    if hit is not None:
+        return hit
+    sizes: Dict[str, int] = {}
+    syms = _symbols(elf, wanted, sizes)
+    result = (syms, sizes, elf.soname)
+    if key is not None:
+        if len(_SYMBOL_CACHE) >= _SYMBOL_CACHE_MAX:
+            _SYMBOL_CACHE.clear()
+        _SYMBOL_CACHE[key] = result
+    return result
+
+
 def load_bias(elf: ELFFile, maps: List[MapEntry], entry: MapEntry) -> int:
     """Run-time address minus link-time address for the file of ``entry``.
 
@@ -270,11 +297,9 @@ def detect(pid: int) -> PythonTarget:
     try:
         wanted = (set(CALL_SYMBOLS) | set(INTERPRETER_SYMBOLS) | set(TRAMPOLINE_SYMBOLS)
                   | {VERSION_SYMBOL, EVAL_LOOP_SYMBOL} | set(GIL_SYMBOLS))
-        sizes: Dict[str, int] = {}
         try:
-            syms = _symbols(elf, wanted, sizes)
+            syms, sizes, soname = _cached_symbols(elf, opened_as, wanted)
             if name_version is None:
-                soname = elf.soname
                 if soname:
                     name_version = libpython_version(soname)
             if not shared and not any(s in syms for s in INTERPRETER_SYMBOLS):
