@@ -255,6 +255,61 @@ class Progress:
             self._shown = False
 
 
+class PythonInjection:
+    """--inject-python for running processes: activate before, deactivate after.
+
+    Strict (--pid): a target that cannot be activated aborts the run.
+    Lenient (-a): each failure is logged as ``pid=N reason=...`` and the run
+    goes on; one summary line gives the counts.  Deactivation runs for every
+    process whose activation succeeded, whatever ends the run.
+    """
+
+    # Seconds one activation may take: a single --pid target gets time to
+    # reach a safe point; with -a, one process that never does must not
+    # hold up the whole machine's capture.
+    STRICT_TIMEOUT = 5.0
+    LENIENT_TIMEOUT = 1.0
+
+    def __init__(self, strict: bool) -> None:
+        self.strict = strict
+        self.timeout = self.STRICT_TIMEOUT if strict else self.LENIENT_TIMEOUT
+        self.active: List[int] = []
+        self.skipped: dict = {}
+
+    def activate(self, pids: List[int]) -> None:
+        from perfagent.python.detect import InjectionSkip
+        from perfagent.python.inject import InjectionError, activate
+        me = os.getpid()
+        for pid in pids:
+            if pid == me:
+                continue
+            try:
+                activate(pid, timeout=self.timeout)
+            except (InjectionSkip, InjectionError) as exc:
+                if self.strict:
+                    raise CaptureError("--inject-python: %s" % exc) from None
+                self.skipped[exc.reason] = self.skipped.get(exc.reason, 0) + 1
+                if exc.reason not in ("not_python", "process_gone"):
+                    log(str(exc))
+                continue
+            self.active.append(pid)
+        if not self.strict:
+            counts = " ".join("%s=%d" % kv for kv in sorted(self.skipped.items()))
+            log("inject-python: activated %d processes%s" % (len(self.active),
+                                                            "; skipped " + counts if counts else ""))
+
+    def deactivate(self) -> None:
+        from perfagent.python.detect import InjectionSkip
+        from perfagent.python.inject import InjectionError, deactivate
+        active, self.active = self.active, []
+        for pid in active:
+            try:
+                deactivate(pid, timeout=self.timeout)
+            except (InjectionSkip, InjectionError) as exc:
+                if exc.reason != "process_gone":  # the target exited meanwhile: harmless
+                    log("deactivation failed: %s" % exc)
+
+
 class StopFlag:
     """Set by SIGINT/SIGTERM; the capture loop checks it at each drain."""
 
@@ -340,7 +395,12 @@ def run(opts: Options) -> int:
     wall_start = time.time()
     mono_start = time.monotonic()
     stop.install()
+    injection: Optional[PythonInjection] = None
     try:
+        if opts.inject_python and launched is None and not opts.command:
+            injection = PythonInjection(strict=opts.pid is not None)
+            injection.activate([opts.pid] if opts.pid is not None else
+                               sorted(int(n) for n in os.listdir("/proc") if n.isdigit()))
         try:
             if opts.all:
                 for name in os.listdir("/proc"):
@@ -408,6 +468,8 @@ def run(opts: Options) -> int:
             lost = sampler.lost
             sampler.close()
     finally:
+        if injection is not None:
+            injection.deactivate()
         stop.restore()
     duration_ns = int((time.monotonic() - mono_start) * 1e9)
 
