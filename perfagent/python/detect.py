@@ -56,16 +56,30 @@ VERSION_SYMBOL = "Py_Version"
 #: where calling back into the interpreter is safe.
 EVAL_LOOP_SYMBOL = "_PyEval_EvalFrameDefault"
 
-#: Functions that take, drop or wait for the GIL.  A thread with one of
-#: them on its stack is inside pthread_cond/mutex code of the GIL itself;
-#: nesting a PyGILState_Ensure there can deadlock (glibc's condvar makes a
-#: signaller wait for every registered waiter, including the one we hold).
-#: take_gil/drop_gil are local symbols (.symtab); the others are exported,
-#: which still catches a build without .symtab one frame further out.
-GIL_SYMBOLS = ("take_gil", "drop_gil", "PyEval_RestoreThread", "PyEval_SaveThread",
-               "PyEval_AcquireThread", "PyEval_ReleaseThread", "PyEval_AcquireLock",
-               "PyEval_ReleaseLock", "_PyEval_AcquireLock", "PyGILState_Ensure",
-               "PyGILState_Release", "_Py_HandlePending", "_PyEval_ReInitThreads")
+#: Functions that must not be on the stack of a thread we make call into
+#: the interpreter, because they hold or wait for a lock our call takes:
+#:
+#: * the GIL's own code: a thread parked in the GIL's condition variable is
+#:   registered as a waiter, and glibc makes the next signaller wait for it
+#:   -- while we hold it, a deadlock;
+#: * the perf-map writer: it holds the (non-reentrant) perf map lock, and
+#:   with the trampoline on, our statement's own code object is written to
+#:   the map too.
+#:
+#: The static ones (take_gil, perf_map_write_entry ...) are in .symtab
+#: only; their exported callers still catch a build without .symtab one
+#: frame further out.
+UNSAFE_FRAME_SYMBOLS = (
+    "take_gil", "drop_gil", "PyEval_RestoreThread", "PyEval_SaveThread",
+    "PyEval_AcquireThread", "PyEval_ReleaseThread", "PyEval_AcquireLock",
+    "PyEval_ReleaseLock", "_PyEval_AcquireLock", "PyGILState_Ensure",
+    "PyGILState_Release", "_Py_HandlePending", "_PyEval_ReInitThreads",
+    "PyUnstable_WritePerfMapEntry", "perf_map_write_entry", "perf_map_jit_write_entry",
+    "PyUnstable_PerfMapState_Init", "PyUnstable_PerfMapState_Fini", "perf_map_init_state",
+    "PyUnstable_CopyPerfMapFile", "_PyPerfTrampoline_SetCallbacks", "_PyPerfTrampoline_Init",
+    "_PyPerfTrampoline_Fini", "_PyPerfTrampoline_FreeArenas", "_PyPerfTrampoline_AfterFork_Child",
+    "compile_trampoline", "new_code_arena",
+)
 
 #: libpython3.13.so.1.0, libpython3.13t.so.1.0, libpython3.12d.so ...
 _LIBPYTHON_RE = re.compile(r"^libpython(\d+)\.(\d+)([a-z]*)\.so(\.[0-9.]*)?$")
@@ -107,8 +121,8 @@ class PythonTarget:
         self.abiflags = abiflags
         #: [start, end) of _PyEval_EvalFrameDefault at run time, if known.
         self.eval_loop: Optional[Tuple[int, int]] = None
-        #: [start, end) of each GIL_SYMBOLS function found, at run time.
-        self.gil_ranges: List[Tuple[int, int]] = []
+        #: [start, end) of each UNSAFE_FRAME_SYMBOLS function found, at run time.
+        self.unsafe_ranges: List[Tuple[int, int]] = []
 
     def __repr__(self) -> str:
         return "<PythonTarget pid=%d %d.%d%s %s %s>" % (
@@ -296,7 +310,7 @@ def detect(pid: int) -> PythonTarget:
         raise _skip(pid, "not_python", "cannot read executable %s: %s" % (entry.path, exc)) from None
     try:
         wanted = (set(CALL_SYMBOLS) | set(INTERPRETER_SYMBOLS) | set(TRAMPOLINE_SYMBOLS)
-                  | {VERSION_SYMBOL, EVAL_LOOP_SYMBOL} | set(GIL_SYMBOLS))
+                  | {VERSION_SYMBOL, EVAL_LOOP_SYMBOL} | set(UNSAFE_FRAME_SYMBOLS))
         try:
             syms, sizes, soname = _cached_symbols(elf, opened_as, wanted)
             if name_version is None:
@@ -337,8 +351,8 @@ def detect(pid: int) -> PythonTarget:
         raise _skip(pid, "no_libpython_symbols", "%s: missing %s" % (entry.path, ", ".join(missing)))
     target = PythonTarget(pid, version, entry.path, opened_as, bias,
                           {s: syms[s] + bias for s in CALL_SYMBOLS}, shared, abiflags)
-    target.gil_ranges = sorted((syms[s] + bias, syms[s] + bias + sizes[s])
-                               for s in GIL_SYMBOLS if sizes.get(s))
+    target.unsafe_ranges = sorted((syms[s] + bias, syms[s] + bias + sizes[s])
+                                  for s in UNSAFE_FRAME_SYMBOLS if sizes.get(s))
     if sizes.get(EVAL_LOOP_SYMBOL):
         start = syms[EVAL_LOOP_SYMBOL] + bias
         target.eval_loop = (start, start + sizes[EVAL_LOOP_SYMBOL])

@@ -22,10 +22,9 @@ poll/select, read ...: parked with nothing half done -- typically waiting for
 the GIL or doing I/O with the GIL released), or executing the eval loop
 itself (``_PyEval_EvalFrameDefault``, not a callee: it holds the GIL between
 bytecodes or C calls).  A blocked thread counts only if none of its
-innermost frames (unwound with the DWARF walker) is a GIL function
-(``take_gil``, ``drop_gil``, ``PyEval_RestoreThread`` ...): a thread parked
-in the GIL's condition variable is registered as a waiter, and glibc makes
-the next signaller wait for it -- while we hold it, that is a deadlock.  A thread never seen at one within the timeout gives
+innermost frames (unwound with the DWARF walker) is a function that holds
+or waits for a lock our call needs (the GIL's ``take_gil``/``drop_gil``,
+the perf-map writer: see ``UNSAFE_FRAME_SYMBOLS`` in detect.py).  A thread never seen at one within the timeout gives
 ``timeout``.
 
 Failures raise :class:`~perfagent.python.detect.InjectionSkip` (nothing was
@@ -99,8 +98,8 @@ def _c_int(value: int) -> int:
     return value - (1 << 32) if value >= (1 << 31) else value
 
 
-#: Innermost frames examined for GIL functions.
-GIL_FRAMES = 12
+#: Innermost frames examined for UNSAFE_FRAME_SYMBOLS functions.
+UNSAFE_FRAMES = 16
 
 
 def _at_safe_point(thread: TracedThread, target: PythonTarget, regs) -> bool:
@@ -121,9 +120,9 @@ def _at_safe_point(thread: TracedThread, target: PythonTarget, regs) -> bool:
             break
     if not outside_libc:
         return False
-    for i, pc in enumerate(pcs[:GIL_FRAMES]):
+    for i, pc in enumerate(pcs[:UNSAFE_FRAMES]):
         pc = pc if i == 0 else pc - 1  # a return address follows its call
-        for start, end in target.gil_ranges:
+        for start, end in target.unsafe_ranges:
             if start <= pc < end:
                 return False
     return True
