@@ -148,6 +148,10 @@ class CaptureState:
         self.idle_samples = 0
         self.pids_seen: set = set()
         self.forked_tids: set = set()
+        # (pid, tid, frames) -> [blocks, off-CPU nanoseconds]
+        self.offcpu_stacks: Dict[tuple, List[int]] = {}
+        self.offcpu_samples = 0
+        self.new_processes: List[Tuple[int, int]] = []  # (pid, parent pid) from FORK records
 
     # -- processes ---------------------------------------------------------
     def process(self, pid: int) -> ProcessInfo:
@@ -212,6 +216,7 @@ class CaptureState:
             # own COMM/MMAP2 (after an exec on another CPU) may already be in:
             # never overwrite what the child itself reported.
             if pid != ppid and pid not in self.processes:
+                self.new_processes.append((pid, ppid))
                 child = self.process(pid)
                 if parent is not None:
                     child.space = parent.space.fork_copy()
@@ -274,6 +279,20 @@ class CaptureState:
                 slot[1] += period
             self.samples += count
             self.pids_seen.add(pid)
+
+    def add_offcpu(self, pid: int, tid: int, kernel_ips: tuple, user_ips: tuple,
+                   blocks: int, nanoseconds: int) -> None:
+        """Count one off-CPU stack (from the sched_switch program) at current mappings."""
+        frames = self._resolve(pid, kernel_ips, user_ips)
+        key = (pid, tid, frames)
+        slot = self.offcpu_stacks.get(key)
+        if slot is None:
+            self.offcpu_stacks[key] = [blocks, nanoseconds]
+        else:
+            slot[0] += blocks
+            slot[1] += nanoseconds
+        self.offcpu_samples += blocks
+        self.pids_seen.add(pid)
 
     def _refresh_perf_maps(self) -> None:
         """Re-read grown perf maps; resolved JIT frames of those processes are redone."""

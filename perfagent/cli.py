@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("what to profile")
     g.add_argument("--profile", action="store_true",
                    help="on-CPU sampling with stacks (writes --profile-output)")
+    g.add_argument("--offcpu", action="store_true",
+                   help="off-CPU profiling: where threads block and for how long, measured in the kernel "
+                        "by an eBPF sched_switch program (writes --offcpu-output)")
     g.add_argument("--pid", type=str, metavar="PID",
                    help="profile one process: all its threads, including ones started during the capture")
     g.add_argument("-a", "--all", action="store_true",
@@ -112,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on-CPU profile path (default: <comm>-<YYYYmmddHHMM>-on-cpu.pb.gz in the "
                         "current directory, <YYYYmmddHHMM>-on-cpu.pb.gz with -a; never overwrites "
                         "an existing file: -1, -2, ... are added)")
+    w.add_argument("--offcpu-output", default=None, metavar="PATH",
+                   help="off-CPU profile path (default: <comm>-<YYYYmmddHHMM>-off-cpu.pb.gz, "
+                        "<YYYYmmddHHMM>-off-cpu.pb.gz with -a)")
     w.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
                    help="add KEY=VALUE to the profile's comments (repeatable; default: none)")
     w.add_argument("--quiet", action="store_true",
@@ -133,6 +139,8 @@ class Options:
         self.unwind = "auto"
         self.stack_size = DEFAULT_STACK_SIZE
         self.profile_output: Optional[str] = None
+        self.offcpu = False
+        self.offcpu_output: Optional[str] = None
         self.tags: List[Tuple[str, str]] = []
         self.quiet = False
         self.inject_python = False
@@ -148,6 +156,7 @@ def parse_args(argv: Sequence[str]) -> Options:
     ns = build_parser().parse_args(argv)
     opts = Options()
     opts.profile = ns.profile
+    opts.offcpu = ns.offcpu
     opts.quiet = ns.quiet
     opts.inject_python = ns.inject_python
     opts.keep_native_frames = ns.keep_native_frames
@@ -162,8 +171,8 @@ def parse_args(argv: Sequence[str]) -> Options:
         raise UsageError("nothing to profile: give --pid PID, -a, or -- COMMAND [ARGS...]")
     if targets > 1:
         raise UsageError("--pid, -a and a COMMAND are mutually exclusive: give only one")
-    if not opts.profile:
-        raise UsageError("no mode selected: add --profile (on-CPU sampling)")
+    if not opts.profile and not opts.offcpu:
+        raise UsageError("no mode selected: add --profile (on-CPU sampling) and/or --offcpu (off-CPU time)")
     if ns.duration is None:
         opts.duration = None if command else DEFAULT_DURATION
     else:
@@ -200,6 +209,10 @@ def parse_args(argv: Sequence[str]) -> Options:
         if not ns.profile_output.strip():
             raise UsageError("--profile-output: empty path")
         opts.profile_output = ns.profile_output
+    if ns.offcpu_output is not None:
+        if not ns.offcpu_output.strip():
+            raise UsageError("--offcpu-output: empty path")
+        opts.offcpu_output = ns.offcpu_output
     return opts
 
 

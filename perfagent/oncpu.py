@@ -141,21 +141,27 @@ class LocationTable:
         return mid
 
 
+OFF_CPU_SAMPLE_TYPES = (("blocks", "count"), ("offcpu", "nanoseconds"))
+
+
 def build_profile(state: CaptureState, symbolizer: Symbolizer, sample_rate: int,
                   time_nanos: int, duration_nanos: int, comments: Sequence[str] = (),
-                  keep_native_frames: bool = False) -> Tuple[ProfileBuilder, LocationTable]:
-    """The on-CPU profile of a capture: samples/count and cpu/nanoseconds."""
+                  keep_native_frames: bool = False, offcpu: bool = False
+                  ) -> Tuple[ProfileBuilder, LocationTable]:
+    """The on-CPU profile (samples/count, cpu/nanoseconds) of a capture, or
+    with ``offcpu`` its off-CPU profile (blocks/count, offcpu/nanoseconds)."""
     builder = ProfileBuilder(
-        sample_types=ON_CPU_SAMPLE_TYPES,
-        period_type=("cpu", "nanoseconds"),
-        period=1_000_000_000 // sample_rate,
+        sample_types=OFF_CPU_SAMPLE_TYPES if offcpu else ON_CPU_SAMPLE_TYPES,
+        period_type=("offcpu", "nanoseconds") if offcpu else ("cpu", "nanoseconds"),
+        period=1 if offcpu else 1_000_000_000 // sample_rate,
         time_nanos=time_nanos,
         duration_nanos=duration_nanos,
         comments=comments,
     )
     table = LocationTable(builder, state, symbolizer)
     labels_cache: Dict[Tuple[int, int], tuple] = {}
-    for (pid, tid, frames), (count, period) in state.stacks.items():
+    stacks = state.offcpu_stacks if offcpu else state.stacks
+    for (pid, tid, frames), (count, period) in stacks.items():
         labels = labels_cache.get((pid, tid))
         if labels is None:
             labels = labels_cache[(pid, tid)] = (

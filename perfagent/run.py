@@ -354,6 +354,64 @@ def drain(sampler: Sampler, state: CaptureState) -> None:
     state.resolve_pending()
 
 
+def output_path(explicit: Optional[str], comm: Optional[str], kind: str, flag: str) -> str:
+    """The path a profile will be written to, checked before the capture starts."""
+    if explicit:
+        path = explicit
+        if os.path.exists(path) and not os.path.isdir(path):
+            log("warning: %s exists and will be replaced" % path)
+    else:
+        path = default_output(comm, kind)
+    check_writable(path, flag)
+    return path
+
+
+class OffCpu:
+    """The off-CPU side of a run: the sched_switch collector and what it follows."""
+
+    COLLECT_INTERVAL = 1.0
+
+    def __init__(self, state: CaptureState, symbolizer: Symbolizer, tgids: Optional[set]) -> None:
+        from perfagent.offcpu.collector import OffCpuCollector
+        self.state = state
+        self.symbolizer = symbolizer
+        self.tgids = tgids
+        self.collector = OffCpuCollector(set(tgids) if tgids is not None else None)
+        self._next = 0.0
+
+    def start(self) -> None:
+        self.collector.start()
+
+    def follow_children(self) -> None:
+        """Processes forked by followed ones are followed too (their threads already are)."""
+        new, self.state.new_processes = self.state.new_processes, []
+        if self.tgids is None:
+            return
+        for pid, ppid in new:
+            if ppid in self.tgids and pid not in self.tgids:
+                self.tgids.add(pid)
+                self.collector.add_tgid(pid)
+
+    def collect(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now < self._next:
+            return
+        self._next = now + self.COLLECT_INTERVAL
+        self._add(self.collector.collect())
+
+    def stop(self) -> None:
+        self.collector.stop()
+        self._add(self.collector.collect())  # intervals still open are closed now
+
+    def _add(self, stacks) -> None:
+        from perfagent.offcpu.collector import strip_tracing_frames
+        lookup = self.symbolizer.kernel.lookup
+        for st in stacks:
+            kernel_ips = strip_tracing_frames(st.kernel_ips, lookup) if st.kernel_ips else ()
+            self.state.add_offcpu(st.tgid, st.tid, tuple(kernel_ips), tuple(st.user_ips),
+                                  st.count, st.blocked_ns)
+
+
 def run(opts: Options) -> int:
     if opts.all:
         comm: Optional[str] = None
@@ -361,17 +419,14 @@ def run(opts: Options) -> int:
         comm = check_pid(opts.pid)
     else:
         comm = os.path.basename(opts.command[0])
-    if opts.profile_output:
-        out_path = opts.profile_output
-        if os.path.exists(out_path) and not os.path.isdir(out_path):
-            log("warning: %s exists and will be replaced" % out_path)
-    else:
-        out_path = default_output(comm)
-    check_writable(out_path, "--profile-output")
+    out_path = output_path(opts.profile_output, comm, "on-cpu", "--profile-output") if opts.profile else None
+    offcpu_path = output_path(opts.offcpu_output, comm, "off-cpu", "--offcpu-output") if opts.offcpu else None
 
     walker = None
     binaries = BinaryCache()  # shared by the unwinder and the symbolizer: each file examined once
-    if opts.unwind == "fp":
+    if not opts.profile:
+        sampler = Sampler(1, side_band_only=True)  # mappings and names only
+    elif opts.unwind == "fp":
         sampler = Sampler(opts.sample_rate)
     else:
         from perfagent.arch import current
@@ -396,6 +451,7 @@ def run(opts: Options) -> int:
     mono_start = time.monotonic()
     stop.install()
     injection: Optional[PythonInjection] = None
+    offcpu: Optional[OffCpu] = None
     try:
         if opts.inject_python and launched is None and not opts.command:
             injection = PythonInjection(strict=opts.pid is not None)
@@ -408,6 +464,9 @@ def run(opts: Options) -> int:
                         state.load_from_proc(int(name))
                 sampler.open_system_wide()
                 sampler.enable()
+                if opts.offcpu:
+                    offcpu = OffCpu(state, symbolizer, None)
+                    offcpu.start()
             elif opts.pid is not None:
                 state.load_from_proc(opts.pid)
                 try:
@@ -416,6 +475,9 @@ def run(opts: Options) -> int:
                     raise CaptureError("--pid %d: no such process" % opts.pid) from None
                 sampler.enable()
                 _discover_threads(sampler, state, opts.pid)
+                if opts.offcpu:
+                    offcpu = OffCpu(state, symbolizer, {opts.pid})
+                    offcpu.start()
             else:
                 env = None
                 if opts.inject_python:
@@ -425,6 +487,9 @@ def run(opts: Options) -> int:
                 launched = LaunchedCommand(opts.command, env)
                 try:
                     sampler.open_launched(launched.pid)
+                    if opts.offcpu:
+                        offcpu = OffCpu(state, symbolizer, {launched.pid})
+                        offcpu.start()
                 except BaseException:
                     launched.abandon()
                     raise
@@ -435,6 +500,8 @@ def run(opts: Options) -> int:
                 launched.start()
         except BaseException:
             sampler.close()
+            if offcpu is not None:
+                offcpu.collector.stop()
             raise
         deadline = None if opts.duration is None else mono_start + opts.duration
         progress = Progress(not opts.quiet, opts.duration)
@@ -449,6 +516,9 @@ def run(opts: Options) -> int:
                 timeout = DRAIN_INTERVAL_MS if deadline is None else min(DRAIN_INTERVAL_MS, (deadline - now) * 1000)
                 sampler.wait(max(1, int(timeout)))
                 drain(sampler, state)
+                if offcpu is not None:
+                    offcpu.follow_children()
+                    offcpu.collect()
                 progress.update(time.monotonic() - mono_start, state.samples, sampler.lost,
                                 len(state.pids_seen))
                 if launched is not None and launched.poll():
@@ -467,6 +537,9 @@ def run(opts: Options) -> int:
             drain(sampler, state)
             lost = sampler.lost
             sampler.close()
+            if offcpu is not None:
+                offcpu.follow_children()
+                offcpu.stop()
     finally:
         if injection is not None:
             injection.deactivate()
@@ -474,22 +547,33 @@ def run(opts: Options) -> int:
     duration_ns = int((time.monotonic() - mono_start) * 1e9)
 
     comments = ["%s=%s" % kv for kv in opts.tags]
-    builder, _table = build_profile(state, symbolizer, opts.sample_rate,
-                                    int(wall_start * 1e9), duration_ns, comments,
-                                    keep_native_frames=opts.keep_native_frames)
-    try:
-        builder.write(out_path)
-    except OSError as exc:
-        raise CaptureError("cannot write %s: %s" % (out_path, exc.strerror or exc)) from None
+    written = []
+    for path, is_offcpu in ((out_path, False), (offcpu_path, True)):
+        if path is None:
+            continue
+        builder, _table = build_profile(state, symbolizer, opts.sample_rate,
+                                        int(wall_start * 1e9), duration_ns, comments,
+                                        keep_native_frames=opts.keep_native_frames, offcpu=is_offcpu)
+        try:
+            builder.write(path)
+        except OSError as exc:
+            raise CaptureError("cannot write %s: %s" % (path, exc.strerror or exc)) from None
+        written.append(path)
     for warning in symbolizer.warnings:
         log("warning: %s" % warning)
     if stop_reason:
         log(stop_reason)
-    if walker is not None:
+    if walker is not None and opts.profile:
         log(walker.summary())
-    if state.samples == 0:
-        log("warning: no samples were collected (was the target idle?); wrote an empty profile")
-    log("wrote %s: %d samples, %d lost, %d processes" % (out_path, state.samples, lost, len(state.pids_seen)))
+    if out_path is not None:
+        if state.samples == 0:
+            log("warning: no samples were collected (was the target idle?); wrote an empty profile")
+        log("wrote %s: %d samples, %d lost, %d processes" % (out_path, state.samples, lost, len(state.pids_seen)))
+    if offcpu_path is not None:
+        total_ns = sum(v[1] for v in state.offcpu_stacks.values())
+        lost_stacks = offcpu.collector.lost_stacks if offcpu is not None else 0
+        log("wrote %s: %d blocking episodes, %.3f s off-CPU, %d stacks lost" % (
+            offcpu_path, state.offcpu_samples, total_ns / 1e9, lost_stacks))
     if launched is not None and launched.status is not None and not terminated_by_us:
         exit_code = launched.exit_code()  # the command ended by itself: pass its status on
     return exit_code

@@ -225,7 +225,7 @@ def test_default_name_never_overwrites(chain_bin, tmp_path):
     (["--profile", "--pid", "999999999"], 1, r"--pid 999999999: no such process"),
     (["--profile", "--pid", "abc"], 2, r"--pid: not a process id"),
     (["--profile"], 2, r"nothing to profile"),
-    (["-a"], 2, r"no mode selected: add --profile"),
+    (["-a"], 2, r"no mode selected: add --profile \(on-CPU sampling\) and/or --offcpu"),
     (["--profile", "-a", "--pid", "1"], 2, r"mutually exclusive"),
     (["--profile", "-a", "--sample-rate", "0"], 2, r"--sample-rate: must be a positive"),
     (["--profile", "-a", "--sample-rate", "x"], 2, r"--sample-rate: not an integer"),

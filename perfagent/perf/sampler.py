@@ -96,7 +96,11 @@ class Sampler:
 
     def __init__(self, sample_rate: int, data_pages: int = DEFAULT_DATA_PAGES,
                  sample_type: int = SAMPLE_TYPE, sample_regs_user: int = 0,
-                 sample_stack_user: int = 0) -> None:
+                 sample_stack_user: int = 0, side_band_only: bool = False) -> None:
+        # side_band_only: a dummy event that samples nothing and only reports
+        # MMAP2/COMM/FORK/EXIT, for captures that need mappings but not
+        # on-CPU samples (--offcpu alone).
+        self.side_band_only = side_band_only
         self.sample_rate = sample_rate
         self.data_pages = data_pages
         self.sample_type = sample_type
@@ -114,7 +118,7 @@ class Sampler:
     def _attr(self, inherit: bool, enable_on_exec: bool) -> bytes:
         data_bytes = self.data_pages * 4096
         flags = A.attr_flags(
-            disabled=True, freq=True, inherit=inherit, enable_on_exec=enable_on_exec,
+            disabled=True, freq=not self.side_band_only, inherit=inherit, enable_on_exec=enable_on_exec,
             mmap=True, mmap2=True, comm=True, comm_exec=True, task=True,
             sample_id_all=True, watermark=True, exclude_hv=True,
             # With a stack copy the agent unwinds user frames itself: the
@@ -122,7 +126,9 @@ class Sampler:
             exclude_callchain_user=bool(self.sample_stack_user),
         )
         return A.pack_attr(
-            A.PERF_TYPE_SOFTWARE, A.PERF_COUNT_SW_CPU_CLOCK, self.sample_rate,
+            A.PERF_TYPE_SOFTWARE,
+            A.PERF_COUNT_SW_DUMMY if self.side_band_only else A.PERF_COUNT_SW_CPU_CLOCK,
+            0 if self.side_band_only else self.sample_rate,
             self.sample_type, flags,
             wakeup_events_or_watermark=data_bytes // 4,
             sample_regs_user=self.sample_regs_user,
