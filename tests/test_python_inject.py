@@ -69,11 +69,11 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="ptrace of other proce
 class Target:
     """A running py_target.py whose stdout lines are collected with timestamps."""
 
-    def __init__(self, python: str, mode: str, tmpdir: str) -> None:
+    def __init__(self, python: str, mode: str, tmpdir: str, xopts: List[str] = (), env=None) -> None:
         self.err_path = os.path.join(tmpdir, "stderr-%s.txt" % mode)
         self.err = open(self.err_path, "wb")
-        self.proc = subprocess.Popen([python, TARGET, mode], stdout=subprocess.PIPE,
-                                     stderr=self.err, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen([python, *xopts, TARGET, mode], stdout=subprocess.PIPE,
+                                     stderr=self.err, stdin=subprocess.DEVNULL, env=env)
         self.pid = self.proc.pid
         self.lines: List[Tuple[float, str]] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -332,4 +332,76 @@ def test_unprivileged_agent_gets_ptrace_eperm(target_factory):
     lines = out.stdout.splitlines()
     assert lines and lines[0] == "ptrace_eperm", out
     assert "CAP_SYS_PTRACE" in lines[1]
+    assert_released(t.pid)
+
+
+@needs_root
+@pytest.mark.skipif(not PYTHONS, reason="no CPython 3.12+ available")
+def test_deactivate_turns_off_x_perf(tmp_path):
+    """A target started with -X perf: deactivate stops new perf-map entries."""
+    python = PYTHONS[0][1]
+    t = Target(python, "sleep", str(tmp_path), xopts=["-X", "perf"])
+    try:
+        t.wait_for(lambda: [e for e in t.py_entries() if "fresh_" in e], 5, "-X perf entries")
+        deactivate(t.pid)
+        assert_released(t.pid)
+        time.sleep(0.3)
+        settled = len(t.py_entries())
+        tick = t.last_tick()
+        t.wait_for(lambda: t.last_tick() >= tick + 10, 5, "worker progress")
+        assert len(t.py_entries()) == settled
+        assert t.stderr() == ""
+    finally:
+        t.close()
+
+
+@needs_root
+def test_deleted_libpython_is_read_through_map_files(tmp_path):
+    """The mapped file is gone from disk: detection falls back to map_files."""
+    shared = [p for n, p in PYTHONS if "shared" in n or n.startswith("pyenv")]
+    if not shared:
+        pytest.skip("no shared-libpython interpreter")
+    python = shared[0]
+    out = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_config_var('LDLIBRARY'));"
+                          "print(sysconfig.get_config_var('LIBDIR'))"],
+                         stdout=subprocess.PIPE, text=True, check=True).stdout.split()
+    libdir = tmp_path / "lib"
+    libdir.mkdir()
+    soname = [f for f in os.listdir(out[1]) if f.startswith(out[0]) and f != out[0]] or [out[0]]
+    import shutil
+    for name in set(soname + [out[0]]):
+        shutil.copy(os.path.join(out[1], name), str(libdir / name))
+    env = dict(os.environ, LD_LIBRARY_PATH=str(libdir))
+    t = Target(python, "sleep", str(tmp_path), env=env)
+    try:
+        with open("/proc/%d/maps" % t.pid) as f:
+            assert str(libdir) in f.read()
+        shutil.rmtree(str(libdir))
+        target = detect(t.pid)
+        assert target.opened_as.startswith("/proc/%d/map_files/" % t.pid)
+        _activate_deactivate(t)
+        assert t.stderr() == ""
+    finally:
+        t.close()
+
+
+@needs_root
+@pytest.mark.skipif(not PYTHONS, reason="no CPython 3.12+ available")
+def test_target_traced_by_someone_else(target_factory):
+    t = target_factory(PYTHONS[0][1], "sleep")
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys, time; sys.path.insert(0, %r)\n"
+                               "from perfagent.ptrace import TracedThread\n"
+                               "TracedThread(%d).seize(); print('seized', flush=True); time.sleep(30)"
+                               % (REPO, t.pid)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "seized"
+        with pytest.raises(InjectionSkip) as info:
+            activate(t.pid)
+        assert info.value.reason == "ptrace_eperm"
+        assert "already traced by pid %d" % holder.pid in str(info.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
     assert_released(t.pid)

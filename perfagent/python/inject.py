@@ -48,7 +48,7 @@ from perfagent.errors import CaptureError
 from perfagent.ptrace.call import RemoteCaller, waiting_in_syscall
 from perfagent.ptrace.stack import unwind
 from perfagent.symbolize.procmaps import AddressSpace
-from perfagent.ptrace.thread import PTRACE_EPERM_HINT, PtraceError, TracedThread
+from perfagent.ptrace.thread import PTRACE_EPERM_HINT, PtraceError, TracedThread, tracer_pid
 from perfagent.python.detect import InjectionSkip, PythonTarget, detect
 
 log = logging.getLogger("perfagent.python")
@@ -157,6 +157,13 @@ def run_statement(target: PythonTarget, code: str, timeout: float) -> None:
     caller: Optional[RemoteCaller] = None
     error: Optional[BaseException] = None
     try:
+        try:
+            other = tracer_pid(pid)
+        except OSError:
+            other = 0
+        if other and other != os.getpid():
+            # PTRACE_SEIZE would fail with EPERM; say why instead.
+            raise InjectionSkip("ptrace_eperm", "already traced by pid %d (a debugger?)" % other, pid)
         thread.seize()
         attempts = _stop_at_safe_point(thread, target, deadline)
         log.debug("pid=%d safe point after %d interrupt(s)", pid, attempts)
