@@ -14,22 +14,37 @@ namespace and ``import sys`` would bind (or rebind) a global there.
 
 Choosing the moment: code that the interrupted thread was running may hold
 a non-reentrant lock (the GIL's own mutex while it signals a condition
-variable, malloc's arena lock) or be half-way through updating allocator
-lists, and our call takes the GIL and allocates.  So the thread is
-interrupted, and let go again for half a millisecond, until it is stopped
-at a *safe point*: blocked in a waiting system call (futex wait, sleep,
-poll/select, read ...: parked with nothing half done -- typically waiting for
-the GIL or doing I/O with the GIL released), or executing the eval loop
-itself (``_PyEval_EvalFrameDefault``, not a callee: it holds the GIL between
-bytecodes or C calls).  A blocked thread counts only if none of its
-innermost frames (unwound with the DWARF walker) is a function that holds
-or waits for a lock our call needs (the GIL's ``take_gil``/``drop_gil``,
-the perf-map writer: see ``UNSAFE_FRAME_SYMBOLS`` in detect.py).  A thread never seen at one within the timeout gives
-``timeout``.
+variable, malloc's arena lock, the perf map's lock) or be half-way through
+updating allocator lists, and our call takes the GIL and allocates.  So
+the thread is interrupted, and let go again for half a millisecond, until
+it is stopped at a *safe point*:
+
+* executing the eval loop itself (``_PyEval_EvalFrameDefault``, not a
+  callee): it holds the GIL between bytecodes or C calls, and
+  PyGILState_Ensure is then a no-op; or
+* blocked in a waiting system call (futex wait, sleep, poll/select, read
+  ...: see ``BLOCKING_SYSCALLS`` in the arch module) *and* none of its
+  innermost frames, unwound with the DWARF walker, is a function that holds
+  or waits for a lock our call needs (``take_gil``/``drop_gil`` -- a thread
+  parked in the GIL's condition variable is a registered waiter that
+  glibc makes the next signaller wait for --, the perf-map writer: see
+  ``UNSAFE_FRAME_SYMBOLS`` in detect.py).  Typically: time.sleep, I/O,
+  Event.wait, with the GIL released.
+
+A thread never seen at one within the timeout gives ``timeout``.
+
+Known limits: a call that times out after PyGILState_Ensure got the GIL
+leaves the GIL taken when the registers are restored (the target then
+stalls as it would under a debugger); a signal suppressed while our code
+runs can make the kernel reuse the thread's restart block, so an
+interrupted *relative-timeout* call restarted via restart_syscall may
+return EINTR instead (CPython retries those, PEP 475); a Python-level
+signal handler that was already pending runs inside our statement.
 
 Failures raise :class:`~perfagent.python.detect.InjectionSkip` (nothing was
 done: ``not_python``, ``python_too_old``, ``no_perf_trampoline``,
-``no_libpython_symbols``, ``process_gone``, ``ptrace_eperm``) or
+``no_libpython_symbols``, ``process_gone``, ``ptrace_eperm``,
+``unsupported_arch``) or
 :class:`InjectionError` (``timeout``, ``python_error``, ``target_fault``,
 ``ptrace_failed``); both carry ``reason`` and ``pid`` and print as
 ``pid=N reason=R: details``.  In every case the thread has been restored
@@ -151,6 +166,9 @@ def _stop_at_safe_point(thread: TracedThread, target: PythonTarget, deadline: fl
 def run_statement(target: PythonTarget, code: str, timeout: float) -> None:
     """Run one Python statement in the target's main thread, via ptrace."""
     pid = target.pid
+    if arch.current().USER_REGS_FIELDS is None:
+        raise InjectionSkip("unsupported_arch", "remote calls are not implemented on %s"
+                            % arch.current().NAME, pid)
     start = time.monotonic()
     deadline = start + timeout
     thread = TracedThread(pid)
