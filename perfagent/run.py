@@ -457,6 +457,9 @@ def run(opts: Options) -> int:
             injection = PythonInjection(strict=opts.pid is not None)
             injection.activate([opts.pid] if opts.pid is not None else
                                sorted(int(n) for n in os.listdir("/proc") if n.isdigit()))
+            # --duration counts from when sampling starts, not from before the injections
+            mono_start = time.monotonic()
+            wall_start = time.time()
         try:
             if opts.all:
                 for name in os.listdir("/proc"):

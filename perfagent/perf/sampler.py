@@ -42,13 +42,15 @@ DEFAULT_DATA_PAGES = 128
 
 
 def data_pages_for(stack_size: int, sample_rate: int) -> int:
-    """Ring pages per CPU: about half a second of samples with full stack copies.
+    """Ring pages per CPU: about a second of samples with full stack copies.
 
     A sample with a stack copy is ``stack_size`` plus ~1 KiB; the ring is
-    drained every 100 ms, so half a second of margin absorbs a descheduled
-    agent.  A power of two between 128 (512 KiB) and 2048 (8 MiB).
+    drained every 100 ms, but the first drains of a system-wide capture also
+    load the CFI of every binary they meet, which on a busy machine took
+    over half a second: a second of margin kept -a at 0 lost samples.  A
+    power of two between 128 (512 KiB) and 2048 (8 MiB).
     """
-    want = (stack_size + 1024) * sample_rate // 2
+    want = (stack_size + 1024) * sample_rate
     pages = 128
     while pages * 4096 < want and pages < 2048:
         pages *= 2
