@@ -7,13 +7,15 @@ static libpython, no frame pointers), and pyenv's 3.13 when present.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import sys
 import time
 
 import pytest
 
 import pythons
-from conftest import PROGRAMS, run_agent, sample_stacks
+from conftest import PROGRAMS, agent_env, run_agent, sample_stacks
 from perfagent.pprof.decode import read_profile
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="integration tests need root")
@@ -206,6 +208,35 @@ def test_deactivation_is_real(kind, tmp_path):
         assert proc.poll() is None
         with open("/proc/%d/status" % proc.pid) as f:
             assert "TracerPid:\t0" in f.read()
+    finally:
+        err = stop_target(proc)
+        if os.path.exists(perf_map):
+            os.unlink(perf_map)
+    assert err == ""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_deactivation_on_signal(sig, tmp_path):
+    python = pythons.test_pythons().get("shared") or (PYENV_313 if os.path.exists(PYENV_313) else None)
+    if python is None:
+        pytest.skip("no CPython 3.12+ here")
+    proc = start_ready([python, os.path.join(PROGRAMS, "py_newfuncs.py"), "60"])
+    perf_map = "/tmp/perf-%d.map" % proc.pid
+    try:
+        agent = subprocess.Popen([sys.executable, "-m", "perfagent", "--profile", "--inject-python", "--pid",
+                                  str(proc.pid), "--duration", "60s", "--profile-output", str(tmp_path / "s.pb.gz")],
+                                 env=agent_env(), stderr=subprocess.PIPE, text=True)
+        time.sleep(3.0)
+        agent.send_signal(sig)
+        _, err = agent.communicate(timeout=60)
+        assert agent.returncode == 0, err
+        assert os.path.exists(str(tmp_path / "s.pb.gz"))
+        with open(perf_map) as f:
+            grown = f.read()
+        assert "fresh_" in grown
+        time.sleep(1.0)
+        with open(perf_map) as f:
+            assert f.read() == grown
     finally:
         err = stop_target(proc)
         if os.path.exists(perf_map):
