@@ -280,6 +280,23 @@ class CaptureState:
             self.samples += count
             self.pids_seen.add(pid)
 
+    def add_counted(self, pid: int, tid: int, kernel_ips: tuple, user_ips: tuple,
+                    samples: int, period_ns: int) -> None:
+        """On-CPU samples counted in the kernel (in-kernel aggregation for --unwind fp)."""
+        if pid == 0 and self.skip_idle:
+            self.idle_samples += samples
+            return
+        frames = self._resolve(pid, kernel_ips, user_ips)
+        key = (pid, tid, frames)
+        slot = self.stacks.get(key)
+        if slot is None:
+            self.stacks[key] = [samples, period_ns]
+        else:
+            slot[0] += samples
+            slot[1] += period_ns
+        self.samples += samples
+        self.pids_seen.add(pid)
+
     def add_offcpu(self, pid: int, tid: int, kernel_ips: tuple, user_ips: tuple,
                    blocks: int, nanoseconds: int) -> None:
         """Count one off-CPU stack (from the sched_switch program) at current mappings."""

@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="user stack unwinding: fp (the kernel's frame-pointer callchain), dwarf "
                         "(the binaries' DWARF CFI over a sampled stack copy), or auto (CFI where a "
                         "binary has it, frame pointers where it does not) (default: auto)")
+    o.add_argument("--no-in-kernel", action="store_true",
+                   help="with --unwind fp: write every sample to the ring buffer instead of counting "
+                        "stacks in the kernel with eBPF (default: count in the kernel when BPF is available)")
     o.add_argument("--stack-size", default=str(DEFAULT_STACK_SIZE), metavar="BYTES",
                    help="bytes of user stack copied per sample for dwarf/auto unwinding: a multiple "
                         "of 8, at most %d (default: %d)" % (MAX_STACK_SIZE, DEFAULT_STACK_SIZE))
@@ -143,6 +146,7 @@ class Options:
         self.offcpu_output: Optional[str] = None
         self.tags: List[Tuple[str, str]] = []
         self.quiet = False
+        self.in_kernel = True
         self.inject_python = False
         self.keep_native_frames = False
 
@@ -158,6 +162,7 @@ def parse_args(argv: Sequence[str]) -> Options:
     opts.profile = ns.profile
     opts.offcpu = ns.offcpu
     opts.quiet = ns.quiet
+    opts.in_kernel = not ns.no_in_kernel
     opts.inject_python = ns.inject_python
     opts.keep_native_frames = ns.keep_native_frames
     opts.all = ns.all

@@ -412,6 +412,57 @@ class OffCpu:
                                   st.count, st.blocked_ns)
 
 
+class InKernel:
+    """--unwind fp sampling counted in the kernel by a BPF program.
+
+    The perf events run a program that counts (tgid, tid, user stack, kernel
+    stack) and writes no ring-buffer record, so a system-wide capture costs
+    the agent almost nothing per sample; the side-band ring still brings the
+    MMAP2/COMM records symbolization needs.
+    """
+
+    def __init__(self, state: CaptureState, sample_rate: int, tgids: Optional[set]) -> None:
+        from perfagent.offcpu.inkernel import InKernelSampler
+        self.state = state
+        self.tgids = tgids
+        self.sampler = InKernelSampler(sample_rate, set(tgids) if tgids is not None else None)
+
+    def start(self) -> None:
+        self.sampler.start()
+
+    def follow_children(self, new: List[tuple]) -> None:
+        if self.tgids is None:
+            return
+        for pid, ppid in new:
+            if ppid in self.tgids and pid not in self.tgids:
+                self.tgids.add(pid)
+                self.sampler.add_tgid(pid)
+
+    def collect(self) -> None:
+        self._add(self.sampler.collect_if_full())
+
+    def stop(self) -> None:
+        self.sampler.stop()
+        self._add(self.sampler.collect())
+
+    def _add(self, stacks) -> None:
+        for st in stacks or ():
+            self.state.add_counted(st.tgid, st.tid, tuple(st.kernel_ips), tuple(st.user_ips),
+                                   st.samples, st.period_ns)
+
+
+def _start_in_kernel(state: CaptureState, opts: Options, tgids: Optional[set]) -> Optional[InKernel]:
+    """In-kernel aggregation when the kernel allows it, else None (ring-buffer samples)."""
+    from perfagent.bpf.syscall import BPFError
+    try:
+        inkernel = InKernel(state, opts.sample_rate, tgids)
+        inkernel.start()
+    except (BPFError, OSError) as exc:
+        log("in-kernel aggregation unavailable (%s); using ring-buffer samples" % exc)
+        return None
+    return inkernel
+
+
 def run(opts: Options) -> int:
     if opts.all:
         comm: Optional[str] = None
@@ -424,7 +475,8 @@ def run(opts: Options) -> int:
 
     walker = None
     binaries = BinaryCache()  # shared by the unwinder and the symbolizer: each file examined once
-    if not opts.profile:
+    use_in_kernel = opts.profile and opts.unwind == "fp" and opts.in_kernel
+    if not opts.profile or use_in_kernel:
         sampler = Sampler(1, side_band_only=True)  # mappings and names only
     elif opts.unwind == "fp":
         sampler = Sampler(opts.sample_rate)
@@ -452,6 +504,7 @@ def run(opts: Options) -> int:
     stop.install()
     injection: Optional[PythonInjection] = None
     offcpu: Optional[OffCpu] = None
+    inkernel: Optional[InKernel] = None
     try:
         if opts.inject_python and launched is None and not opts.command:
             injection = PythonInjection(strict=opts.pid is not None)
@@ -467,6 +520,8 @@ def run(opts: Options) -> int:
                         state.load_from_proc(int(name))
                 sampler.open_system_wide()
                 sampler.enable()
+                if use_in_kernel:
+                    inkernel = _start_in_kernel(state, opts, None)
                 if opts.offcpu:
                     offcpu = OffCpu(state, symbolizer, None)
                     offcpu.start()
@@ -478,6 +533,8 @@ def run(opts: Options) -> int:
                     raise CaptureError("--pid %d: no such process" % opts.pid) from None
                 sampler.enable()
                 _discover_threads(sampler, state, opts.pid)
+                if use_in_kernel:
+                    inkernel = _start_in_kernel(state, opts, {opts.pid})
                 if opts.offcpu:
                     offcpu = OffCpu(state, symbolizer, {opts.pid})
                     offcpu.start()
@@ -490,6 +547,8 @@ def run(opts: Options) -> int:
                 launched = LaunchedCommand(opts.command, env)
                 try:
                     sampler.open_launched(launched.pid)
+                    if use_in_kernel:
+                        inkernel = _start_in_kernel(state, opts, {launched.pid})
                     if opts.offcpu:
                         offcpu = OffCpu(state, symbolizer, {launched.pid})
                         offcpu.start()
@@ -505,6 +564,8 @@ def run(opts: Options) -> int:
             sampler.close()
             if offcpu is not None:
                 offcpu.collector.stop()
+            if inkernel is not None:
+                inkernel.sampler.stop()
             raise
         deadline = None if opts.duration is None else mono_start + opts.duration
         progress = Progress(not opts.quiet, opts.duration)
@@ -519,9 +580,13 @@ def run(opts: Options) -> int:
                 timeout = DRAIN_INTERVAL_MS if deadline is None else min(DRAIN_INTERVAL_MS, (deadline - now) * 1000)
                 sampler.wait(max(1, int(timeout)))
                 drain(sampler, state)
+                if inkernel is not None:
+                    inkernel.follow_children(state.new_processes)
+                    inkernel.collect()
                 if offcpu is not None:
                     offcpu.follow_children()
                     offcpu.collect()
+                state.new_processes = []
                 progress.update(time.monotonic() - mono_start, state.samples, sampler.lost,
                                 len(state.pids_seen))
                 if launched is not None and launched.poll():
@@ -540,6 +605,9 @@ def run(opts: Options) -> int:
             drain(sampler, state)
             lost = sampler.lost
             sampler.close()
+            if inkernel is not None:
+                inkernel.follow_children(state.new_processes)
+                inkernel.stop()
             if offcpu is not None:
                 offcpu.follow_children()
                 offcpu.stop()

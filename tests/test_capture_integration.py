@@ -315,3 +315,23 @@ def test_process_started_and_exited_during_capture_symbolizes(chain_bin, tmp_pat
     assert sum(v[0] for _, _, v in mine) >= 80, err
     assert all(s[1]["process"] == "chain" for s in mine), sorted({s[1]["process"] for s in mine})
     assert chain_share(stacks, pid) >= 0.9
+
+
+@pytest.mark.parametrize("flags", [[], ["--no-in-kernel"]])
+def test_fp_in_kernel_aggregation_and_ring_buffer(chain_bin, tmp_path, flags):
+    """--unwind fp counts stacks in the kernel by default; --no-in-kernel reads every sample."""
+    target = start_target([chain_bin, "8", "1"])
+    try:
+        out = tmp_path / "fp.pb.gz"
+        r = run_agent(["--profile", "--unwind", "fp", "--pid", str(target.pid), "--duration", "2s",
+                       "--profile-output", str(out), *flags], cwd=str(tmp_path))
+    finally:
+        stop_target(target)
+    assert r.returncode == 0, r.stderr
+    assert "in-kernel aggregation unavailable" not in r.stderr
+    stacks = sample_stacks(read_profile(str(out)))
+    assert {s[1]["pid"] for s in stacks} == {str(target.pid)}
+    assert {s[1]["comm"] for s in stacks} >= {"chain", "worker"}
+    assert chain_share(stacks, target.pid, chain=["a", "b", "c", "leaf"]) >= 0.9
+    assert sum(v[0] for _, _, v in stacks) >= 100
+    check_with_go_pprof(str(out))
