@@ -366,6 +366,17 @@ def output_path(explicit: Optional[str], comm: Optional[str], kind: str, flag: s
     return path
 
 
+def follow_children(tgids: Optional[set], new: List[tuple], add_tgid: Callable[[int], None]) -> None:
+    """Processes forked by followed ones are followed too (BPF filters by tgid;
+    their threads are covered by the tgid already).  ``tgids`` None: all."""
+    if tgids is None:
+        return
+    for pid, ppid in new:
+        if ppid in tgids and pid not in tgids:
+            tgids.add(pid)
+            add_tgid(pid)
+
+
 class OffCpu:
     """The off-CPU side of a run: the sched_switch collector and what it follows."""
 
@@ -382,15 +393,8 @@ class OffCpu:
     def start(self) -> None:
         self.collector.start()
 
-    def follow_children(self) -> None:
-        """Processes forked by followed ones are followed too (their threads already are)."""
-        new, self.state.new_processes = self.state.new_processes, []
-        if self.tgids is None:
-            return
-        for pid, ppid in new:
-            if ppid in self.tgids and pid not in self.tgids:
-                self.tgids.add(pid)
-                self.collector.add_tgid(pid)
+    def follow_children(self, new: List[tuple]) -> None:
+        follow_children(self.tgids, new, self.collector.add_tgid)
 
     def collect(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -431,12 +435,7 @@ class InKernel:
         self.sampler.start()
 
     def follow_children(self, new: List[tuple]) -> None:
-        if self.tgids is None:
-            return
-        for pid, ppid in new:
-            if ppid in self.tgids and pid not in self.tgids:
-                self.tgids.add(pid)
-                self.sampler.add_tgid(pid)
+        follow_children(self.tgids, new, self.sampler.add_tgid)
 
     def collect(self) -> None:
         self._add(self.sampler.collect_if_full())
@@ -584,7 +583,7 @@ def run(opts: Options) -> int:
                     inkernel.follow_children(state.new_processes)
                     inkernel.collect()
                 if offcpu is not None:
-                    offcpu.follow_children()
+                    offcpu.follow_children(state.new_processes)
                     offcpu.collect()
                 state.new_processes = []
                 progress.update(time.monotonic() - mono_start, state.samples, sampler.lost,
@@ -609,7 +608,7 @@ def run(opts: Options) -> int:
                 inkernel.follow_children(state.new_processes)
                 inkernel.stop()
             if offcpu is not None:
-                offcpu.follow_children()
+                offcpu.follow_children(state.new_processes)
                 offcpu.stop()
     finally:
         if injection is not None:
