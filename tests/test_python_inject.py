@@ -405,3 +405,26 @@ def test_target_traced_by_someone_else(target_factory):
         holder.wait()
     time.sleep(0.1)
     assert_released(t.pid)
+
+
+@needs_root
+@pytest.mark.skipif(not PYTHONS, reason="no CPython 3.12+ available")
+def test_stopped_process_is_left_stopped(target_factory):
+    t = target_factory(PYTHONS[0][1], "busy")
+    t.wait_for(lambda: t.last_tick() >= 3, 5, "worker ticks")
+    os.kill(t.pid, signal.SIGSTOP)
+    try:
+        t.wait_for(lambda: all(s == "T" for s in thread_states(t.pid).values()), 5, "stopped state")
+        with pytest.raises(InjectionSkip) as info:
+            activate(t.pid)
+        assert info.value.reason == "process_stopped"
+        assert tracer_pid(t.pid) == 0
+        # Detaching re-traps the thread into the group-stop.
+        t.wait_for(lambda: all(s == "T" for s in thread_states(t.pid).values()), 2,
+                   "stopped again after detach: %r" % thread_states(t.pid))
+    finally:
+        os.kill(t.pid, signal.SIGCONT)
+    t.wait_for(lambda: not any(s in "tT" for s in thread_states(t.pid).values()), 5, "running again")
+    tick = t.last_tick()
+    t.wait_for(lambda: t.last_tick() >= tick + 5, 5, "worker progress")
+    assert t.stderr() == ""

@@ -44,7 +44,7 @@ signal handler that was already pending runs inside our statement.
 Failures raise :class:`~perfagent.python.detect.InjectionSkip` (nothing was
 done: ``not_python``, ``python_too_old``, ``no_perf_trampoline``,
 ``no_libpython_symbols``, ``process_gone``, ``ptrace_eperm``,
-``unsupported_arch``) or
+``process_stopped``, ``unsupported_arch``) or
 :class:`InjectionError` (``timeout``, ``python_error``, ``target_fault``,
 ``ptrace_failed``); both carry ``reason`` and ``pid`` and print as
 ``pid=N reason=R: details``.  In every case the thread has been restored
@@ -60,6 +60,7 @@ from typing import Optional
 
 from perfagent import arch
 from perfagent.errors import CaptureError
+from perfagent.ptrace import binding as B
 from perfagent.ptrace.call import RemoteCaller, waiting_in_syscall
 from perfagent.ptrace.stack import unwind
 from perfagent.symbolize.procmaps import AddressSpace
@@ -150,7 +151,13 @@ def _stop_at_safe_point(thread: TracedThread, target: PythonTarget, deadline: fl
     usual) for :data:`SAFE_POINT_RETRY` seconds.
     """
     attempts = 1
-    thread.interrupt(max(deadline - time.monotonic(), 0.001))
+    st = thread.interrupt(max(deadline - time.monotonic(), 0.001))
+    if st.is_group_stop:
+        # Stopped by SIGSTOP/SIGTSTP: running our call would resume this
+        # thread inside a stopped process, and another (stopped) thread may
+        # hold the GIL.  Leave it as it is; detaching keeps it stopped.
+        raise InjectionSkip("process_stopped", "the process is stopped (%s); send SIGCONT first"
+                            % B.signal_name(st.stopsig), thread.tid)
     while not _at_safe_point(thread, target, thread.getregs()):
         if time.monotonic() >= deadline:
             raise PtraceError("timeout", "pid=%d reason=timeout: the main thread was never seen "
@@ -158,7 +165,10 @@ def _stop_at_safe_point(thread: TracedThread, target: PythonTarget, deadline: fl
                               % thread.tid)
         thread.resume(0)
         time.sleep(SAFE_POINT_RETRY)
-        thread.interrupt(max(deadline - time.monotonic(), 0.001))
+        st = thread.interrupt(max(deadline - time.monotonic(), 0.001))
+        if st.is_group_stop:
+            raise InjectionSkip("process_stopped", "the process was stopped (%s)"
+                                % B.signal_name(st.stopsig), thread.tid)
         attempts += 1
     return attempts
 
