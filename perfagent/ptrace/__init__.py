@@ -5,7 +5,9 @@
 * :mod:`.thread` -- :class:`TracedThread`: seize, interrupt, registers,
   memory, resume, detach, with a deadline on every wait;
 * :mod:`.call` -- :class:`RemoteCaller`: make a stopped thread call a
-  function in its own address space and come back.
+  function in its own address space and come back;
+* :mod:`.stack` -- unwind a stopped thread's stack (the capture's DWARF
+  walker) to see what it is blocked in.
 """
 
 from .thread import PTRACE_EPERM_HINT, PtraceError, TracedThread, thread_states, tracer_pid
