@@ -83,7 +83,13 @@ def test_launch_mode_names_python_functions(kind, tmp_path):
     r = run_agent(["--profile", "--inject-python", "--duration", "6s", "--profile-output", str(out), "--",
                    python, PY_RATIO, "30"], cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
-    check_ratio_profile(str(out))
+    try:
+        check_ratio_profile(str(out))
+    finally:
+        for s in read_profile(str(out)).samples:
+            for label in s.labels:
+                if label.key == "pid":
+                    remove_perf_map(int(label.str))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -117,7 +123,16 @@ def start_ready(argv):
 def stop_target(proc):
     proc.kill()
     _, err = proc.communicate()
+    remove_perf_map(proc.pid)
     return err
+
+
+def remove_perf_map(pid):
+    """pids are reused: a map left behind would be appended to by a later process."""
+    try:
+        os.unlink("/tmp/perf-%d.map" % pid)
+    except FileNotFoundError:
+        pass
 
 
 @pytest.mark.parametrize("kind", KINDS)

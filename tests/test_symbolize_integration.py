@@ -38,6 +38,16 @@ def capture(special_bin, mode, tmp_path, before=None):
     finally:
         proc.kill()
         proc.wait()
+        remove_perf_map(proc.pid)
+
+
+def remove_perf_map(pid: int) -> None:
+    """Killed targets leave their perf map; pids are reused, so a stale (or
+    chowned, untrusted) map would poison a later test's process."""
+    try:
+        os.unlink("/tmp/perf-%d.map" % pid)
+    except FileNotFoundError:
+        pass
 
 
 def leaf_share(profile, name):
@@ -107,6 +117,7 @@ def test_reused_jit_address_keeps_both_names(special_bin, tmp_path):
     finally:
         proc.kill()
         proc.wait()
+        remove_perf_map(proc.pid)
     with open(str(out), "rb") as f:
         prof = decode_profile(f.read())
     first, second = leaf_share(prof, "jit_spin_loop"), leaf_share(prof, "jit_second")

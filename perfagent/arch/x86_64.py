@@ -127,6 +127,11 @@ BLOCKING_SYSCALLS = {
     "clock_nanosleep": 230, "epoll_wait": 232, "waitid": 247, "pselect6": 270,
     "ppoll": 271, "epoll_pwait": 281, "accept4": 288, "recvmmsg": 299,
     "epoll_pwait2": 441, "futex_waitv": 449,
+    # Not waits, but stateless queries whose libc wrappers take no lock: a
+    # thread that spins on time.thread_time() is stopped almost only on its
+    # way out of these, so refusing them would never find a safe point.
+    "gettimeofday": 96, "getrusage": 98, "times": 100, "clock_gettime": 228,
+    "clock_getres": 229, "getpid": 39, "gettid": 186,
 }
 # futex(2) is a wait only for these operations (op & FUTEX_CMD_MASK): a
 # FUTEX_WAKE is typically issued with a lock held (pthread_cond_signal under
