@@ -51,7 +51,7 @@ from perfagent.bpf.maps import HashMap, StackTraceMap
 from perfagent.bpf.prog import Link, Prog
 from perfagent.bpf.syscall import BPFError
 from perfagent.offcpu.common import (
-    STACK_KEY, STACK_SUMS, STACKID_FLAGS_KERNEL, STACKID_FLAGS_USER, TGID_KEY, TGID_VALUE,
+    STACK_KEY, STACK_SUMS, STACKID_FLAGS_KERNEL, STACKID_FLAGS_USER, TGID_KEY, TGID_VALUE, FollowsTgids,
     StackResolver, Stats, close_all, emit_accumulate, emit_stackid, emit_tgid_filter,
     make_tgid_map, thread_alive)
 
@@ -239,7 +239,7 @@ def _monotonic_ns() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
 
-class OffCpuCollector:
+class OffCpuCollector(FollowsTgids):
     """Blocked time per thread and stack, from a sched_switch BPF program.
 
     ``tgids`` None follows every process; a set follows only threads of those
@@ -298,20 +298,6 @@ class OffCpuCollector:
             raise
         self._running = True
 
-    def add_tgid(self, tgid: int) -> None:
-        """Follow process ``tgid`` too (no-op when following every process)."""
-        if self._initial_tgids is None:
-            return
-        self._initial_tgids.add(tgid)
-        if self._tgids is not None:
-            self._tgids.update(TGID_KEY.pack(tgid), TGID_VALUE)
-
-    def collect(self) -> List[OffCpuStack]:
-        """Everything counted since the last call, open intervals closed now."""
-        if not self._running:
-            out, self._pending = self._pending, []
-            return out
-        return self._gather(final=False)
 
     def stop(self) -> None:
         """Detach, close the open intervals, close every fd.  The remainder
@@ -380,7 +366,7 @@ class OffCpuCollector:
 
     # -- draining -------------------------------------------------------------
 
-    def _gather(self, final: bool) -> List[OffCpuStack]:
+    def _gather(self, final: bool = False) -> List[OffCpuStack]:
         assert self._blocked is not None and self._counts is not None
         assert self._resolver is not None
         sums: Dict[Tuple[int, int, int, int], List[int]] = {}

@@ -248,3 +248,28 @@ def close_all(objs: Iterable[object]) -> None:
 def thread_alive(tgid: int, tid: int) -> bool:
     return os.path.exists("/proc/%d/task/%d" % (tgid, tid))
 
+
+
+class FollowsTgids:
+    """The process filter shared by the off-CPU collector and the in-kernel
+    sampler: a set of tgids mirrored into a BPF hash map the program reads.
+
+    Subclasses set ``_initial_tgids`` (None: every process), ``_tgids`` (the
+    map once started), ``_running`` and ``_pending`` (what stop() gathered),
+    and implement ``_gather()``.
+    """
+
+    def add_tgid(self, tgid: int) -> None:
+        """Follow process ``tgid`` too (no-op when following every process)."""
+        if self._initial_tgids is None:
+            return
+        self._initial_tgids.add(tgid)
+        if self._tgids is not None:
+            self._tgids.update(TGID_KEY.pack(tgid), TGID_VALUE)
+
+    def collect(self) -> list:
+        """Everything counted since the last call (after stop(): the final remainder)."""
+        if not self._running:
+            out, self._pending = self._pending, []
+            return out
+        return self._gather()

@@ -34,7 +34,7 @@ from perfagent.bpf.maps import HashMap, StackTraceMap
 from perfagent.bpf.prog import PerfEvent, Prog
 from perfagent.bpf.syscall import BPFError
 from perfagent.offcpu.common import (
-    STACK_KEY, STACK_SUMS, STACKID_FLAGS_KERNEL, STACKID_FLAGS_USER, TGID_KEY, TGID_VALUE,
+    STACK_KEY, STACK_SUMS, STACKID_FLAGS_KERNEL, STACKID_FLAGS_USER, TGID_KEY, TGID_VALUE, FollowsTgids,
     StackResolver, Stats, close_all, emit_accumulate, emit_stackid, emit_tgid_filter,
     make_tgid_map)
 from perfagent.perf import attr as A
@@ -120,7 +120,7 @@ def build_program(counts: HashMap, stacks: StackTraceMap, tgids: Optional[HashMa
     return p
 
 
-class InKernelSampler:
+class InKernelSampler(FollowsTgids):
     """cpu-clock sampling at ``sample_rate`` Hz on every online CPU, counted
     per stack in the kernel.
 
@@ -185,19 +185,6 @@ class InKernelSampler:
             raise
         self._running = True
 
-    def add_tgid(self, tgid: int) -> None:
-        if self._initial_tgids is None:
-            return
-        self._initial_tgids.add(tgid)
-        if self._tgids is not None:
-            self._tgids.update(TGID_KEY.pack(tgid), TGID_VALUE)
-
-    def collect(self) -> List[OnCpuStack]:
-        """The counts since the last call (after stop(): the final remainder)."""
-        if not self._running:
-            out, self._pending = self._pending, []
-            return out
-        return self._gather()
 
     def collect_if_full(self, fraction: float = NEAR_FULL) -> List[OnCpuStack]:
         """``collect()`` when the count map is ``fraction`` full, else []."""
