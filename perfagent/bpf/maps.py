@@ -52,7 +52,7 @@ def possible_cpus() -> int:
     return _possible
 
 
-class Map:
+class Map(sc.OwnedFD):
     """One kernel map; closes its fd on close() / leaving a ``with`` block.
 
     A program that references the map holds its own kernel reference, so
@@ -76,36 +76,13 @@ class Map:
         self._batch_ok: Optional[bool] = None
 
     @property
-    def fd(self) -> int:
-        if self._fd is None:
-            raise BPFError("map %r is closed" % self.name, errno.EBADF)
-        return self._fd
-
-    @property
-    def closed(self) -> bool:
-        return self._fd is None
+    def kind(self) -> str:
+        return "map %r" % self.name
 
     @property
     def id(self) -> int:
         """The kernel-wide map id (BPF_OBJ_GET_INFO_BY_FD)."""
         return sc.obj_id(self.fd)
-
-    def close(self) -> None:
-        if self._fd is not None:
-            sc.close_fd(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> "Map":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: modules may be gone
-            pass
 
     def __repr__(self) -> str:
         return "<Map %r type=%d fd=%s>" % (self.name, self.map_type, self._fd)

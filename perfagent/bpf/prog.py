@@ -90,43 +90,7 @@ def load_program(prog_type: int, insns: bytes, license: str = "GPL",
             raise _rejection(name, exc.errno, log) from None
 
 
-class _FD:
-    """Owns one fd; closes it once."""
-
-    kind = "fd"
-
-    def __init__(self, fd: int) -> None:
-        self._fd: Optional[int] = fd
-
-    @property
-    def fd(self) -> int:
-        if self._fd is None:
-            raise BPFError("%s is closed" % self.kind, errno.EBADF)
-        return self._fd
-
-    @property
-    def closed(self) -> bool:
-        return self._fd is None
-
-    def close(self) -> None:
-        fd, self._fd = getattr(self, "_fd", None), None
-        if fd is not None:
-            sc.close_fd(fd)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: modules may be gone
-            pass
-
-
-class Link(_FD):
+class Link(sc.OwnedFD):
     """An attachment; the program stays attached until this is closed."""
 
     kind = "link"
@@ -136,7 +100,7 @@ class Link(_FD):
         return sc.obj_id(self.fd)
 
 
-class Prog(_FD):
+class Prog(sc.OwnedFD):
     """A loaded, verified program.
 
     ``maps`` keeps the Map objects the program references alive for as long
@@ -185,7 +149,7 @@ class Prog(_FD):
         return Link(sc.raw_tracepoint_open(self.fd, None))
 
 
-class PerfEvent(_FD):
+class PerfEvent(sc.OwnedFD):
     """A perf event fd (from perf_event_open) that can run a PERF_EVENT program.
 
     The program runs on every sample (overflow) of the event while the event

@@ -472,3 +472,42 @@ def close_fd(fd: int) -> None:
         os.close(fd)
     except OSError:
         pass
+
+
+class OwnedFD:
+    """Owns one fd (a map, program, link or perf event); closes it once.
+
+    ``kind`` names it in the error raised after close.
+    """
+
+    kind = "fd"
+
+    def __init__(self, fd: int) -> None:
+        self._fd: Optional[int] = fd
+
+    @property
+    def fd(self) -> int:
+        if self._fd is None:
+            raise BPFError("%s is closed" % self.kind, errno.EBADF)
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def close(self) -> None:
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            close_fd(fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: modules may be gone
+            pass

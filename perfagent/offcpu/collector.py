@@ -323,19 +323,6 @@ class OffCpuCollector(FollowsTgids):
         self._stats = None
         close_all(objs)
 
-    def __enter__(self) -> "OffCpuCollector":
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def __del__(self) -> None:
-        try:
-            self._close()
-        except Exception:
-            pass
-
     @property
     def lost_stacks(self) -> int:
         """Stack ids that could not be resolved (walk failed, map collision)."""

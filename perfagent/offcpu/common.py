@@ -251,13 +251,28 @@ def thread_alive(tgid: int, tid: int) -> bool:
 
 
 class FollowsTgids:
-    """The process filter shared by the off-CPU collector and the in-kernel
-    sampler: a set of tgids mirrored into a BPF hash map the program reads.
+    """What the off-CPU collector and the in-kernel sampler share: a set of
+    tgids mirrored into a BPF hash map the program reads, collect(), and the
+    start/stop life cycle (context manager; kernel objects closed at the
+    latest when the object is collected).
 
     Subclasses set ``_initial_tgids`` (None: every process), ``_tgids`` (the
     map once started), ``_running`` and ``_pending`` (what stop() gathered),
-    and implement ``_gather()``.
+    and implement ``start()``, ``stop()``, ``_close()`` and ``_gather()``.
     """
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __del__(self) -> None:
+        try:
+            self._close()
+        except Exception:  # interpreter shutdown: modules may be gone
+            pass
 
     def add_tgid(self, tgid: int) -> None:
         """Follow process ``tgid`` too (no-op when following every process)."""

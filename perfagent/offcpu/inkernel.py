@@ -238,19 +238,6 @@ class InKernelSampler(FollowsTgids):
         self._stats = None
         close_all(objs)
 
-    def __enter__(self) -> "InKernelSampler":
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def __del__(self) -> None:
-        try:
-            self._close()
-        except Exception:
-            pass
-
     def _gather(self) -> List[OnCpuStack]:
         assert self._counts is not None and self._stats is not None
         assert self._resolver is not None
