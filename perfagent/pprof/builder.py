@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from perfagent.pprof import schema as S
-from perfagent.pprof.encode import LineTuple, ProfileEncoder, write_gzipped_atomically
+from perfagent.pprof.encode import LineTuple, ProfileEncoder, finish_with_header, write_gzipped_atomically
 from perfagent.pprof.model import Function, Label, Line, Location, Mapping, Profile, Sample, ValueType
 
 _UINT64_LIMIT = 1 << 64
@@ -254,17 +254,7 @@ class ProfileBuilder:
             encoder.location(location_id, mapping_id, address, lines, is_folded)
         for function_id, (name, system_name, filename, start_line) in enumerate(self._functions, 1):
             encoder.function(function_id, name, system_name, filename, start_line)
-        period_type = self.period_type
-        return encoder.finish(
-            drop_frames=self.drop_frames,
-            keep_frames=self.keep_frames,
-            time_nanos=self.time_nanos,
-            duration_nanos=self.duration_nanos,
-            period_type=None if period_type is None else (period_type.type, period_type.unit),
-            period=self.period,
-            comments=self.comments,
-            default_sample_type=self.default_sample_type,
-        )
+        return finish_with_header(encoder, self)
 
     def write(self, path: str) -> None:
         """Write the gzip'd profile to ``path`` atomically (temp file + os.replace)."""

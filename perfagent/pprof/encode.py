@@ -215,16 +215,22 @@ def encode_profile(profile: Profile) -> bytes:
         encoder.location(location.id, location.mapping_id, location.address, lines, location.is_folded)
     for f in profile.functions:
         encoder.function(f.id, f.name, f.system_name, f.filename, f.start_line)
-    period_type = profile.period_type
+    return finish_with_header(encoder, profile)
+
+
+def finish_with_header(encoder: "ProfileEncoder", source) -> bytes:
+    """Finish with the profile-level fields of ``source``: a decoded Profile
+    or a ProfileBuilder, which spell them alike."""
+    period_type = source.period_type
     return encoder.finish(
-        drop_frames=profile.drop_frames,
-        keep_frames=profile.keep_frames,
-        time_nanos=profile.time_nanos,
-        duration_nanos=profile.duration_nanos,
+        drop_frames=source.drop_frames,
+        keep_frames=source.keep_frames,
+        time_nanos=source.time_nanos,
+        duration_nanos=source.duration_nanos,
         period_type=None if period_type is None else (period_type.type, period_type.unit),
-        period=profile.period,
-        comments=profile.comments,
-        default_sample_type=profile.default_sample_type,
+        period=source.period,
+        comments=source.comments,
+        default_sample_type=source.default_sample_type,
     )
 
 
