@@ -136,6 +136,7 @@ class CaptureState:
         self.symbolizer = symbolizer  # a perfagent.unwind.walker.Walker for --unwind dwarf/auto
         self._pending_walks: List[tuple] = []
         self._binary_cfi: Dict[tuple, object] = {}
+        self._binary_for: Dict[int, object] = {}
         self.processes: Dict[int, ProcessInfo] = {}
         self.thread_comm: Dict[int, str] = {}
         self.mappings: List[MappingRecord] = [MappingRecord(KERNEL_MAPPING, KIND_KERNEL, None, -1)]
@@ -327,7 +328,10 @@ class CaptureState:
             proc = self.processes.get(pid)
             if proc is None or not proc.maps_known:
                 proc = self.load_from_proc(pid) or self.process(pid)
-            user_ips = walk(proc, self._binary_cfi_for(proc), regs, stack)
+            binary_for = self._binary_for.get(pid)
+            if binary_for is None:  # one closure per process, not per sample
+                binary_for = self._binary_for[pid] = self._binary_cfi_for(proc)
+            user_ips = walk(proc, binary_for, regs, stack)
             key = (pid, tid, kernel_ips, user_ips)
             slot = pending.get(key)
             if slot is None:

@@ -64,6 +64,7 @@ class LocationTable:
         self._locations: Dict[Tuple[int, int], int] = {}
         self._classes: Dict[Tuple[int, int], int] = {}
         self._interpreter_mappings: Dict[int, bool] = {}
+        self._binaries: Dict[int, object] = {}  # mapping index -> BinaryInfo
         self.unsymbolized = 0
 
     def frame_class(self, frame: Tuple[int, int]) -> int:
@@ -102,10 +103,19 @@ class LocationTable:
             fid = self.builder.function_id(name, name, filename)
         return self.builder.location_id(mapping_id, addr, ((fid, 0),), by_lines=len(frame) == 3)
 
+    def _binary(self, rec: MappingRecord):
+        """The mapping's parsed file, looked up once per mapping (the path
+        checks behind it stat files: not something to repeat per location)."""
+        info = self._binaries.get(rec.index)
+        if info is None:
+            info = self._binaries[rec.index] = self.symbolizer.binary(
+                rec.path, (rec.dev_major, rec.inode), rec.pid, rec.start, rec.end)
+        return info
+
     def _is_interpreter(self, rec: MappingRecord) -> bool:
         known = self._interpreter_mappings.get(rec.index)
         if known is None:
-            info = self.symbolizer.binary(rec.path, (rec.dev_major, rec.inode), rec.pid, rec.start, rec.end)
+            info = self._binary(rec)
             names = info.symbols.names if info.symbols is not None else ()
             known = self._interpreter_mappings[rec.index] = INTERPRETER_MARKER in names
         return known
@@ -115,7 +125,7 @@ class LocationTable:
         if rec.kind == KIND_KERNEL:
             return sym.kernel_name(addr)
         if rec.kind == KIND_FILE:
-            info = sym.binary(rec.path, (rec.dev_major, rec.inode), rec.pid, rec.start, rec.end)
+            info = self._binary(rec)
             return info.symbolize_offset(addr - rec.start + rec.pgoff), rec.path
         if rec.kind == KIND_JIT:
             proc = self.state.processes.get(rec.pid)
@@ -131,8 +141,7 @@ class LocationTable:
             build_id = ""
             filename = rec.path
             if rec.kind == KIND_FILE:
-                info = self.symbolizer.binary(rec.path, (rec.dev_major, rec.inode), rec.pid,
-                                              rec.start, rec.end)
+                info = self._binary(rec)
                 build_id = info.build_id or ""
             elif rec.kind == KIND_JIT:
                 filename = "[jit]"
