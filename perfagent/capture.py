@@ -128,8 +128,11 @@ Frame = tuple
 class CaptureState:
     """Everything a capture learned, fed by the sampler's callbacks."""
 
-    def __init__(self, skip_idle: bool = True, walker=None, symbolizer=None) -> None:
+    def __init__(self, skip_idle: bool = True, walker=None, symbolizer=None,
+                 offcpu_walker=None) -> None:
         self.walker = walker
+        # Unwinds off-CPU stack copies: its own outcome counts, the same CFI cache.
+        self.offcpu_walker = offcpu_walker
         # Names JIT frames while the capture runs (perf maps are re-read as
         # they grow, and JIT memory is reused: a name is right only for the
         # samples taken while it was current).
@@ -299,8 +302,12 @@ class CaptureState:
         self.pids_seen.add(pid)
 
     def add_offcpu(self, pid: int, tid: int, kernel_ips: tuple, user_ips: tuple,
-                   blocks: int, nanoseconds: int) -> None:
-        """Count one off-CPU stack (from the sched_switch program) at current mappings."""
+                   blocks: int, nanoseconds: int, copy=None) -> None:
+        """Count one off-CPU stack (from the sched_switch program) at current
+        mappings; with ``copy`` (a user stack copy) the user frames are its unwind."""
+        if copy is not None:
+            self.unwind_copy(pid, copy)
+            user_ips = copy.user_ips
         frames = self._resolve(pid, kernel_ips, user_ips)
         key = (pid, tid, frames)
         slot = self.offcpu_stacks.get(key)
@@ -325,13 +332,7 @@ class CaptureState:
         walk = self.walker.walk
         pending = self._pending
         for pid, tid, kernel_ips, regs, stack, period in walks:
-            proc = self.processes.get(pid)
-            if proc is None or not proc.maps_known:
-                proc = self.load_from_proc(pid) or self.process(pid)
-            binary_for = self._binary_for.get(pid)
-            if binary_for is None:  # one closure per process, not per sample
-                binary_for = self._binary_for[pid] = self._binary_cfi_for(proc)
-            user_ips = walk(proc, binary_for, regs, stack)
+            user_ips = self._unwind(walk, pid, regs, stack)
             key = (pid, tid, kernel_ips, user_ips)
             slot = pending.get(key)
             if slot is None:
@@ -340,10 +341,25 @@ class CaptureState:
                 slot[0] += 1
                 slot[1] += period
 
+    def _unwind(self, walk, pid: int, regs: tuple, stack: bytes) -> tuple:
+        proc = self.processes.get(pid)
+        if proc is None or not proc.maps_known:
+            proc = self.load_from_proc(pid) or self.process(pid)
+        binary_for = self._binary_for.get(pid)
+        if binary_for is None:  # one closure per process, not per sample
+            binary_for = self._binary_for[pid] = self._binary_cfi_for(proc)
+        return walk(proc, binary_for, regs, stack)
+
+    def unwind_copy(self, pid: int, copy) -> None:
+        """Unwind an off-CPU stack copy (perfagent.offcpu.collector.StackCopy)
+        once, with ``offcpu_walker``, keeping the addresses and freeing the bytes."""
+        if copy.user_ips is None:
+            copy.unwound(self._unwind(self.offcpu_walker.walk, pid, copy.regs, copy.stack))
+
     def _binary_cfi_for(self, proc: ProcessInfo):
         """``binary_for(entry)`` for the walker: the CFI of a mapping's file, or None."""
         cache = self._binary_cfi
-        cfi_cache = self.walker.cache
+        cfi_cache = (self.walker or self.offcpu_walker).cache
         pid = proc.pid
 
         def binary_for(entry: MapEntry):

@@ -378,30 +378,66 @@ def follow_children(tgids: Optional[set], new: List[tuple], add_tgid: Callable[[
 
 
 class OffCpu:
-    """The off-CPU side of a run: the sched_switch collector and what it follows."""
+    """The off-CPU side of a run: the sched_switch collector and what it follows.
+
+    With a DWARF unwinder (``--unwind dwarf``/``auto``, when the state has an
+    ``offcpu_walker``) the collector copies each episode's user stack
+    (``stack_size`` bytes) and the state unwinds it as it arrives; a kernel
+    that cannot load that program gets frame-pointer user stacks instead,
+    with one line saying so.
+    """
 
     COLLECT_INTERVAL = 1.0
 
-    def __init__(self, state: CaptureState, symbolizer: Symbolizer, tgids: Optional[set]) -> None:
-        from perfagent.offcpu.collector import OffCpuCollector
+    def __init__(self, state: CaptureState, symbolizer: Symbolizer, tgids: Optional[set],
+                 stack_size: int = 0) -> None:
         self.state = state
         self.symbolizer = symbolizer
         self.tgids = tgids
-        self.collector = OffCpuCollector(set(tgids) if tgids is not None else None)
+        self.stack_size = stack_size if state.offcpu_walker is not None else 0
+        self.collector = self._collector(self.stack_size)
         self._next = 0.0
 
+    def _collector(self, copy_stack: int):
+        from perfagent.offcpu.collector import OffCpuCollector
+        return OffCpuCollector(set(self.tgids) if self.tgids is not None else None,
+                               copy_stack=copy_stack, on_copy=self.state.unwind_copy)
+
     def start(self) -> None:
-        self.collector.start()
+        from perfagent.bpf.syscall import BPFError
+        try:
+            self.collector.start()
+        except BPFError as exc:
+            if not self.stack_size or exc.errno in (errno.EPERM, errno.EACCES):
+                raise
+            log("off-CPU stack copies unavailable (%s); off-CPU user stacks come from "
+                "frame pointers" % exc)
+            self.stack_size = 0
+            self.collector = self._collector(0)
+            self.collector.start()
 
     def follow_children(self, new: List[tuple]) -> None:
         follow_children(self.tgids, new, self.collector.add_tgid)
 
     def collect(self, force: bool = False) -> None:
+        """Read the stack copies every time (their ring is bounded); the count
+        map and the open intervals once every COLLECT_INTERVAL."""
         now = time.monotonic()
         if not force and now < self._next:
+            self._add(self.collector.drain_copies())
             return
         self._next = now + self.COLLECT_INTERVAL
         self._add(self.collector.collect())
+
+    def summary(self) -> str:
+        """The off-CPU unwinding line, or "" without stack copies."""
+        if not self.stack_size or self.state.offcpu_walker is None:
+            return ""
+        line = "off-CPU: " + self.state.offcpu_walker.summary()
+        dropped = self.collector.copies_dropped
+        if dropped:
+            line += "; %d episodes kept frame-pointer stacks (stack copy ring full)" % dropped
+        return line
 
     def stop(self) -> None:
         self.collector.stop()
@@ -413,7 +449,7 @@ class OffCpu:
         for st in stacks:
             kernel_ips = strip_tracing_frames(st.kernel_ips, lookup) if st.kernel_ips else ()
             self.state.add_offcpu(st.tgid, st.tid, tuple(kernel_ips), tuple(st.user_ips),
-                                  st.count, st.blocked_ns)
+                                  st.count, st.blocked_ns, st.copy)
 
 
 class InKernel:
@@ -474,6 +510,10 @@ def run(opts: Options) -> int:
 
     walker = None
     binaries = BinaryCache()  # shared by the unwinder and the symbolizer: each file examined once
+    cfi = None  # one CFI cache for the on-CPU and the off-CPU walkers
+    if opts.unwind != "fp" and (opts.profile or opts.offcpu):
+        from perfagent.unwind.walker import CFICache, Walker
+        cfi = CFICache(binaries)
     use_in_kernel = opts.profile and opts.unwind == "fp" and opts.in_kernel
     if not opts.profile or use_in_kernel:
         sampler = Sampler(1, side_band_only=True)  # mappings and names only
@@ -483,16 +523,17 @@ def run(opts: Options) -> int:
         from perfagent.arch import current
         from perfagent.perf import attr as A
         from perfagent.perf.sampler import SAMPLE_TYPE, data_pages_for
-        from perfagent.unwind.walker import CFICache, Walker
         if current().UNWIND_REGS_MASK is None:
             raise CaptureError("--unwind %s is not supported on %s yet; use --unwind fp"
                                % (opts.unwind, current().NAME))
-        walker = Walker(opts.unwind, CFICache(binaries))
+        walker = Walker(opts.unwind, cfi)
         sampler = Sampler(opts.sample_rate, data_pages=data_pages_for(opts.stack_size, opts.sample_rate),
                           sample_type=SAMPLE_TYPE | A.PERF_SAMPLE_REGS_USER | A.PERF_SAMPLE_STACK_USER,
                           sample_regs_user=current().UNWIND_REGS_MASK, sample_stack_user=opts.stack_size)
+    # Off-CPU user stacks are copied and unwound like samples unless --unwind fp.
+    offcpu_walker = Walker(opts.unwind, cfi) if opts.offcpu and cfi is not None else None
     symbolizer = Symbolizer(binaries)
-    state = CaptureState(walker=walker, symbolizer=symbolizer)
+    state = CaptureState(walker=walker, symbolizer=symbolizer, offcpu_walker=offcpu_walker)
     stop = StopFlag()
     launched: Optional[LaunchedCommand] = None
     stop_reason = ""
@@ -522,7 +563,7 @@ def run(opts: Options) -> int:
                 if use_in_kernel:
                     inkernel = _start_in_kernel(state, opts, None)
                 if opts.offcpu:
-                    offcpu = OffCpu(state, symbolizer, None)
+                    offcpu = OffCpu(state, symbolizer, None, opts.stack_size)
                     offcpu.start()
             elif opts.pid is not None:
                 state.load_from_proc(opts.pid)
@@ -535,7 +576,7 @@ def run(opts: Options) -> int:
                 if use_in_kernel:
                     inkernel = _start_in_kernel(state, opts, {opts.pid})
                 if opts.offcpu:
-                    offcpu = OffCpu(state, symbolizer, {opts.pid})
+                    offcpu = OffCpu(state, symbolizer, {opts.pid}, opts.stack_size)
                     offcpu.start()
             else:
                 env = None
@@ -549,7 +590,7 @@ def run(opts: Options) -> int:
                     if use_in_kernel:
                         inkernel = _start_in_kernel(state, opts, {launched.pid})
                     if opts.offcpu:
-                        offcpu = OffCpu(state, symbolizer, {launched.pid})
+                        offcpu = OffCpu(state, symbolizer, {launched.pid}, opts.stack_size)
                         offcpu.start()
                 except BaseException:
                     launched.abandon()
@@ -639,6 +680,8 @@ def run(opts: Options) -> int:
         if state.samples == 0:
             log("warning: no samples were collected (was the target idle?); wrote an empty profile")
         log("wrote %s: %d samples, %d lost, %d processes" % (out_path, state.samples, lost, len(state.pids_seen)))
+    if offcpu is not None and offcpu.summary():
+        log(offcpu.summary())
     if offcpu_path is not None:
         total_ns = sum(v[1] for v in state.offcpu_stacks.values())
         lost_stacks = offcpu.collector.lost_stacks if offcpu is not None else 0

@@ -63,6 +63,12 @@ UNWIND_REGS_MASK = sum(1 << r for r in UNWIND_PERF_REGS)
 # DWARF register number of each value in that tuple (ip is the RA column).
 UNWIND_DWARF_ORDER = (DWARF_RBX, DWARF_RBP, DWARF_RSP, DWARF_RA, 12, 13, 14, DWARF_R15)
 
+# The same registers as members of the kernel's struct pt_regs
+# (arch/x86/include/asm/ptrace.h), which a BPF program reads through
+# bpf_task_pt_regs(): the user registers saved when the thread entered the
+# kernel.  Offsets come from BTF.
+UNWIND_PT_REGS = ("bx", "bp", "sp", "ip", "r12", "r13", "r14", "r15")
+
 # CPython's perf trampoline (Python/asm_trampoline.S), the whole function:
 #     sub $8, %rsp ; call *%rcx ; add $8, %rsp ; ret
 # so at a return address inside it the caller's return address is at sp+8,

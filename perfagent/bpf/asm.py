@@ -119,6 +119,8 @@ HELPERS: Dict[str, int] = {
     "ringbuf_reserve": 131,
     "ringbuf_submit": 132,
     "ringbuf_discard": 133,
+    "get_current_task_btf": 158,
+    "task_pt_regs": 175,
 }
 
 # struct bpf_insn {

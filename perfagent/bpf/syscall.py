@@ -89,6 +89,11 @@ BPF_ANY = 0
 BPF_NOEXIST = 1
 BPF_EXIST = 2
 
+# Flags for bpf_ringbuf_output(): no poll wakeup for this record (the
+# reader drains on its own timer, so a busy program does not wake it up
+# once per record).
+BPF_RB_NO_WAKEUP = 1 << 0
+
 # Flags for bpf_get_stackid() / bpf_get_stack()
 BPF_F_SKIP_FIELD_MASK = 0xFF
 BPF_F_USER_STACK = 1 << 8

@@ -44,7 +44,8 @@ TGID_VALUE = b"\x01"
 # Counters the programs keep in a two-slot u64 array:
 STAT_INSERTS = 0   # new keys inserted into the count map (ever)
 STAT_DROPS = 1     # events dropped because the count map was full
-STATS_SLOTS = 2
+STAT_COPY_DROPS = 2  # off-CPU stack copies (or their ends) the full ring refused
+STATS_SLOTS = 3
 U64 = struct.Struct("<Q")
 
 # Stack ids are kept, not reused: without BPF_F_REUSE_STACKID a hash

@@ -133,6 +133,11 @@ class RecordParser:
         self.sample_type = sample_type
         self.regs_count = _popcount(sample_regs_user)
         self.trailer = sample_id_trailer_size(sample_type) if sample_id_all else 0
+        # Where the trailer's u64 time is, counted from the record's end
+        # (struct sample_id: {pid, tid} then time), or 0 without one.
+        self._time_from_end = 0
+        if sample_id_all and sample_type & PERF_SAMPLE_TIME:
+            self._time_from_end = self.trailer - (8 if sample_type & PERF_SAMPLE_TID else 0)
         self._qstructs: Dict[int, struct.Struct] = {}
         self.lost = 0
         self.lost_samples = 0
@@ -145,13 +150,18 @@ class RecordParser:
             s = self._qstructs[n] = struct.Struct("<%dQ" % n)
         return s
 
-    def parse(self, data: bytes, on_sample: Callable, on_event: Callable) -> None:
+    def parse(self, data: bytes, on_sample: Callable, on_event: Callable,
+              timed_events: Optional[list] = None) -> None:
         """Decode every record in ``data``, calling back per sample / other event.
 
+        With ``timed_events`` the other events are appended to it as
+        (time, event) instead (time from the sample_id trailer, 0 without
+        one), for a caller that merges several rings in time order.
         A record whose size is inconsistent stops the parse of this chunk
         (counted in ``malformed``): the kernel only publishes whole records,
         so that can only mean a corrupted buffer, never a split record.
         """
+        time_from_end = self._time_from_end
         view = memoryview(data)
         end = len(data)
         off = 0
@@ -166,8 +176,13 @@ class RecordParser:
                     on_sample(self._sample(view, off + 8, off + size))
                 else:
                     ev = self._event(rtype, misc, view, off + 8, off + size)
-                    if ev is not None:
+                    if ev is None:
+                        pass
+                    elif timed_events is None:
                         on_event(ev)
+                    else:
+                        t = _U64.unpack_from(view, off + size - time_from_end)[0] if time_from_end else 0
+                        timed_events.append((t, ev))
             except (struct.error, IndexError, ValueError):
                 self.malformed += 1
             off += size

@@ -215,13 +215,26 @@ class Sampler:
             pass
 
     def drain(self, on_sample: Callable, on_event: Callable) -> int:
-        """Parse everything in every ring; returns the number of bytes read."""
+        """Parse everything in every ring; returns the number of bytes read.
+
+        Side-band events (mmap, comm, fork, exit) of all rings are handed
+        on in time order: each ring is ordered, but a process that execs on
+        one CPU and maps its libraries on another puts its exec and its
+        mmaps in different rings, and applying the exec (which empties the
+        address space) after the mmaps would lose them.  Samples need no
+        order and go out as they are parsed.
+        """
         total = 0
+        events: List[tuple] = []
         for ring in self.rings.values():
             data = ring.read()
             if data:
                 total += len(data)
-                self.parser.parse(data, on_sample, on_event)
+                self.parser.parse(data, on_sample, on_event, events)
+        if events:
+            events.sort(key=lambda te: te[0])  # stable: equal times keep ring order
+            for _t, ev in events:
+                on_event(ev)
         return total
 
     @property
