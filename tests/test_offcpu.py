@@ -10,7 +10,7 @@ import os
 import struct
 import subprocess
 import time
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import pytest
 
@@ -134,11 +134,13 @@ class BlockerRun(NamedTuple):
     cpu: float              # seconds the main thread ran meanwhile
     runnable: float         # seconds it waited for a CPU meanwhile
     names: Callable[[Sequence[int]], List[Optional[str]]]
+    collector: OffCpuCollector
 
 
-def run_blocker(blocker_bin: str, tmp_path, seconds: float) -> BlockerRun:
-    """Capture offcpu_blocker for ``seconds`` (a periodic collect() half-way),
-    with the collector attached before the program starts blocking."""
+def run_blocker(blocker_bin: str, tmp_path, seconds: float, **collector_kw) -> BlockerRun:
+    """Capture offcpu_blocker for ``seconds`` (a periodic collect() half-way,
+    and the copy ring read every 100 ms), with the collector attached before
+    the program starts blocking."""
     truth_file = str(tmp_path / "truth")
     with open(truth_file, "wb") as f:
         f.write(bytes(TRUTH.size))
@@ -148,16 +150,21 @@ def run_blocker(blocker_bin: str, tmp_path, seconds: float) -> BlockerRun:
         assert proc.stdout.readline().startswith("ready")
         pid = proc.pid
         names = symbolizer(pid, blocker_bin)
-        col = OffCpuCollector({pid})
+        col = OffCpuCollector({pid}, **collector_kw)
         col.start()
         t0 = time.monotonic()
         sched0 = schedstat(pid, pid)
         # Go only now, so that every blocking call is seen from its start.
         proc.stdin.write("go\n")
         proc.stdin.flush()
-        time.sleep(seconds / 2)
-        got: List[OffCpuStack] = col.collect()
-        time.sleep(seconds / 2)
+        got: List[OffCpuStack] = []
+        for half in (0, 1):
+            end = time.monotonic() + seconds / 2
+            while time.monotonic() < end:
+                time.sleep(0.1)
+                got += col.drain_copies()
+            if half == 0:
+                got += col.collect()
         truth = read_truth(truth_file)
         sched = [b - a for a, b in zip(sched0, schedstat(pid, pid))]
         col.stop()
@@ -166,11 +173,21 @@ def run_blocker(blocker_bin: str, tmp_path, seconds: float) -> BlockerRun:
     finally:
         finish(proc)
         proc.stdin.close()
-    return BlockerRun(pid, got, truth, wall, sched[0] / 1e9, sched[1] / 1e9, names)
+    return BlockerRun(pid, got, truth, wall, sched[0] / 1e9, sched[1] / 1e9, names, col)
+
+
+def frame_pointer_ips(s: OffCpuStack) -> Tuple[int, ...]:
+    return s.user_ips
 
 
 def test_blocking_shares_stacks_and_total(blocker_bin, tmp_path):
-    pid, got, truth, wall, cpu, runnable, names = run_blocker(blocker_bin, tmp_path, 3.0)
+    check_blocker(run_blocker(blocker_bin, tmp_path, 3.0), frame_pointer_ips)
+
+
+def check_blocker(run: BlockerRun, user_ips: Callable[[OffCpuStack], Tuple[int, ...]]) -> None:
+    """The blocker's known shape: 3:1 (by its own clock), from main, the
+    total close to the wall time, kernel and user stacks agreeing."""
+    pid, got, truth, wall, cpu, runnable, names, _col = run
     assert all(s.tgid == pid for s in got)
     main = [s for s in got if s.tid == pid]
     assert any(s.tid != pid for s in got), "the helper thread blocks too"
@@ -189,9 +206,10 @@ def test_blocking_shares_stacks_and_total(blocker_bin, tmp_path):
     ksyms = KernelSymbols.load()
     with_main = 0
     for s in main:
-        assert s.user_ips, "user stack missing: %r" % (s,)
-        assert names.in_binary(s.user_ips[0]), "leaf %#x not in %s" % (s.user_ips[0], blocker_bin)
-        frames = names(s.user_ips)
+        ips = user_ips(s)
+        assert ips, "user stack missing: %r" % (s,)
+        assert names.in_binary(ips[0]), "leaf %#x not in the blocker" % ips[0]
+        frames = names(ips)
         assert frames[0] == "sys3", frames
         for f in by_func:
             if f in frames:
@@ -226,6 +244,100 @@ def test_blocking_shares_stacks_and_total(blocker_bin, tmp_path):
     # Episodes: ~3 s / 40 ms cycles, two blocks each; each counted once.
     episodes = sum(s.count for s in main)
     assert 100 <= episodes <= 2 * wall / 0.040 + 10, episodes
+
+
+# -- off-CPU with stack copies (DWARF unwinding) ------------------------------
+
+NOFP_FLAGS = ["-O2", "-fomit-frame-pointer", "-pthread"]
+
+
+@pytest.fixture(scope="session")
+def blocker_nofp_bin(programs_dir) -> str:
+    """The blocker as release builds are: no frame pointers, CFI only."""
+    return compile_c(os.path.join(PROGRAMS, "offcpu_blocker.c"),
+                     os.path.join(programs_dir, "offcpu_blocker_nofp"), NOFP_FLAGS)
+
+
+class Unwinder:
+    """Unwinds stack copies as they are read (the collector's on_copy), as
+    the command line does: perfagent's capture state and DWARF walker."""
+
+    def __init__(self) -> None:
+        from perfagent.capture import CaptureState
+        from perfagent.unwind.walker import CFICache, Walker
+        self.state = CaptureState(offcpu_walker=Walker("dwarf", CFICache()))
+        self.seen: List[int] = []
+
+    def __call__(self, tgid: int, copy) -> None:
+        self.seen.append(tgid)
+        self.state.unwind_copy(tgid, copy)
+
+
+def copied_ips(s: OffCpuStack) -> Tuple[int, ...]:
+    assert s.copy is not None and not s.user_ips, s
+    assert s.copy.user_ips is not None and s.copy.stack == b"", "not unwound as it arrived"
+    return s.copy.user_ips
+
+
+def test_stack_copies_unwound_without_frame_pointers(blocker_nofp_bin, tmp_path):
+    unwind = Unwinder()
+    run = run_blocker(blocker_nofp_bin, tmp_path, 3.0, copy_stack=32768, on_copy=unwind)
+    col = run.collector
+    assert col.copies_dropped == 0 and col.copies_missing == 0
+    assert set(unwind.seen) == {run.pid}
+    # Every episode of every thread came with its copy, and the walks were whole.
+    assert all(s.copy is not None for s in run.got), [s for s in run.got if s.copy is None][:3]
+    walker = unwind.state.offcpu_walker
+    assert walker.outcomes[0] >= 0.99 * sum(walker.outcomes), walker.summary()
+    check_blocker(run, copied_ips)
+    # The helper thread blocks in libc's read and nanosleep wrappers (no
+    # frame pointers either): its stacks reach helper and start_thread.
+    helper = [s for s in run.got if s.tid != run.pid]
+    helper_ns = sum(s.blocked_ns for s in helper)
+    whole = sum(s.blocked_ns for s in helper
+                if {"helper", "start_thread"} <= set(run.names(copied_ips(s))))
+    assert whole >= 0.99 * helper_ns, (whole, helper_ns)
+
+
+def test_frame_pointer_stacks_of_the_same_build_lose_the_callers(blocker_nofp_bin, tmp_path):
+    # What the copies are for: without frame pointers the kernel's walk
+    # does not get from sys3 to block_sleep / block_read and main.
+    run = run_blocker(blocker_nofp_bin, tmp_path, 1.0)
+    main = [s for s in run.got if s.tid == run.pid]
+    total = sum(s.blocked_ns for s in main)
+    from_main = sum(s.blocked_ns for s in main if "main" in run.names(s.user_ips))
+    assert total > 0 and from_main <= 0.5 * total, (from_main, total)
+
+
+def test_full_copy_ring_falls_back_to_frame_pointer_stacks(blocker_bin, tmp_path):
+    # A ring of one page cannot take a copy of several pages: every episode
+    # is counted anyway, with the kernel's frame-pointer stack.
+    run = run_blocker(blocker_bin, tmp_path, 1.0, copy_stack=32768, ring_bytes=4096,
+                      on_copy=Unwinder())
+    col = run.collector
+    main = [s for s in run.got if s.tid == run.pid]
+    assert col.copies == 0 and col.copies_dropped >= 20, (col.copies, col.copies_dropped)
+    assert all(s.copy is None for s in main)
+    blocked = sum(s.blocked_ns for s in main
+                  if {"block_sleep", "block_read"} & set(run.names(s.user_ips)))
+    assert abs(blocked - sum(run.truth)) <= 0.05 * sum(run.truth), (blocked, run.truth)
+
+
+def test_stack_copy_program_leaves_nothing_behind(blocker_bin):
+    before_fds = bpf_fds()
+    proc = start_ready([blocker_bin, "20"])
+    try:
+        with OffCpuCollector({proc.pid}, copy_stack=8192, on_copy=Unwinder()) as col:
+            prog_ids, map_ids = col.prog_ids, col.map_ids
+            assert len(map_ids) == 7   # tgids, blocked, counts, stacks, stats, ring, scratch
+            time.sleep(0.5)
+            got = col.drain_copies()
+        got += col.collect()
+    finally:
+        finish(proc)
+    assert got and col.copies > 0
+    assert bpf_fds() <= before_fds
+    assert_gone(prog_ids, map_ids, set())
 
 
 def test_cpu_bound_threads_sharing_a_cpu_are_not_off_cpu(chain_bin):

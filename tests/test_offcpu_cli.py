@@ -24,7 +24,16 @@ def blocker(programs_dir):
                      BLOCKER_FLAGS)
 
 
-def test_offcpu_pid_shares_stacks_and_total(blocker, tmp_path):
+@pytest.fixture(scope="module")
+def blocker_nofp(programs_dir):
+    return compile_c(os.path.join(PROGRAMS, "offcpu_blocker.c"), os.path.join(programs_dir, "blocker_cli_nofp"),
+                     ["-O2", "-fomit-frame-pointer", "-pthread"])
+
+
+@pytest.mark.parametrize("build", ["frame pointers", "no frame pointers"])
+def test_offcpu_pid_shares_stacks_and_total(build, blocker, blocker_nofp, tmp_path):
+    # The default --unwind auto copies and unwinds the stacks: whole either way.
+    blocker = blocker if build == "frame pointers" else blocker_nofp
     truth_file = str(tmp_path / "truth")
     with open(truth_file, "wb") as f:
         f.write(bytes(TRUTH.size))
