@@ -112,3 +112,37 @@ def test_pid_injection_offcpu_names_python_functions(kind, tmp_path):
         remove_perf_map(proc.pid)
     assert err == ""
     check_naps(str(out), proc.pid, parse_truth(stdout))
+
+
+def test_all_processes_offcpu_names_python_and_native(tmp_path, programs_dir):
+    """-a --offcpu --inject-python: a Python target (injected by the lenient
+    system-wide pass) and a native one without frame pointers, in one profile."""
+    from conftest import compile_c, contains_chain, sample_stacks
+    blocker = compile_c(os.path.join(PROGRAMS, "offcpu_blocker.c"), os.path.join(programs_dir, "blocker_all_nofp"),
+                        ["-O2", "-fomit-frame-pointer", "-pthread"])
+    py = subprocess.Popen([interpreter("shared"), PY_NAPS, "60"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+    native = subprocess.Popen([blocker, "60"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert py.stdout.readline().startswith("ready")
+        assert native.stdout.readline().startswith("ready")
+        out = tmp_path / "all.pb.gz"
+        r = run_agent(["--offcpu", "-a", "--inject-python", "--duration", "4s", "--offcpu-output", str(out)],
+                      cwd=str(tmp_path))
+        assert r.returncode == 0, r.stderr
+        assert py.poll() is None and native.poll() is None
+    finally:
+        for p in (py, native):
+            p.kill()
+            p.communicate()
+        remove_perf_map(py.pid)
+    stacks = python_offcpu_stacks(str(out), py.pid)
+    total = sum(ns for _, ns in stacks)
+    named = sum(ns for py_names, ns in stacks if py_names[-3:] in (["main", n, "nap"] for n in NAPS))
+    assert total >= 1e9 and named >= 0.90 * total, (named, total)
+    mine = [(names, v) for names, labels, v in sample_stacks(read_profile(str(out)))
+            if str(labels.get("tid")) == str(native.pid)]
+    native_total = sum(v[1] for _, v in mine)
+    whole = sum(v[1] for names, v in mine
+                if contains_chain(names, ["main", "block_sleep"]) or contains_chain(names, ["main", "block_read"]))
+    assert native_total >= 1e9 and whole >= 0.95 * native_total, (whole, native_total)
