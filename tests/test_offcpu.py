@@ -408,6 +408,24 @@ def test_every_process_and_nothing_left_behind():
     assert col.collect() == []
 
 
+@pytest.mark.parametrize("copy_stack", [0, 4096, 32768, 65528])
+@pytest.mark.parametrize("tgids", [None, set()])
+@pytest.mark.parametrize("prev_state_arg", [True, False])
+def test_every_offcpu_program_variant_passes_the_verifier(monkeypatch, copy_stack, tgids, prev_state_arg):
+    if not prev_state_arg:
+        real = offcpu_collector._sched_switch_args
+        monkeypatch.setattr(offcpu_collector, "_sched_switch_args",
+                            lambda: real()._replace(prev_state=None))
+    with OffCpuCollector(tgids, copy_stack=copy_stack, on_copy=Unwinder()) as col:
+        assert len(col.prog_ids) == 1
+
+
+@pytest.mark.parametrize("tgids", [None, {1}])
+def test_inkernel_program_passes_the_verifier(tgids):
+    with InKernelSampler(99, tgids) as s:
+        assert s.prog_ids
+
+
 def test_program_for_kernels_without_prev_state(monkeypatch, blocker_bin, tmp_path):
     # Before 5.18 sched_switch had no prev_state argument: the program reads
     # prev->__state (or ->state) itself.  Same results expected.
