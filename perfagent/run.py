@@ -404,11 +404,14 @@ class OffCpu:
                                copy_stack=copy_stack, on_copy=self.state.unwind_copy)
 
     def start(self) -> None:
-        from perfagent.bpf.syscall import BPFError
+        from perfagent.bpf.syscall import BPFError, VerifierError
         try:
             self.collector.start()
         except BPFError as exc:
-            if not self.stack_size or exc.errno in (errno.EPERM, errno.EACCES):
+            # A kernel without the helpers the copy needs rejects the program
+            # (the verifier); a permission problem would fail without it too.
+            if not self.stack_size or (not isinstance(exc, VerifierError)
+                                       and exc.errno in (errno.EPERM, errno.EACCES)):
                 raise
             log("off-CPU stack copies unavailable (%s); off-CPU user stacks come from "
                 "frame pointers" % exc)
@@ -437,6 +440,9 @@ class OffCpu:
         dropped = self.collector.copies_dropped
         if dropped:
             line += "; %d episodes kept frame-pointer stacks (stack copy ring full)" % dropped
+        missing = self.collector.copies_missing
+        if missing:
+            line += "; %d episodes lost their stack copy" % missing
         return line
 
     def stop(self) -> None:

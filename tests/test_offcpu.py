@@ -310,16 +310,18 @@ def test_frame_pointer_stacks_of_the_same_build_lose_the_callers(blocker_nofp_bi
 
 
 def test_full_copy_ring_falls_back_to_frame_pointer_stacks(blocker_bin, tmp_path):
-    # A ring of one page cannot take a copy of several pages: every episode
-    # is counted anyway, with the kernel's frame-pointer stack.
+    # A ring of one page takes only the smallest copies (a stack whose top
+    # is near sp): the other episodes are counted anyway, with the kernel's
+    # frame-pointer stack.
     run = run_blocker(blocker_bin, tmp_path, 1.0, copy_stack=32768, ring_bytes=4096,
                       on_copy=Unwinder())
     col = run.collector
     main = [s for s in run.got if s.tid == run.pid]
-    assert col.copies == 0 and col.copies_dropped >= 20, (col.copies, col.copies_dropped)
-    assert all(s.copy is None for s in main)
+    assert col.copies_dropped >= 20, (col.copies, col.copies_dropped)
+    fallback = [s for s in main if s.copy is None]
+    assert sum(s.count for s in fallback) >= 20
     blocked = sum(s.blocked_ns for s in main
-                  if {"block_sleep", "block_read"} & set(run.names(s.user_ips)))
+                  if {"block_sleep", "block_read"} & set(run.names(copied_ips(s) if s.copy else s.user_ips)))
     assert abs(blocked - sum(run.truth)) <= 0.05 * sum(run.truth), (blocked, run.truth)
 
 

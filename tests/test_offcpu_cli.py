@@ -74,3 +74,28 @@ def test_profile_and_offcpu_together_write_both(blocker, tmp_path):
     off = [n for n in names if n.endswith("-off-cpu.pb.gz")][0]
     stacks = sample_stacks(read_profile(str(tmp_path / off)))
     assert any("block_sleep" in n for n, _, _ in stacks)
+
+
+def test_kernel_without_the_copy_helpers_gets_frame_pointer_stacks(blocker, tmp_path, monkeypatch, capsys):
+    # As on a kernel before 5.15 (no bpf_task_pt_regs): the verifier refuses
+    # the copying program; the run says so in one line and goes on with the
+    # kernel's frame-pointer stacks (whole here: the fp build).
+    from perfagent import cli
+    from perfagent.bpf import asm
+    monkeypatch.setitem(asm.HELPERS, "task_pt_regs", 99999)
+    out = tmp_path / "off.pb.gz"
+    proc = subprocess.Popen([blocker, "20"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("ready")
+        code = cli.main(["--offcpu", "--pid", str(proc.pid), "--duration", "1s", "--quiet",
+                         "--offcpu-output", str(out)])
+    finally:
+        proc.kill()
+        proc.wait()
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "off-CPU stack copies unavailable" in err and "frame pointers" in err, err
+    assert "off-CPU: unwound" not in err
+    stacks = sample_stacks(read_profile(str(out)))
+    mine = [(n, v) for n, labels, v in stacks if labels["tid"] == str(proc.pid)]
+    assert sum(v[1] for n, v in mine if contains_chain(n, ["main", "block_sleep"])) > 0.5e9
