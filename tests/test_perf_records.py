@@ -165,3 +165,46 @@ def test_real_ring_many_wraps_no_malformed():
         assert all(smp[0] == os.getpid() for smp in samples)
     finally:
         s.close()
+
+
+# -- side-band events across rings -------------------------------------------------
+
+def test_event_times_come_from_the_sample_id_trailer():
+    recs = load_fixture()
+    data = b"".join(r for _, r in recs)
+    timed = []
+    RecordParser(SAMPLE_TYPE).parse(data, lambda s: None, lambda e: None, timed)
+    assert [e[0] for _, e in timed] == ["comm", "mmap", "comm", "fork", "exit"]
+    times = [t for t, _ in timed]
+    assert all(t > 0 for t in times)
+    assert times[0] < times[1]        # the exec's COMM, then the new image's MMAP2
+    # fork/exit carry their own time too, from the same clock a moment apart
+    for t, ev in timed:
+        if ev[0] in ("fork", "exit"):
+            assert abs(t - ev[5]) < 1_000_000, (t, ev)
+
+
+class _Ring:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def read(self) -> bytes:
+        data, self.data = self.data, b""
+        return data
+
+
+def test_drain_applies_side_band_events_of_all_rings_in_time_order():
+    # A process execs on CPU 1 and maps its libraries on CPU 0: CPU 0's ring
+    # is read first, but the exec (which empties the address space) must be
+    # applied before the mmap, or the mapping is lost.
+    from perfagent.perf.sampler import Sampler
+    (_, comm), (_, mmap2) = load_fixture()[:2]   # the exec's COMM, then the binary's MMAP2
+    parser = RecordParser(SAMPLE_TYPE)
+    timed = []
+    parser.parse(comm + mmap2, lambda s: None, lambda e: None, timed)
+    assert timed[0][0] < timed[1][0]
+    sampler = Sampler(1, side_band_only=True)
+    sampler.rings = {0: _Ring(mmap2), 1: _Ring(comm)}
+    applied = []
+    sampler.drain(lambda s: None, applied.append)
+    assert [e[0] for e in applied] == ["comm", "mmap"]
