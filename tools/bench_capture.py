@@ -15,20 +15,16 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 
+from benchlib import children_cpu
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHAIN_C = os.path.join(REPO, "tests", "programs", "chain.c")
-
-
-def children_cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
 
 
 def run_measured(argv, **kw):

@@ -26,12 +26,13 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+
+from benchlib import children_cpu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHAIN_C = os.path.join(REPO, "tests", "programs", "chain.c")
@@ -52,11 +53,6 @@ print("%d samples, %d distinct stacks, %d dropped, %d lost stacks" % (
 """
 
 STARTUP = "import perfagent.offcpu, perfagent.bpf.btf; perfagent.bpf.btf.vmlinux()"
-
-
-def children_cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
 
 
 def run_measured(argv, **kw):

@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+
+from benchlib import children_cpu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,11 +60,6 @@ stats["maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print("STATS " + json.dumps(stats), file=sys.stderr)
 sys.exit(code)
 '''
-
-
-def children_cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
 
 
 def measured(argv, **kw):
