@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from perfagent.bpf.asm import (
-    B, DW, FP, H, R0, R1, R2, R3, R6, R10, W, AsmError, Insn, Program, encode,
+    B, DW, FP, H, R0, R1, R2, R3, R4, R6, R10, W, AsmError, Insn, Program, encode,
 )
 
 
@@ -75,6 +75,16 @@ def test_ld_imm64_two_slots():
         "18 01 0000 88776655" "00 00 0000 44332211")
     # -1 fills both halves.
     assert one(lambda p: p.ld_imm64(R0, -1)) == h("18 00 0000 ffffffff" "00 00 0000 ffffffff")
+
+
+def test_copy_mem_is_a_load_and_a_store():
+    # *(u32 *)(r10 - 8) = *(u32 *)(r6 + 4) through r1:
+    # BPF_LDX_MEM(BPF_W, R1, R6, 4) = 61 61 0400, BPF_STX_MEM(BPF_W, R10, R1, -8) = 63 1a f8ff
+    assert one(lambda p: p.copy_mem(W, FP, -8, R6, 4)) == h(
+        "61 61 0400 00000000" "63 1a f8ff 00000000")
+    # another scratch register, 64-bit
+    assert one(lambda p: p.copy_mem(DW, R2, 16, R3, 0, via=R4)) == h(
+        "79 34 0000 00000000" "7b 42 1000 00000000")
 
 
 class FakeMap:

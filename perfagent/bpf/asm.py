@@ -306,6 +306,14 @@ class Program:
                                 _check_range(off, S16, "offset"),
                                 _check_range(imm, S32, "immediate")))
 
+    def copy_mem(self, size: int, dst: Reg, dst_off: int, src: Reg, src_off: int,
+                 via: Reg = R1) -> "Program":
+        """``*(size *)(dst + dst_off) = *(size *)(src + src_off)`` through the
+        scratch register ``via`` (BPF has no memory-to-memory move): a load
+        and a store, so that filling a struct field by field reads as such."""
+        self.ldx(size, via, src, src_off)
+        return self.stx(size, dst, via, dst_off)
+
     def atomic_add(self, size: int, dst: Reg, src: Reg, off: int) -> "Program":
         """BPF_ATOMIC_OP(size, BPF_ADD, ...): ``lock *(size *)(dst + off) += src``
         (the old BPF_XADD encoding; W or DW only)."""

@@ -254,8 +254,7 @@ def build_program(args: _SchedSwitchArgs, blocked: HashMap, counts: HashMap,
     emit_stackid(p, ctx, stacks, STACKID_FLAGS_KERNEL)
     p.stx(W, FP, R0, OFF_BLOCKED + 16)           # blocked.kstack
     p.st(W, FP, OFF_BLOCKED + 20, 0)             # blocked.copied = 0
-    p.ldx(DW, R1, FP, OFF_BLOCKED + 0)
-    p.stx(DW, FP, R1, OFF_BLOCKED + 24)          # blocked.episode = since
+    p.copy_mem(DW, FP, OFF_BLOCKED + 24, FP, OFF_BLOCKED + 0)  # blocked.episode = since
     if copy is not None:
         emit_stack_copy(p, copy, stats)          # blocked.copied = 1 if it reached the ring
     p.ld_map_fd(R1, blocked)
@@ -267,8 +266,7 @@ def build_program(args: _SchedSwitchArgs, blocked: HashMap, counts: HashMap,
     # -- next switches in: was it blocked? -----------------------------------
     p.label("switch_in")
     p.ldx(DW, task, ctx, 8 * args.next)
-    p.ldx(W, R1, task, args.pid_off)             # next->pid (a BTF pointer: direct load)
-    p.stx(W, FP, R1, OFF_TID)
+    p.copy_mem(W, FP, OFF_TID, task, args.pid_off)  # tid = next->pid (a BTF pointer: direct load)
     p.ld_map_fd(R1, blocked)
     p.mov(R2, FP).add(R2, OFF_TID)
     p.call("map_lookup_elem")
@@ -281,27 +279,19 @@ def build_program(args: _SchedSwitchArgs, blocked: HashMap, counts: HashMap,
     p.sub(delta, R1)                             # delta = now - blocked.since
     p.stx(DW, FP, delta, OFF_SUMS + 0)           # sums.a = blocked ns
     p.st(DW, FP, OFF_SUMS + 8, 1)                # sums.b = one episode
-    p.ldx(W, R1, entry, 8)
-    p.stx(W, FP, R1, OFF_KEY + 0)                # key.tgid
-    p.ldx(W, R1, FP, OFF_TID)
-    p.stx(W, FP, R1, OFF_KEY + 4)                # key.tid
-    p.ldx(W, R1, entry, 12)
-    p.stx(W, FP, R1, OFF_KEY + 8)                # key.ustack
-    p.ldx(W, R1, entry, 16)
-    p.stx(W, FP, R1, OFF_KEY + 12)               # key.kstack
+    p.copy_mem(W, FP, OFF_KEY + 0, entry, 8)     # key.tgid = blocked.tgid
+    p.copy_mem(W, FP, OFF_KEY + 4, FP, OFF_TID)  # key.tid
+    p.copy_mem(W, FP, OFF_KEY + 8, entry, 12)    # key.ustack
+    p.copy_mem(W, FP, OFF_KEY + 12, entry, 16)   # key.kstack
     if copy is not None:
         # Everything is read before the delete: a deleted element of a
         # preallocated hash map may be reused by another CPU at once.
         p.st(W, FP, OFF_END + 0, RECORD_END)
-        p.ldx(W, R1, FP, OFF_TID)
-        p.stx(W, FP, R1, OFF_END + 4)            # end.tid
-        p.ldx(W, R1, entry, 8)
-        p.stx(W, FP, R1, OFF_END + 8)            # end.tgid
-        p.ldx(W, R1, entry, 16)
-        p.stx(W, FP, R1, OFF_END + 12)           # end.kstack
-        p.ldx(DW, R1, entry, 24)
-        p.stx(DW, FP, R1, OFF_END + 16)          # end.episode
-        p.stx(DW, FP, delta, OFF_END + 24)       # end.blocked_ns
+        p.copy_mem(W, FP, OFF_END + 4, FP, OFF_TID)      # end.tid
+        p.copy_mem(W, FP, OFF_END + 8, entry, 8)         # end.tgid
+        p.copy_mem(W, FP, OFF_END + 12, entry, 16)       # end.kstack
+        p.copy_mem(DW, FP, OFF_END + 16, entry, 24)      # end.episode
+        p.stx(DW, FP, delta, OFF_END + 24)               # end.blocked_ns
         p.ldx(W, copied, entry, 20)
 
     p.ld_map_fd(R1, blocked)
@@ -359,15 +349,12 @@ def emit_stack_copy(p: Program, copy: _CopyArgs, stats: Stats) -> None:
     p.mov(buf, R0)
 
     p.st(W, buf, 0, RECORD_STACK)                # copy.kind
-    p.ldx(W, R1, FP, OFF_TID)
-    p.stx(W, buf, R1, 4)                         # copy.tid
-    p.ldx(W, R1, FP, OFF_BLOCKED + 8)
-    p.stx(W, buf, R1, 8)                         # copy.tgid
-    p.ldx(DW, R1, FP, OFF_BLOCKED + 0)
-    p.stx(DW, buf, R1, 16)                       # copy.episode
+    p.copy_mem(W, buf, 4, FP, OFF_TID)           # copy.tid
+    p.copy_mem(W, buf, 8, FP, OFF_BLOCKED + 8)   # copy.tgid
+    p.copy_mem(DW, buf, 16, FP, OFF_BLOCKED + 0)  # copy.episode
     for i, off in enumerate(copy.regs_off):
-        p.ldx(DW, R1, regs, off)                 # pt_regs is a BTF pointer: direct loads
-        p.stx(DW, buf, R1, COPY_REGS_OFF + 8 * i)
+        # copy.regs[i] (pt_regs is a BTF pointer: direct loads)
+        p.copy_mem(DW, buf, COPY_REGS_OFF + 8 * i, regs, off)
     p.ldx(DW, sp, regs, copy.regs_off[2])        # regs is dead from here: size reuses r7
 
     # First piece: from sp to the end of its page (1..PAGE_SIZE bytes).

@@ -110,8 +110,7 @@ def build_program(counts: HashMap, stacks: StackTraceMap, tgids: Optional[HashMa
     p.stx(W, FP, R0, OFF_KEY + 12)                # key.kstack
 
     p.st(DW, FP, OFF_SUMS + 0, 1)                 # sums.a = one sample
-    p.ldx(DW, R1, ctx, period_off)
-    p.stx(DW, FP, R1, OFF_SUMS + 8)               # sums.b = ctx->sample_period
+    p.copy_mem(DW, FP, OFF_SUMS + 8, ctx, period_off)  # sums.b = ctx->sample_period
     emit_accumulate(p, counts, OFF_KEY, OFF_SUMS, stats.map, OFF_SCRATCH, "count")
 
     p.label("out")
