@@ -14,10 +14,12 @@ addresses that is dropped whenever that process's mappings change.
 
 from __future__ import annotations
 
-import os
 from typing import Dict, List, Optional, Tuple
 
+from perfagent.symbolize.native import MappedFile
 from perfagent.symbolize.procmaps import AddressSpace, MapEntry, read_maps
+from perfagent.target import memory, procfs
+from perfagent.target import process as target_process
 
 # Mapping kinds, stored in MappingRecord.kind.
 KIND_FILE = 0     # a file-backed executable mapping: ELF symbols
@@ -71,37 +73,24 @@ def mapping_kind(entry: MapEntry) -> int:
     return KIND_FILE
 
 
-def best_open_path(pid: int, entry: MapEntry) -> str:
-    """Where to open a mapping's file: the process's view first (containers,
-    deleted files), then the path as we see it."""
-    for candidate in ("/proc/%d/root%s" % (pid, entry.path),
-                      "/proc/%d/map_files/%x-%x" % (pid, entry.start, entry.end)):
-        try:
-            if os.stat(candidate).st_ino == entry.inode or not entry.inode:
-                return candidate
-        except OSError:
-            pass
-    return entry.path
-
-
-def read_comm(path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            return f.read().rstrip(b"\n").decode("utf-8", "replace")
-    except OSError:
-        return ""
-
-
-def read_uid(pid: int) -> int:
-    """The target's real uid (who may own its perf map), or -1 if unknown."""
-    try:
-        return os.stat("/proc/%d" % pid).st_uid
-    except OSError:
-        return -1
+def mapped_file(pid: int, entry) -> MappedFile:
+    """What identifies the file behind ``entry`` (a MapEntry or MappingRecord) of process ``pid``."""
+    return MappedFile(pid, entry.path, entry.dev_major, entry.dev_minor, entry.inode,
+                      entry.start, entry.end, entry.deleted)
 
 
 class ProcessInfo:
-    __slots__ = ("pid", "comm", "space", "uid", "frame_cache", "unwind_cache", "exited", "maps_known")
+    """One process of the capture.
+
+    Identified by (pid, start time): a pid that is reused during the capture
+    gets a new ProcessInfo, so nothing of the old process (mappings, comm,
+    uid and the trust in its perf map, caches) is applied to the new one.
+    ``ns_pid``, ``container_id`` and ``pod_uid`` come from /proc once, while
+    it lives (``view_loaded``).
+    """
+
+    __slots__ = ("pid", "comm", "space", "uid", "frame_cache", "unwind_cache", "exited", "maps_known",
+                 "start", "ns_pid", "container_id", "pod_uid", "view_loaded")
 
     def __init__(self, pid: int, comm: str = "") -> None:
         self.pid = pid
@@ -113,6 +102,20 @@ class ProcessInfo:
         self.unwind_cache: Dict[int, tuple] = {}
         self.exited = False
         self.maps_known = False
+        self.start = 0
+        self.ns_pid = pid
+        self.container_id = ""
+        self.pod_uid = ""
+        self.view_loaded = False
+
+    def apply_view(self, view: "target_process.ProcessView") -> None:
+        self.start = view.identity.start
+        self.comm = view.comm or self.comm
+        self.uid = view.uid
+        self.ns_pid = view.ns_pid
+        self.container_id = view.container.container_id
+        self.pod_uid = view.container.pod_uid
+        self.view_loaded = True
 
     def mappings_changed(self) -> None:
         """Drop what was derived from the old mappings."""
@@ -164,28 +167,55 @@ class CaptureState:
             proc = self.processes[pid] = ProcessInfo(pid)
         return proc
 
+    def _new_process(self, pid: int) -> ProcessInfo:
+        """A fresh ProcessInfo for ``pid``, replacing an older process's."""
+        old = self.processes.get(pid)
+        if old is not None:
+            self._binary_for.pop(pid, None)
+            memory.forget(pid)
+        proc = self.processes[pid] = ProcessInfo(pid)
+        return proc
+
+    def load_view(self, proc: ProcessInfo) -> bool:
+        """Read the process's identity, names and namespaces from /proc once.
+
+        False when it is gone, or when the pid now belongs to another process
+        than the one ``proc`` describes (its start time differs).
+        """
+        if proc.view_loaded:
+            return True
+        view = target_process.view(proc.pid)
+        if view is None or (proc.start and view.identity.start != proc.start):
+            return False
+        proc.apply_view(view)
+        return True
+
     def load_from_proc(self, pid: int) -> Optional[ProcessInfo]:
-        """Seed a process from /proc: its mappings, comm, uid and threads' names.
+        """Seed a process from /proc: identity, mappings, comm, uid, threads' names.
 
         Returns None when it is already gone (or unreadable): samples of it
-        will still resolve through the MMAP2 records of the capture.
+        will still resolve through the MMAP2 records of the capture.  A pid
+        whose start time differs from the one recorded is a new process.
         """
-        proc = self.process(pid)
+        view = target_process.view(pid)
+        if view is None:
+            return None
+        proc = self.processes.get(pid)
+        if proc is None or (proc.start and proc.start != view.identity.start):
+            proc = self._new_process(pid)
         try:
             entries = read_maps(pid)
         except (OSError, ValueError):
             return None
+        proc.apply_view(view)
         proc.space = AddressSpace(e for e in entries if e.is_exec)
         proc.mappings_changed()
         proc.maps_known = True
-        proc.comm = read_comm("/proc/%d/comm" % pid) or proc.comm
-        proc.uid = read_uid(pid)
         try:
-            for tid in os.listdir("/proc/%d/task" % pid):
-                if tid.isdigit():
-                    comm = read_comm("/proc/%d/task/%s/comm" % (pid, tid))
-                    if comm:
-                        self.thread_comm.setdefault(int(tid), comm)
+            for tid in procfs.threads(pid):
+                comm = procfs.comm(pid, tid)
+                if comm:
+                    self.thread_comm.setdefault(tid, comm)
         except OSError:
             pass
         return proc
@@ -219,9 +249,12 @@ class CaptureState:
             # of different CPUs are not ordered with each other, so the child's
             # own COMM/MMAP2 (after an exec on another CPU) may already be in:
             # never overwrite what the child itself reported.
-            if pid != ppid and pid not in self.processes:
+            known = self.processes.get(pid)
+            if pid != ppid and (known is None or known.exited):
+                # A new process; one that had this pid before is gone (its
+                # EXIT was seen): nothing of it carries over (pid reuse).
                 self.new_processes.append((pid, ppid))
-                child = self.process(pid)
+                child = self._new_process(pid)
                 if parent is not None:
                     child.space = parent.space.fork_copy()
                     child.comm = parent.comm
@@ -236,6 +269,7 @@ class CaptureState:
             _, pid, _ppid, tid, _ptid, _time = ev
             if pid == tid and pid in self.processes:
                 self.processes[pid].exited = True
+                memory.forget(pid)
 
     def on_sample(self, s: tuple) -> None:
         """Count one raw sample (the per-sample hot path: one dict update)."""
@@ -282,7 +316,8 @@ class CaptureState:
                 slot[0] += count
                 slot[1] += period
             self.samples += count
-            self.pids_seen.add(pid)
+            if pid not in self.pids_seen:
+                self._first_seen(pid)
 
     def add_counted(self, pid: int, tid: int, kernel_ips: tuple, user_ips: tuple,
                     samples: int, period_ns: int) -> None:
@@ -299,7 +334,8 @@ class CaptureState:
             slot[0] += samples
             slot[1] += period_ns
         self.samples += samples
-        self.pids_seen.add(pid)
+        if pid not in self.pids_seen:
+            self._first_seen(pid)
 
     def add_offcpu(self, pid: int, tid: int, kernel_ips: tuple, user_ips: tuple,
                    blocks: int, nanoseconds: int, copy=None) -> None:
@@ -317,15 +353,27 @@ class CaptureState:
             slot[0] += blocks
             slot[1] += nanoseconds
         self.offcpu_samples += blocks
+        if pid not in self.pids_seen:
+            self._first_seen(pid)
+
+    def _first_seen(self, pid: int) -> None:
+        """A process's first samples: read its labels (namespace pid,
+        container) now, while it is alive."""
         self.pids_seen.add(pid)
+        proc = self.processes.get(pid)
+        if proc is None:
+            proc = self.process(pid)
+        if not proc.view_loaded and not proc.exited:
+            self.load_view(proc)
 
     def _refresh_perf_maps(self) -> None:
         """Re-read grown perf maps; resolved JIT frames of those processes are redone."""
-        for pid, perf_map in self.symbolizer.perf_maps():
+        for (pid, start), perf_map in self.symbolizer.perf_maps():
+            proc = self.processes.get(pid)
+            if proc is None or proc.start != start or proc.exited:
+                continue  # only live processes' maps can grow
             if perf_map.refresh():
-                proc = self.processes.get(pid)
-                if proc is not None:
-                    proc.frame_cache.clear()
+                proc.frame_cache.clear()
 
     def _walk_pending(self) -> None:
         walks, self._pending_walks = self._pending_walks, []
@@ -363,12 +411,12 @@ class CaptureState:
         pid = proc.pid
 
         def binary_for(entry: MapEntry):
-            key = (entry.path, entry.inode)
+            key = (entry.dev_major, entry.dev_minor, entry.inode, entry.path)
             binary = cache.get(key)
             if binary is None and key not in cache:
                 kind = mapping_kind(entry)
                 if kind == KIND_FILE:
-                    binary = cfi_cache.get(entry.path, entry.inode, best_open_path(pid, entry))
+                    binary = cfi_cache.get(mapped_file(pid, entry))
                 elif kind == KIND_VDSO:
                     binary = cfi_cache.get_vdso()
                 cache[key] = binary
@@ -411,8 +459,14 @@ class CaptureState:
         if index is None:
             index = self._mapping_index[key] = len(self.mappings)
             self.mappings.append(MappingRecord(index, kind, entry, proc.pid))
+            if kind == KIND_FILE and self.symbolizer is not None:
+                # Named at the end of the capture: keep the file open now,
+                # while the process that maps it is alive.
+                self.symbolizer.binaries.pin(mapped_file(proc.pid, entry))
         if kind == KIND_JIT and self.symbolizer is not None:
-            name = self.symbolizer.jit_name(proc.pid, proc.uid, addr)
+            if not proc.view_loaded:
+                self.load_view(proc)
+            name = self.symbolizer.jit_name(proc, addr)
             if name is not None:
                 return (index, addr, name)  # type: ignore[return-value]
         return (index, addr)

@@ -108,8 +108,7 @@ class LocationTable:
         checks behind it stat files: not something to repeat per location)."""
         info = self._binaries.get(rec.index)
         if info is None:
-            info = self._binaries[rec.index] = self.symbolizer.binary(
-                rec.path, (rec.dev_major, rec.inode), rec.pid, rec.start, rec.end)
+            info = self._binaries[rec.index] = self.symbolizer.binary(rec)
         return info
 
     def _is_interpreter(self, rec: MappingRecord) -> bool:
@@ -129,8 +128,9 @@ class LocationTable:
             return info.symbolize_offset(addr - rec.start + rec.pgoff), rec.path
         if rec.kind == KIND_JIT:
             proc = self.state.processes.get(rec.pid)
-            uid = proc.uid if proc is not None else -1
-            return sym.jit_name(rec.pid, uid, addr), "[jit]"
+            if proc is None:
+                return None, "[jit]"
+            return sym.jit_name(proc, addr), "[jit]"
         if rec.kind == KIND_VDSO:
             return sym.vdso_name(addr - rec.start), "[vdso]"
         return None, rec.path

@@ -629,12 +629,28 @@ def test_not_elf_and_empty_files(tmp_path):
         ELFFile.from_path("/dev/null")
 
 
-def test_unmappable_file_is_read_instead(build_dir, monkeypatch):
+def test_file_others_can_write_is_read_not_mapped(build_dir, tmp_path):
+    # A file another user could truncate must not be mmapped (SIGBUS): it is
+    # read into memory; a root-owned, not group/world-writable one is mapped.
     path = compile_variant(build_dir, "pie")
-    monkeypatch.setattr(elffile_module, "_try_mmap", lambda fd: None)
-    with ELFFile.from_path(path) as elf:
+    copy = tmp_path / "writable"
+    copy.write_bytes(open(path, "rb").read())
+    os.chmod(str(copy), 0o666)
+    with ELFFile.from_path(str(copy)) as elf:
         assert elf._mmap is None
         assert elf.build_id == readelf_build_id(path)
+    os.chmod(str(copy), 0o644)
+    os.chown(str(copy), 0, 0)
+    with ELFFile.from_path(str(copy)) as elf:
+        assert elf._mmap is not None
+        assert elf.build_id == readelf_build_id(path)
+
+
+def test_fifo_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(str(fifo))
+    with pytest.raises(ELFError, match="not a regular file"):
+        ELFFile.from_path(str(fifo))
 
 
 def test_close_unmaps(build_dir):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-import stat
 import struct
 import zlib
 from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
@@ -189,19 +188,33 @@ class ELFFile:
 
     @classmethod
     def from_path(cls, path: str) -> "ELFFile":
-        """Open ``path``; OSError if it can't be read, ELFError if not ELF."""
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise ELFError("%s: not a regular file" % path)
-            mapped = _try_mmap(f.fileno()) if st.st_size > 0 else None
-            # Some files (procfs, odd filesystems) can't be mapped, or report
-            # size 0 while having content: read those instead.
-            data = mapped if mapped is not None else f.read()
-        if not data:
-            raise ELFError("%s: empty file" % path)
+        """Open ``path``; OSError if it can't be read, ELFError if not ELF.
+
+        Opened with perfagent.target.files.open_untrusted: never blocks on a
+        FIFO, refuses anything but a regular file, and maps the file only
+        when no other user can truncate it (otherwise a bounded copy is read,
+        so a file shrunk under us is malformed input rather than SIGBUS).
+        """
+        from perfagent.target.files import NotRegularFile, open_untrusted
         try:
-            return cls(data, path=path, _mmap=mapped)
+            seen = open_untrusted(path, own_namespace=not path.startswith("/proc/"))
+        except NotRegularFile as exc:
+            raise ELFError(exc.strerror) from None
+        return cls.from_seen(seen)
+
+    @classmethod
+    def from_seen(cls, seen) -> "ELFFile":
+        """Parse an opened file (a perfagent.target.files.SeenFile); takes its fd."""
+        from perfagent.target.files import load_contents
+        try:
+            data = load_contents(seen)
+        except OSError as exc:
+            raise ELFError("%s: %s" % (seen.path, exc.strerror or exc)) from None
+        if not data:
+            raise ELFError("%s: empty file" % seen.path)
+        mapped = data if isinstance(data, mmap.mmap) else None
+        try:
+            return cls(data, path=seen.path, _mmap=mapped)
         except BaseException:
             _close_mmap(mapped)
             raise
@@ -602,13 +615,6 @@ class ELFFile:
     def vaddr_to_offset(self, vaddr: int) -> Optional[int]:
         """The file offset of link-time address ``vaddr``, or None."""
         return self.load_map.vaddr_to_offset(vaddr)
-
-
-def _try_mmap(fd: int) -> Optional[mmap.mmap]:
-    try:
-        return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-    except (OSError, ValueError):
-        return None
 
 
 def _close_mmap(mapped: Optional[mmap.mmap]) -> None:

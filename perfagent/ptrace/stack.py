@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 
 from perfagent import arch
 from perfagent.symbolize.procmaps import AddressSpace, MapEntry
+from perfagent.capture import mapped_file
 from perfagent.unwind.walker import CFICache, Walker
 
 #: Bytes of stack copied for the unwind: enough for the few innermost frames
@@ -33,9 +34,7 @@ def _binary_for(pid: int):
         if entry.path == "[vdso]":
             binary = _cfi.get_vdso()
         elif entry.path.startswith("/"):
-            open_path = ("/proc/%d/map_files/%x-%x" % (pid, entry.start, entry.end) if entry.deleted
-                         else "/proc/%d/root%s" % (pid, entry.path))
-            binary = _cfi.get(entry.path, entry.inode, open_path)
+            binary = _cfi.get(mapped_file(pid, entry))
         cache[key] = binary
         return binary
     return binary_for

@@ -25,7 +25,9 @@ from ..elf.constants import (
     EM_ARM, SHF_EXECINSTR, SHN_LORESERVE, SHN_UNDEF, SHT_NOBITS, STB_GLOBAL,
     STB_GNU_UNIQUE, STB_WEAK, STT_FUNC, STT_GNU_IFUNC, STT_NOTYPE,
 )
+from .. import budget
 from ..errors import ELFError
+from ..target.files import SeenFile, open_as_seen, open_untrusted, same_mount_namespace
 
 DEFAULT_DEBUG_DIRS = ("/usr/lib/debug",)
 
@@ -39,6 +41,10 @@ _BIND_RANK = {STB_GLOBAL: 0, STB_GNU_UNIQUE: 0, STB_WEAK: 1}
 _LOCAL_RANK = 2
 
 _CRC_CHUNK = 1 << 20
+
+# Bytes one decoded symbol costs us (a Symbol tuple and its name), for the
+# parse's memory budget.
+_SYMBOL_COST = 200
 
 
 class _Candidate(NamedTuple):
@@ -67,11 +73,12 @@ class SymbolTable:
 
     __slots__ = ("starts", "ends", "names", "errors", "_count")
 
-    def __init__(self, sources: Iterable[ELFFile] = ()) -> None:
+    def __init__(self, sources: Iterable[ELFFile] = (), work: Optional[budget.Budget] = None) -> None:
         self.errors: List[str] = []
         candidates = []
+        work = work or budget.default()
         for source_rank, elf in enumerate(sources):
-            candidates.extend(self._candidates(elf, source_rank))
+            candidates.extend(self._candidates(elf, source_rank, work))
         entries = _pick_aliases(candidates)
         self._count = len(entries)
         # Parallel arrays rather than objects: lookup is per sampled frame,
@@ -99,14 +106,21 @@ class SymbolTable:
 
     # ------------------------------------------------------------- building
 
-    def _candidates(self, elf: ELFFile, source_rank: int) -> List[_Candidate]:
+    def _candidates(self, elf: ELFFile, source_rank: int, work: budget.Budget) -> List[_Candidate]:
         sections = elf.sections
         thumb = elf.e_machine == EM_ARM
         out: List[_Candidate] = []
         for table_rank, table in enumerate(_SYMBOL_SECTIONS):
+            symbols = []
             try:
-                symbols = list(elf.iter_symbols(table))
-            except ELFError as exc:
+                # The budget is checked every few thousand symbols: a hostile
+                # table cannot hold the capture (or a signal) for long.
+                for i, sym in enumerate(elf.iter_symbols(table)):
+                    if not i & 4095:
+                        work.check()
+                        work.charge(4096 * _SYMBOL_COST)
+                    symbols.append(sym)
+            except ELFError as exc:  # BudgetExceeded is not one: it ends the whole parse
                 self.errors.append(str(exc))
                 continue
             for sym in symbols:
@@ -229,14 +243,16 @@ class BinaryInfo:
     """
 
     __slots__ = ("path", "build_id", "soname", "symbols", "load_map", "debug_path",
-                 "e_type", "e_machine", "error")
+                 "e_type", "e_machine", "error", "cancelled")
 
     def __init__(self, path: str, symbols: Optional[SymbolTable] = None,
                  load_map: Optional[LoadMap] = None, build_id: Optional[str] = None,
                  soname: Optional[str] = None, debug_path: Optional[str] = None,
                  e_type: Optional[int] = None, e_machine: Optional[int] = None,
-                 error: Optional[str] = None) -> None:
+                 error: Optional[str] = None, cancelled: bool = False) -> None:
         self.path = path
+        # Parsing stopped on a signal: not a property of the file, not cached.
+        self.cancelled = cancelled
         self.symbols = symbols if symbols is not None else SymbolTable()
         self.load_map = load_map if load_map is not None else LoadMap(())
         self.build_id = build_id
@@ -274,31 +290,126 @@ class BinaryInfo:
                           self.debug_path, self.e_type, self.e_machine, self.error)
 
 
+class MappedFile(NamedTuple):
+    """What identifies the file behind a mapping (a MappingRecord or MapEntry
+    has these attributes): the process, the path it shows, and the device
+    and inode that say which file it really is."""
+
+    pid: int
+    path: str
+    dev_major: int
+    dev_minor: int
+    inode: int
+    start: int
+    end: int
+    deleted: bool
+
+
+def file_key(dev_major: int, dev_minor: int, inode: int) -> Tuple[int, int]:
+    """The cache key of a mapped file: (st_dev as the kernel encodes it, inode)."""
+    return os.makedev(dev_major, dev_minor), inode
+
+
+#: Files kept open (pinned) so that a process that exits, or a file that is
+#: replaced, can still be symbolized at the end of the capture.  Bounded so
+#: that a machine with many distinct binaries cannot exhaust descriptors.
+MAX_PINNED = 1024
+
+
 class BinaryCache:
     """Parses each binary once per run, however it is reached.
 
-    Entries are keyed by (st_dev, st_ino) — the caller usually knows them
-    from /proc/PID/maps, converted with ``os.makedev`` — else by ``os.stat``
-    of the file; and by build id, so one build at two paths (a container's
-    copy of libc, a reinstalled package) shares one symbol table.
-    ``parse_count`` counts full parses, for tests and statistics.
+    Files a process maps are found with :func:`perfagent.target.files.open_as_seen`
+    (through the process's root, else its map_files entry, and only when
+    device and inode are the mapping's: never "whatever is at that path
+    now"), keyed by (device, inode), and by build id so one build at two
+    paths shares one symbol table.  ``pin()`` opens such a file while its
+    process is alive and keeps the descriptor, so names can be resolved at
+    the end of the capture even after the process exited or the file was
+    replaced.  ``load()`` parses a path of the agent's own file system
+    (tests, tools).  ``parse_count`` counts full parses.
     """
 
-    def __init__(self, debug_dirs: Optional[Sequence[str]] = None) -> None:
+    def __init__(self, debug_dirs: Optional[Sequence[str]] = None,
+                 seconds_per_binary: float = budget.DEFAULT_SECONDS) -> None:
         self.debug_dirs: Tuple[str, ...] = tuple(DEFAULT_DEBUG_DIRS if debug_dirs is None else debug_dirs)
+        self.seconds_per_binary = seconds_per_binary
         self.parse_count = 0
         self._by_inode: Dict[Tuple[int, int], BinaryInfo] = {}
         self._by_build_id: Dict[str, BinaryInfo] = {}
+        self._pinned: Dict[Tuple[int, int], SeenFile] = {}
         self._lock = threading.Lock()
+
+    # ------------------------------------------------------------- mapped files
+
+    def pin(self, m) -> None:
+        """Open the file of mapping ``m`` now (its process may not live until
+        the end) and keep it; nothing if it is known, pinned, or unreachable."""
+        if not m.inode or m.pid <= 0:
+            return
+        key = file_key(m.dev_major, m.dev_minor, m.inode)
+        if key in self._by_inode or key in self._pinned or len(self._pinned) >= MAX_PINNED:
+            return
+        seen, _why = open_as_seen(m.pid, m.path, m.dev_major, m.dev_minor, m.inode,
+                                  m.start, m.end, m.deleted)
+        if seen is not None:
+            self._pinned[key] = seen
+
+    def open_mapped(self, m) -> Tuple[Optional[SeenFile], str]:
+        """The file of mapping ``m``: a pinned descriptor (duplicated) or a
+        fresh open_as_seen; (None, why) when it cannot be the same file."""
+        key = file_key(m.dev_major, m.dev_minor, m.inode)
+        pinned = self._pinned.get(key)
+        if pinned is not None:
+            return pinned._replace(fd=os.dup(pinned.fd)), ""
+        if m.pid <= 0:
+            return None, "%s: no process to open it through" % m.path
+        return open_as_seen(m.pid, m.path, m.dev_major, m.dev_minor, m.inode, m.start, m.end, m.deleted)
+
+    def load_mapped(self, m) -> BinaryInfo:
+        """The BinaryInfo of the file mapping ``m`` maps; never raises.
+
+        A file that is not the mapped one (replaced, a container's other
+        file at the same path, a process gone with its deleted file) gets no
+        symbols and an ``error``: its frames keep their addresses.
+        """
+        try:
+            with self._lock:
+                key = file_key(m.dev_major, m.dev_minor, m.inode) if m.inode else None
+                if key is not None:
+                    cached = self._by_inode.get(key)
+                    if cached is not None:
+                        return cached.at_path(m.path)
+                seen, why = self.open_mapped(m)
+                if seen is None:
+                    return BinaryInfo(m.path, error="%s: not symbolized: %s" % (m.path, why))
+                info = self._parse_seen(m.path, seen, m.pid)
+                if key is not None and not info.cancelled:
+                    self._by_inode[key] = info
+                    pinned = self._pinned.pop(key, None)
+                    if pinned is not None:
+                        os.close(pinned.fd)
+                return info
+        except Exception as exc:  # a symbolizer bug must cost one binary's names, not the profile
+            return BinaryInfo(m.path, error="%s: %s: %s" % (m.path, type(exc).__name__, exc))
+
+    def close(self) -> None:
+        """Close the pinned descriptors."""
+        pinned, self._pinned = self._pinned, {}
+        for seen in pinned.values():
+            try:
+                os.close(seen.fd)
+            except OSError:
+                pass
+
+    # ----------------------------------------------------------- own paths
 
     def load(self, path: str, st_dev: Optional[int] = None, st_ino: Optional[int] = None,
              open_path: Optional[str] = None) -> BinaryInfo:
-        """The BinaryInfo for ``path``; never raises.
+        """The BinaryInfo for a file of the agent's own file system; never raises.
 
         ``open_path`` is what to actually open when ``path`` (the name to
-        report) is not reachable as is from here, e.g.
-        ``/proc/PID/root/usr/lib/libc.so.6`` or
-        ``/proc/PID/map_files/START-END``.
+        report) is not reachable as is.
         """
         try:
             with self._lock:
@@ -307,42 +418,55 @@ class BinaryCache:
             return BinaryInfo(path, error="%s: %s: %s" % (path, type(exc).__name__, exc))
 
     def _load(self, path: str, st_dev: Optional[int], st_ino: Optional[int], open_path: str) -> BinaryInfo:
-        if st_dev is None or st_ino is None:
-            try:
-                st = os.stat(open_path)
-            except OSError as exc:
-                return BinaryInfo(path, error="%s: %s" % (path, exc.strerror or exc))
-            st_dev, st_ino = st.st_dev, st.st_ino
-        key = (st_dev, st_ino)
+        if st_dev is not None and st_ino is not None:
+            cached = self._by_inode.get((st_dev, st_ino))
+            if cached is not None:
+                return cached.at_path(path)
+        try:
+            seen = open_untrusted(open_path, own_namespace=not open_path.startswith("/proc/"))
+        except OSError as exc:
+            return BinaryInfo(path, error="%s: %s" % (path, exc.strerror or exc))
+        key = (seen.st.st_dev, seen.st.st_ino)
+        if st_dev is not None and st_ino is not None:
+            key = (st_dev, st_ino)
         cached = self._by_inode.get(key)
         if cached is not None:
+            os.close(seen.fd)
             return cached.at_path(path)
-        info = self._parse(path, open_path)
-        self._by_inode[key] = info
+        info = self._parse_seen(path, seen, 0)
+        if not info.cancelled:
+            self._by_inode[key] = info
         return info
 
-    def _parse(self, path: str, open_path: str) -> BinaryInfo:
+    # -------------------------------------------------------------- parsing
+
+    def _parse_seen(self, path: str, seen: SeenFile, pid: int) -> BinaryInfo:
+        work = budget.Budget(path, seconds=self.seconds_per_binary)
         try:
-            elf = ELFFile.from_path(open_path)
+            elf = ELFFile.from_seen(seen)
         except (OSError, ELFError) as exc:
-            return BinaryInfo(path, error=str(exc))  # both already name the file
+            return BinaryInfo(path, error=str(exc), cancelled=isinstance(exc, budget.Cancelled))
         with elf:
             build_id = _quietly(lambda: elf.build_id)
             if build_id is not None and build_id in self._by_build_id:
                 return self._by_build_id[build_id].at_path(path)
-            info = self._build(elf, path, open_path, build_id)
+            try:
+                info = self._build(elf, path, build_id, pid, work)
+            except budget.BudgetExceeded as exc:
+                return BinaryInfo(path, error=str(exc), cancelled=isinstance(exc, budget.Cancelled))
         if build_id is not None:
             self._by_build_id[build_id] = info
         return info
 
-    def _build(self, elf: ELFFile, path: str, open_path: str, build_id: Optional[str]) -> BinaryInfo:
+    def _build(self, elf: ELFFile, path: str, build_id: Optional[str], pid: int,
+               work: budget.Budget) -> BinaryInfo:
         self.parse_count += 1
         debug = None
         if not _has_symtab(elf):
-            debug = self._open_debug_file(elf, path, open_path, build_id)
+            debug = self.find_debug_file(elf, path, build_id, pid, work)
         try:
             sources = [debug[1], elf] if debug is not None else [elf]
-            symbols = SymbolTable(sources)
+            symbols = SymbolTable(sources, work)
         finally:
             if debug is not None:
                 debug[1].close()
@@ -355,44 +479,69 @@ class BinaryCache:
 
     # ---------------------------------------------------------- debug files
 
-    def _open_debug_file(self, elf: ELFFile, path: str, open_path: str,
-                         build_id: Optional[str]) -> Optional[Tuple[str, ELFFile]]:
-        """A separate debug file: by build id first, then by .gnu_debuglink."""
+    def find_debug_file(self, elf: ELFFile, path: str, build_id: Optional[str], pid: int = 0,
+                        work: Optional[budget.Budget] = None) -> Optional[Tuple[str, ELFFile]]:
+        """A separate debug file: by build id first, then by .gnu_debuglink.
+
+        The caller closes the returned ELFFile.  Looked up beside the binary
+        *as process ``pid`` sees it* (inside its root) and in the debug
+        directories, on the host and inside the process's root.  A
+        debuglink name is a file name: one with a '/' (or "." / "..") is
+        refused, so a hostile binary cannot point the agent at /dev/zero or
+        anywhere else.
+        """
+        work = work or budget.default()
+        roots = self._roots(pid)
         if build_id is not None and len(build_id) > 2:
-            for debug_dir in self.debug_dirs:
-                candidate = os.path.join(debug_dir, ".build-id", build_id[:2], build_id[2:] + ".debug")
-                debug = _open_elf(candidate)
-                if debug is not None:
-                    if _quietly(lambda: debug.build_id) == build_id:
-                        return candidate, debug
-                    debug.close()
+            for root in roots:
+                for debug_dir in self.debug_dirs:
+                    candidate = root + os.path.join(debug_dir, ".build-id", build_id[:2],
+                                                    build_id[2:] + ".debug")
+                    debug = _open_elf(candidate)
+                    if debug is not None:
+                        if _quietly(lambda: debug.build_id) == build_id:
+                            return candidate, debug
+                        debug.close()
         link = _quietly(lambda: elf.debuglink)
         if link is None:
             return None
         name, crc = link
-        for candidate in self._debuglink_candidates(name, path, open_path):
-            if _same_file(candidate, open_path) or _file_crc32(candidate) != crc:
+        if not _valid_debuglink_name(name):
+            return None
+        for candidate in self._debuglink_candidates(name, path, roots):
+            work.check()
+            if elf.path and _same_file(candidate, elf.path):
+                continue
+            if _file_crc32(candidate, work) != crc:
                 continue
             debug = _open_elf(candidate)
             if debug is not None:
                 return candidate, debug
         return None
 
-    def _debuglink_candidates(self, name: str, path: str, open_path: str) -> List[str]:
+    @staticmethod
+    def _roots(pid: int) -> List[str]:
+        """Path prefixes of the file systems to look in: the process's root
+        (when it is not ours), then the agent's own."""
+        if pid > 0 and not same_mount_namespace(pid):
+            return ["/proc/%d/root" % pid, ""]
+        return [""]
+
+    def _debuglink_candidates(self, name: str, path: str, roots: Sequence[str]) -> List[str]:
         """GDB's search order: beside the binary, its .debug/, the debug dirs."""
-        dirs = []
-        for p in (open_path, path):
-            d = os.path.dirname(p)
-            if d not in dirs:
-                dirs.append(d)
         out = []
-        for d in dirs:
-            out.append(os.path.join(d, name))
-            out.append(os.path.join(d, ".debug", name))
-        reported_dir = os.path.dirname(path).lstrip("/")
-        for debug_dir in self.debug_dirs:
-            out.append(os.path.join(debug_dir, reported_dir, name))
+        binary_dir = os.path.dirname(path)
+        for root in roots:
+            if path.startswith("/"):
+                out.append(root + os.path.join(binary_dir, name))
+                out.append(root + os.path.join(binary_dir, ".debug", name))
+            for debug_dir in self.debug_dirs:
+                out.append(root + os.path.join(debug_dir, binary_dir.lstrip("/"), name))
         return out
+
+
+def _valid_debuglink_name(name: str) -> bool:
+    return bool(name) and "/" not in name and "\0" not in name and name not in (".", "..")
 
 
 def _has_symtab(elf: ELFFile) -> bool:
@@ -401,8 +550,6 @@ def _has_symtab(elf: ELFFile) -> bool:
 
 
 def _open_elf(path: str) -> Optional[ELFFile]:
-    if not os.path.isfile(path):
-        return None
     try:
         return ELFFile.from_path(path)
     except (OSError, ELFError):
@@ -424,15 +571,30 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
-def _file_crc32(path: str) -> Optional[int]:
-    """zlib.crc32 of a whole file (the .gnu_debuglink checksum), or None."""
-    crc = 0
+def _file_crc32(path: str, work: budget.Budget) -> Optional[int]:
+    """zlib.crc32 of a whole regular file (the .gnu_debuglink checksum), or None.
+
+    Bounded by the file's size at open time and by ``work``: a device, a
+    FIFO or a file that keeps growing cannot keep the agent here.
+    """
     try:
-        with open(path, "rb") as f:
-            while True:
-                chunk = f.read(_CRC_CHUNK)
-                if not chunk:
-                    return crc
-                crc = zlib.crc32(chunk, crc)
+        seen = open_untrusted(path)
     except OSError:
         return None
+    crc = 0
+    try:
+        left = seen.st.st_size
+        offset = 0
+        while left > 0:
+            work.check()
+            chunk = os.pread(seen.fd, min(_CRC_CHUNK, left), offset)
+            if not chunk:
+                break
+            crc = zlib.crc32(chunk, crc)
+            offset += len(chunk)
+            left -= len(chunk)
+        return crc
+    except OSError:
+        return None
+    finally:
+        os.close(seen.fd)

@@ -135,11 +135,11 @@ def read_maps(pid: Union[int, str]) -> List[MapEntry]:
     maps file and yields [].  Bytes that are not UTF-8 are kept via
     surrogateescape so ``os.fsencode(path)`` gives back the real file name.
     """
-    # One read: the kernel builds the text under the mmap lock page by page,
-    # and fewer reads means fewer chances to see the map change underneath.
-    with open("/proc/%s/maps" % (pid,), "rb") as f:
-        data = f.read()
-    return parse_maps(data.decode("utf-8", "surrogateescape"))
+    # One bounded read (perfagent.target.procfs): the kernel builds the text
+    # under the mmap lock page by page, and fewer reads means fewer chances
+    # to see the map change underneath.
+    from perfagent.target.procfs import maps_bytes
+    return parse_maps(maps_bytes(pid).decode("utf-8", "surrogateescape"))
 
 
 class AddressSpace:

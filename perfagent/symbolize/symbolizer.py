@@ -18,6 +18,8 @@ from perfagent.symbolize.kallsyms import KernelSymbols
 from perfagent.symbolize.native import BinaryCache, BinaryInfo, SymbolTable
 from perfagent.symbolize.perfmap import PerfMap
 from perfagent.symbolize.procmaps import read_maps
+from perfagent.target import memory
+from perfagent.target.files import same_mount_namespace
 
 
 def proc_path(pid: int, path: str) -> str:
@@ -60,41 +62,37 @@ class Symbolizer:
         return name, ("[%s]" % module if module else "[kernel.kallsyms]")
 
     # -- native ------------------------------------------------------------
-    def binary(self, path: str, dev_inode: Tuple[int, int], pid: int, start: int, end: int) -> BinaryInfo:
-        """The parsed binary behind a mapping, found through the best path we have.
-
-        Tried in order: the path itself when it is the same file (device and
-        inode match); the file as the process sees it (/proc/PID/root, for
-        containers); the mapping's own fd (/proc/PID/map_files, which also
-        works for deleted files) while the process lives.
-        """
-        open_path = None
-        if pid > 0:
-            for candidate in (proc_path(pid, path), "/proc/%d/map_files/%x-%x" % (pid, start, end)):
-                if _same_inode(candidate, dev_inode[1]):
-                    open_path = candidate
-                    break
-        if open_path is None and not _same_inode(path, dev_inode[1]):
-            open_path = path
-        return self.binaries.load(path, open_path=open_path)
+    def binary(self, mapping) -> BinaryInfo:
+        """The parsed binary behind a mapping (anything with pid, path,
+        dev_major, dev_minor, inode, start, end, deleted): exactly the file
+        the process maps, or no names (see BinaryCache.load_mapped)."""
+        return self.binaries.load_mapped(mapping)
 
     # -- JIT -----------------------------------------------------------------
-    def perf_map(self, pid: int, uid: int) -> PerfMap:
-        pm = self._perf_maps.get(pid)
+    def perf_map(self, proc) -> PerfMap:
+        """The perf map of process ``proc`` (a capture ProcessInfo).
+
+        A runtime writes ``/tmp/perf-<pid>.map`` with the pid *it* sees: in
+        its own pid namespace that is ``proc.ns_pid``, and the file is in its
+        own /tmp, reached through its root.  Keyed by (pid, start time), and
+        trusted only when owned by that process's uid or root.
+        """
+        key = (proc.pid, proc.start)
+        pm = self._perf_maps.get(key)
         if pm is None:
-            path = os.path.join(self._perf_map_dir, "perf-%d.map" % pid)
-            root_path = proc_path(pid, path)
-            if os.path.exists(root_path) and not _same_file(root_path, path):
-                path = root_path  # the target's /tmp is not ours (another mount namespace)
-            pm = self._perf_maps[pid] = PerfMap(path, uid)  # reads the file once
+            name = "perf-%d.map" % proc.ns_pid
+            path = os.path.join(self._perf_map_dir, name)
+            if not same_mount_namespace(proc.pid) and proc.pid > 0:
+                path = proc_path(proc.pid, path)  # the target's /tmp is not ours
+            pm = self._perf_maps[key] = PerfMap(path, proc.uid)  # reads the file once
         return pm
 
     def perf_maps(self):
-        """(pid, PerfMap) of every perf map opened so far."""
+        """((pid, start), PerfMap) of every perf map opened so far."""
         return list(self._perf_maps.items())
 
-    def jit_name(self, pid: int, uid: int, addr: int) -> Optional[str]:
-        return self.perf_map(pid, uid).lookup(addr)
+    def jit_name(self, proc, addr: int) -> Optional[str]:
+        return self.perf_map(proc).lookup(addr)
 
     # -- vDSO ----------------------------------------------------------------
     def vdso_name(self, offset: int) -> Optional[str]:
@@ -109,29 +107,12 @@ class Symbolizer:
         return table.lookup(vaddr) if vaddr is not None else None
 
 
-def _same_inode(path: str, inode: int) -> bool:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False
-    return inode == 0 or st.st_ino == inode
-
-
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def _load_own_vdso() -> Optional[Tuple[int, SymbolTable, ELFFile]]:
     """The agent's own [vdso] image, read from its memory."""
     try:
         for entry in read_maps("self"):
             if entry.path == "[vdso]":
-                with open("/proc/self/mem", "rb") as mem:
-                    mem.seek(entry.start)
-                    data = mem.read(entry.end - entry.start)
+                data = memory.read_exact(os.getpid(), entry.start, entry.end - entry.start)
                 elf = ELFFile.from_bytes(data)
                 return entry.start, SymbolTable([elf]), elf
     except (OSError, ValueError, ELFError):

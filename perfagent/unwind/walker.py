@@ -27,6 +27,7 @@ and captures, and the only allocation per frame is the appended address.
 
 from __future__ import annotations
 
+import os
 import struct
 from typing import Dict, List, Optional, Tuple
 
@@ -116,41 +117,70 @@ class BinaryCFI:
 class CFICache:
     """One compiled table per binary, shared by every process that maps it.
 
-    ``binaries`` (the symbolizer's BinaryCache, shared so each file is
-    examined once) finds separate debug files, whose .debug_frame covers
-    code the binary's own .eh_frame does not.
+    Files are reached through ``binaries`` (the symbolizer's BinaryCache,
+    shared so each file is opened and examined once): the exact file the
+    process maps (open_as_seen: device and inode checked, pinned while the
+    process lives), and its separate debug file, whose .debug_frame covers
+    code the binary's own .eh_frame does not; finding that file does not
+    build a symbol table.
     """
 
     def __init__(self, binaries=None) -> None:
+        if binaries is None:
+            from perfagent.symbolize.native import BinaryCache
+            binaries = BinaryCache()
         self.binaries = binaries
-        self._by_inode: Dict[Tuple[str, int], BinaryCFI] = {}
+        self._by_inode: Dict[tuple, BinaryCFI] = {}
         self._by_build_id: Dict[str, BinaryCFI] = {}
         self.errors: List[str] = []
 
-    def get(self, path: str, inode: int, open_path: str) -> BinaryCFI:
-        key = (path, inode)
+    def get(self, m) -> BinaryCFI:
+        """The CFI of the file mapping ``m`` maps (a MappedFile: pid, path,
+        device, inode, range); an empty BinaryCFI when it cannot be read."""
+        key = (m.dev_major, m.dev_minor, m.inode) if m.inode else (m.path, m.pid, m.start)
         cfi = self._by_inode.get(key)
         if cfi is None:
-            debug_path = None
-            if self.binaries is not None:
-                debug_path = self.binaries.load(path, open_path=open_path).debug_path
-            cfi = self._by_inode[key] = self._load(open_path, debug_path)
+            cfi = self._by_inode[key] = self._load_mapped(m)
         return cfi
 
     def get_vdso(self) -> BinaryCFI:
         """The vDSO's CFI, from the agent's own image (the same kernel's)."""
         cfi = self._by_inode.get(("[vdso]", 0))
         if cfi is None:
-            cfi = self._by_inode[("[vdso]", 0)] = self._load("[vdso]")
+            try:
+                elf = _own_vdso()
+            except (OSError, ParseError) as exc:
+                return self._failed("[vdso]", exc)
+            cfi = self._by_inode[("[vdso]", 0)] = self._from_elf(elf, "[vdso]", 0)
         return cfi
 
-    def _load(self, open_path: str, debug_path: Optional[str] = None) -> BinaryCFI:
+    def _load_mapped(self, m) -> BinaryCFI:
+        seen, why = self.binaries.open_mapped(m)
+        if seen is None:
+            if len(self.errors) < 20:
+                self.errors.append(why)
+            return BinaryCFI(None, None, False)
         try:
-            with (_own_vdso() if open_path == "[vdso]" else ELFFile.from_path(open_path)) as elf:
+            elf = ELFFile.from_seen(seen)
+        except (OSError, ParseError) as exc:
+            return self._failed(m.path, exc)
+        return self._from_elf(elf, m.path, m.pid)
+
+    def _failed(self, what: str, exc: Exception) -> BinaryCFI:
+        if len(self.errors) < 20:
+            self.errors.append("%s: %s" % (what, exc))
+        return BinaryCFI(None, None, False)
+
+    def _from_elf(self, elf: ELFFile, path: str, pid: int) -> BinaryCFI:
+        try:
+            with elf:
                 build_id = elf.build_id
                 if build_id and build_id in self._by_build_id:
                     return self._by_build_id[build_id]
-                debug_elf = _open_quietly(debug_path) if debug_path else None
+                debug = None
+                if path != "[vdso]" and elf.section(".debug_frame") is None:
+                    debug = self.binaries.find_debug_file(elf, path, build_id, pid)
+                debug_elf = debug[1] if debug is not None else None
                 try:
                     # copies the section bytes; decodes on first use
                     full = CFITable.from_elf(elf, debug_elf)
@@ -166,9 +196,7 @@ class CFICache:
                 if eh:
                     table = LazyEhFrame(eh[0], hdr, full)
         except (OSError, ParseError) as exc:
-            if len(self.errors) < 20:
-                self.errors.append("%s: %s" % (open_path, exc))
-            return BinaryCFI(None, None, False)
+            return self._failed(path, exc)
         cfi = BinaryCFI(table, load_map, has_cfi)
         if build_id:
             self._by_build_id[build_id] = cfi
@@ -362,20 +390,12 @@ class Walker:
         return "unwound %d user stacks: %s" % (total, parts)
 
 
-def _open_quietly(path: str) -> Optional[ELFFile]:
-    try:
-        return ELFFile.from_path(path)
-    except (OSError, ParseError):
-        return None
-
-
 def _own_vdso() -> ELFFile:
     from perfagent.symbolize.procmaps import read_maps
+    from perfagent.target import memory
     for entry in read_maps("self"):
         if entry.path == "[vdso]":
-            with open("/proc/self/mem", "rb") as mem:
-                mem.seek(entry.start)
-                return ELFFile.from_bytes(mem.read(entry.end - entry.start))
+            return ELFFile.from_bytes(memory.read_exact(os.getpid(), entry.start, entry.end - entry.start))
     raise OSError("no [vdso] mapping")
 
 
@@ -407,14 +427,22 @@ def _restore(kind: int, value: int, cfa: int, current, stack: bytes, base: int, 
 
 
 def _match_trampoline(pid: int, pc: int) -> int:
+    from perfagent.target import memory
     code = X.PY_TRAMPOLINE_CODE
+    back = _TRAMPOLINE_STATES[-1][0]
     try:
-        with open("/proc/%d/mem" % pid, "rb", buffering=0) as mem:
-            for index, (offset, _ra, _cfa) in enumerate(_TRAMPOLINE_STATES):
-                start = pc - offset
-                mem.seek(start)
-                if mem.read(len(code)) == code:
-                    return index
-    except (OSError, ValueError, OverflowError):
+        # One read covers every candidate position of pc in the trampoline,
+        # unless the window starts in an unmapped page (a trampoline at the
+        # start of its arena): then each candidate is read on its own.
+        window = memory.read(pid, pc - back, back + len(code))
+        for index, (offset, _ra, _cfa) in enumerate(_TRAMPOLINE_STATES):
+            at = back - offset
+            if len(window) == back + len(code):
+                candidate = window[at:at + len(code)]
+            else:
+                candidate = memory.read(pid, pc - offset, len(code))
+            if candidate == code:
+                return index
+    except OSError:
         pass
     return -1
