@@ -118,61 +118,9 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
 fi
 
 # ----------------------------------------------------------- the mirror --
-# Prints "URI SUITE" for every enabled deb/deb-src entry of the apt config.
-apt_entries() {
-    local f
-    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-        [ -f "$f" ] || continue
-        sed -e 's/#.*//' "$f" | awk '
-            $1 == "deb" || $1 == "deb-src" {
-                i = 2
-                if ($i ~ /^\[/) { while (i <= NF && $i !~ /\]$/) i++; i++ }
-                if (i + 1 <= NF) print $i, $(i + 1)
-            }'
-    done
-    for f in /etc/apt/sources.list.d/*.sources; do
-        [ -f "$f" ] || continue
-        awk '
-            function flush(   n, m, i, j, u, s) {
-                if (uris != "" && suites != "" && tolower(enabled) != "no") {
-                    n = split(uris, u, /[ \t]+/); m = split(suites, s, /[ \t]+/)
-                    for (i = 1; i <= n; i++) for (j = 1; j <= m; j++)
-                        if (u[i] != "" && s[j] != "") print u[i], s[j]
-                }
-                uris = ""; suites = ""; enabled = "yes"; field = ""
-            }
-            BEGIN { enabled = "yes" }
-            /^[ \t]*#/ { next }
-            /^[ \t]*$/ { flush(); next }
-            /^[ \t]/ { v = $0; sub(/^[ \t]+/, "", v)
-                       if (field == "uris") uris = uris " " v
-                       if (field == "suites") suites = suites " " v
-                       next }
-            {
-                key = tolower(substr($0, 1, index($0, ":") - 1))
-                val = substr($0, index($0, ":") + 1); sub(/^[ \t]+/, "", val); sub(/[ \t]+$/, "", val)
-                field = key
-                if (key == "uris") uris = val
-                else if (key == "suites") suites = val
-                else if (key == "enabled") enabled = val
-            }
-            END { flush() }' "$f"
-    done
-}
-
-# Mirrors of the Debian archive proper: entries whose suite is a release name
-# (not -security, -updates, nor a third-party "nodistro" or "cloud-sdk-...").
-debian_mirrors() {
-    if [ -n "${PERFAGENT_DEBIAN_MIRROR:-}" ]; then
-        echo "$PERFAGENT_DEBIAN_MIRROR"
-        return
-    fi
-    apt_entries | awk '
-        $2 ~ /^(buster|bullseye|bookworm|trixie|forky|duke|sid|oldstable|stable|testing|unstable)$/ {
-            uri = $1; sub(/\/+$/, "", uri)
-            if (!(uri in seen)) { seen[uri] = 1; print uri }
-        }'
-}
+# apt_entries, debian_mirrors: the Debian mirror from the machine's apt config.
+# shellcheck source=tools/debian_mirror.sh
+. "$(dirname "${BASH_SOURCE[0]}")/debian_mirror.sh"
 
 # ------------------------------------------------------------ the source --
 SRCDIR="$CACHE/src"           # downloaded .dsc / .orig / .debian tarballs, kept

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine.  Installs what the tests need
 # (gcc and binutils for test programs and readelf, Debian's golang-go for
-# `go tool pprof`, pytest) when missing, then runs pytest as root, which the
-# integration tests need for perf_event_open, ptrace and bpf.
+# `go tool pprof`, pytest) when missing, builds the cached test interpreters
+# and the Debian sid root when missing, then runs pytest as root, which the
+# integration tests need for perf_event_open, ptrace, bpf and namespaces.
 # Extra arguments go to pytest:  tools/test.sh -k capture
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +35,17 @@ if [ -x tools/build_test_pythons.sh ]; then
         export PERFAGENT_REQUIRE_PYTHONS=1
     else
         echo "tools/test.sh: warning: building the test interpreters failed; Python tests that need them are skipped" >&2
+    fi
+fi
+
+# The minimal Debian sid root with Debian's own python3.14 and python3.15, in
+# which the container tests run their targets (tests/containers.py), built
+# once per machine with debootstrap (cached outside the repository).
+if [ -x tools/build_debian_root.sh ]; then
+    if bash tools/build_debian_root.sh >&2; then
+        export PERFAGENT_REQUIRE_DEBIAN_ROOT=1
+    else
+        echo "tools/test.sh: warning: building the Debian sid root failed; container tests are skipped" >&2
     fi
 fi
 
