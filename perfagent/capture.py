@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
+from perfagent import budget
 from perfagent.symbolize.native import MappedFile
 from perfagent.symbolize.procmaps import AddressSpace, MapEntry, read_maps
 from perfagent.target import memory, procfs
@@ -159,6 +160,7 @@ class CaptureState:
         self.offcpu_stacks: Dict[tuple, List[int]] = {}
         self.offcpu_samples = 0
         self.new_processes: List[Tuple[int, int]] = []  # (pid, parent pid) from FORK records
+        self.gone_processes: List[int] = []  # pids from EXIT records (since last taken)
 
     # -- processes ---------------------------------------------------------
     def process(self, pid: int) -> ProcessInfo:
@@ -267,9 +269,11 @@ class CaptureState:
                     self.thread_comm[tid] = name
         elif kind == "exit":
             _, pid, _ppid, tid, _ptid, _time = ev
-            if pid == tid and pid in self.processes:
-                self.processes[pid].exited = True
-                memory.forget(pid)
+            if pid == tid:
+                self.gone_processes.append(pid)
+                if pid in self.processes:
+                    self.processes[pid].exited = True
+                    memory.forget(pid)
 
     def on_sample(self, s: tuple) -> None:
         """Count one raw sample (the per-sample hot path: one dict update)."""
@@ -380,7 +384,11 @@ class CaptureState:
         walk = self.walker.walk
         pending = self._pending
         for pid, tid, kernel_ips, regs, stack, period in walks:
-            user_ips = self._unwind(walk, pid, regs, stack)
+            if budget.cancelled():
+                # Stopped by a signal while finishing: keep the sampled pc only.
+                user_ips = (regs[3],) if regs and regs[3] else ()
+            else:
+                user_ips = self._unwind(walk, pid, regs, stack)
             key = (pid, tid, kernel_ips, user_ips)
             slot = pending.get(key)
             if slot is None:

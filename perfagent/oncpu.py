@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from perfagent.capture import (
     KERNEL_MAPPING, KIND_FILE, KIND_JIT, KIND_KERNEL, KIND_VDSO, CaptureState, MappingRecord,
 )
+from perfagent import budget
 from perfagent.pprof.builder import ProfileBuilder
 from perfagent.symbolize.symbolizer import Symbolizer
 
@@ -120,6 +121,8 @@ class LocationTable:
         return known
 
     def _name(self, rec: MappingRecord, addr: int) -> Tuple[Optional[str], str]:
+        if budget.cancelled():
+            return None, rec.path  # stopped by a signal: addresses from here on
         sym = self.symbolizer
         if rec.kind == KIND_KERNEL:
             return sym.kernel_name(addr)
@@ -150,6 +153,29 @@ class LocationTable:
         return mid
 
 
+def sample_labels(state: CaptureState, pid: int, tid: int) -> tuple:
+    """The string labels of a thread's samples.
+
+    ``pid``, ``tid``, ``comm`` (the thread's name) and ``process`` always;
+    for a process in a container ``container_id`` (from its cgroup: docker,
+    containerd, cri-o, podman layouts) and ``pod_uid`` when the cgroup names
+    a Kubernetes pod; ``ns_pid`` when its pid inside its own pid namespace
+    differs from the host's.
+    """
+    labels = [("pid", str(pid)), ("tid", str(tid)),
+              ("comm", state.thread_comm.get(tid, "") or state.process_comm(pid)),
+              ("process", state.process_comm(pid))]
+    proc = state.processes.get(pid)
+    if proc is not None:
+        if proc.container_id:
+            labels.append(("container_id", proc.container_id))
+        if proc.pod_uid:
+            labels.append(("pod_uid", proc.pod_uid))
+        if proc.ns_pid != pid:
+            labels.append(("ns_pid", str(proc.ns_pid)))
+    return tuple(labels)
+
+
 OFF_CPU_SAMPLE_TYPES = (("blocks", "count"), ("offcpu", "nanoseconds"))
 
 
@@ -173,11 +199,7 @@ def build_profile(state: CaptureState, symbolizer: Symbolizer, sample_rate: int,
     for (pid, tid, frames), (count, period) in stacks.items():
         labels = labels_cache.get((pid, tid))
         if labels is None:
-            labels = labels_cache[(pid, tid)] = (
-                ("pid", str(pid)), ("tid", str(tid)),
-                ("comm", state.thread_comm.get(tid, "") or state.process_comm(pid)),
-                ("process", state.process_comm(pid)),
-            )
+            labels = labels_cache[(pid, tid)] = sample_labels(state, pid, tid)
         location_ids: List[int] = [table.location(f) for f in frames]
         if not keep_native_frames:
             classes = [table.frame_class(f) for f in frames]

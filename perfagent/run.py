@@ -41,19 +41,39 @@ def safe_comm(comm: str) -> str:
     return out or "process"
 
 
-def unique_path(path: str) -> str:
-    """``path``, or ``name-1.pb.gz``, ``name-2.pb.gz``... if it exists."""
-    if not os.path.lexists(path):
+def _numbered(path: str, n: int) -> str:
+    """``name-N.pb.gz`` for ``name.pb.gz`` (n > 0)."""
+    if n == 0:
         return path
-    base, ext = path, ""
     for suffix in (".pb.gz", ".pb", ".gz"):
         if path.endswith(suffix):
-            base, ext = path[: -len(suffix)], suffix
-            break
-    n = 1
-    while os.path.lexists("%s-%d%s" % (base, n, ext)):
+            return "%s-%d%s" % (path[: -len(suffix)], n, suffix)
+    return "%s-%d" % (path, n)
+
+
+def unique_path(path: str) -> str:
+    """``path``, or ``name-1.pb.gz``, ``name-2.pb.gz``... if it exists."""
+    n = 0
+    while os.path.lexists(_numbered(path, n)):
         n += 1
-    return "%s-%d%s" % (base, n, ext)
+    return _numbered(path, n)
+
+
+def reserve_path(path: str) -> str:
+    """Create ``path`` (or the first free ``name-N`` variant) exclusively
+    and return it: two captures started in the same minute in the same
+    directory get different files, whatever the timing (O_EXCL).  The empty
+    file is replaced atomically when the profile is written."""
+    n = 0
+    while True:
+        candidate = _numbered(path, n)
+        try:
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            n += 1
+            continue
+        os.close(fd)
+        return candidate
 
 
 def default_output(comm: Optional[str], kind: str = "on-cpu", now: Optional[float] = None) -> str:
@@ -311,18 +331,58 @@ class PythonInjection:
 
 
 class StopFlag:
-    """Set by SIGINT/SIGTERM; the capture loop checks it at each drain."""
+    """What SIGINT/SIGTERM do, by phase of the run.
+
+    * While sampling, the first signal ends the capture at the next drain
+      (within 100 ms); the profile is then finished as usual (names and all).
+    * While finishing (the last drain, unwinding, symbolizing, writing), a
+      signal -- the first one then, or a second one -- cancels the remaining
+      work (perfagent.budget.cancel: every parse and walk loop checks it), so
+      the profile is written within a second with what was resolved; frames
+      not named yet keep their addresses.
+    * Once cancelled, one more signal exits at once, writing nothing more.
+      Nothing is left stopped or traced in a target either way.
+    """
+
+    SAMPLING = "sampling"
+    FINISHING = "finishing"
 
     def __init__(self) -> None:
         self.signum = 0
+        self.count = 0
+        self.phase = self.SAMPLING
         self._old = {}
 
     def install(self) -> None:
+        from perfagent import budget
+        budget.reset()
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._old[sig] = signal.signal(sig, self._handler)
 
+    def finishing(self) -> None:
+        """The capture is over: from now on a signal cancels what is left."""
+        self.phase = self.FINISHING
+        if self.count > 1:
+            self._cancel()
+
     def _handler(self, signum, frame) -> None:
+        from perfagent import budget
+        self.count += 1
         self.signum = signum
+        if budget.cancelled():
+            try:
+                sys.stderr.write("\n%s: stopped by %s again: exiting now\n"
+                                 % (PROG, signal.Signals(signum).name))
+                sys.stderr.flush()
+            finally:
+                os._exit(128 + signum)
+        if self.phase == self.FINISHING or self.count > 1:
+            self._cancel()
+
+    @staticmethod
+    def _cancel() -> None:
+        from perfagent import budget
+        budget.cancel()
 
     def restore(self) -> None:
         for sig, old in self._old.items():
@@ -360,21 +420,32 @@ def output_path(explicit: Optional[str], comm: Optional[str], kind: str, flag: s
         path = explicit
         if os.path.exists(path) and not os.path.isdir(path):
             log("warning: %s exists and will be replaced" % path)
-    else:
-        path = default_output(comm, kind)
+        check_writable(path, flag)
+        return path
+    path = default_output(comm, kind)
     check_writable(path, flag)
-    return path
+    try:
+        return reserve_path(path)
+    except OSError as exc:
+        raise CaptureError("%s: cannot create %s (%s); choose another path"
+                           % (flag, path, exc.strerror or exc)) from None
 
 
-def follow_children(tgids: Optional[set], new: List[tuple], add_tgid: Callable[[int], None]) -> None:
+def follow_children(tgids: Optional[set], new: List[tuple], gone: List[int], source) -> None:
     """Processes forked by followed ones are followed too (BPF filters by tgid;
-    their threads are covered by the tgid already).  ``tgids`` None: all."""
+    their threads are covered by the tgid already), and exited ones are
+    forgotten, so the kernel's filter only ever holds live processes.
+    ``tgids`` None: all."""
     if tgids is None:
         return
     for pid, ppid in new:
         if ppid in tgids and pid not in tgids:
             tgids.add(pid)
-            add_tgid(pid)
+            source.add_tgid(pid)
+    for pid in gone:
+        if pid in tgids:
+            tgids.discard(pid)
+            source.remove_tgid(pid)
 
 
 class OffCpu:
@@ -419,8 +490,8 @@ class OffCpu:
             self.collector = self._collector(0)
             self.collector.start()
 
-    def follow_children(self, new: List[tuple]) -> None:
-        follow_children(self.tgids, new, self.collector.add_tgid)
+    def follow_children(self, new: List[tuple], gone: List[int]) -> None:
+        follow_children(self.tgids, new, gone, self.collector)
 
     def collect(self, force: bool = False) -> None:
         """Read the stack copies every time (their ring is bounded); the count
@@ -476,8 +547,8 @@ class InKernel:
     def start(self) -> None:
         self.sampler.start()
 
-    def follow_children(self, new: List[tuple]) -> None:
-        follow_children(self.tgids, new, self.sampler.add_tgid)
+    def follow_children(self, new: List[tuple], gone: List[int]) -> None:
+        follow_children(self.tgids, new, gone, self.sampler)
 
     def collect(self) -> None:
         self._add(self.sampler.collect_if_full())
@@ -490,6 +561,18 @@ class InKernel:
         for st in stacks or ():
             self.state.add_counted(st.tgid, st.tid, tuple(st.kernel_ips), tuple(st.user_ips),
                                    st.samples, st.period_ns)
+
+
+def loss_details(dropped: int, lost_stacks: int, refused: int, what: str) -> str:
+    """What the kernel side lost, for the summary line ("" when nothing)."""
+    parts = []
+    if dropped:
+        parts.append("%d %s dropped (kernel count map full)" % (dropped, what))
+    if lost_stacks:
+        parts.append("%d stacks lost (kernel stack map)" % lost_stacks)
+    if refused:
+        parts.append("%d processes not followed (filter map full)" % refused)
+    return "".join(", " + p for p in parts)
 
 
 def _start_in_kernel(state: CaptureState, opts: Options, tgids: Optional[set]) -> Optional[InKernel]:
@@ -513,7 +596,22 @@ def run(opts: Options) -> int:
         comm = os.path.basename(opts.command[0])
     out_path = output_path(opts.profile_output, comm, "on-cpu", "--profile-output") if opts.profile else None
     offcpu_path = output_path(opts.offcpu_output, comm, "off-cpu", "--offcpu-output") if opts.offcpu else None
+    reserved = [p for p, explicit in ((out_path, opts.profile_output), (offcpu_path, opts.offcpu_output))
+                if p is not None and not explicit]
+    try:
+        return _capture(opts, comm, out_path, offcpu_path)
+    except BaseException:
+        for path in reserved:  # the empty files reserved for a capture that failed
+            try:
+                if os.path.getsize(path) == 0:
+                    os.unlink(path)
+            except OSError:
+                pass
+        raise
 
+
+def _capture(opts: Options, comm: Optional[str], out_path: Optional[str],
+             offcpu_path: Optional[str]) -> int:
     walker = None
     binaries = BinaryCache()  # shared by the unwinder and the symbolizer: each file examined once
     cfi = None  # one CFI cache for the on-CPU and the off-CPU walkers
@@ -627,12 +725,13 @@ def run(opts: Options) -> int:
                 sampler.wait(max(1, int(timeout)))
                 drain(sampler, state)
                 if inkernel is not None:
-                    inkernel.follow_children(state.new_processes)
+                    inkernel.follow_children(state.new_processes, state.gone_processes)
                     inkernel.collect()
                 if offcpu is not None:
-                    offcpu.follow_children(state.new_processes)
+                    offcpu.follow_children(state.new_processes, state.gone_processes)
                     offcpu.collect()
                 state.new_processes = []
+                state.gone_processes = []
                 progress.update(time.monotonic() - mono_start, state.samples, sampler.lost,
                                 len(state.pids_seen))
                 if launched is not None and launched.poll():
@@ -646,36 +745,44 @@ def run(opts: Options) -> int:
                 what = launched.terminate(TERM_GRACE_SECONDS, lambda: drain(sampler, state))
                 stop_reason = (stop_reason + "; " if stop_reason else "") + "command %s" % what
         finally:
+            stop.finishing()
             progress.clear()
             sampler.disable()
             drain(sampler, state)
             lost = sampler.lost
             sampler.close()
             if inkernel is not None:
-                inkernel.follow_children(state.new_processes)
+                inkernel.follow_children(state.new_processes, state.gone_processes)
                 inkernel.stop()
             if offcpu is not None:
-                offcpu.follow_children(state.new_processes)
+                offcpu.follow_children(state.new_processes, state.gone_processes)
                 offcpu.stop()
+        if injection is not None:
+            injection.deactivate()
+            injection = None
+        duration_ns = int((time.monotonic() - mono_start) * 1e9)
+        comments = ["%s=%s" % kv for kv in opts.tags]
+        written = []
+        for path, is_offcpu in ((out_path, False), (offcpu_path, True)):
+            if path is None:
+                continue
+            builder, _table = build_profile(state, symbolizer, opts.sample_rate,
+                                            int(wall_start * 1e9), duration_ns, comments,
+                                            keep_native_frames=opts.keep_native_frames, offcpu=is_offcpu)
+            try:
+                builder.write(path)
+            except OSError as exc:
+                raise CaptureError("cannot write %s: %s" % (path, exc.strerror or exc)) from None
+            written.append(path)
     finally:
         if injection is not None:
             injection.deactivate()
         stop.restore()
-    duration_ns = int((time.monotonic() - mono_start) * 1e9)
-
-    comments = ["%s=%s" % kv for kv in opts.tags]
-    written = []
-    for path, is_offcpu in ((out_path, False), (offcpu_path, True)):
-        if path is None:
-            continue
-        builder, _table = build_profile(state, symbolizer, opts.sample_rate,
-                                        int(wall_start * 1e9), duration_ns, comments,
-                                        keep_native_frames=opts.keep_native_frames, offcpu=is_offcpu)
-        try:
-            builder.write(path)
-        except OSError as exc:
-            raise CaptureError("cannot write %s: %s" % (path, exc.strerror or exc)) from None
-        written.append(path)
+        binaries.close()
+    from perfagent import budget
+    if budget.cancelled():
+        log("stopped by %s while finishing: frames not named by then keep their addresses"
+            % signal.Signals(stop.signum).name)
     for warning in symbolizer.warnings:
         log("warning: %s" % warning)
     if stop_reason:
@@ -685,14 +792,22 @@ def run(opts: Options) -> int:
     if out_path is not None:
         if state.samples == 0:
             log("warning: no samples were collected (was the target idle?); wrote an empty profile")
-        log("wrote %s: %d samples, %d lost, %d processes" % (out_path, state.samples, lost, len(state.pids_seen)))
+        losses = ""
+        if inkernel is not None:
+            losses = loss_details(inkernel.sampler.dropped, inkernel.sampler.lost_stacks,
+                                  inkernel.sampler.tgids_refused, "samples")
+        log("wrote %s: %d samples, %d lost%s, %d processes"
+            % (out_path, state.samples, lost, losses, len(state.pids_seen)))
     if offcpu is not None and offcpu.summary():
         log(offcpu.summary())
     if offcpu_path is not None:
         total_ns = sum(v[1] for v in state.offcpu_stacks.values())
-        lost_stacks = offcpu.collector.lost_stacks if offcpu is not None else 0
-        log("wrote %s: %d blocking episodes, %.3f s off-CPU, %d stacks lost" % (
-            offcpu_path, state.offcpu_samples, total_ns / 1e9, lost_stacks))
+        losses = ""
+        if offcpu is not None:
+            losses = loss_details(offcpu.collector.dropped, offcpu.collector.lost_stacks,
+                                  offcpu.collector.tgids_refused, "episodes")
+        log("wrote %s: %d blocking episodes, %.3f s off-CPU%s" % (
+            offcpu_path, state.offcpu_samples, total_ns / 1e9, losses or ", nothing lost"))
     if launched is not None and launched.status is not None and not terminated_by_us:
         exit_code = launched.exit_code()  # the command ended by itself: pass its status on
     return exit_code

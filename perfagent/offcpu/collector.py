@@ -134,7 +134,8 @@ DEFAULT_RING_BYTES = 8 << 20
 DEFAULT_MAX_ENTRIES = 16384     # distinct (thread, stack) pairs between collects
 DEFAULT_MAX_THREADS = 32768     # threads blocked at once
 DEFAULT_STACK_ENTRIES = 16384   # distinct stacks over the whole capture
-DEFAULT_MAX_TGIDS = 4096
+# Live followed processes at once (exited ones are removed from the map).
+DEFAULT_MAX_TGIDS = 65536
 
 
 class OffCpuStack(NamedTuple):

@@ -275,13 +275,39 @@ class FollowsTgids:
         except Exception:  # interpreter shutdown: modules may be gone
             pass
 
+    #: Processes that could not be followed because the filter map was full
+    #: (counted, reported in the summary; never an error that ends the run).
+    tgids_refused = 0
+
     def add_tgid(self, tgid: int) -> None:
-        """Follow process ``tgid`` too (no-op when following every process)."""
+        """Follow process ``tgid`` too (no-op when following every process).
+
+        A full filter map (more live processes than ``max_tgids``) refuses
+        the process: it is counted in ``tgids_refused``, not raised.
+        """
         if self._initial_tgids is None:
             return
         self._initial_tgids.add(tgid)
         if self._tgids is not None:
-            self._tgids.update(TGID_KEY.pack(tgid), TGID_VALUE)
+            try:
+                self._tgids.update(TGID_KEY.pack(tgid), TGID_VALUE)
+            except sc.BPFError as exc:
+                if exc.errno not in (errno.E2BIG, errno.ENOMEM, errno.ENOSPC):
+                    raise
+                self._initial_tgids.discard(tgid)
+                self.tgids_refused += 1
+
+    def remove_tgid(self, tgid: int) -> None:
+        """Forget process ``tgid`` (it exited): the filter map only holds live
+        processes, so launch mode survives any number of short-lived children."""
+        if self._initial_tgids is None or tgid not in self._initial_tgids:
+            return
+        self._initial_tgids.discard(tgid)
+        if self._tgids is not None:
+            try:
+                self._tgids.delete(TGID_KEY.pack(tgid))
+            except sc.BPFError:
+                pass
 
     def collect(self) -> list:
         """Everything counted since the last call (after stop(): the final remainder)."""

@@ -60,7 +60,8 @@ DEFAULT_MAX_ENTRIES = 32768
 # lose more stacks to bucket collisions (-EEXIST; see StackResolver), about
 # n^2 / (2 * entries) of n distinct stacks: ~12 of 900 here.
 DEFAULT_STACK_ENTRIES = 32768
-DEFAULT_MAX_TGIDS = 4096
+# Live followed processes at once (exited ones are removed from the map).
+DEFAULT_MAX_TGIDS = 65536
 # collect_if_full() drains when the map is this full.
 NEAR_FULL = 0.5
 
