@@ -25,6 +25,7 @@ from perfagent.oncpu import build_profile
 from perfagent.perf.sampler import Sampler, list_threads
 from perfagent.symbolize.native import BinaryCache
 from perfagent.symbolize.symbolizer import Symbolizer
+from perfagent.target import procfs
 
 DRAIN_INTERVAL_MS = 100
 TERM_GRACE_SECONDS = 2.0
@@ -114,31 +115,17 @@ def check_writable(path: str, flag: str) -> None:
 def check_pid(pid: int) -> str:
     """The process's comm; a clear error when it is gone or not readable."""
     try:
-        with open("/proc/%d/comm" % pid) as f:
-            comm = f.read().strip()
-        os.stat("/proc/%d/maps" % pid)
-        with open("/proc/%d/maps" % pid) as f:
-            f.read(1)
-    except FileNotFoundError:
+        procfs.read_bounded(procfs.proc_path(pid, "maps"), 1)
+    except (FileNotFoundError, ProcessLookupError):
         raise CaptureError("--pid %d: no such process" % pid) from None
     except PermissionError:
         raise CaptureError("--pid %d: permission denied reading /proc/%d/maps; run as root or "
                            "grant CAP_SYS_PTRACE (and CAP_PERFMON)" % (pid, pid)) from None
-    return comm
-
-
-def process_state(pid: int) -> str:
-    """The one-letter state from /proc/PID/stat, or "" when it is gone."""
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            data = f.read()
-    except OSError:
-        return ""
-    return data[data.rfind(b")") + 2: data.rfind(b")") + 3].decode("ascii", "replace")
+    return procfs.comm(pid)
 
 
 def process_alive(pid: int) -> bool:
-    return process_state(pid) not in ("", "Z", "X")
+    return procfs.alive(pid)
 
 
 class LaunchedCommand:
@@ -653,15 +640,14 @@ def _capture(opts: Options, comm: Optional[str], out_path: Optional[str],
         if opts.inject_python and launched is None and not opts.command:
             injection = PythonInjection(strict=opts.pid is not None)
             injection.activate([opts.pid] if opts.pid is not None else
-                               sorted(int(n) for n in os.listdir("/proc") if n.isdigit()))
+                               procfs.pids())
             # --duration counts from when sampling starts, not from before the injections
             mono_start = time.monotonic()
             wall_start = time.time()
         try:
             if opts.all:
-                for name in os.listdir("/proc"):
-                    if name.isdigit():
-                        state.load_from_proc(int(name))
+                for pid in procfs.pids():
+                    state.load_from_proc(pid)
                 sampler.open_system_wide()
                 sampler.enable()
                 if use_in_kernel:

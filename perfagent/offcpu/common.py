@@ -11,7 +11,6 @@ side turns drained entries into tuples of instruction pointers.
 from __future__ import annotations
 
 import errno
-import os
 import struct
 from typing import Dict, Iterable, Optional, Tuple
 
@@ -247,7 +246,8 @@ def close_all(objs: Iterable[object]) -> None:
 
 
 def thread_alive(tgid: int, tid: int) -> bool:
-    return os.path.exists("/proc/%d/task/%d" % (tgid, tid))
+    from perfagent.target import procfs
+    return procfs.stat(tgid, tid) is not None
 
 
 

@@ -21,10 +21,9 @@ Which threads are followed, and how:
 
 from __future__ import annotations
 
-import errno
 import os
 import select
-from typing import Callable, Dict, Iterable, List, Optional, Set
+from typing import Callable, Dict, Iterable, List, Set
 
 from perfagent.errors import CaptureError
 from perfagent.perf import attr as A
@@ -87,10 +86,8 @@ def raise_fd_limit() -> None:
 
 def list_threads(pid: int) -> List[int]:
     """Thread ids of ``pid`` (raises ProcessLookupError when it is gone)."""
-    try:
-        return sorted(int(t) for t in os.listdir("/proc/%d/task" % pid) if t.isdigit())
-    except FileNotFoundError:
-        raise ProcessLookupError(errno.ESRCH, "no such process: %d" % pid)
+    from perfagent.target import procfs
+    return procfs.threads(pid)
 
 
 class Sampler:
@@ -185,7 +182,8 @@ class Sampler:
                 for cpu in self.cpus:
                     self._open_on_cpu(attr, tid, cpu, "pid %d" % tid)
             except CaptureError:
-                if not os.path.exists("/proc/%d" % tid):
+                from perfagent.target import procfs
+                if procfs.stat(tid) is None:  # exited meanwhile: a normal race
                     continue
                 raise
             self.followed_tids.add(tid)
