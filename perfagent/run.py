@@ -8,7 +8,6 @@ profile is still written; events are closed in ``finally``.
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import signal
@@ -23,6 +22,7 @@ from perfagent.cli import Options, PROG
 from perfagent.errors import CaptureError
 from perfagent.oncpu import build_profile
 from perfagent.perf.sampler import Sampler, list_threads
+from perfagent.sources import OffCpu, OnCpuCounts, OnCpuRecords, OnCpuSource
 from perfagent.symbolize.native import BinaryCache
 from perfagent.symbolize.symbolizer import Symbolizer
 from perfagent.target import procfs
@@ -418,162 +418,6 @@ def output_path(explicit: Optional[str], comm: Optional[str], kind: str, flag: s
                            % (flag, path, exc.strerror or exc)) from None
 
 
-def follow_children(tgids: Optional[set], new: List[tuple], gone: List[int], source) -> None:
-    """Processes forked by followed ones are followed too (BPF filters by tgid;
-    their threads are covered by the tgid already), and exited ones are
-    forgotten, so the kernel's filter only ever holds live processes.
-    ``tgids`` None: all."""
-    if tgids is None:
-        return
-    for pid, ppid in new:
-        if ppid in tgids and pid not in tgids:
-            tgids.add(pid)
-            source.add_tgid(pid)
-    for pid in gone:
-        if pid in tgids:
-            tgids.discard(pid)
-            source.remove_tgid(pid)
-
-
-class OffCpu:
-    """The off-CPU side of a run: the sched_switch collector and what it follows.
-
-    With a DWARF unwinder (``--unwind dwarf``/``auto``, when the state has an
-    ``offcpu_walker``) the collector copies each episode's user stack
-    (``stack_size`` bytes) and the state unwinds it as it arrives; a kernel
-    that cannot load that program gets frame-pointer user stacks instead,
-    with one line saying so.
-    """
-
-    COLLECT_INTERVAL = 1.0
-
-    def __init__(self, state: CaptureState, symbolizer: Symbolizer, tgids: Optional[set],
-                 stack_size: int = 0) -> None:
-        self.state = state
-        self.symbolizer = symbolizer
-        self.tgids = tgids
-        self.stack_size = stack_size if state.offcpu_walker is not None else 0
-        self.collector = self._collector(self.stack_size)
-        self._next = 0.0
-
-    def _collector(self, copy_stack: int):
-        from perfagent.offcpu.collector import OffCpuCollector
-        return OffCpuCollector(set(self.tgids) if self.tgids is not None else None,
-                               copy_stack=copy_stack, on_copy=self.state.unwind_copy)
-
-    def start(self) -> None:
-        from perfagent.bpf.syscall import BPFError, VerifierError
-        try:
-            self.collector.start()
-        except BPFError as exc:
-            # A kernel without the helpers the copy needs rejects the program
-            # (the verifier); a permission problem would fail without it too.
-            if not self.stack_size or (not isinstance(exc, VerifierError)
-                                       and exc.errno in (errno.EPERM, errno.EACCES)):
-                raise
-            log("off-CPU stack copies unavailable (%s); off-CPU user stacks come from "
-                "frame pointers" % exc)
-            self.stack_size = 0
-            self.collector = self._collector(0)
-            self.collector.start()
-
-    def follow_children(self, new: List[tuple], gone: List[int]) -> None:
-        follow_children(self.tgids, new, gone, self.collector)
-
-    def collect(self, force: bool = False) -> None:
-        """Read the stack copies every time (their ring is bounded); the count
-        map and the open intervals once every COLLECT_INTERVAL."""
-        now = time.monotonic()
-        if not force and now < self._next:
-            self._add(self.collector.drain_copies())
-            return
-        self._next = now + self.COLLECT_INTERVAL
-        self._add(self.collector.collect())
-
-    def summary(self) -> str:
-        """The off-CPU unwinding line, or "" without stack copies."""
-        if not self.stack_size or self.state.offcpu_walker is None:
-            return ""
-        line = "off-CPU: " + self.state.offcpu_walker.summary()
-        dropped = self.collector.copies_dropped
-        if dropped:
-            line += "; %d episodes kept frame-pointer stacks (stack copy ring full)" % dropped
-        missing = self.collector.copies_missing
-        if missing:
-            line += "; %d episodes lost their stack copy" % missing
-        return line
-
-    def stop(self) -> None:
-        self.collector.stop()
-        self._add(self.collector.collect())  # intervals still open are closed now
-
-    def _add(self, stacks) -> None:
-        from perfagent.offcpu.collector import strip_tracing_frames
-        lookup = self.symbolizer.kernel.lookup
-        for st in stacks:
-            kernel_ips = strip_tracing_frames(st.kernel_ips, lookup) if st.kernel_ips else ()
-            self.state.add_offcpu(st.tgid, st.tid, tuple(kernel_ips), tuple(st.user_ips),
-                                  st.count, st.blocked_ns, st.copy)
-
-
-class InKernel:
-    """--unwind fp sampling counted in the kernel by a BPF program.
-
-    The perf events run a program that counts (tgid, tid, user stack, kernel
-    stack) and writes no ring-buffer record, so a system-wide capture costs
-    the agent almost nothing per sample; the side-band ring still brings the
-    MMAP2/COMM records symbolization needs.
-    """
-
-    def __init__(self, state: CaptureState, sample_rate: int, tgids: Optional[set]) -> None:
-        from perfagent.offcpu.inkernel import InKernelSampler
-        self.state = state
-        self.tgids = tgids
-        self.sampler = InKernelSampler(sample_rate, set(tgids) if tgids is not None else None)
-
-    def start(self) -> None:
-        self.sampler.start()
-
-    def follow_children(self, new: List[tuple], gone: List[int]) -> None:
-        follow_children(self.tgids, new, gone, self.sampler)
-
-    def collect(self) -> None:
-        self._add(self.sampler.collect_if_full())
-
-    def stop(self) -> None:
-        self.sampler.stop()
-        self._add(self.sampler.collect())
-
-    def _add(self, stacks) -> None:
-        for st in stacks or ():
-            self.state.add_counted(st.tgid, st.tid, tuple(st.kernel_ips), tuple(st.user_ips),
-                                   st.samples, st.period_ns)
-
-
-def loss_details(dropped: int, lost_stacks: int, refused: int, what: str) -> str:
-    """What the kernel side lost, for the summary line ("" when nothing)."""
-    parts = []
-    if dropped:
-        parts.append("%d %s dropped (kernel count map full)" % (dropped, what))
-    if lost_stacks:
-        parts.append("%d stacks lost (kernel stack map)" % lost_stacks)
-    if refused:
-        parts.append("%d processes not followed (filter map full)" % refused)
-    return "".join(", " + p for p in parts)
-
-
-def _start_in_kernel(state: CaptureState, opts: Options, tgids: Optional[set]) -> Optional[InKernel]:
-    """In-kernel aggregation when the kernel allows it, else None (ring-buffer samples)."""
-    from perfagent.bpf.syscall import BPFError
-    try:
-        inkernel = InKernel(state, opts.sample_rate, tgids)
-        inkernel.start()
-    except (BPFError, OSError) as exc:
-        log("in-kernel aggregation unavailable (%s); using ring-buffer samples" % exc)
-        return None
-    return inkernel
-
-
 def run(opts: Options) -> int:
     if opts.all:
         comm: Optional[str] = None
@@ -597,30 +441,80 @@ def run(opts: Options) -> int:
         raise
 
 
+def _sampler(opts: Options, samples: bool, bpf_prog_fd: int = -1) -> Sampler:
+    """The perf events of the run: the side band only, sampling into the
+    rings, or sampling with a BPF program that captures each sample."""
+    if not samples:
+        return Sampler(1, side_band_only=True)  # mappings and names only
+    if bpf_prog_fd >= 0:
+        return Sampler(opts.sample_rate, bpf_prog_fd=bpf_prog_fd)
+    if opts.unwind == "fp":
+        return Sampler(opts.sample_rate)
+    from perfagent.arch import current
+    from perfagent.perf import attr as A
+    from perfagent.perf.sampler import SAMPLE_TYPE, data_pages_for
+    return Sampler(opts.sample_rate, data_pages=data_pages_for(opts.stack_size, opts.sample_rate),
+                   sample_type=SAMPLE_TYPE | A.PERF_SAMPLE_REGS_USER | A.PERF_SAMPLE_STACK_USER,
+                   sample_regs_user=current().UNWIND_REGS_MASK, sample_stack_user=opts.stack_size)
+
+
+def _oncpu_source(opts: Options, state: CaptureState, tgids: Optional[set],
+                  notes: List[str]) -> Optional[OnCpuSource]:
+    """The BPF on-CPU source, started; None when the kernel refuses BPF (the
+    perf ring buffer samples instead), with the line saying so in ``notes``
+    (printed once the perf events opened: when they cannot either, their
+    error is the one to show)."""
+    from perfagent.bpf.syscall import BPFError
+    if opts.unwind == "fp":
+        source: OnCpuSource = OnCpuCounts(state, tgids, opts.sample_rate)
+    else:
+        source = OnCpuRecords(state, tgids, opts.sample_rate, opts.stack_size)
+    try:
+        source.start()
+    except (BPFError, OSError) as exc:
+        notes.append("BPF sampling unavailable (%s); sampling through the perf ring buffer "
+                     "(no Python frames from the interpreter's memory)" % exc)
+        return None
+    return source
+
+
+class _Sources(list):
+    """The run's BPF sources: fed, followed and stopped together."""
+
+    def feed(self, state: CaptureState) -> None:
+        for src in self:
+            src.follow(state.new_processes, state.gone_processes)
+            src.feed()
+        state.new_processes = []
+        state.gone_processes = []
+
+    def stop(self, state: CaptureState) -> None:
+        for src in self:
+            src.follow(state.new_processes, state.gone_processes)
+            src.stop()
+
+    def close(self) -> None:
+        for src in self:
+            try:
+                src.close()
+            except Exception:  # noqa: BLE001 - closing after a failure: carry on
+                pass
+
+
 def _capture(opts: Options, comm: Optional[str], out_path: Optional[str],
              offcpu_path: Optional[str]) -> int:
+    from perfagent.arch import current
+    if opts.unwind != "fp" and current().UNWIND_REGS_MASK is None:
+        raise CaptureError("--unwind %s is not supported on %s yet; use --unwind fp"
+                           % (opts.unwind, current().NAME))
     walker = None
     binaries = BinaryCache()  # shared by the unwinder and the symbolizer: each file examined once
     cfi = None  # one CFI cache for the on-CPU and the off-CPU walkers
     if opts.unwind != "fp" and (opts.profile or opts.offcpu):
         from perfagent.unwind.walker import CFICache, Walker
         cfi = CFICache(binaries)
-    use_in_kernel = opts.profile and opts.unwind == "fp" and opts.in_kernel
-    if not opts.profile or use_in_kernel:
-        sampler = Sampler(1, side_band_only=True)  # mappings and names only
-    elif opts.unwind == "fp":
-        sampler = Sampler(opts.sample_rate)
-    else:
-        from perfagent.arch import current
-        from perfagent.perf import attr as A
-        from perfagent.perf.sampler import SAMPLE_TYPE, data_pages_for
-        if current().UNWIND_REGS_MASK is None:
-            raise CaptureError("--unwind %s is not supported on %s yet; use --unwind fp"
-                               % (opts.unwind, current().NAME))
-        walker = Walker(opts.unwind, cfi)
-        sampler = Sampler(opts.sample_rate, data_pages=data_pages_for(opts.stack_size, opts.sample_rate),
-                          sample_type=SAMPLE_TYPE | A.PERF_SAMPLE_REGS_USER | A.PERF_SAMPLE_STACK_USER,
-                          sample_regs_user=current().UNWIND_REGS_MASK, sample_stack_user=opts.stack_size)
+        if opts.profile:
+            walker = Walker(opts.unwind, cfi)
     # Off-CPU user stacks are copied and unwound like samples unless --unwind fp.
     offcpu_walker = Walker(opts.unwind, cfi) if opts.offcpu and cfi is not None else None
     symbolizer = Symbolizer(binaries)
@@ -634,13 +528,30 @@ def _capture(opts: Options, comm: Optional[str], out_path: Optional[str],
     mono_start = time.monotonic()
     stop.install()
     injection: Optional[PythonInjection] = None
+    sources = _Sources()
+    sampler: Optional[Sampler] = None
+    notes: List[str] = []
     offcpu: Optional[OffCpu] = None
-    inkernel: Optional[InKernel] = None
+
+    def start_sources(tgids: Optional[set]) -> Sampler:
+        """The BPF sources for ``tgids``, then the perf events (sampling
+        only when no BPF on-CPU source could start)."""
+        nonlocal offcpu
+        oncpu = None
+        if opts.profile and opts.in_kernel:
+            oncpu = _oncpu_source(opts, state, tgids, notes)
+            if oncpu is not None:
+                sources.append(oncpu)
+        if opts.offcpu:
+            offcpu = OffCpu(state, tgids, opts.stack_size, symbolizer.kernel.lookup, log)
+            offcpu.start()
+            sources.append(offcpu)
+        return _sampler(opts, opts.profile, oncpu.prog_fd if oncpu is not None else -1)
+
     try:
-        if opts.inject_python and launched is None and not opts.command:
+        if opts.inject_python and not opts.command:
             injection = PythonInjection(strict=opts.pid is not None)
-            injection.activate([opts.pid] if opts.pid is not None else
-                               procfs.pids())
+            injection.activate([opts.pid] if opts.pid is not None else procfs.pids())
             # --duration counts from when sampling starts, not from before the injections
             mono_start = time.monotonic()
             wall_start = time.time()
@@ -648,26 +559,20 @@ def _capture(opts: Options, comm: Optional[str], out_path: Optional[str],
             if opts.all:
                 for pid in procfs.pids():
                     state.load_from_proc(pid)
+                sampler = start_sources(None)
                 sampler.open_system_wide()
                 sampler.enable()
-                if use_in_kernel:
-                    inkernel = _start_in_kernel(state, opts, None)
-                if opts.offcpu:
-                    offcpu = OffCpu(state, symbolizer, None, opts.stack_size)
-                    offcpu.start()
+                mono_start, wall_start = time.monotonic(), time.time()  # --duration counts from here
             elif opts.pid is not None:
                 state.load_from_proc(opts.pid)
+                sampler = start_sources({opts.pid})
                 try:
                     sampler.open_threads(list_threads(opts.pid))
                 except ProcessLookupError:
                     raise CaptureError("--pid %d: no such process" % opts.pid) from None
                 sampler.enable()
+                mono_start, wall_start = time.monotonic(), time.time()  # --duration counts from here
                 _discover_threads(sampler, state, opts.pid)
-                if use_in_kernel:
-                    inkernel = _start_in_kernel(state, opts, {opts.pid})
-                if opts.offcpu:
-                    offcpu = OffCpu(state, symbolizer, {opts.pid}, opts.stack_size)
-                    offcpu.start()
             else:
                 env = None
                 if opts.inject_python:
@@ -676,12 +581,8 @@ def _capture(opts: Options, comm: Optional[str], out_path: Optional[str],
                     env = dict(os.environ, PYTHONPERFSUPPORT="1")
                 launched = LaunchedCommand(opts.command, env)
                 try:
+                    sampler = start_sources({launched.pid})
                     sampler.open_launched(launched.pid)
-                    if use_in_kernel:
-                        inkernel = _start_in_kernel(state, opts, {launched.pid})
-                    if opts.offcpu:
-                        offcpu = OffCpu(state, symbolizer, {launched.pid}, opts.stack_size)
-                        offcpu.start()
                 except BaseException:
                     launched.abandon()
                     raise
@@ -691,12 +592,20 @@ def _capture(opts: Options, comm: Optional[str], out_path: Optional[str],
                 wall_start = time.time()
                 launched.start()
         except BaseException:
-            sampler.close()
-            if offcpu is not None:
-                offcpu.collector.stop()
-            if inkernel is not None:
-                inkernel.sampler.stop()
+            if sampler is not None:
+                sampler.close()
+            sources.close()
             raise
+        for note in notes:
+            log(note)
+
+        def drain_all() -> None:
+            # The side band first (mappings, processes), then the sources,
+            # then what the samples need resolved against those mappings.
+            sampler.drain(state.on_sample, state.on_event)
+            sources.feed(state)
+            state.resolve_pending()
+
         deadline = None if opts.duration is None else mono_start + opts.duration
         progress = Progress(not opts.quiet, opts.duration)
         try:
@@ -709,16 +618,9 @@ def _capture(opts: Options, comm: Optional[str], out_path: Optional[str],
                     break
                 timeout = DRAIN_INTERVAL_MS if deadline is None else min(DRAIN_INTERVAL_MS, (deadline - now) * 1000)
                 sampler.wait(max(1, int(timeout)))
-                drain(sampler, state)
-                if inkernel is not None:
-                    inkernel.follow_children(state.new_processes, state.gone_processes)
-                    inkernel.collect()
-                if offcpu is not None:
-                    offcpu.follow_children(state.new_processes, state.gone_processes)
-                    offcpu.collect()
-                state.new_processes = []
-                state.gone_processes = []
-                progress.update(time.monotonic() - mono_start, state.samples, sampler.lost,
+                drain_all()
+                progress.update(time.monotonic() - mono_start, state.samples,
+                                sampler.lost + sum(s.engine.dropped for s in sources),
                                 len(state.pids_seen))
                 if launched is not None and launched.poll():
                     stop_reason = "command %s" % launched.describe_status()
@@ -728,27 +630,22 @@ def _capture(opts: Options, comm: Optional[str], out_path: Optional[str],
                     break
             if launched is not None and not launched.poll():
                 terminated_by_us = True
-                what = launched.terminate(TERM_GRACE_SECONDS, lambda: drain(sampler, state))
+                what = launched.terminate(TERM_GRACE_SECONDS, drain_all)
                 stop_reason = (stop_reason + "; " if stop_reason else "") + "command %s" % what
         finally:
             stop.finishing()
             progress.clear()
             sampler.disable()
-            drain(sampler, state)
+            sampler.drain(state.on_sample, state.on_event)
             lost = sampler.lost
             sampler.close()
-            if inkernel is not None:
-                inkernel.follow_children(state.new_processes, state.gone_processes)
-                inkernel.stop()
-            if offcpu is not None:
-                offcpu.follow_children(state.new_processes, state.gone_processes)
-                offcpu.stop()
+            sources.stop(state)
+            state.resolve_pending()
         if injection is not None:
             injection.deactivate()
             injection = None
         duration_ns = int((time.monotonic() - mono_start) * 1e9)
         comments = ["%s=%s" % kv for kv in opts.tags]
-        written = []
         for path, is_offcpu in ((out_path, False), (offcpu_path, True)):
             if path is None:
                 continue
@@ -759,7 +656,6 @@ def _capture(opts: Options, comm: Optional[str], out_path: Optional[str],
                 builder.write(path)
             except OSError as exc:
                 raise CaptureError("cannot write %s: %s" % (path, exc.strerror or exc)) from None
-            written.append(path)
     finally:
         if injection is not None:
             injection.deactivate()
@@ -773,25 +669,21 @@ def _capture(opts: Options, comm: Optional[str], out_path: Optional[str],
         log("warning: %s" % warning)
     if stop_reason:
         log(stop_reason)
-    if walker is not None and opts.profile:
+    if walker is not None:
         log(walker.summary())
+    oncpu_sources = [s for s in sources if s is not offcpu]
     if out_path is not None:
         if state.samples == 0:
             log("warning: no samples were collected (was the target idle?); wrote an empty profile")
-        losses = ""
-        if inkernel is not None:
-            losses = loss_details(inkernel.sampler.dropped, inkernel.sampler.lost_stacks,
-                                  inkernel.sampler.tgids_refused, "samples")
+        losses = "".join(s.losses("samples") for s in oncpu_sources)
+        lost += sum(s.engine.dropped for s in oncpu_sources)
         log("wrote %s: %d samples, %d lost%s, %d processes"
             % (out_path, state.samples, lost, losses, len(state.pids_seen)))
     if offcpu is not None and offcpu.summary():
         log(offcpu.summary())
     if offcpu_path is not None:
         total_ns = sum(v[1] for v in state.offcpu_stacks.values())
-        losses = ""
-        if offcpu is not None:
-            losses = loss_details(offcpu.collector.dropped, offcpu.collector.lost_stacks,
-                                  offcpu.collector.tgids_refused, "episodes")
+        losses = offcpu.losses("episodes") if offcpu is not None else ""
         log("wrote %s: %d blocking episodes, %.3f s off-CPU%s" % (
             offcpu_path, state.offcpu_samples, total_ns / 1e9, losses or ", nothing lost"))
     if launched is not None and launched.status is not None and not terminated_by_us:

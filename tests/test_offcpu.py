@@ -397,7 +397,8 @@ def test_every_process_and_nothing_left_behind():
     with OffCpuCollector() as col:   # tgids=None: the program without a filter
         child = subprocess.Popen(["sleep", "0.2"])
         prog_ids, map_ids = col.prog_ids, col.map_ids
-        assert len(prog_ids) == 1 and len(map_ids) == 4
+        # blocked, counts, the stack store, stats and the capture scratch
+        assert len(prog_ids) == 1 and len(map_ids) == 5
         new_links = set(sc.all_ids(sc.BPF_LINK_GET_NEXT_ID)) - before_links
         assert new_links
         child.wait()

@@ -1,59 +1,35 @@
 """What the off-CPU collector and the in-kernel sampler share.
 
-Both programs count events per (tgid, tid, user stack id, kernel stack id) in
-a hash map whose value is two u64 sums, both resolve stack ids through one
-BPF_MAP_TYPE_STACK_TRACE map, and both may be limited to a set of processes
-held in a BPF hash map (so user space can add a process while the program
-runs).  The emitters here write those pieces of BPF assembly; the Python
-side turns drained entries into tuples of instruction pointers.
+Both programs (built by perfagent.stackprog) count events in a hash map
+whose value is two u64 sums, keep counters in a small array, and may be
+limited to a set of processes held in a BPF hash map (so user space can add
+and remove processes while the program runs).  The emitters here write
+those pieces of BPF assembly; ``FollowsTgids`` is the user-space life
+cycle both share.
 """
 
 from __future__ import annotations
 
 import errno
 import struct
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Iterable, Optional
 
 from perfagent.bpf import syscall as sc
-from perfagent.bpf.asm import DW, FP, R0, R1, R2, R3, R4, W, Program, Reg
-from perfagent.bpf.maps import ArrayMap, HashMap, StackTraceMap
-
-# The aggregation map's key:
-# struct stack_key {
-#     __u32 tgid;        0
-#     __u32 tid;         4
-#     __s32 ustack;      8   user stack id, or a negative errno from get_stackid
-#     __s32 kstack;      12  kernel stack id, or a negative errno
-# };                     16
-STACK_KEY = struct.Struct("<IIii")
-KEY_TGID, KEY_TID, KEY_USTACK, KEY_KSTACK = 0, 4, 8, 12
-
-# ... and its value, two sums the program adds to atomically:
-# struct stack_sums {
-#     __u64 a;           0   off-CPU: blocked ns;  on-CPU: samples
-#     __u64 b;           8   off-CPU: episodes;    on-CPU: sum of sample periods (ns)
-# };                     16
-STACK_SUMS = struct.Struct("<QQ")
+from perfagent.bpf.asm import DW, FP, R0, R1, R2, R3, R4, W, Program
+from perfagent.bpf.maps import ArrayMap, HashMap
 
 # The process filter: tgid -> a byte nobody reads (presence is the answer).
 # struct { __u32 tgid; } -> struct { __u8 unused; }
 TGID_KEY = struct.Struct("<I")
 TGID_VALUE = b"\x01"
 
-# Counters the programs keep in a two-slot u64 array:
-STAT_INSERTS = 0   # new keys inserted into the count map (ever)
-STAT_DROPS = 1     # events dropped because the count map was full
-STAT_COPY_DROPS = 2  # off-CPU stack copies (or their ends) the full ring refused
-STATS_SLOTS = 3
+# Counters the programs keep in a u64 array:
+STAT_INSERTS = 0     # new keys inserted into the count map (ever)
+STAT_DROPS = 1       # events dropped because the count map was full
+STAT_COPY_DROPS = 2  # captures (or episode ends) the full ring refused
+STAT_STORE_DROPS = 3  # stacks a full stack store refused (their counts lose that stack)
+STATS_SLOTS = 4
 U64 = struct.Struct("<Q")
-
-# Stack ids are kept, not reused: without BPF_F_REUSE_STACKID a hash
-# collision with a different stack makes get_stackid fail with -EEXIST
-# (counted as a lost stack); with it, the older stack would be overwritten
-# and every count already keyed by its id would silently point at the new
-# one.  A lost stack is honest; a wrong one is not.
-STACKID_FLAGS_USER = sc.BPF_F_USER_STACK
-STACKID_FLAGS_KERNEL = 0
 
 
 def emit_bump(p: Program, stats: ArrayMap, slot: int, scratch_off: int, tag: str) -> None:
@@ -135,14 +111,6 @@ def emit_tgid_filter(p: Program, tgids: Optional[HashMap], tgid_off: int,
     p.jeq(R0, 0, skip)
 
 
-def emit_stackid(p: Program, ctx: Reg, stacks: StackTraceMap, flags: int) -> None:
-    """``r0 = bpf_get_stackid(ctx, stacks, flags)``: an id >= 0 or -errno."""
-    p.mov(R1, ctx)
-    p.ld_map_fd(R2, stacks)
-    p.mov(R3, flags)
-    p.call("get_stackid")
-
-
 def make_tgid_map(tgids: Optional[Iterable[int]], max_entries: int) -> Optional[HashMap]:
     """The filter map filled with ``tgids``; None (no filter) for None."""
     if tgids is None:
@@ -187,47 +155,6 @@ class Stats:
 
     def close(self) -> None:
         self.map.close()
-
-
-class StackResolver:
-    """Stack id -> tuple of instruction pointers (leaf first), cached.
-
-    The stack map is never cleared while the program runs: an id drained
-    from the count map may still be referenced by entries the program adds
-    later, and a deleted id would be reused for a different stack.  An id
-    that cannot be resolved (negative: the walk failed, or -EEXIST on a
-    bucket collision, -ENOMEM...) becomes the empty tuple and is counted in
-    ``lost``.
-    """
-
-    def __init__(self, stacks: StackTraceMap) -> None:
-        self.stacks = stacks
-        self.cache: Dict[int, Tuple[int, ...]] = {}
-        self.lost = 0
-        # errno -> how many: EEXIST is a bucket collision in the stack map
-        # (about n^2 / 2 / max_entries of n distinct stacks), ENOENT an id
-        # no longer in the map.
-        self.lost_by_errno: Dict[int, int] = {}
-
-    def _lose(self, err: int) -> Tuple[int, ...]:
-        self.lost += 1
-        self.lost_by_errno[err] = self.lost_by_errno.get(err, 0) + 1
-        return ()
-
-    def resolve(self, stack_id: int) -> Tuple[int, ...]:
-        if stack_id < 0:
-            # -EFAULT (nothing to walk: a kernel thread's user stack, an
-            # empty callchain) is not a loss: there is no stack to have.
-            if stack_id == -errno.EFAULT:
-                return ()
-            return self._lose(-stack_id)
-        ips = self.cache.get(stack_id)
-        if ips is None:
-            got = self.stacks.stack(stack_id) if not self.stacks.closed else None
-            if got is None:
-                return self._lose(errno.ENOENT)
-            ips = self.cache[stack_id] = tuple(got)
-        return ips
 
 
 def close_all(objs: Iterable[object]) -> None:

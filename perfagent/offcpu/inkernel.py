@@ -24,26 +24,19 @@ saves is the agent's work per sample.  tools/bench_inkernel.py measures it.
 
 from __future__ import annotations
 
-import struct
 from typing import Dict, List, NamedTuple, Optional, Set, Tuple
 
 from perfagent.bpf import syscall as sc
-from perfagent.bpf.asm import DW, FP, R0, R1, R6, W, Program
 from perfagent.bpf.btf import vmlinux
-from perfagent.bpf.maps import HashMap, StackTraceMap
+from perfagent.bpf.maps import ArrayMap, HashMap, possible_cpus
 from perfagent.bpf.prog import PerfEvent, Prog
 from perfagent.bpf.syscall import BPFError
-from perfagent.offcpu.common import (
-    STACK_KEY, STACK_SUMS, STACKID_FLAGS_KERNEL, STACKID_FLAGS_USER, TGID_KEY, TGID_VALUE, FollowsTgids,
-    StackResolver, Stats, close_all, emit_accumulate, emit_stackid, emit_tgid_filter,
-    make_tgid_map)
+from perfagent.offcpu.common import FollowsTgids, Stats, close_all, make_tgid_map
 from perfagent.perf import attr as A
 from perfagent.perf.sampler import online_cpus, raise_fd_limit
-
-# The program's stack frame (offsets from r10).
-OFF_KEY = -16              # struct stack_key
-OFF_SUMS = -32             # struct stack_sums {1 sample, sample period}
-OFF_SCRATCH = -40          # u32: a stats slot index
+from perfagent.stackprog import layout as L
+from perfagent.stackprog import store as S
+from perfagent.stackprog.program import AGGREGATE, COUNT_KEY, SUMS, Maps, build_oncpu
 
 # struct bpf_perf_event_data {           (uapi linux/bpf_perf_event.h)
 #     bpf_user_pt_regs_t regs;    0      (struct pt_regs on x86-64: 168 bytes)
@@ -55,11 +48,9 @@ OFF_SCRATCH = -40          # u32: a stats slot index
 _X86_64_PT_REGS_SIZE = 168
 
 DEFAULT_MAX_ENTRIES = 32768
-# A stack map entry holds 127 u64 slots whatever the depth: ~1 KiB each, so
-# 32768 entries pin ~33 MB of kernel memory.  Fewer would save memory but
-# lose more stacks to bucket collisions (-EEXIST; see StackResolver), about
-# n^2 / (2 * entries) of n distinct stacks: ~12 of 900 here.
-DEFAULT_STACK_ENTRIES = 32768
+# Distinct stacks between two drains (the stores are emptied at each drain:
+# their size does not grow with the capture's length).
+DEFAULT_STACK_ENTRIES = 16384
 # Live followed processes at once (exited ones are removed from the map).
 DEFAULT_MAX_TGIDS = 65536
 # collect_if_full() drains when the map is this full.
@@ -67,7 +58,9 @@ NEAR_FULL = 0.5
 
 
 class OnCpuStack(NamedTuple):
-    """Samples of one thread at one (user stack, kernel stack); ips leaf first."""
+    """Samples of one thread at one (user stack, kernel stack, Python stack);
+    ips leaf first; ``python`` is (frames, flags) as perfagent.stackprog.store
+    decodes them, or None without a Python stack."""
 
     tgid: int
     tid: int
@@ -75,6 +68,7 @@ class OnCpuStack(NamedTuple):
     kernel_ips: Tuple[int, ...]
     samples: int
     period_ns: int   # sum of the samples' periods: CPU time at this stack
+    python: Optional[tuple] = None
 
 
 def sample_period_offset() -> int:
@@ -93,33 +87,6 @@ def sample_period_offset() -> int:
         return _X86_64_PT_REGS_SIZE
 
 
-def build_program(counts: HashMap, stacks: StackTraceMap, tgids: Optional[HashMap],
-                  stats: Stats, period_off: int) -> Program:
-    """Per sample: counts[{tgid, tid, ustack, kstack}] += {1, ctx->sample_period}."""
-    p = Program("oncpu_count")
-    ctx = R6
-    p.mov(ctx, R1)                                # struct bpf_perf_event_data *
-    p.call("get_current_pid_tgid")                # the sampled thread: tgid << 32 | tid
-    p.stx(W, FP, R0, OFF_KEY + 4)                 # key.tid
-    p.rsh(R0, 32)
-    p.stx(W, FP, R0, OFF_KEY + 0)                 # key.tgid
-    emit_tgid_filter(p, tgids, OFF_KEY + 0, "out")
-
-    emit_stackid(p, ctx, stacks, STACKID_FLAGS_USER)
-    p.stx(W, FP, R0, OFF_KEY + 8)                 # key.ustack
-    emit_stackid(p, ctx, stacks, STACKID_FLAGS_KERNEL)
-    p.stx(W, FP, R0, OFF_KEY + 12)                # key.kstack
-
-    p.st(DW, FP, OFF_SUMS + 0, 1)                 # sums.a = one sample
-    p.copy_mem(DW, FP, OFF_SUMS + 8, ctx, period_off)  # sums.b = ctx->sample_period
-    emit_accumulate(p, counts, OFF_KEY, OFF_SUMS, stats.map, OFF_SCRATCH, "count")
-
-    p.label("out")
-    p.mov(R0, 0)                                  # 0: perf emits no sample record
-    p.exit()
-    return p
-
-
 class InKernelSampler(FollowsTgids):
     """cpu-clock sampling at ``sample_rate`` Hz on every online CPU, counted
     per stack in the kernel.
@@ -134,7 +101,12 @@ class InKernelSampler(FollowsTgids):
     def __init__(self, sample_rate: int, tgids: Optional[Set[int]] = None,
                  max_entries: int = DEFAULT_MAX_ENTRIES,
                  stack_entries: int = DEFAULT_STACK_ENTRIES,
-                 max_tgids: int = DEFAULT_MAX_TGIDS) -> None:
+                 max_tgids: int = DEFAULT_MAX_TGIDS, own_events: bool = True) -> None:
+        # own_events False: the program is loaded but attached by the caller
+        # to its own perf events (perfagent.perf.sampler.Sampler's
+        # bpf_prog_fd: per-thread events for --pid and launch mode, whose
+        # samples follow the threads' own CPU time); ``prog_fd`` gives it.
+        self.own_events = own_events
         self.sample_rate = sample_rate
         self._initial_tgids = None if tgids is None else set(tgids)
         self.max_entries = max_entries
@@ -143,13 +115,15 @@ class InKernelSampler(FollowsTgids):
         self.cpus = online_cpus()
         self._tgids: Optional[HashMap] = None
         self._counts: Optional[HashMap] = None
-        self._stacks: Optional[StackTraceMap] = None
+        self._native: Optional[HashMap] = None
+        self._scratch: Optional[ArrayMap] = None
         self._stats: Optional[Stats] = None
         self._prog: Optional[Prog] = None
         self._events: List[PerfEvent] = []
-        self._resolver: Optional[StackResolver] = None
+        self._cache = S.StoreCache()
         self._pending: List[OnCpuStack] = []
         self._drops = 0
+        self._store_drops = 0
         self._running = False
 
     def _attr(self) -> bytes:
@@ -165,26 +139,35 @@ class InKernelSampler(FollowsTgids):
         try:
             raise_fd_limit()
             self._tgids = make_tgid_map(self._initial_tgids, self.max_tgids)
-            self._counts = HashMap(STACK_KEY.size, STACK_SUMS.size, self.max_entries,
-                                   name="oncpu_counts")
-            self._stacks = StackTraceMap(self.stack_entries, name="oncpu_stacks")
+            self._counts = HashMap(COUNT_KEY.size, SUMS.size, self.max_entries, name="oncpu_counts")
+            self._native = S.native_store(self.stack_entries, "oncpu_stacks")
+            self._scratch = ArrayMap(L.scratch_size(0, 0), possible_cpus(), name="oncpu_scratch")
             self._stats = Stats()
-            self._resolver = StackResolver(self._stacks)
-            prog = build_program(self._counts, self._stacks, self._tgids, self._stats,
-                                 sample_period_offset())
+            maps = Maps(self._scratch, self._stats, self._tgids, self._counts, self._native, None, None)
+            prog = build_oncpu(AGGREGATE, maps, sample_period_offset())
             self._prog = prog.load(sc.BPF_PROG_TYPE_PERF_EVENT)
-            attr = self._attr()
-            for cpu in self.cpus:
-                ev = PerfEvent(attr, -1, cpu)
-                self._events.append(ev)
-                ev.set_bpf(self._prog)
-            for ev in self._events:
-                ev.enable()
+            self._open_events()
         except BaseException:
             self._close()
             raise
         self._running = True
 
+    def _open_events(self) -> None:
+        if not self.own_events:
+            return
+        attr = self._attr()
+        for cpu in self.cpus:
+            ev = PerfEvent(attr, -1, cpu)
+            self._events.append(ev)
+            ev.set_bpf(self._prog)
+        for ev in self._events:
+            ev.enable()
+
+    @property
+    def prog_fd(self) -> int:
+        """The loaded program's fd (for a caller attaching it to its events)."""
+        assert self._prog is not None, "start() first"
+        return self._prog.fd
 
     def collect_if_full(self, fraction: float = NEAR_FULL) -> List[OnCpuStack]:
         """``collect()`` when the count map is ``fraction`` full, else []."""
@@ -204,7 +187,9 @@ class InKernelSampler(FollowsTgids):
 
     @property
     def lost_stacks(self) -> int:
-        return self._resolver.lost if self._resolver else 0
+        """Stacks lost because a stack store was full (their samples are
+        counted with that stack missing)."""
+        return self._cache.lost
 
     @property
     def prog_ids(self) -> List[int]:
@@ -212,7 +197,7 @@ class InKernelSampler(FollowsTgids):
 
     @property
     def map_ids(self) -> List[int]:
-        maps = [self._tgids, self._counts, self._stacks,
+        maps = [self._tgids, self._counts, self._native, self._scratch,
                 self._stats.map if self._stats is not None else None]
         return [m.id for m in maps if m is not None]
 
@@ -230,29 +215,155 @@ class InKernelSampler(FollowsTgids):
             self._close()
 
     def _close(self) -> None:
-        objs = list(self._events) + [self._prog, self._counts, self._stacks, self._tgids,
-                                     self._stats]
+        objs = list(self._events) + [self._prog, self._counts, self._native, self._scratch,
+                                     self._tgids, self._stats]
         self._events = []
         self._prog = None
-        self._counts = self._stacks = self._tgids = None
+        self._counts = self._native = self._scratch = self._tgids = None
         self._stats = None
         close_all(objs)
 
     def _gather(self) -> List[OnCpuStack]:
         assert self._counts is not None and self._stats is not None
-        assert self._resolver is not None
         self._drops = self._stats.drops
         self._stats.before_drain()
-        sums: Dict[Tuple[int, int, int, int], List[int]] = {}
+        sums: Dict[Tuple[int, int, int, int, int], List[int]] = {}
+        # Counts first, then the stores: every count read was added after
+        # its stacks were stored, so draining the stores second finds them.
         for k, v in self._counts.drain():
-            n, period = STACK_SUMS.unpack(v)
-            key = STACK_KEY.unpack(k)
+            n, period = SUMS.unpack(v)
+            key = COUNT_KEY.unpack(k)
             s = sums.get(key)
             if s is None:
                 sums[key] = [n, period]
             else:   # the fallback drain may see a key twice
                 s[0] += n
                 s[1] += period
-        resolve = self._resolver.resolve
-        return [OnCpuStack(tgid, tid, resolve(us), resolve(ks), n, period)
-                for (tgid, tid, us, ks), (n, period) in sums.items()]
+        S.drain_into(self._cache, self._native, None)
+        native = self._cache.native
+        return [OnCpuStack(tgid, tid, native(uh) or (), native(kh) or (), n, period)
+                for (tgid, tid, kh, uh, _ph), (n, period) in sums.items()]
+
+
+# ----------------------------------------------------------------------------
+# On-CPU samples as whole captures (record mode), for unwinding in user space.
+
+DEFAULT_RING_BYTES_PER_CPU = 2 << 20
+MAX_RING_BYTES = 256 << 20
+
+
+def ring_bytes_for(copy_bytes: int, sample_rate: int, cpus: int) -> int:
+    """A ring for about half a second of samples of every CPU (it is read
+    every 100 ms; the first reads of a capture may be slow), a power of
+    two between 2 MiB per CPU and 256 MiB."""
+    want = int((copy_bytes + L.STACK_OFF) * sample_rate * cpus * 0.5)
+    size = max(DEFAULT_RING_BYTES_PER_CPU * cpus, 1 << 20)
+    while size < want and size < MAX_RING_BYTES:
+        size *= 2
+    p2 = 1
+    while p2 < size:
+        p2 *= 2
+    return min(p2, MAX_RING_BYTES)
+
+
+class CapturedSample(NamedTuple):
+    """One on-CPU sample as the record program captured it."""
+
+    tgid: int
+    tid: int
+    time: int
+    cpu: int
+    period: int
+    regs: Optional[Tuple[int, ...]]   # user registers (arch order); None: no user context
+    stack: bytes                      # user stack bytes from sp
+    kernel_ips: Tuple[int, ...]
+    python: Optional[tuple]           # (frames, flags) or None
+
+
+class RecordSampler(InKernelSampler):
+    """cpu-clock sampling where each sample is captured whole by the stack
+    program (perfagent.stackprog, record mode): kernel stack, user
+    registers, ``copy_stack`` bytes of user stack and the Python stack, in
+    one ring-buffer record.  ``drain()`` returns the samples read since the
+    last call; call it every ~100 ms.  Samples the full ring refused are
+    counted in ``dropped``."""
+
+    def __init__(self, sample_rate: int, tgids: Optional[Set[int]] = None, copy_stack: int = 32768,
+                 ring_bytes: int = 0, max_tgids: int = DEFAULT_MAX_TGIDS, own_events: bool = True) -> None:
+        super().__init__(sample_rate, tgids, max_tgids=max_tgids, own_events=own_events)
+        self.copy_stack = copy_stack
+        self.ring_bytes = ring_bytes or ring_bytes_for(copy_stack, sample_rate, len(self.cpus))
+        self._ring = None
+
+    def start(self) -> None:
+        if self._running:
+            return
+        from perfagent.bpf.maps import RingBuf
+        from perfagent.offcpu.collector import copy_spec
+        from perfagent.stackprog.program import RECORD
+        try:
+            raise_fd_limit()
+            copy = copy_spec(self.copy_stack)
+            self._tgids = make_tgid_map(self._initial_tgids, self.max_tgids)
+            self._scratch = ArrayMap(L.scratch_size(self.copy_stack, copy.pages), possible_cpus(),
+                                     name="oncpu_scratch")
+            self._stats = Stats()
+            self._ring = RingBuf(self.ring_bytes, name="oncpu_samples")
+            maps = Maps(self._scratch, self._stats, self._tgids, None, None, None, self._ring)
+            prog = build_oncpu(RECORD, maps, sample_period_offset(), copy)
+            self._prog = prog.load(sc.BPF_PROG_TYPE_PERF_EVENT)
+            self._open_events()
+        except BaseException:
+            self._close()
+            raise
+        self._running = True
+
+    @property
+    def dropped(self) -> int:
+        """Samples the full ring refused."""
+        from perfagent.offcpu.common import STAT_COPY_DROPS
+        if self._stats is not None:
+            self._drops = self._stats.read(STAT_COPY_DROPS)
+        return self._drops
+
+    @property
+    def map_ids(self) -> List[int]:
+        maps = [self._tgids, self._scratch, self._ring, self._stats.map if self._stats is not None else None]
+        return [m.id for m in maps if m is not None]
+
+    def drain(self) -> List[CapturedSample]:
+        if self._ring is None:
+            return []
+        from perfagent.offcpu.collector import decode_capture
+        out = []
+        for rec in self._ring.consume():
+            kind, tid, tgid, when, copy = decode_capture(rec)
+            if kind != L.RECORD_SAMPLE:
+                continue
+            hdr = L.HEADER.unpack_from(rec, 0)
+            user = hdr[15] & L.CAPTURE_USER
+            out.append(CapturedSample(tgid, tid, when, hdr[3], hdr[5], copy.regs if user else None,
+                                      copy.stack, copy.kernel_ips, copy.python))
+        return out
+
+    def stop(self) -> None:
+        if not self._running:
+            self._close()
+            return
+        try:
+            close_all(self._events)
+            self._events = []
+            self._pending_samples = self.drain()
+            self.dropped  # noqa: B018 - read the counter before the map closes
+        finally:
+            self._running = False
+            self._close()
+
+    def collect(self) -> list:
+        out, self._pending_samples = getattr(self, "_pending_samples", []), []
+        return out
+
+    def _close(self) -> None:
+        ring, self._ring = self._ring, None
+        super()._close()
+        close_all([ring])

@@ -34,6 +34,11 @@ from perfagent.perf.ring import RingBuffer
 SAMPLE_TYPE = (A.PERF_SAMPLE_IP | A.PERF_SAMPLE_TID | A.PERF_SAMPLE_TIME
                | A.PERF_SAMPLE_CPU | A.PERF_SAMPLE_PERIOD | A.PERF_SAMPLE_CALLCHAIN)
 
+# With a BPF program capturing samples, the events' own sample records are
+# never written: the sample_id trailer of side-band records is all that
+# these bits shape.
+SIDE_BAND_SAMPLE_TYPE = A.PERF_SAMPLE_IP | A.PERF_SAMPLE_TID | A.PERF_SAMPLE_TIME | A.PERF_SAMPLE_CPU
+
 # 128 pages (512 KiB) per CPU holds several seconds of 99 Hz samples with full
 # 127-frame callchains (about 1 KiB each), so a drain every 100 ms keeps the
 # buffer nearly empty even when the agent is descheduled for a while.
@@ -95,11 +100,20 @@ class Sampler:
 
     def __init__(self, sample_rate: int, data_pages: int = DEFAULT_DATA_PAGES,
                  sample_type: int = SAMPLE_TYPE, sample_regs_user: int = 0,
-                 sample_stack_user: int = 0, side_band_only: bool = False) -> None:
+                 sample_stack_user: int = 0, side_band_only: bool = False,
+                 bpf_prog_fd: int = -1) -> None:
         # side_band_only: a dummy event that samples nothing and only reports
         # MMAP2/COMM/FORK/EXIT, for captures that need mappings but not
         # on-CPU samples (--offcpu alone).
         self.side_band_only = side_band_only
+        # bpf_prog_fd: a BPF_PROG_TYPE_PERF_EVENT program run on every sample
+        # of every event (PERF_EVENT_IOC_SET_BPF; events created by
+        # inheritance, for new threads and children, inherit it).  It
+        # captures the sample itself and returns 0, so perf writes no sample
+        # record: the rings carry the side band only.
+        self.bpf_prog_fd = bpf_prog_fd
+        if bpf_prog_fd >= 0:
+            sample_type = SIDE_BAND_SAMPLE_TYPE
         self.sample_rate = sample_rate
         self.data_pages = data_pages
         self.sample_type = sample_type
@@ -140,6 +154,13 @@ class Sampler:
         except OSError as exc:
             raise CaptureError(E.explain_open_error(exc, what)) from None
         self.fds.append(fd)
+        if self.bpf_prog_fd >= 0:
+            from perfagent import libc as _libc
+            try:
+                _libc.ioctl(fd, E.PERF_EVENT_IOC_SET_BPF, self.bpf_prog_fd)
+            except OSError as exc:
+                raise CaptureError("cannot attach the sampling program to %s: %s"
+                                   % (what, exc.strerror or exc)) from None
         ring = self.rings.get(cpu)
         if ring is None:
             try:

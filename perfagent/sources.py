@@ -1,0 +1,230 @@
+"""The BPF sources of a run, behind one interface.
+
+A source is started once the targets are known (the set of followed
+processes, or None for every process), told about processes that were
+forked or exited (so its kernel-side filter only holds live ones), asked
+every drain cycle to move what it captured into the capture state, and
+stopped at the end.  ``run`` composes them; it does not know what each one
+does:
+
+* :class:`OnCpuCounts` -- ``--unwind fp``: samples counted per stack in
+  the kernel (frame-pointer user stacks, Python stacks);
+* :class:`OnCpuRecords` -- ``--unwind dwarf``/``auto``: each sample
+  captured whole (registers, stack copy, kernel and Python stacks) for the
+  DWARF walker;
+* :class:`OffCpu` -- ``--offcpu``: blocked time per stack.
+
+The perf ring buffer (perfagent.perf.sampler) is not a source: it is the
+side band every run reads first (MMAP2, COMM, FORK, EXIT), and the
+fallback for on-CPU samples when BPF is not available.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import List, Optional, Set
+
+from perfagent.capture import CaptureState
+
+
+def loss_details(dropped: int, lost_stacks: int, refused: int, what: str) -> str:
+    """What the kernel side lost, for the summary line ("" when nothing)."""
+    parts = []
+    if dropped:
+        parts.append("%d %s dropped (kernel map or ring full)" % (dropped, what))
+    if lost_stacks:
+        parts.append("%d stacks lost (kernel stack store full)" % lost_stacks)
+    if refused:
+        parts.append("%d processes not followed (filter map full)" % refused)
+    return "".join(", " + p for p in parts)
+
+
+class Source:
+    """The interface (and the shared following of processes)."""
+
+    #: The kernel-side object (an InKernelSampler, RecordSampler or
+    #: OffCpuCollector): has add_tgid/remove_tgid, dropped, lost_stacks,
+    #: tgids_refused.
+    engine = None
+
+    def __init__(self, state: CaptureState, tgids: Optional[Set[int]]) -> None:
+        self.state = state
+        self.tgids = None if tgids is None else set(tgids)
+
+    def start(self) -> None:
+        self.engine.start()
+
+    def follow(self, new: List[tuple], gone: List[int]) -> None:
+        """Processes forked by followed ones are followed too (their threads
+        are covered by the tgid already), exited ones forgotten."""
+        if self.tgids is None:
+            return
+        for pid, ppid in new:
+            if ppid in self.tgids and pid not in self.tgids:
+                self.tgids.add(pid)
+                self.engine.add_tgid(pid)
+        for pid in gone:
+            if pid in self.tgids:
+                self.tgids.discard(pid)
+                self.engine.remove_tgid(pid)
+
+    def feed(self) -> None:
+        """Move what was captured since the last call into the state."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Detach and move the remainder into the state."""
+        self.engine.stop()
+
+    def close(self) -> None:
+        """Release the kernel objects without collecting (after a failure)."""
+        self.engine.stop()
+
+    def losses(self, what: str) -> str:
+        e = self.engine
+        return loss_details(e.dropped, e.lost_stacks, e.tgids_refused, what)
+
+    def summary(self) -> str:
+        return ""
+
+
+class OnCpuSource(Source):
+    """An on-CPU source: its program runs on the run's own sampling events
+    (``prog_fd``), so samples follow what the events follow (per thread
+    for --pid and launch mode, including threads and children created
+    later, by inheritance; per CPU for -a): the program needs no process
+    filter, and a child is sampled from its first instruction."""
+
+    def __init__(self, state: CaptureState, tgids: Optional[Set[int]]) -> None:
+        super().__init__(state, None)
+
+    @property
+    def prog_fd(self) -> int:
+        return self.engine.prog_fd
+
+
+class OnCpuCounts(OnCpuSource):
+    """``--unwind fp``: counted in the kernel; drained when half full and at the end."""
+
+    def __init__(self, state: CaptureState, tgids: Optional[Set[int]], sample_rate: int) -> None:
+        from perfagent.offcpu.inkernel import InKernelSampler
+        super().__init__(state, tgids)
+        self.engine = InKernelSampler(sample_rate, None, own_events=False)
+
+    def feed(self) -> None:
+        self._add(self.engine.collect_if_full())
+
+    def stop(self) -> None:
+        self.engine.stop()
+        self._add(self.engine.collect())
+
+    def _add(self, stacks) -> None:
+        for st in stacks or ():
+            self.state.add_counted(st.tgid, st.tid, tuple(st.kernel_ips), tuple(st.user_ips),
+                                   st.samples, st.period_ns)
+
+
+class OnCpuRecords(OnCpuSource):
+    """``--unwind dwarf|auto``: whole captures, unwound by the state's walker."""
+
+    def __init__(self, state: CaptureState, tgids: Optional[Set[int]], sample_rate: int,
+                 stack_size: int) -> None:
+        from perfagent.offcpu.inkernel import RecordSampler
+        super().__init__(state, tgids)
+        self.engine = RecordSampler(sample_rate, None, stack_size, own_events=False)
+
+    def feed(self) -> None:
+        self._add(self.engine.drain())
+
+    def stop(self) -> None:
+        self.engine.stop()
+        self._add(self.engine.collect())
+
+    def _add(self, samples) -> None:
+        on_sample = self.state.on_sample
+        for s in samples:
+            regs = s.regs
+            ip = regs[3] if regs else (s.kernel_ips[0] if s.kernel_ips else 0)
+            # The ring-buffer sample tuple (perfagent.perf.records), with the
+            # Python stack appended.
+            on_sample((s.tgid, s.tid, s.time, s.cpu, s.period, ip, s.kernel_ips, (),
+                       regs, s.stack if regs else None, s.python))
+
+
+class OffCpu(Source):
+    """``--offcpu``: the sched_switch collector.
+
+    With a DWARF unwinder (``--unwind dwarf``/``auto``, when the state has
+    an ``offcpu_walker``) the collector copies each episode's user stack
+    (``stack_size`` bytes) and the state unwinds it as it arrives; a kernel
+    that cannot load that program gets frame-pointer user stacks instead,
+    with one line saying so (``log``).
+    """
+
+    COLLECT_INTERVAL = 1.0
+
+    def __init__(self, state: CaptureState, tgids: Optional[Set[int]], stack_size: int,
+                 kernel_lookup, log) -> None:
+        super().__init__(state, tgids)
+        self.stack_size = stack_size if state.offcpu_walker is not None else 0
+        self.kernel_lookup = kernel_lookup
+        self.log = log
+        self.engine = self._collector(self.stack_size)
+        self._next = 0.0
+
+    def _collector(self, copy_stack: int):
+        from perfagent.offcpu.collector import OffCpuCollector
+        return OffCpuCollector(set(self.tgids) if self.tgids is not None else None,
+                               copy_stack=copy_stack, on_copy=self.state.unwind_copy)
+
+    def start(self) -> None:
+        import errno
+        from perfagent.bpf.syscall import BPFError, VerifierError
+        try:
+            self.engine.start()
+        except BPFError as exc:
+            # A kernel without the helpers the copy needs rejects the program
+            # (the verifier); a permission problem would fail without it too.
+            if not self.stack_size or (not isinstance(exc, VerifierError)
+                                       and exc.errno in (errno.EPERM, errno.EACCES)):
+                raise
+            self.log("off-CPU stack copies unavailable (%s); off-CPU user stacks come from "
+                     "frame pointers" % exc)
+            self.stack_size = 0
+            self.engine = self._collector(0)
+            self.engine.start()
+
+    def feed(self) -> None:
+        """Read the captures every time (their ring is bounded); the count
+        map and the open intervals once every COLLECT_INTERVAL."""
+        now = time.monotonic()
+        if now < self._next:
+            self._add(self.engine.drain_copies())
+            return
+        self._next = now + self.COLLECT_INTERVAL
+        self._add(self.engine.collect())
+
+    def stop(self) -> None:
+        self.engine.stop()
+        self._add(self.engine.collect())  # intervals still open are closed now
+
+    def summary(self) -> str:
+        """The off-CPU unwinding line, or "" without stack copies."""
+        if not self.stack_size or self.state.offcpu_walker is None:
+            return ""
+        line = "off-CPU: " + self.state.offcpu_walker.summary()
+        dropped = self.engine.copies_dropped
+        if dropped:
+            line += "; %d episodes kept frame-pointer stacks (stack copy ring full)" % dropped
+        missing = self.engine.copies_missing
+        if missing:
+            line += "; %d episodes lost their stack copy" % missing
+        return line
+
+    def _add(self, stacks) -> None:
+        from perfagent.offcpu.collector import strip_tracing_frames
+        lookup = self.kernel_lookup
+        for st in stacks:
+            kernel_ips = strip_tracing_frames(st.kernel_ips, lookup) if st.kernel_ips else ()
+            self.state.add_offcpu(st.tgid, st.tid, tuple(kernel_ips), tuple(st.user_ips),
+                                  st.count, st.blocked_ns, st.copy)

@@ -1,0 +1,218 @@
+"""Emitters for the capture both stack programs share (see the package docstring).
+
+Register conventions inside a program built here: ``r6`` holds the
+program's context for its whole life, ``r7`` the capture buffer (this
+CPU's scratch slot, a map value pointer) once :func:`emit_scratch` found it;
+``r8`` and ``r9`` are free for the caller between emitters.  Every emitter
+clobbers r0-r5 (helper calls do).  Stack slots (offsets from r10) are the
+caller's: each emitter says which it uses.
+
+Every loop here is a bounded loop the verifier walks (Linux 5.3+): a
+counter compared with a constant bound, pointers advanced by constants.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Tuple
+
+from perfagent.bpf import syscall as sc
+from perfagent.bpf.asm import DW, FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, W, Program, Reg
+from perfagent.bpf.maps import ArrayMap, HashMap
+from perfagent.stackprog.layout import (
+    CAPTURE_USER, H_FLAGS, H_REGS, H_STACK_SIZE, KERNEL_OFF, PERF_MAX_STACK_DEPTH, PYFRAME_SIZE,
+    PYSTACK_HDR, PYTHON_OFF, STACK_IPS_OFF, STACK_N_OFF, STACK_OFF, USER_OFF,
+)
+from perfagent.stackprog.store import FNV_OFFSET_BASIS, FNV_PRIME
+
+CTX, BUF = R6, R7
+PAGE_SIZE = 4096
+EEXIST = 17
+
+
+class CopySpec(NamedTuple):
+    """What copying the user registers and stack needs (from BTF)."""
+
+    pages: int                  # page-sized bpf_probe_read_user calls at most
+    mm_off: int                 # offsetof(task_struct, mm): NULL for a kernel thread
+    regs_off: Tuple[int, ...]   # offsetof(pt_regs, <arch UNWIND_PT_REGS>)
+
+
+def copy_pages(copy_bytes: int) -> int:
+    """Pages to read so that at least ``copy_bytes`` above sp are copied
+    (the first read covers only the rest of sp's page)."""
+    return (copy_bytes - 1) // PAGE_SIZE + 2
+
+
+def emit_scratch(p: Program, scratch: ArrayMap, slot_off: int, fail: str) -> None:
+    """``r7 = &scratch[smp_processor_id()]`` or goto ``fail``.
+
+    The program runs with preemption (or interrupts) off, so no other
+    program uses this CPU's slot until it returns.  Uses the u32 at
+    fp+slot_off.
+    """
+    p.call("get_smp_processor_id")
+    p.stx(W, FP, R0, slot_off)
+    p.ld_map_fd(R1, scratch)
+    p.mov(R2, FP).add(R2, slot_off)
+    p.call("map_lookup_elem")
+    p.jeq(R0, 0, fail)
+    p.mov(BUF, R0)
+
+
+def emit_get_stack(p: Program, part_off: int, flags: int) -> None:
+    """``buf->part = bpf_get_stack(ctx, ...)`` as a ``struct stack`` (n = 0 on error)."""
+    p.mov(R1, CTX)
+    p.mov(R2, BUF).add(R2, part_off + STACK_IPS_OFF)
+    p.mov(R3, 8 * PERF_MAX_STACK_DEPTH)
+    p.mov(R4, flags)
+    p.call("get_stack")
+    tag = "gs%d_%d" % (part_off, flags)
+    p.jsge(R0, 0, tag + "_ok")
+    p.mov(R0, 0)
+    p.label(tag + "_ok")
+    p.rsh(R0, 3)                                   # bytes -> addresses
+    p.stx(W, BUF, R0, part_off + STACK_N_OFF)
+
+
+def emit_hash_words(p: Program, first_word_off: int, count_off: int, count_size: int,
+                    stride: int, words: Tuple[int, ...], bound: int, out: Reg, tag: str) -> None:
+    """``out`` = FNV-1a over ``words`` (offsets within each element) of the
+    ``n`` elements at buf+first_word_off, ``stride`` apart, n read from
+    buf+count_off (``count_size`` W); 0 when n is 0.
+
+    Uses r0-r5.  The loop runs at most ``bound`` times (the verifier's
+    bound); the element pointer advances by a constant.
+    """
+    n, i, ptr, w = R1, R2, R3, R4
+    p.ldx(count_size, n, BUF, count_off)
+    p.jle(n, bound, tag + "_bounded")
+    p.mov(n, bound)
+    p.label(tag + "_bounded")
+    p.mov(out, 0)
+    p.jeq(n, 0, tag + "_done")
+    p.ld_imm64(out, FNV_OFFSET_BASIS)
+    p.ld_imm64(R5, FNV_PRIME)
+    p.mov(i, 0)
+    p.mov(ptr, BUF).add(ptr, first_word_off)
+    p.label(tag + "_loop")
+    p.jge(i, n, tag + "_done")
+    for off in words:
+        p.ldx(DW, w, ptr, off)
+        p.xor(out, w)
+        p.mul(out, R5)
+    p.add(ptr, stride)
+    p.add(i, 1)
+    p.ja(tag + "_loop")
+    p.label(tag + "_done")
+
+
+def emit_store(p: Program, store: HashMap, part_off: int, hash_slot: int, stats_drop,
+               tag: str) -> None:
+    """``store[hash] = buf->part`` (BPF_NOEXIST) when the hash at fp+hash_slot
+    is not 0.  ``stats_drop(tag)`` emits the count of a failed insert other
+    than "already there" (the store is full: that stack will be lost)."""
+    p.ldx(DW, R1, FP, hash_slot)
+    p.jeq(R1, 0, tag + "_stored")
+    p.ld_map_fd(R1, store)
+    p.mov(R2, FP).add(R2, hash_slot)
+    p.mov(R3, BUF).add(R3, part_off)
+    p.mov(R4, sc.BPF_NOEXIST)
+    p.call("map_update_elem")
+    p.jeq(R0, 0, tag + "_stored")
+    p.jeq(R0, -EEXIST, tag + "_stored")
+    stats_drop(tag)
+    p.label(tag + "_stored")
+
+
+def emit_native_hash(p: Program, part_off: int, hash_slot: int, tag: str) -> None:
+    """fp+hash_slot (u64) = the hash of the ``struct stack`` at buf+part_off."""
+    emit_hash_words(p, part_off + STACK_IPS_OFF, part_off + STACK_N_OFF, W, 8, (0,),
+                    PERF_MAX_STACK_DEPTH, R0, tag)
+    p.stx(DW, FP, R0, hash_slot)
+
+
+def emit_python_hash(p: Program, hash_slot: int, bound: int, tag: str) -> None:
+    """fp+hash_slot (u64) = the hash of the Python stack: each entry's code
+    object (or link address) and instruction/flags word."""
+    emit_hash_words(p, PYTHON_OFF + PYSTACK_HDR.size, PYTHON_OFF, W, PYFRAME_SIZE, (0, 8),
+                    bound, R0, tag)
+    p.stx(DW, FP, R0, hash_slot)
+
+
+def emit_user_regs_and_copy(p: Program, copy: CopySpec, with_copy: bool, tag: str) -> None:
+    """Fill the header's user registers and, ``with_copy``, the stack bytes.
+
+    The registers are what the thread's entry into the kernel saved
+    (bpf_task_pt_regs: for an interrupt from user mode that *is* the
+    interrupted user context).  The copy starts at the user sp: first the
+    rest of sp's page, then whole pages, one bpf_probe_read_user each,
+    stopping at the first page that cannot be read without a fault (the
+    top of the stack).  A kernel thread (no mm) gets neither and no
+    CAPTURE_USER flag.  Uses r8, r9.
+    """
+    regs, sp, size = R8, R9, R8
+    done = tag + "_done"
+    p.st(W, BUF, H_STACK_SIZE, 0)
+    p.st(W, BUF, H_FLAGS, 0)
+    p.call("get_current_task_btf")
+    p.ldx(DW, R1, R0, copy.mm_off)
+    p.jeq(R1, 0, done)                             # a kernel thread: no user context
+    p.mov(R1, R0)
+    p.call("task_pt_regs")
+    p.mov(regs, R0)
+    for i, off in enumerate(copy.regs_off):
+        p.copy_mem(DW, BUF, H_REGS + 8 * i, regs, off)  # pt_regs is a BTF pointer: direct loads
+    p.st(W, BUF, H_FLAGS, CAPTURE_USER)
+    if not with_copy:
+        p.label(done)
+        return
+    p.ldx(DW, sp, regs, copy.regs_off[2])          # regs dead from here: size reuses r8
+    p.mov(R1, sp).and_(R1, PAGE_SIZE - 1)
+    p.mov(size, PAGE_SIZE).sub(size, R1)           # 1..PAGE_SIZE: the rest of sp's page
+    p.mov(R1, BUF).add(R1, STACK_OFF)
+    p.mov(R2, size)
+    p.mov(R3, sp)
+    p.call("probe_read_user")
+    p.jne(R0, 0, done)                             # not even sp's page: no bytes
+    for _ in range(1, copy.pages):
+        p.mov(R1, BUF).add(R1, STACK_OFF).add(R1, size)
+        p.mov(R2, PAGE_SIZE)
+        p.mov(R3, sp).add(R3, size)
+        p.call("probe_read_user")
+        p.jne(R0, 0, tag + "_copied")
+        p.add(size, PAGE_SIZE)
+    p.label(tag + "_copied")
+    p.stx(W, BUF, size, H_STACK_SIZE)
+    p.label(done)
+
+
+def emit_empty_python(p: Program) -> None:
+    """No Python stack (n = 0, flags = 0)."""
+    p.st(DW, BUF, PYTHON_OFF, 0)
+
+
+def emit_record_size(p: Program, out: Reg, max_copy: int) -> None:
+    """``out`` = bytes of the capture to send: up to the end of the copied stack."""
+    p.ldx(W, out, BUF, H_STACK_SIZE)
+    p.jle(out, max_copy, "size_bounded")
+    p.mov(out, 0)
+    p.label("size_bounded")
+    p.add(out, STACK_OFF)
+
+
+def emit_ringbuf_output(p: Program, ring, size: Reg, dropped) -> None:
+    """bpf_ringbuf_output(ring, buf, size, BPF_RB_NO_WAKEUP); ``dropped(tag)``
+    counts a full ring."""
+    p.ld_map_fd(R1, ring)
+    p.mov(R2, BUF)
+    p.mov(R3, size)
+    p.mov(R4, sc.BPF_RB_NO_WAKEUP)
+    p.call("ringbuf_output")
+    p.jeq(R0, 0, "ring_sent")
+    dropped("ring_full")
+    p.label("ring_sent")
+
+
+__all__ = ["CTX", "BUF", "CopySpec", "copy_pages", "emit_scratch", "emit_get_stack", "emit_hash_words",
+           "emit_store", "emit_native_hash", "emit_python_hash", "emit_user_regs_and_copy",
+           "emit_empty_python", "emit_record_size", "emit_ringbuf_output", "KERNEL_OFF", "USER_OFF"]

@@ -1,0 +1,115 @@
+"""Content-addressed stack stores: the kernel side's maps and user space's cache.
+
+A stack store is a BPF hash map from a 64-bit hash of a stack's words to the
+stack itself (``struct stack`` or ``struct pystack``, see :mod:`.layout`).
+The program computes the hash (FNV-1a over the 64-bit words, see
+:func:`fnv1a_words`, which user space uses to check what it reads) and
+inserts with BPF_NOEXIST; count keys and off-CPU records carry the hash.
+Hash 0 means "no stack".
+
+User space drains a store every cycle with lookup-and-delete: the entries
+go into :class:`StoreCache` and leave the kernel map, which so holds at
+most one cycle's distinct stacks.  A stack seen again is simply inserted
+again.  Since keys come from contents, a deleted key can never come back
+naming another stack (a 64-bit collision aside: about n^2 / 2^65 for n
+distinct stacks, 3e-8 for a million).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Dict, Optional, Tuple
+
+from perfagent.bpf.maps import HashMap
+from perfagent.stackprog.layout import (
+    PERF_MAX_STACK_DEPTH, PY_MAX_FRAMES, PYFRAME, PYSTACK_HDR, PYSTACK_SIZE, STACK, STACK_SIZE,
+)
+
+FNV_OFFSET_BASIS = 0xCBF29CE484222325
+FNV_PRIME = 0x100000001B3
+MASK64 = (1 << 64) - 1
+
+HASH_KEY = struct.Struct("<Q")
+
+#: Distinct stacks one drain cycle may bring (per store); beyond, inserts
+#: fail and the counts that need them are counted as lost stacks.
+DEFAULT_STORE_ENTRIES = 16384
+
+
+def fnv1a_words(words) -> int:
+    """The programs' hash of a sequence of u64 words (0 stays "no stack")."""
+    h = FNV_OFFSET_BASIS
+    n = 0
+    for w in words:
+        h = ((h ^ w) * FNV_PRIME) & MASK64
+        n += 1
+    return h if n else 0
+
+
+PyFrame = Tuple[int, int, int]   # (code or link address, instr, flags)
+
+
+class StoreCache:
+    """What user space has drained from the stores: hash -> stack.
+
+    ``native(h)`` gives a tuple of instruction pointers (leaf first) and
+    ``python(h)`` a (frames, flags) pair, frames as (code, instr, flags)
+    leaf first (perfagent.stackprog.layout: struct pyframe); a hash that was never seen (its insert failed: the
+    store was full) gives None and is counted in ``lost``.
+    """
+
+    def __init__(self) -> None:
+        self._native: Dict[int, Tuple[int, ...]] = {}
+        self._python: Dict[int, Tuple[Tuple[PyFrame, ...], int]] = {}
+        self.lost = 0
+
+    def add_native(self, raw_key: bytes, raw_value: bytes) -> None:
+        h = HASH_KEY.unpack(raw_key)[0]
+        n = min(struct.unpack_from("<I", raw_value, 0)[0], PERF_MAX_STACK_DEPTH)
+        self._native[h] = STACK.unpack(raw_value[:STACK_SIZE])[2:2 + n]
+
+    def add_python(self, raw_key: bytes, raw_value: bytes) -> None:
+        h = HASH_KEY.unpack(raw_key)[0]
+        self._python[h] = decode_pystack(raw_value)
+
+    def native(self, h: int) -> Optional[Tuple[int, ...]]:
+        if h == 0:
+            return ()
+        ips = self._native.get(h)
+        if ips is None:
+            self.lost += 1
+        return ips
+
+    def python(self, h: int) -> Optional[Tuple[Tuple[PyFrame, ...], int]]:
+        if h == 0:
+            return (), 0
+        got = self._python.get(h)
+        if got is None:
+            self.lost += 1
+        return got
+
+
+def decode_pystack(raw: bytes, offset: int = 0) -> Tuple[Tuple[PyFrame, ...], int]:
+    """(frames leaf first, flags) of a ``struct pystack`` at ``offset``."""
+    n, flags = PYSTACK_HDR.unpack_from(raw, offset)
+    n = min(n, PY_MAX_FRAMES)
+    base = offset + PYSTACK_HDR.size
+    return tuple(PYFRAME.unpack_from(raw, base + i * PYFRAME.size) for i in range(n)), flags
+
+
+def native_store(entries: int = DEFAULT_STORE_ENTRIES, name: str = "stacks") -> HashMap:
+    return HashMap(HASH_KEY.size, STACK_SIZE, entries, name=name)
+
+
+def python_store(entries: int = DEFAULT_STORE_ENTRIES, name: str = "pystacks") -> HashMap:
+    return HashMap(HASH_KEY.size, PYSTACK_SIZE, entries, name=name)
+
+
+def drain_into(cache: StoreCache, native: Optional[HashMap], python: Optional[HashMap]) -> None:
+    """Move every stored stack into ``cache`` (and out of the kernel maps)."""
+    if native is not None and not native.closed:
+        for k, v in native.drain():
+            cache.add_native(k, v)
+    if python is not None and not python.closed:
+        for k, v in python.drain():
+            cache.add_python(k, v)
