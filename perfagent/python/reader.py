@@ -159,6 +159,10 @@ class Reader:
         self.max_frames = max_frames
         self._codes: Dict[int, Code] = {}
         self.code_decodes = 0        # how many code objects were decoded (tests, stats)
+        #: Code addresses already validated during the current stacks() call:
+        #: one snapshot checks each code object once, however many frames run it.
+        self._fresh: Set[int] = set()
+        self._snapshot = False
         #: None: same pid namespace as the agent (tids are ours); else
         #: {tid in the target's namespace: our tid}, refreshed on a miss.
         self._ns_tids: Optional[Dict[int, int]] = None
@@ -407,11 +411,15 @@ class Reader:
             return None
         L = self.layout
         cached = self._codes.get(addr)
+        if cached is not None and addr in self._fresh:
+            return cached
         if cached is not None:
             head, size = self._read_many([(addr, self._code_span),
                                           (cached.fingerprint[5] + L.bytes_ob_size, 8)])
             if len(head) == self._code_span and len(size) == 8 \
                     and self._fingerprint(head, _I64.unpack(size)[0]) == cached.fingerprint:
+                if self._snapshot:
+                    self._fresh.add(addr)
                 return cached
             del self._codes[addr]
         else:
@@ -423,6 +431,8 @@ class Reader:
             if len(self._codes) > 1 << 16:
                 self._codes.clear()
             self._codes[addr] = code
+            if self._snapshot:
+                self._fresh.add(addr)
         return code
 
     def _fingerprint(self, head: bytes, linetable_size: int) -> Tuple[int, ...]:
@@ -515,8 +525,14 @@ class Reader:
         """Every thread of every interpreter with its named Python stack."""
         holders = self.gil_holders()
         out = []
-        for ts in self.threads():
-            budget.check_cancelled()  # thousands of threads: stop promptly on SIGINT
-            raws, truncated = self.raw_stack(ts.addr)
-            out.append(ThreadStack(ts, [self.frame(r) for r in raws], truncated, ts.addr in holders))
+        self._fresh.clear()
+        self._snapshot = True
+        try:
+            for ts in self.threads():
+                budget.check_cancelled()  # thousands of threads: stop promptly on SIGINT
+                raws, truncated = self.raw_stack(ts.addr)
+                out.append(ThreadStack(ts, [self.frame(r) for r in raws], truncated, ts.addr in holders))
+        finally:
+            self._snapshot = False
+            self._fresh.clear()
         return out
