@@ -476,8 +476,9 @@ class Reader:
         L = self.layout
         if not _ok(addr):
             return ""
+        # A compact ASCII string may end before the longer compact header would.
         head = self._read(addr, L.unicode_compact_data)
-        if len(head) < L.unicode_compact_data:
+        if len(head) < L.unicode_ascii_data:
             return ""
         length = _I64.unpack_from(head, L.unicode_length)[0]
         state = _U32.unpack_from(head, L.unicode_state)[0]
@@ -485,7 +486,7 @@ class Reader:
         compact = (state >> L.unicode_compact_shift) & 1
         ascii_ = (state >> L.unicode_ascii_shift) & 1
         codec = _KIND_CODEC.get(kind)
-        if codec is None or length < 0:
+        if codec is None or length < 0 or (not ascii_ and len(head) < L.unicode_compact_data):
             return ""
         n = min(length, limit)
         if compact:
