@@ -34,9 +34,10 @@ import re
 import struct
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
+from perfagent import budget
 from perfagent.elf import ELFFile
 from perfagent.elf.constants import PT_LOAD
-from perfagent.errors import CaptureError, ELFError
+from perfagent.errors import CaptureError, ELFError, ParseError
 from perfagent.python import debug_offsets as dbg
 from perfagent.python.layout import TABLE_VERSIONS, Layout, LayoutError, layout_for
 from perfagent.symbolize.procmaps import MapEntry, parse_maps
@@ -162,25 +163,23 @@ def _file_info(pid: int, entry: MapEntry) -> Tuple[FileInfo, str]:
         os.close(seen.fd)
         return hit, seen.path
     opened_as = seen.path
-    data = files.load_contents(seen)  # closes the descriptor
-    elf = ELFFile(data, path=opened_as, _mmap=data if not isinstance(data, bytes) else None)
-    try:
-        info = _read_file_info(elf)
-    finally:
-        elf.close()
+    with ELFFile.from_seen(seen) as elf:  # takes the descriptor
+        info = _read_file_info(elf, budget.Budget(opened_as))
     if len(_FILE_CACHE) >= _FILE_CACHE_MAX:
         _FILE_CACHE.clear()
     _FILE_CACHE[key] = info
     return info, opened_as
 
 
-def _read_file_info(elf: ELFFile) -> FileInfo:
+def _read_file_info(elf: ELFFile, work: budget.Budget) -> FileInfo:
     wanted = set(WANTED)
     found: Dict[str, int] = {}
     # .dynsym first: the exported symbols are there even in a stripped
     # file, and libpython's .symtab is ten times larger.
     for table in (".dynsym", ".symtab"):
-        for sym in elf.iter_symbols(table):
+        for n, sym in enumerate(elf.iter_symbols(table)):
+            if not n & 4095:
+                work.check()
             if sym.name in wanted and sym.name not in found and sym.st_shndx != 0:
                 found[sym.name] = sym.st_value
         if RUNTIME_SYMBOL in found and VERSION_SYMBOL in found:
@@ -258,7 +257,9 @@ def _libc_tid_offset(pid: int, maps: List[MapEntry], interp_info: FileInfo, bias
                 if addr is None:
                     return None
                 raw = memory.read(pid, addr + load_bias(info, maps, m), DB_DESC.size)
-            except (OSError, ELFError):
+            except budget.Cancelled:
+                raise
+            except (OSError, ParseError):
                 return None
             return _tid_offset_from_desc(raw)
     return None
@@ -278,20 +279,21 @@ def _libc_info(pid: int, entry: MapEntry) -> Tuple[FileInfo, str]:
     if hit is not None:
         os.close(seen.fd)
         return hit, seen.path
-    data = files.load_contents(seen)
-    elf = ELFFile(data, path=seen.path, _mmap=data if not isinstance(data, bytes) else None)
-    try:
+    work = budget.Budget(seen.path)
+    with ELFFile.from_seen(seen) as elf:  # takes the descriptor
         value = None
-        for sym in elf.iter_symbols(".dynsym"):
+        for n, sym in enumerate(elf.iter_symbols(".dynsym")):
+            if not n & 4095:
+                work.check()
             if sym.name == PTHREAD_TID_SYMBOL and sym.st_shndx != 0:
                 value = sym.st_value
                 break
+        loads = tuple((s.p_offset, s.p_vaddr, s.p_filesz) for s in elf.segments if s.p_type == PT_LOAD)
+        if not loads:
+            raise ELFError("%s: no PT_LOAD segment" % seen.path)
         first = next(s for s in elf.segments if s.p_type == PT_LOAD)
         info = FileInfo({PTHREAD_TID_SYMBOL: value} if value is not None else {}, None, None,
-                        (first.p_vaddr, first.p_offset),
-                        tuple((s.p_offset, s.p_vaddr, s.p_filesz) for s in elf.segments if s.p_type == PT_LOAD))
-    finally:
-        elf.close()
+                        (first.p_vaddr, first.p_offset), loads)
     if len(_LIBC_CACHE) >= _FILE_CACHE_MAX:
         _LIBC_CACHE.clear()
     _LIBC_CACHE[key] = info
@@ -338,7 +340,9 @@ def _examine(pid: int, start: int, maps: List[MapEntry], entry: MapEntry,
         bias = load_bias(info, maps, entry)
     except OSError as exc:
         raise _os_skip(pid, exc, entry.path) from None
-    except ELFError as exc:
+    except budget.Cancelled:
+        raise
+    except ParseError as exc:  # a malformed ELF file, or one over its parse budget
         raise _skip(pid, "not_python", "%s: %s" % (entry.path, exc)) from None
     link_runtime = info.symbols.get(RUNTIME_SYMBOL, info.runtime_section)
     if link_runtime is None:
