@@ -153,6 +153,7 @@ class Target:
                                      stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                                      start_new_session=True, cwd=cwd)
         self.pid = self.proc.pid
+        self.cleanup = ""          # a directory removed when the target is killed
         self._sel = selectors.DefaultSelector()
         self._sel.register(self.proc.stdout, selectors.EVENT_READ)
         self._buf = b""
@@ -183,6 +184,8 @@ class Target:
         except ProcessLookupError:
             pass
         self.proc.wait()
+        if self.cleanup:
+            shutil.rmtree(self.cleanup, ignore_errors=True)
 
     def __enter__(self) -> "Target":
         return self
@@ -202,6 +205,7 @@ def start(spec: PySpec, script: str, stdin: bool = False) -> Tuple[Target, int, 
     inner = os.path.join(inner_dir, os.path.basename(script))
     shutil.copy(script, spec.root + inner)
     t = Target(["unshare", "--pid", "--mount", "--fork", "chroot", spec.root, spec.python, inner], stdin=stdin)
+    t.cleanup = spec.root + inner_dir
     return t, 0, inner
 
 
