@@ -845,3 +845,51 @@ def test_loadmap_keeps_a_bounded_number_of_segments():
     lm = LoadMap(segs)
     assert lm.offset_to_vaddr((MAX_LOAD_SEGMENTS - 1) << 12) == (MAX_LOAD_SEGMENTS - 1) << 12
     assert lm.offset_to_vaddr(MAX_LOAD_SEGMENTS << 12) is None
+
+
+def test_aliased_compressed_sections_share_one_allowance(build_dir):
+    """Section headers can all point at one compressed payload: together
+    they inflate to at most MAX_INFLATE_RATIO times the file (or
+    MIN_INFLATE_CAP), not that much per header."""
+    image = open(compile_variant(build_dir, "pie"), "rb").read()
+    data = bytearray(with_compressed_symtab(image, zlib_of_zeros(1)[:-4] + b"\0" * 4, 1 << 20))
+    with ELFFile.from_bytes(bytes(data)) as elf:
+        symtab = elf.section(".symtab")
+        shoff, count, names = elf.e_shoff, elf.num_sections, elf.shstrndx
+    adler = ((1 << 20) % 65521) << 16 | 1
+    struct.pack_into(">I", data, symtab.sh_offset + symtab.sh_size - 4, adler)
+    aliases = [i for i in range(1, count) if i != names]
+    for i in aliases:  # every other section: SHT_PROGBITS, compressed, on the payload
+        struct.pack_into("<IQ", data, shoff + 64 * i + 4, 1, SHF_COMPRESSED)
+        struct.pack_into("<QQ", data, shoff + 64 * i + 24, symtab.sh_offset, symtab.sh_size)
+    elf = ELFFile.from_bytes(bytes(data))
+    inflated, refused = 0, 0
+    for sec in (elf.sections[i] for i in aliases):
+        try:
+            inflated += len(elf.section_data(sec))
+        except ELFError as exc:
+            assert "past 64x the file's size" in str(exc)
+            refused += 1
+    allowance = max(elffile_module.MIN_INFLATE_CAP, elffile_module.MAX_INFLATE_RATIO * len(data))
+    assert inflated == (allowance // (1 << 20)) << 20
+    assert refused == len(aliases) - allowance // (1 << 20) > 0
+
+
+def test_many_note_headers_aimed_at_the_same_bytes_are_read_once(build_dir):
+    """10000 PT_NOTE program headers on one note: notes are read once per
+    distinct container, not 10000 times per build-id lookup."""
+    image = bytearray(open(compile_variant(build_dir, "pie"), "rb").read())
+    with ELFFile.from_bytes(bytes(image)) as elf:
+        abi_tag = elf.section(".note.ABI-tag")
+        build_id = elf.build_id
+    image += bytes(-len(image) % 8)
+    phoff = len(image)
+    for _ in range(10000):  # Elf64_Phdr: PT_NOTE on .note.ABI-tag
+        image += struct.pack("<IIQQQQQQ", PT_NOTE, 4, abi_tag.sh_offset, 0, 0,
+                             abi_tag.sh_size, abi_tag.sh_size, 4)
+    struct.pack_into("<Q", image, 0x20, phoff)      # e_phoff
+    struct.pack_into("<H", image, 0x38, 10000)      # e_phnum
+    elf = ELFFile.from_bytes(bytes(image))
+    assert elf.num_segments == 10000
+    assert [n.n_name for n in elf.iter_notes()] == [b"GNU"]  # the ABI tag, once
+    assert elf.build_id == build_id                    # found in the note sections

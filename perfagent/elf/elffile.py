@@ -46,8 +46,10 @@ from .structs import ElfLayouts, layouts_for
 _MALFORMED = (struct.error, IndexError, ValueError, OverflowError, zlib.error)
 
 #: A compressed section may inflate to at most this many times its compressed
-#: size.  zlib reaches ~1000x on zeros, so without a cap a 1 MB section could
-#: ask for a gigabyte; real debug sections and symbol tables compress 2-6x.
+#: size, and all inflation of one file together (each call counts: section
+#: headers may alias) to this many times the file's size.  zlib reaches ~1000x
+#: on zeros, so without a cap a 1 MB section could ask for a gigabyte; real
+#: debug sections and symbol tables compress 2-6x.
 MAX_INFLATE_RATIO = 64
 
 #: ... but a tiny section may always inflate to this much.
@@ -66,6 +68,9 @@ SYMBOL_COST = 160
 
 #: Symbols decoded between two budget checks.
 _SYMBOLS_PER_CHECK = 4096
+
+#: Note segments (or note sections) read per file.
+MAX_NOTE_SOURCES = 64
 
 #: Bytes of .gnu_debuglink looked at: a PATH_MAX name, padding, the CRC.
 _DEBUGLINK_MAX = 4096 + 8
@@ -251,6 +256,8 @@ class ELFFile:
         self._section_index: Optional[Dict[str, Section]] = None
         self._build_id: Optional[str] = None
         self._build_id_done = False
+        # All inflation of this file together: see MAX_INFLATE_RATIO.
+        self._inflate_left = max(MIN_INFLATE_CAP, MAX_INFLATE_RATIO * self._size)
         try:
             with self._parsing():
                 self._read_header()
@@ -513,9 +520,14 @@ class ELFFile:
         if size > cap:
             raise self._error("section %r claims %d decompressed bytes from %d compressed "
                               "(more than %dx)" % (name, size, len(payload), MAX_INFLATE_RATIO))
+        if size > self._inflate_left:
+            # Many section headers can point at the same compressed bytes.
+            raise self._error("section %r: inflating it would take the file's sections past "
+                              "%dx the file's size" % (name, MAX_INFLATE_RATIO))
         if size == 0:
             return bytearray()
         budget.charge(size)
+        self._inflate_left -= size
         out = bytearray()  # grown as bytes arrive: a header that lies costs nothing
         inflater = zlib.decompressobj()
         pending = payload
@@ -614,16 +626,17 @@ class ELFFile:
         return self._iter_notes_in(sources)
 
     def _segment_note_sources(self) -> List[Tuple[Segment, int, int]]:
-        return [(s, s.p_offset, s.p_filesz) for s in self.segments
-                if s.p_type == PT_NOTE and s.p_filesz]
+        return _distinct_sources((s, s.p_offset, s.p_filesz) for s in self.segments
+                                 if s.p_type == PT_NOTE and s.p_filesz)
 
     def _section_note_sources(self) -> List[Tuple[Section, int, int]]:
-        return [(s, s.sh_offset, s.sh_size) for s in self.sections
-                if s.sh_type == SHT_NOTE and s.sh_size]
+        return _distinct_sources((s, s.sh_offset, s.sh_size) for s in self.sections
+                                 if s.sh_type == SHT_NOTE and s.sh_size)
 
     def _iter_notes_in(self, sources) -> Iterator[Note]:
         with self._parsing():
             for header, offset, size in sources:
+                self.budget.check()
                 if isinstance(header, Section):
                     data, align = self.section_data(header), header.sh_addralign
                 else:
@@ -736,6 +749,25 @@ class ELFFile:
     def vaddr_to_offset(self, vaddr: int) -> Optional[int]:
         """The file offset of link-time address ``vaddr``, or None."""
         return self.load_map.vaddr_to_offset(vaddr)
+
+
+def _distinct_sources(sources) -> list:
+    """Note containers without repeats, at most :data:`MAX_NOTE_SOURCES`.
+
+    Files have one to three PT_NOTE segments and a few note sections; many
+    headers aimed at the same bytes (or tens of thousands of them) would make
+    every build-id lookup re-read the file that many times.
+    """
+    seen = set()
+    out = []
+    for source in sources:
+        key = source[1:]
+        if key not in seen:
+            seen.add(key)
+            out.append(source)
+            if len(out) == MAX_NOTE_SOURCES:
+                break
+    return out
 
 
 def _close_mmap(mapped: Optional[mmap.mmap]) -> None:
