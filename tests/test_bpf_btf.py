@@ -209,3 +209,121 @@ def test_vmlinux_sched_switch_target():
     assert t.type(t.resolve(ptr.size_or_type)).name == "task_struct"
     with pytest.raises(BPFError):
         t.raw_tp_btf_id("no_such_tracepoint_xyz")
+
+
+# -- hostile blobs (issue 11): bounded work, BPFError only ------------------------
+
+def test_type_ids_out_of_range():
+    b = Builder()
+    b.add(B.BTF_KIND_TYPEDEF, "dangling", 0, 999)                                # 1
+    b.add(B.BTF_KIND_STRUCT, "s", 1, 4, words(b.s("m"), 999, 0))                 # 2
+    b.add(B.BTF_KIND_ARRAY, "", 0, 0, words(999, 999, 4))                        # 3
+    b.add(B.BTF_KIND_FUNC_PROTO, "", 1, 999, words(b.s("p"), 999))               # 4
+    t = BTF(b.blob())
+    for call in (lambda: t.resolve(1), lambda: t.size_of(1), lambda: t.members("s"),
+                 lambda: t.member("s", "x"), lambda: t.size_of(3), lambda: t.type(5),
+                 lambda: t.type(-1)):
+        with pytest.raises(BPFError, match="no BTF type id"):
+            call()
+    assert [p.type_id for p in t.params(4)] == [999]  # ids are only checked when followed
+
+
+def test_reference_cycles_end_in_eloop():
+    b = Builder()
+    b.add(B.BTF_KIND_TYPEDEF, "a", 0, 2)                                         # 1
+    b.add(B.BTF_KIND_CONST, "", 0, 3)                                            # 2
+    b.add(B.BTF_KIND_VOLATILE, "", 0, 1)                                         # 3 -> 1
+    b.add(B.BTF_KIND_ARRAY, "", 0, 0, words(4, 4, 2))                            # 4: array of itself
+    b.add(B.BTF_KIND_PTR, "", 0, 5)                                              # 5: pointer to itself
+    b.add(B.BTF_KIND_FUNC, "f", 0, 6)                                            # 6: function of itself
+    t = BTF(b.blob())
+    for tid in (1, 2, 3):
+        with pytest.raises(BPFError) as info:
+            t.size_of(tid)
+        assert info.value.errno == errno.ELOOP
+    with pytest.raises(BPFError) as info:
+        t.size_of(4)  # was a RecursionError
+    assert info.value.errno == errno.ELOOP
+    assert t.size_of(5) == B.POINTER_SIZE
+    with pytest.raises(BPFError, match="not a function"):
+        t.params(6)
+
+
+def test_anonymous_members_that_contain_themselves():
+    b = Builder()
+    # struct s { union { struct s; int x; }; }: a cycle through anonymous members.
+    b.add(B.BTF_KIND_STRUCT, "s", 1, 4, words(0, 2, 0))                         # 1
+    b.add(B.BTF_KIND_UNION, "", 2, 4, words(0, 1, 0) + words(b.s("x"), 3, 0))   # 2
+    b.add(B.BTF_KIND_INT, "int", 0, 4, words(32))                                # 3
+    t = BTF(b.blob())
+    assert t.member("s", "x").offset == 0
+    with pytest.raises(BPFError, match="has no member 'y'") as info:
+        t.member("s", "y")  # was a RecursionError
+    assert info.value.errno == errno.ENOENT
+
+
+def test_member_search_visits_each_struct_once():
+    """Each level embeds the next twice, anonymously: a naive search for a
+    missing member walks 2^40 paths; each struct is searched once."""
+    levels = 40
+    b = Builder()
+    for i in range(levels):
+        nxt = i + 2 if i + 1 < levels else levels + 1
+        b.add(B.BTF_KIND_STRUCT, "l%d" % i, 2, 8, words(0, nxt, 0) + words(0, nxt, 32))
+    b.add(B.BTF_KIND_INT, "int", 0, 4, words(32))                                # levels + 1
+
+    class Counting(BTF):
+        calls = 0
+
+        def members(self, type_id):
+            Counting.calls += 1
+            return super().members(type_id)
+
+    t = Counting(b.blob())
+    with pytest.raises(BPFError, match="has no member 'nope'"):
+        t.member("l0", "nope")
+    assert Counting.calls == levels
+
+
+def test_string_offsets_past_the_string_section():
+    b = Builder()
+    b.add(B.BTF_KIND_INT, "int", 0, 4, words(32))                                # 1
+    b.add(B.BTF_KIND_STRUCT, "s", 1, 4, words(10 ** 6, 1, 0), kind_flag=True)    # 2
+    blob = bytearray(b.blob())
+    struct.pack_into("<I", blob, B.BTF_HEADER.size, 5000)  # type 1's name_off
+    t = BTF(bytes(blob))
+    with pytest.raises(BPFError, match="string offset 5000 past the string section"):
+        t.type(1)
+    with pytest.raises(BPFError, match="string offset 1000000 past"):
+        t.members(2)
+    assert t.find_all("int") == []  # the name is gone, not an error
+
+
+def test_malformed_headers_and_sections():
+    b = Builder()
+    b.add(B.BTF_KIND_INT, "int", 0, 4, words(32))
+    good = b.blob()
+    hdr = list(B.BTF_HEADER.unpack_from(good))
+
+    def patched(**fields):
+        names = ["magic", "version", "flags", "hdr_len", "type_off", "type_len", "str_off", "str_len"]
+        h = hdr[:]
+        for k, v in fields.items():
+            h[names.index(k)] = v
+        return B.BTF_HEADER.pack(*h) + good[B.BTF_HEADER.size:]
+
+    with pytest.raises(BPFError, match="bad BTF header length 0"):
+        BTF(patched(hdr_len=0))
+    with pytest.raises(BPFError, match="bad BTF header length"):
+        BTF(patched(hdr_len=1 << 31))
+    with pytest.raises(BPFError, match="ends inside a type record"):
+        BTF(patched(type_len=8))  # was an IndexError: the btf_type itself is cut
+    with pytest.raises(BPFError, match="start and end with NUL"):
+        BTF(patched(str_len=hdr[7] - 1))  # "int" loses its NUL
+    with pytest.raises(BPFError, match="start and end with NUL"):
+        BTF(patched(str_len=0))
+    # A vlen of 0xffff with no members after it.
+    blob = bytearray(good)
+    struct.pack_into("<I", blob, B.BTF_HEADER.size + 4, (B.BTF_KIND_STRUCT << 24) | 0xFFFF)
+    with pytest.raises(BPFError, match="ends inside a type record"):
+        BTF(bytes(blob))

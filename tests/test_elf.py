@@ -13,6 +13,7 @@ import re
 import shutil
 import struct
 import subprocess
+import zlib
 from types import SimpleNamespace
 from typing import Dict, List, Optional, Tuple
 
@@ -702,3 +703,193 @@ def test_loadmap_prefers_exact_segment_over_page_lead_in():
     assert lm.offset_to_vaddr(0x1C00) == 0x2C00  # mapped lead-in page of the data segment
     assert lm.offset_to_vaddr(0x5000) is None
     assert lm.vaddr_to_offset(0x2DD0 + 0x150) is None  # .bss has no file bytes
+
+
+# ------------------------------------------------------- hostile sizes (issue 11)
+
+def zlib_of_zeros(mib: int) -> bytes:
+    """A zlib stream of ``mib`` MiB of zeros, built in milliseconds.
+
+    One MiB is deflated once and ended with a full flush (byte-aligned, no
+    back-references across it), so the raw block run can be repeated; an
+    empty final block and the Adler-32 of n zeros (a=1, b=n mod 65521) end
+    the stream.  zlib reaches ~1000x on zeros: 900 MiB from 0.9 MB.
+    """
+    raw = zlib.compressobj(9, zlib.DEFLATED, -15)
+    chunk = raw.compress(bytes(1 << 20)) + raw.flush(zlib.Z_FULL_FLUSH)
+    n = mib << 20
+    adler = ((n % 65521) << 16) | 1
+    return b"\x78\xda" + chunk * mib + b"\x03\x00" + struct.pack(">I", adler)
+
+
+def with_compressed_symtab(image: bytes, payload: bytes, ch_size: int) -> bytes:
+    """``image`` whose .symtab is replaced by an SHF_COMPRESSED section at the
+    end of the file: Elf64_Chdr {ELFCOMPRESS_ZLIB, 0, ch_size, 8} + payload."""
+    with ELFFile.from_bytes(image) as elf:
+        index = elf.sections.index(elf.section(".symtab"))
+        shdr_at = elf.e_shoff + index * elf.e_shentsize
+    out = bytearray(image) + bytes(-len(image) % 8)
+    offset = len(out)
+    out += struct.pack("<IIQQ", 1, 0, ch_size, 8) + payload
+    flags = struct.unpack_from("<Q", out, shdr_at + 8)[0] | SHF_COMPRESSED
+    struct.pack_into("<Q", out, shdr_at + 8, flags)
+    struct.pack_into("<QQ", out, shdr_at + 24, offset, 24 + len(payload))
+    return bytes(out)
+
+
+def peak_traced_bytes(fn) -> int:
+    """Peak bytes Python allocated while ``fn`` ran."""
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_compressed_symtab_bomb_is_refused_without_inflating(build_dir):
+    """Issue 11: a 0.9 MB file whose compressed .symtab claims 900 MiB took
+    4.4 s and +1.8 GB.  Now the claim is checked against the payload first."""
+    image = open(compile_variant(build_dir, "pie"), "rb").read()
+    bomb = zlib_of_zeros(900)
+    assert len(bomb) < 1 << 20
+    data = with_compressed_symtab(image, bomb, 900 << 20)
+    elf = ELFFile.from_bytes(data)
+
+    def read_symtab():
+        with pytest.raises(ELFError, match=r"claims 943718400 decompressed bytes .*more than 64x"):
+            list(elf.iter_symbols(".symtab"))
+    assert peak_traced_bytes(read_symtab) < 1 << 20
+    # The rest of the file is still usable.
+    assert elf.build_id is not None and len(list(elf.iter_symbols(".dynsym"))) > 3
+
+
+def test_compressed_section_never_inflates_past_its_claim(build_dir):
+    """A claim within the ratio whose stream inflates further stops at the
+    claim: the 900 MiB stream costs at most the claimed ~58 MiB."""
+    image = open(compile_variant(build_dir, "pie"), "rb").read()
+    bomb = zlib_of_zeros(900)
+    claim = elffile_module.MAX_INFLATE_RATIO * len(bomb)
+    elf = ELFFile.from_bytes(with_compressed_symtab(image, bomb, claim))
+
+    def read_symtab():
+        with pytest.raises(ELFError, match="inflates to more than the %d bytes" % claim):
+            list(elf.iter_symbols(".symtab"))
+    assert peak_traced_bytes(read_symtab) < claim * 1.3
+
+
+def test_symbols_are_charged_to_the_budget(build_dir):
+    """Inflated bytes and decoded symbols count against the caller's Budget:
+    a small budget refuses before allocating, and a generous one decodes."""
+    from perfagent.budget import Budget, BudgetExceeded
+    image = open(compile_variant(build_dir, "pie"), "rb").read()
+    rng = random.Random(11)
+    count = (2 << 20) // 24  # 2 MiB of unnamed symbols with random values
+    table = b"".join(struct.pack("<IBBHQQ", 0, 0x12, 0, 1, rng.getrandbits(48), 16)
+                     for _ in range(count))
+    data = with_compressed_symtab(image, zlib.compress(table, 1), len(table))
+    elf = ELFFile.from_bytes(data, budget=Budget("small", max_bytes=1 << 20))
+
+    def refused():
+        with pytest.raises(BudgetExceeded, match="small: needs more memory"):
+            list(elf.iter_symbols(".symtab"))
+    assert peak_traced_bytes(refused) < 1 << 20
+    # Inflating fits in 4 MiB, but 87381 symbols at SYMBOL_COST do not.
+    with pytest.raises(BudgetExceeded):
+        list(elf.iter_symbols(".symtab", budget=Budget("medium", max_bytes=4 << 20)))
+    big = Budget("big", max_bytes=1 << 30)
+    assert sum(1 for _ in elf.iter_symbols(".symtab", budget=big)) == count
+    assert big.bytes_left == (1 << 30) - len(table) - count * elffile_module.SYMBOL_COST
+
+
+def test_symbol_names_aimed_into_one_long_string_are_bounded(build_dir):
+    """Many symbols whose st_name points into one long NUL-less string would
+    each copy the rest of it (quadratic memory); names are cut at
+    MAX_NAME_BYTES, and a table handing out far more than its size fails."""
+    image = bytearray(open(compile_variant(build_dir, "pie"), "rb").read())
+    with ELFFile.from_bytes(bytes(image)) as elf:
+        symtab = elf.section(".symtab")
+        strtab = elf.sections[symtab.sh_link]
+    # Overwrite .strtab with one long run of 'A's (NUL at the very end).
+    image[strtab.sh_offset:strtab.sh_offset + strtab.sh_size - 1] = b"A" * (strtab.sh_size - 1)
+    count = symtab.sh_size // 24
+    for i in range(1, count):  # st_name of every symbol: 1, 2, 3, ...
+        struct.pack_into("<I", image, symtab.sh_offset + 24 * i, i)
+    elf = ELFFile.from_bytes(bytes(image))
+    names = [s.name for s in elf.iter_symbols(".symtab")]
+    assert names[1] == "A" * (strtab.sh_size - 2) and len(names) == count
+    # The same, with a strtab longer than the window: names are cut.
+    big = bytearray(image) + b"B" * (8 * elffile_module.MAX_NAME_BYTES) + b"\0"
+    struct.pack_into("<QQ", big, elf.e_shoff + symtab.sh_link * 64 + 24, len(image),
+                     8 * elffile_module.MAX_NAME_BYTES + 1)
+    elf = ELFFile.from_bytes(bytes(big))
+    names = [s.name for s in elf.iter_symbols(".symtab")]
+    assert {len(n) for n in names[1:]} == {elffile_module.MAX_NAME_BYTES}
+    # 64 KiB from a 512 KiB table for each of many symbols: refused once
+    # the names outgrow the table 8 times over (or 16 windows).
+    many = bytearray(big) + bytes(24 * 4000)
+    for i in range(4000):
+        struct.pack_into("<IBBHQQ", many, len(big) + 24 * i, 1 + i, 0x12, 0, 1, 0x1000 + i, 1)
+    struct.pack_into("<QQ", many, elf.e_shoff + elf.sections.index(symtab) * 64 + 24,
+                     len(big), 24 * 4000)
+    elf = ELFFile.from_bytes(bytes(many))
+    with pytest.raises(ELFError, match="names overlap far more than"):
+        list(elf.iter_symbols(".symtab"))
+
+
+def test_loadmap_keeps_a_bounded_number_of_segments():
+    from perfagent.elf import Segment
+    from perfagent.elf.loadmap import MAX_LOAD_SEGMENTS
+    segs = [Segment(PT_LOAD, 5, i << 12, i << 12, i << 12, 0x1000, 0x1000, 0x1000) for i in range(100000)]
+    lm = LoadMap(segs)
+    assert lm.offset_to_vaddr((MAX_LOAD_SEGMENTS - 1) << 12) == (MAX_LOAD_SEGMENTS - 1) << 12
+    assert lm.offset_to_vaddr(MAX_LOAD_SEGMENTS << 12) is None
+
+
+def test_aliased_compressed_sections_share_one_allowance(build_dir):
+    """Section headers can all point at one compressed payload: together
+    they inflate to at most MAX_INFLATE_RATIO times the file (or
+    MIN_INFLATE_CAP), not that much per header."""
+    image = open(compile_variant(build_dir, "pie"), "rb").read()
+    data = bytearray(with_compressed_symtab(image, zlib_of_zeros(1)[:-4] + b"\0" * 4, 1 << 20))
+    with ELFFile.from_bytes(bytes(data)) as elf:
+        symtab = elf.section(".symtab")
+        shoff, count, names = elf.e_shoff, elf.num_sections, elf.shstrndx
+    adler = ((1 << 20) % 65521) << 16 | 1
+    struct.pack_into(">I", data, symtab.sh_offset + symtab.sh_size - 4, adler)
+    aliases = [i for i in range(1, count) if i != names]
+    for i in aliases:  # every other section: SHT_PROGBITS, compressed, on the payload
+        struct.pack_into("<IQ", data, shoff + 64 * i + 4, 1, SHF_COMPRESSED)
+        struct.pack_into("<QQ", data, shoff + 64 * i + 24, symtab.sh_offset, symtab.sh_size)
+    elf = ELFFile.from_bytes(bytes(data))
+    inflated, refused = 0, 0
+    for sec in (elf.sections[i] for i in aliases):
+        try:
+            inflated += len(elf.section_data(sec))
+        except ELFError as exc:
+            assert "past 64x the file's size" in str(exc)
+            refused += 1
+    allowance = max(elffile_module.MIN_INFLATE_CAP, elffile_module.MAX_INFLATE_RATIO * len(data))
+    assert inflated == (allowance // (1 << 20)) << 20
+    assert refused == len(aliases) - allowance // (1 << 20) > 0
+
+
+def test_many_note_headers_aimed_at_the_same_bytes_are_read_once(build_dir):
+    """10000 PT_NOTE program headers on one note: notes are read once per
+    distinct container, not 10000 times per build-id lookup."""
+    image = bytearray(open(compile_variant(build_dir, "pie"), "rb").read())
+    with ELFFile.from_bytes(bytes(image)) as elf:
+        abi_tag = elf.section(".note.ABI-tag")
+        build_id = elf.build_id
+    image += bytes(-len(image) % 8)
+    phoff = len(image)
+    for _ in range(10000):  # Elf64_Phdr: PT_NOTE on .note.ABI-tag
+        image += struct.pack("<IIQQQQQQ", PT_NOTE, 4, abi_tag.sh_offset, 0, 0,
+                             abi_tag.sh_size, abi_tag.sh_size, 4)
+    struct.pack_into("<Q", image, 0x20, phoff)      # e_phoff
+    struct.pack_into("<H", image, 0x38, 10000)      # e_phnum
+    elf = ELFFile.from_bytes(bytes(image))
+    assert elf.num_segments == 10000
+    assert [n.n_name for n in elf.iter_notes()] == [b"GNU"]  # the ABI tag, once
+    assert elf.build_id == build_id                    # found in the note sections

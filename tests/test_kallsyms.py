@@ -175,3 +175,19 @@ def test_real_matches_kernel_stack_symbolization(real):
                    and real.lookup(a + size) != name for a in addresses[name]), frame
         checked += 1
     assert checked >= 2, frames
+
+
+def test_addresses_only_as_the_kernel_prints_them():
+    text = "\n".join([
+        "ffffffff81000000 T good_one",
+        "-ffffffff8100000 T signed",
+        "0xffffffff810000 T prefixed",
+        "ffff_ffff81000100 T underscored",
+        "f" * 17 + " T too_wide",
+        "\u0663\u0663 T arabic_digits",
+        "ffffffff81000200 T good_two",
+    ])
+    syms = KernelSymbols.parse(text)
+    assert syms.skipped == 5
+    assert syms.lookup(0xFFFFFFFF81000100) == "good_one"
+    assert syms.lookup(0xFFFFFFFF81000200) == "good_two"

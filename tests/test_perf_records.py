@@ -208,3 +208,69 @@ def test_drain_applies_side_band_events_of_all_rings_in_time_order():
     applied = []
     sampler.drain(lambda s: None, applied.append)
     assert [e[0] for e in applied] == ["comm", "mmap"]
+
+
+# -- hostile sizes (issue 11) --------------------------------------------------
+
+DWARF_ST = SAMPLE_TYPE | A.PERF_SAMPLE_REGS_USER | A.PERF_SAMPLE_STACK_USER
+
+
+def _dwarf_sample(stack_size_field: int, stack: bytes, tail: bytes = b"") -> bytes:
+    body = struct.pack("<Q", 0x401000) + struct.pack("<II", 10, 11) + struct.pack("<Q", 99)
+    body += struct.pack("<II", 1, 0) + struct.pack("<Q", 1000)
+    body += struct.pack("<QQ", 1, 0x401000)                       # callchain nr=1
+    body += struct.pack("<Q", 2) + struct.pack("<3Q", 1, 2, 3)     # abi, 3 regs
+    body += struct.pack("<Q", stack_size_field) + stack + tail
+    return _header(9, 2, 8 + len(body)) + body
+
+
+def test_user_stack_size_past_2_63_is_counted_not_raised():
+    """Issue 11: size >= 2^63 raised OverflowError out of parse()."""
+    good = _dwarf_sample(8, b"S" * 8, struct.pack("<Q", 8))
+    for size in (1 << 63, (1 << 64) - 1, 1 << 40, 17, 9):
+        bad = _dwarf_sample(size, b"S" * 8, struct.pack("<Q", 8))
+        parser = RecordParser(DWARF_ST, 0b111)
+        out = []
+        parser.parse(bad + good, out.append, lambda e: None)
+        assert parser.malformed == 1, size
+        assert [s[9] for s in out] == [b"S" * 8]  # the next record still decodes
+
+
+def test_callchain_and_regs_bounded_by_the_record():
+    body = struct.pack("<Q", 0x401000) + struct.pack("<II", 10, 11) + struct.pack("<Q", 99)
+    body += struct.pack("<II", 1, 0) + struct.pack("<Q", 1000)
+    for nr in (2, 1 << 61, (1 << 64) - 1):
+        rec = _header(9, 2, 8 + len(body) + 16) + body + struct.pack("<QQ", nr, 0x401000)
+        parser = RecordParser(SAMPLE_TYPE)
+        parser.parse(rec, lambda s: None, lambda e: None)
+        assert parser.malformed == 1, nr
+    # Register block (abi != 0) missing from a record that ends after abi.
+    rec = body + struct.pack("<QQ", 1, 0x401000) + struct.pack("<Q", 2)
+    parser = RecordParser(SAMPLE_TYPE | A.PERF_SAMPLE_REGS_USER, 0b111)
+    parser.parse(_header(9, 2, 8 + len(rec)) + rec + _header(2, 0, 8 + 16 + 24) + bytes(40),
+                 lambda s: None, lambda e: None)
+    assert parser.malformed == 1 and parser.lost == 0
+
+
+def test_header_only_mmap2_is_not_decoded_from_the_next_record():
+    """Issue 11: an MMAP2 of size 8 (or shorter than its body) was decoded
+    from the following bytes.  Every body is bounded by its own record."""
+    recs = load_fixture()
+    mmap2 = recs[1][1]
+    comm = recs[0][1]
+    for size in (8, 16, 64, len(mmap2) - 24 - 8):  # header only ... body cut before the name
+        short = bytearray(mmap2[:size])
+        short[6:8] = struct.pack("<H", size)
+        parser = RecordParser(SAMPLE_TYPE)
+        events = []
+        parser.parse(bytes(short) + mmap2 + comm, lambda s: None, events.append)
+        assert parser.malformed == 1, size
+        assert [e[0] for e in events] == ["mmap", "comm"]
+        assert events[0][10] == "/tmp/chain"
+    # The same for every other record kind with a body: header + trailer only.
+    for rtype in (1, 2, 3, 4, 5, 7, 13):
+        rec = _header(rtype, 0, 8 + 24) + struct.pack("<IIQII", 1, 1, 5, 0, 0)
+        parser = RecordParser(SAMPLE_TYPE)
+        events = []
+        parser.parse(rec + comm, lambda s: None, events.append)
+        assert parser.malformed == 1 and [e[0] for e in events] == ["comm"], rtype

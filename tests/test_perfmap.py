@@ -192,3 +192,27 @@ def test_path_through_proc_pid_root(map_path):
     map_path.write_text("1000 10 via proc root\n")
     pm = PerfMap("/proc/%d/root%s" % (os.getpid(), map_path), ME)
     assert pm.trusted and pm.lookup(0x1000) == "via proc root"
+
+
+def test_unterminated_line_is_bounded_and_counted(map_path):
+    """A line that never ends is not kept (and re-copied at every refresh)
+    beyond MAX_LINE_BYTES; it is dropped up to its newline and counted."""
+    limit = perfmap_mod.MAX_LINE_BYTES
+    map_path.write_bytes(b"1000 10 before\n2000 10 " + b"x" * (limit + 10))
+    pm = PerfMap(str(map_path), ME)
+    assert len(pm) == 1 and pm.skipped == 1
+    with open(map_path, "ab") as f:
+        f.write(b"y" * 100)  # still the same long line
+    pm.refresh()
+    with open(map_path, "ab") as f:
+        f.write(b"z\n3000 10 after\n")
+    pm.refresh()
+    assert (pm.lookup(0x1000), pm.lookup(0x2000), pm.lookup(0x3000)) == ("before", None, "after")
+    assert pm.skipped == 1 and len(pm) == 2
+
+
+def test_values_past_u64_are_skipped(map_path):
+    map_path.write_bytes(b"1" + b"0" * 16 + b" 10 too_high\n1000 " + b"f" * 17 + b" too_big\n"
+                         b"-1000 10 negative\n2000 10 fine\n")
+    pm = PerfMap(str(map_path), ME)
+    assert pm.skipped == 3 and len(pm) == 1 and pm.lookup(0x2005) == "fine"

@@ -483,3 +483,48 @@ def test_location_by_lines_keeps_reused_jit_addresses_apart():
     c = b.location_id(m, 0x1010, ((f2, 0),), by_lines=True)
     assert c != a
     assert b.location_id(m, 0x1010, ((f2, 0),)) == b.location_id(m, 0x1010)  # default: by address
+
+
+# ---------------------------------------------------------------- hostile gzip (issue 11)
+
+
+def gzip_of_zeros(mib: int) -> bytes:
+    """A gzip member inflating to ``mib`` MiB of zeros, from ~1 KB per MiB:
+    one MiB deflated and full-flushed (byte-aligned, self-contained) and
+    repeated.  The trailer's CRC is not computed: a decoder that stops at
+    its cap never reaches it."""
+    import zlib
+    raw = zlib.compressobj(9, zlib.DEFLATED, -15)
+    chunk = raw.compress(bytes(1 << 20)) + raw.flush(zlib.Z_FULL_FLUSH)
+    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+    return header + chunk * mib + b"\x03\x00" + b"\0" * 8
+
+
+def test_gzip_bomb_stops_at_the_inflation_cap():
+    import tracemalloc
+    from perfagent.pprof import decode as D
+    bomb = gzip_of_zeros(1024)  # 1 GiB from ~1 MB
+    cap = max(D.MIN_INFLATE_CAP, D.MAX_INFLATE_RATIO * len(bomb))
+    assert cap < 100 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProfileFormatError, match="inflates to more than %d bytes" % cap):
+            decode_profile(bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < cap * 1.3
+
+
+def test_gzip_members_padding_and_budget():
+    from perfagent.budget import Budget, BudgetExceeded
+    encoded = rich_builder().encode()
+    half = len(encoded) // 2
+    two_members = gzip.compress(encoded[:half]) + gzip.compress(encoded[half:]) + b"\0" * 16
+    assert decode_profile(two_members) == decode_profile(encoded)
+    with pytest.raises(ProfileFormatError, match="data after the last member"):
+        decode_profile(gzip.compress(encoded) + b"junk")
+    with pytest.raises(BudgetExceeded):
+        decode_profile(gzip.compress(encoded), budget=Budget("tiny", max_bytes=len(encoded) - 1))
+    assert decode_profile(gzip.compress(encoded), budget=Budget("enough", max_bytes=len(encoded))) \
+        == decode_profile(encoded)

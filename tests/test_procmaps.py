@@ -188,3 +188,24 @@ def test_read_maps_no_such_process():
     pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
     with pytest.raises(FileNotFoundError):
         read_maps(pid_max + 1)
+
+
+def test_numbers_only_as_the_kernel_prints_them():
+    """int() would take signs, 0x, underscores, non-ASCII digits and numbers
+    of any length; the kernel prints none of those (issue 11)."""
+    good = "00400000-00452000 r-xp 00001000 08:02 173521      /usr/bin/x"
+    bad = [
+        "-0400000-00452000 r-xp 00001000 08:02 173521 /a",       # sign
+        "0x400000-00452000 r-xp 00001000 08:02 173521 /a",       # 0x
+        "00400000-00452_00 r-xp 00001000 08:02 173521 /a",       # underscore
+        "00400000-00452000 r-xp -0001000 08:02 173521 /a",       # negative offset
+        "00400000-00452000 r-xp 00001000 08:02 -173521 /a",      # negative inode
+        "00400000-00452000 r-xp 00001000 08:02 \u0663\u0663 /a",  # Arabic-Indic digits
+        "00400000-00452000 r-xp 00001000 08:02 " + "9" * 5000 + " /a",
+        "00400000-" + "f" * 17 + " r-xp 00001000 08:02 1 /a",     # more than 64 bits
+        "00400000-00452000 r-xp 00001000 1_0:02 1 /a",
+        "00400000-00452000 r-x 00001000 08:02 1 /a",              # perms not 4 letters
+    ]
+    entries, skipped = parse_maps_counted("\n".join([good] + bad + [good]))
+    assert skipped == len(bad)
+    assert [(e.start, e.pgoff, e.inode) for e in entries] == [(0x400000, 0x1000, 173521)] * 2

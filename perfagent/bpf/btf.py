@@ -13,6 +13,14 @@ only records where each type starts.  Names are looked up by searching the
 string section for the name (fast, done in C by bytes.find) and mapping the
 resulting string offsets to types through a name_off index built lazily on
 the first lookup.  Everything else is decoded on demand.
+
+The blob is read defensively although it normally comes from the kernel: a
+type id past the last type, a string offset past the string section, a
+record running past its section, and chains or cycles of references
+(typedef/const/volatile chains, arrays of arrays, anonymous members that
+contain themselves) all end in a :class:`BPFError` after a bounded amount
+of work: chains are followed at most :data:`MAX_CHAIN` steps, and a member
+search visits each struct at most once.
 """
 
 from __future__ import annotations
@@ -113,6 +121,10 @@ _TRANSPARENT = (BTF_KIND_TYPEDEF, BTF_KIND_VOLATILE, BTF_KIND_CONST,
 
 POINTER_SIZE = 8 if sys.maxsize > 2 ** 32 else 4
 
+#: Longest chain of references followed (typedefs and qualifiers, nested
+#: arrays, anonymous members); the kernel's own limit (MAX_RESOLVE_DEPTH) is 32.
+MAX_CHAIN = 64
+
 
 class BTFType(NamedTuple):
     id: int
@@ -161,34 +173,49 @@ class BTF:
                            errno.EINVAL)
         self.version = version
         self.flags = flags
+        if not BTF_HEADER.size <= hdr_len <= len(data):
+            raise BPFError("%s: bad BTF header length %d" % (source, hdr_len), errno.EINVAL)
         t0, s0 = hdr_len + type_off, hdr_len + str_off
         if t0 + type_len > len(data) or s0 + str_len > len(data) or type_len % 4:
             raise BPFError("%s: BTF sections run past the end of the data" % source, errno.EINVAL)
+        strs = bytes(data[s0:s0 + str_len])
+        # As the kernel checks (btf_parse_str_sec): offset 0 is "", and the
+        # last string is terminated, so every offset inside has an end.
+        if not strs or strs[0] != 0 or strs[-1] != 0:
+            raise BPFError("%s: BTF string section must start and end with NUL" % source,
+                           errno.EINVAL)
         words = array("I")
         words.frombytes(data[t0:t0 + type_len])
         if sys.byteorder != "little":
             words.byteswap()
         self._w = words
-        self._strs = bytes(data[s0:s0 + str_len])
-        self._offsets = self._scan(words)
+        self._strs = strs
+        self._offsets = self._scan(words, source)
         self._by_name_off: Optional[Dict[int, Union[int, List[int]]]] = None
 
     @staticmethod
-    def _scan(w: array) -> array:
-        """Word offset of every type, index = type id (0 is void)."""
+    def _scan(w: array, source: str = "BTF") -> array:
+        """Word offset of every type, index = type id (0 is void).
+
+        ~150k iterations for vmlinux: the loop body has no bounds check; a
+        last record cut inside its btf_type fails the final index instead.
+        """
         offsets = array("I", [0])
         append = offsets.append
         extra = _EXTRA_WORDS
         pos, end = 0, len(w)
-        while pos < end:
-            append(pos)
-            info = w[pos + 1]
-            ex = extra.get((info >> 24) & 0x1F)
-            pos += 3
-            if ex is not None:
-                pos += ex[0] + ex[1] * (info & 0xFFFF)
+        try:
+            while pos < end:
+                append(pos)
+                info = w[pos + 1]
+                ex = extra.get((info >> 24) & 0x1F)
+                pos += 3
+                if ex is not None:
+                    pos += ex[0] + ex[1] * (info & 0xFFFF)
+        except IndexError:
+            pos = -1
         if pos != end:
-            raise BPFError("BTF type section ends inside a type record", errno.EINVAL)
+            raise BPFError("%s: BTF type section ends inside a type record" % source, errno.EINVAL)
         return offsets
 
     @classmethod
@@ -211,8 +238,11 @@ class BTF:
         return len(self._offsets)
 
     def string(self, off: int) -> str:
-        end = self._strs.find(b"\0", off)
-        return self._strs[off:end if end >= 0 else None].decode("utf-8", "replace")
+        if off >= len(self._strs):
+            raise BPFError("%s: string offset %d past the string section (%d bytes)"
+                           % (self.source, off, len(self._strs)), errno.EINVAL)
+        end = self._strs.find(b"\0", off)  # found: the section ends with NUL
+        return self._strs[off:end].decode("utf-8", "replace")
 
     def type(self, type_id: int) -> BTFType:
         if type_id == 0:
@@ -282,7 +312,7 @@ class BTF:
 
     def resolve(self, type_id: int) -> int:
         """Follow typedefs and const/volatile/restrict/type tags to the real type."""
-        for _ in range(64):
+        for _ in range(MAX_CHAIN):
             t = self.type(type_id)
             if t.kind not in _TRANSPARENT:
                 return type_id
@@ -291,17 +321,22 @@ class BTF:
 
     def size_of(self, type_id: int) -> int:
         """sizeof() the type, in bytes."""
-        tid = self.resolve(type_id)
-        t = self.type(tid)
-        if t.kind in (BTF_KIND_INT, BTF_KIND_STRUCT, BTF_KIND_UNION, BTF_KIND_ENUM,
-                      BTF_KIND_ENUM64, BTF_KIND_FLOAT, BTF_KIND_DATASEC):
-            return t.size_or_type
-        if t.kind == BTF_KIND_PTR:
-            return POINTER_SIZE
-        if t.kind == BTF_KIND_ARRAY:
-            return self._extra(tid, 2) * self.size_of(self._extra(tid, 0))
-        raise BPFError("%s: type %d (%s %r) has no size" % (
-            self.source, tid, KIND_NAMES.get(t.kind, t.kind), t.name), errno.EINVAL)
+        count = 1  # elements of the arrays walked through so far
+        for _ in range(MAX_CHAIN):
+            tid = self.resolve(type_id)
+            t = self.type(tid)
+            if t.kind in (BTF_KIND_INT, BTF_KIND_STRUCT, BTF_KIND_UNION, BTF_KIND_ENUM,
+                          BTF_KIND_ENUM64, BTF_KIND_FLOAT, BTF_KIND_DATASEC):
+                return count * t.size_or_type
+            if t.kind == BTF_KIND_PTR:
+                return count * POINTER_SIZE
+            if t.kind != BTF_KIND_ARRAY:
+                raise BPFError("%s: type %d (%s %r) has no size" % (
+                    self.source, tid, KIND_NAMES.get(t.kind, t.kind), t.name), errno.EINVAL)
+            count *= self._extra(tid, 2)  # struct btf_array: type, index_type, nelems
+            type_id = self._extra(tid, 0)
+        raise BPFError("%s: arrays nested deeper than %d at id %d" % (self.source, MAX_CHAIN, type_id),
+                       errno.ELOOP)
 
     def int_encoding(self, type_id: int) -> Tuple[int, int, int]:
         """(encoding, bit offset, bits) of a BTF_KIND_INT."""
@@ -332,14 +367,30 @@ class BTF:
             out.append(Member(self.string(name_off) if name_off else "", mtype, bit_off, bits))
         return out
 
-    def _find_member(self, type_id: int, name: str, base: int) -> Optional[Member]:
+    def _find_member(self, type_id: int, name: str, base: int,
+                     searched: Optional[set] = None, depth: int = 0) -> Optional[Member]:
+        """``name`` among the members of ``type_id``, anonymous ones flattened.
+
+        ``searched`` holds the structs already searched for ``name`` in this
+        lookup: whether a struct has the member does not depend on where it
+        is embedded, so each is searched once (no cycles, no exponential
+        walks through structs embedded many times), and nesting is bounded.
+        """
+        if searched is None:
+            searched = {self.resolve(type_id)}
+        if depth >= MAX_CHAIN:
+            raise BPFError("%s: anonymous members nested deeper than %d" % (self.source, MAX_CHAIN),
+                           errno.ELOOP)
         for m in self.members(type_id):
             if m.name == name:
                 return m._replace(bit_offset=base + m.bit_offset)
             if not m.name:  # anonymous struct/union: its members are ours
-                rt = self.type(self.resolve(m.type_id))
-                if rt.kind in (BTF_KIND_STRUCT, BTF_KIND_UNION):
-                    found = self._find_member(m.type_id, name, base + m.bit_offset)
+                inner = self.resolve(m.type_id)
+                if inner in searched:
+                    continue
+                if self.type(inner).kind in (BTF_KIND_STRUCT, BTF_KIND_UNION):
+                    searched.add(inner)
+                    found = self._find_member(inner, name, base + m.bit_offset, searched, depth + 1)
                     if found is not None:
                         return found
         return None

@@ -6,7 +6,15 @@ fetched through one choke point (:meth:`ELFFile._span`, :meth:`ELFFile._unpack`
 and :class:`_StringTable`, all run inside :meth:`ELFFile._parsing`), which
 bounds-checks and turns ``struct.error``, ``IndexError``, ``ValueError``
 (including ``UnicodeDecodeError``), ``OverflowError`` and ``zlib.error`` into
-:class:`~perfagent.errors.ELFError`.  A malformed file raises nothing else.
+:class:`~perfagent.errors.ELFError`.  A malformed file raises nothing else,
+except :class:`~perfagent.budget.BudgetExceeded` (also a ParseError) when
+the work it asks for exceeds the caller's :class:`~perfagent.budget.Budget`.
+
+Sizes come from the file, so none is trusted to size an allocation: a
+compressed section may inflate to at most :data:`MAX_INFLATE_RATIO` times
+its compressed bytes (real sections compress 2-6x), inflated incrementally so
+a zlib bomb stops at that cap, and every inflated byte and decoded symbol is
+charged to the budget.
 
 Files are mmapped read-only when possible so that a 30 MB libpython is not
 copied into the heap just to read its headers and symbol table.
@@ -21,6 +29,8 @@ import struct
 import zlib
 from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
+from .. import budget as _budget
+from ..budget import Budget
 from ..errors import ELFError
 from .constants import (
     EI_ABIVERSION, EI_CLASS, EI_DATA, EI_NIDENT, EI_OSABI, EI_VERSION,
@@ -35,9 +45,46 @@ from .structs import ElfLayouts, layouts_for
 # Exceptions that mean "the bytes are not what the headers claim".
 _MALFORMED = (struct.error, IndexError, ValueError, OverflowError, zlib.error)
 
-# Refuse to inflate a compressed section beyond this; a hostile 1 MB section
-# could otherwise ask for a gigabyte.
+#: A compressed section may inflate to at most this many times its compressed
+#: size, and all inflation of one file together (each call counts: section
+#: headers may alias) to this many times the file's size.  zlib reaches ~1000x
+#: on zeros, so without a cap a 1 MB section could ask for a gigabyte; real
+#: debug sections and symbol tables compress 2-6x.
+MAX_INFLATE_RATIO = 64
+
+#: ... but a tiny section may always inflate to this much.
+MIN_INFLATE_CAP = 1 << 20
+
+#: And no section ever inflates beyond this.
 _MAX_DECOMPRESSED = 1 << 30
+
+#: Bytes inflated per zlib call: the unit of budget checks while inflating.
+_INFLATE_CHUNK = 1 << 20
+
+#: Bytes charged to the budget per decoded symbol: the Symbol tuple, its
+#: fields and its name string, roughly (so a symbol table that would not fit
+#: in the budget's memory fails instead of being decoded).
+SYMBOL_COST = 160
+
+#: Symbols decoded between two budget checks.
+_SYMBOLS_PER_CHECK = 4096
+
+#: Note segments (or note sections) read per file.
+MAX_NOTE_SOURCES = 64
+
+#: Bytes of .gnu_debuglink looked at: a PATH_MAX name, padding, the CRC.
+_DEBUGLINK_MAX = 4096 + 8
+
+#: Names longer than this are charged to the budget by their length.
+_LONG_NAME = 256
+
+#: How many times its own size a string table may hand out in long names.
+_LONG_NAME_RATIO = 8
+
+#: Longest symbol or section name returned; longer ones are cut.  (The
+#: longest C++ names of a distribution are a few KiB; without a cap, many
+#: symbols pointing into one long NUL-less run would each copy all of it.)
+MAX_NAME_BYTES = 1 << 16
 
 _EMPTY = memoryview(b"")
 
@@ -119,31 +166,61 @@ class _StringTable:
 
     ``buf`` is the file's own buffer (bytes or mmap, both have ``find``) so no
     multi-megabyte .strtab is copied; ``[base, end)`` bounds the table.
+    ``long_bytes`` counts the bytes of names longer than
+    :data:`_LONG_NAME`, for the symbol decoder to charge to its budget
+    (short names are covered by :data:`SYMBOL_COST`).  Entries may point
+    into the middle of other strings (linkers merge common tails), but
+    never so often that the names handed out outgrow the table many times
+    over: past :data:`_LONG_NAME_RATIO` times the table's size (at least
+    :data:`MAX_NAME_BYTES` x 16) the table is treated as malformed, so
+    offsets aimed again and again into one long string cannot turn a small
+    file into gigabytes of names.
     """
 
-    __slots__ = ("_buf", "_base", "_end", "_what")
+    __slots__ = ("_buf", "_base", "_end", "_what", "long_bytes", "_long_cap")
 
     def __init__(self, buf, base: int, end: int, what: str) -> None:
         self._buf = buf
         self._base = base
         self._end = end
         self._what = what
+        self.long_bytes = 0
+        self._long_cap = max(16 * MAX_NAME_BYTES, _LONG_NAME_RATIO * (end - base))
 
-    def get_bytes(self, offset: int) -> bytes:
+    def _slice(self, offset: int):
+        # Per-symbol hot path: one find over a bounded window, one slice.
         if offset == 0:
             return b""  # index 0 is the empty string by definition
         start = self._base + offset
-        if start >= self._end:
+        end = self._end
+        if start >= end:
             raise ELFError("%s: string offset %d past the end of the table" % (self._what, offset))
-        nul = self._buf.find(b"\0", start, self._end)
-        if nul < 0:
-            raise ELFError("%s: string at offset %d has no terminating NUL" % (self._what, offset))
+        limit = start + MAX_NAME_BYTES
+        if limit < end:
+            # A NUL further on than the window only means a name longer than
+            # any real one: it is cut rather than copied whole.
+            nul = self._buf.find(b"\0", start, limit)
+            if nul < 0:
+                nul = limit
+        else:
+            nul = self._buf.find(b"\0", start, end)
+            if nul < 0:
+                raise ELFError("%s: string at offset %d has no terminating NUL" % (self._what, offset))
+        if nul - start > _LONG_NAME:
+            self.long_bytes += nul - start
+            if self.long_bytes > self._long_cap:
+                raise ELFError("%s: names overlap far more than a linker's tail merging would "
+                               "(%d bytes of long names from a %d-byte table)"
+                               % (self._what, self.long_bytes, self._end - self._base))
         return self._buf[start:nul]
+
+    def get_bytes(self, offset: int) -> bytes:
+        return bytes(self._slice(offset))  # no copy when the buffer is bytes
 
     def get(self, offset: int) -> str:
         # Symbol and section names are display strings: one odd byte must not
         # make a whole table unreadable, nor leak surrogates into the profile.
-        return self.get_bytes(offset).decode("utf-8", "replace")
+        return self._slice(offset).decode("utf-8", "replace")
 
 
 class ELFFile:
@@ -160,11 +237,18 @@ class ELFFile:
     descriptor mmap keeps); call :meth:`close` or use it as a context
     manager.  Memoryviews returned by :meth:`section_data` are only valid
     until then.
+
+    ``budget`` bounds the lazily parsed parts (inflating sections, decoding
+    symbols); methods that do such work also take a ``budget`` argument
+    that overrides it for one call.  The default,
+    :func:`perfagent.budget.default`, only honours cancellation: the size
+    caps above still hold.
     """
 
     def __init__(self, data: Union[bytes, bytearray, mmap.mmap], path: Optional[str] = None,
-                 _mmap: Optional[mmap.mmap] = None) -> None:
+                 _mmap: Optional[mmap.mmap] = None, budget: Optional[Budget] = None) -> None:
         self.path = path
+        self.budget = budget if budget is not None else _budget.default()
         self._data = data
         self._mmap = _mmap
         self._view = memoryview(data)
@@ -172,6 +256,8 @@ class ELFFile:
         self._section_index: Optional[Dict[str, Section]] = None
         self._build_id: Optional[str] = None
         self._build_id_done = False
+        # All inflation of this file together: see MAX_INFLATE_RATIO.
+        self._inflate_left = max(MIN_INFLATE_CAP, MAX_INFLATE_RATIO * self._size)
         try:
             with self._parsing():
                 self._read_header()
@@ -220,13 +306,14 @@ class ELFFile:
             raise
 
     @classmethod
-    def from_bytes(cls, data: Union[bytes, bytearray, memoryview], path: Optional[str] = None) -> "ELFFile":
+    def from_bytes(cls, data: Union[bytes, bytearray, memoryview], path: Optional[str] = None,
+                   budget: Optional[Budget] = None) -> "ELFFile":
         """Parse an in-memory image, e.g. the [vdso] read from /proc/PID/mem."""
         if not isinstance(data, bytes):
             data = bytes(data)  # immutable, and slices that os.fsdecode accepts
         if not data:
             raise ELFError("%s: empty image" % (path or "<bytes>"))
-        return cls(data, path=path)
+        return cls(data, path=path, budget=budget)
 
     def close(self) -> None:
         """Release the buffer (and the mmap with its descriptor)."""
@@ -380,23 +467,26 @@ class ELFFile:
             self._section_index = index
         return self._section_index.get(name)
 
-    def section_data(self, sec: Section) -> memoryview:
+    def section_data(self, sec: Section, budget: Optional[Budget] = None) -> memoryview:
         """The section's contents, decompressed if SHF_COMPRESSED.
 
         SHT_NOBITS sections (.bss, and everything a debug-only file stripped)
-        have no bytes in the file and yield an empty view.
+        have no bytes in the file and yield an empty view.  Inflated bytes
+        are charged to ``budget`` (default: the file's).
         """
         if sec.sh_type == SHT_NOBITS or sec.sh_size == 0:
             return _EMPTY
+        if budget is None:
+            budget = self.budget
         with self._parsing():
             raw = self._span(sec.sh_offset, sec.sh_size, "section %r" % sec.name)
             if sec.sh_flags & SHF_COMPRESSED:
-                return memoryview(self._decompress(raw, sec.name))
+                return memoryview(self._decompress(raw, sec.name, budget))
             if sec.name.startswith(".zdebug") and raw[:4] == b"ZLIB":
-                return memoryview(self._decompress_zdebug(raw, sec.name))
+                return memoryview(self._decompress_zdebug(raw, sec.name, budget))
             return raw
 
-    def _decompress(self, raw: memoryview, name: str) -> bytes:
+    def _decompress(self, raw: memoryview, name: str, budget: Budget) -> bytearray:
         """Inflate an Elf_Chdr-prefixed SHF_COMPRESSED section."""
         L = self._layouts
         if len(raw) < L.Chdr.size:
@@ -408,23 +498,51 @@ class ELFFile:
             ch_type, ch_size, _align = chdr
         if ch_type != ELFCOMPRESS_ZLIB:
             raise self._error("section %r uses unsupported compression type %d" % (name, ch_type))
-        return self._inflate(raw[L.Chdr.size:], ch_size, name)
+        return self._inflate(raw[L.Chdr.size:], ch_size, name, budget)
 
-    def _decompress_zdebug(self, raw: memoryview, name: str) -> bytes:
+    def _decompress_zdebug(self, raw: memoryview, name: str, budget: Budget) -> bytearray:
         """The pre-SHF_COMPRESSED GNU format: b"ZLIB", 8-byte big-endian size."""
         if len(raw) < 12:
             raise self._error("section %r too short for its ZLIB header" % name)
         size = int.from_bytes(raw[4:12], "big")
-        return self._inflate(raw[12:], size, name)
+        return self._inflate(raw[12:], size, name, budget)
 
-    def _inflate(self, payload: memoryview, size: int, name: str) -> bytes:
-        if size > _MAX_DECOMPRESSED:
-            raise self._error("section %r claims %d decompressed bytes" % (name, size))
+    def _inflate(self, payload: memoryview, size: int, name: str, budget: Budget) -> bytearray:
+        """Inflate ``payload`` to exactly ``size`` bytes, never allocating more.
+
+        ``size`` comes from the file, so it is checked against the payload
+        (see :data:`MAX_INFLATE_RATIO`) and charged to the budget before
+        anything is inflated; zlib then inflates a chunk at a time (budget
+        checks in between) into an output that grows as bytes arrive, and
+        may not produce a byte more.
+        """
+        cap = min(_MAX_DECOMPRESSED, max(MIN_INFLATE_CAP, MAX_INFLATE_RATIO * len(payload)))
+        if size > cap:
+            raise self._error("section %r claims %d decompressed bytes from %d compressed "
+                              "(more than %dx)" % (name, size, len(payload), MAX_INFLATE_RATIO))
+        if size > self._inflate_left:
+            # Many section headers can point at the same compressed bytes.
+            raise self._error("section %r: inflating it would take the file's sections past "
+                              "%dx the file's size" % (name, MAX_INFLATE_RATIO))
         if size == 0:
-            return b""
-        out = zlib.decompressobj().decompress(payload, size)
+            return bytearray()
+        budget.charge(size)
+        self._inflate_left -= size
+        out = bytearray()  # grown as bytes arrive: a header that lies costs nothing
+        inflater = zlib.decompressobj()
+        pending = payload
+        while len(out) < size:
+            budget.check()
+            chunk = inflater.decompress(pending, min(_INFLATE_CHUNK, size - len(out)))
+            if not chunk:
+                break  # the stream ended (or was cut) early
+            out += chunk
+            pending = inflater.unconsumed_tail
         if len(out) != size:
             raise self._error("section %r inflates to %d bytes, header says %d" % (name, len(out), size))
+        if not inflater.eof and inflater.decompress(pending, 1):
+            raise self._error("section %r inflates to more than the %d bytes its header says"
+                              % (name, size))
         return out
 
     def _string_table_at(self, row_or_section, what: str) -> _StringTable:
@@ -437,7 +555,7 @@ class ELFFile:
         if sh_type == SHT_NOBITS:
             return _StringTable(b"", 0, 0, what)
         if sh_flags & SHF_COMPRESSED:
-            data = self._decompress(self._span(sh_offset, sh_size, what), what)
+            data = self._decompress(self._span(sh_offset, sh_size, what), what, self.budget)
             return _StringTable(data, 0, len(data), "%s: %s" % (self._label, what))
         self._check_range(sh_offset, sh_size, what)
         return _StringTable(self._data, sh_offset, sh_offset + sh_size, "%s: %s" % (self._label, what))
@@ -449,43 +567,56 @@ class ELFFile:
 
     # ---------------------------------------------------------------- symbols
 
-    def iter_symbols(self, section_name: str) -> Iterator[Symbol]:
+    def iter_symbols(self, section_name: str, budget: Optional[Budget] = None) -> Iterator[Symbol]:
         """Every entry of ``.symtab`` or ``.dynsym`` (including entry 0).
 
-        A missing or SHT_NOBITS table yields nothing.
+        A missing or SHT_NOBITS table yields nothing.  The symbols are
+        charged to ``budget`` (default: the file's) before decoding starts,
+        :data:`SYMBOL_COST` bytes each, and the budget is checked every few
+        thousand symbols.
         """
         sec = self.section(section_name)
         if sec is None or sec.sh_type == SHT_NOBITS:
             return iter(())
-        return self._iter_symbols_of(sec)
+        return self._iter_symbols_of(sec, budget if budget is not None else self.budget)
 
-    def _iter_symbols_of(self, sec: Section) -> Iterator[Symbol]:
+    def _iter_symbols_of(self, sec: Section, budget: Budget) -> Iterator[Symbol]:
         with self._parsing():
             if sec.sh_type not in (SHT_SYMTAB, SHT_DYNSYM):
                 raise self._error("section %r is not a symbol table (sh_type %d)" % (sec.name, sec.sh_type))
             strtab = self._string_table_at(self._linked_section(sec), "string table of %s" % sec.name)
-            yield from self._decode_symbols(self.section_data(sec), sec.sh_entsize, strtab)
+            yield from self._decode_symbols(self.section_data(sec, budget), sec.sh_entsize, strtab, budget)
 
-    def _decode_symbols(self, data: memoryview, entsize: int, strtab: _StringTable) -> Iterator[Symbol]:
+    def _decode_symbols(self, data: memoryview, entsize: int, strtab: _StringTable,
+                        budget: Budget) -> Iterator[Symbol]:
         # Whole symbol tables are decoded once per binary (tens of thousands
         # of entries for libpython), so this loop avoids per-field work:
         # iter_unpack over the memoryview when entries are packed, and
-        # positional indexes precomputed for the class's field order.
+        # positional indexes precomputed for the class's field order.  The
+        # budget is checked per batch of symbols, not per symbol.
         Sym = self._layouts.Sym
         entsize = entsize or Sym.size
         if entsize < Sym.size:
             raise self._error("symbol entry size %d is smaller than %d" % (entsize, Sym.size))
-        count = len(data) // entsize
-        if entsize == Sym.size:
-            rows = Sym.iter_unpack(data[:count * entsize])
-        else:
-            rows = (Sym.unpack_from(data, i * entsize) for i in range(count))
+        count = len(data) // entsize  # what the section's bytes can hold, whatever sh_info says
+        budget.charge(count * SYMBOL_COST)
         i_name, i_info, i_other, i_shndx, i_value, i_size = self._layouts.sym_order
         name_of = strtab.get
-        for row in rows:
-            info = row[i_info]
-            yield Symbol(name_of(row[i_name]), row[i_value], row[i_size],
-                         info & 0xF, info >> 4, row[i_shndx], row[i_other])
+        charged_names = 0
+        for first in range(0, count, _SYMBOLS_PER_CHECK):
+            budget.check()
+            if strtab.long_bytes != charged_names:
+                budget.charge(strtab.long_bytes - charged_names)
+                charged_names = strtab.long_bytes
+            last = min(count, first + _SYMBOLS_PER_CHECK)
+            if entsize == Sym.size:
+                rows = Sym.iter_unpack(data[first * entsize:last * entsize])
+            else:
+                rows = (Sym.unpack_from(data, i * entsize) for i in range(first, last))
+            for row in rows:
+                info = row[i_info]
+                yield Symbol(name_of(row[i_name]), row[i_value], row[i_size],
+                             info & 0xF, info >> 4, row[i_shndx], row[i_other])
 
     # ------------------------------------------------------------------ notes
 
@@ -495,16 +626,17 @@ class ELFFile:
         return self._iter_notes_in(sources)
 
     def _segment_note_sources(self) -> List[Tuple[Segment, int, int]]:
-        return [(s, s.p_offset, s.p_filesz) for s in self.segments
-                if s.p_type == PT_NOTE and s.p_filesz]
+        return _distinct_sources((s, s.p_offset, s.p_filesz) for s in self.segments
+                                 if s.p_type == PT_NOTE and s.p_filesz)
 
     def _section_note_sources(self) -> List[Tuple[Section, int, int]]:
-        return [(s, s.sh_offset, s.sh_size) for s in self.sections
-                if s.sh_type == SHT_NOTE and s.sh_size]
+        return _distinct_sources((s, s.sh_offset, s.sh_size) for s in self.sections
+                                 if s.sh_type == SHT_NOTE and s.sh_size)
 
     def _iter_notes_in(self, sources) -> Iterator[Note]:
         with self._parsing():
             for header, offset, size in sources:
+                self.budget.check()
                 if isinstance(header, Section):
                     data, align = self.section_data(header), header.sh_addralign
                 else:
@@ -551,7 +683,9 @@ class ELFFile:
         if sec is None or sec.sh_type == SHT_NOBITS:
             return None
         with self._parsing():
-            data = bytes(self.section_data(sec))
+            # The name is a file name (at most PATH_MAX), then the CRC: no
+            # need to copy a section that claims to be larger.
+            data = bytes(self.section_data(sec)[:_DEBUGLINK_MAX])
             nul = data.find(b"\0")
             if nul < 0:
                 raise self._error(".gnu_debuglink name has no terminating NUL")
@@ -615,6 +749,25 @@ class ELFFile:
     def vaddr_to_offset(self, vaddr: int) -> Optional[int]:
         """The file offset of link-time address ``vaddr``, or None."""
         return self.load_map.vaddr_to_offset(vaddr)
+
+
+def _distinct_sources(sources) -> list:
+    """Note containers without repeats, at most :data:`MAX_NOTE_SOURCES`.
+
+    Files have one to three PT_NOTE segments and a few note sections; many
+    headers aimed at the same bytes (or tens of thousands of them) would make
+    every build-id lookup re-read the file that many times.
+    """
+    seen = set()
+    out = []
+    for source in sources:
+        key = source[1:]
+        if key not in seen:
+            seen.add(key)
+            out.append(source)
+            if len(out) == MAX_NOTE_SOURCES:
+                break
+    return out
 
 
 def _close_mmap(mapped: Optional[mmap.mmap]) -> None:

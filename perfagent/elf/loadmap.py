@@ -28,6 +28,12 @@ from .constants import PT_LOAD
 # bytes just before p_offset are mapped at the same displacement.
 _PAGE_MASK = ~(mmap.PAGESIZE - 1)
 
+#: PT_LOAD segments kept.  Binaries have 2-5; lookups scan them once per
+#: sampled frame, so a hostile file with a million must not make every
+#: frame of its process cost a million compares (its other segments'
+#: addresses simply do not translate).
+MAX_LOAD_SEGMENTS = 64
+
 
 class LoadMap:
     """The PT_LOAD segments of one file, reduced to what translation needs.
@@ -45,6 +51,8 @@ class LoadMap:
         for seg in segments:
             if seg.p_type == PT_LOAD and seg.p_filesz > 0:
                 loads.append((seg.p_offset, seg.p_offset + seg.p_filesz, seg.p_vaddr))
+                if len(loads) == MAX_LOAD_SEGMENTS:
+                    break
         self._loads = tuple(loads)
 
     def __bool__(self) -> bool:

@@ -9,6 +9,12 @@ The parser is the per-sample hot path of a capture, so it dispatches on the
 record type with plain integer compares, unpacks with precompiled Structs
 straight from the buffer (``unpack_from`` on a memoryview: no slicing
 copies), and emits tuples, not objects.
+
+Every read is bounded by the record's own end (``off + size``), never just
+the buffer's: a record shorter than its body, or a count or size field that
+claims more than the record holds (a callchain ``nr``, a user-stack
+``size`` up to 2^64), makes that record malformed (counted) instead of
+being decoded from the bytes of the next record or sizing an allocation.
 """
 
 from __future__ import annotations
@@ -86,6 +92,13 @@ LOST_BODY = struct.Struct("<QQ")
 # user_regs a tuple (or None) and user_stack a bytes copy trimmed to dyn_size (or None).
 
 
+# Sample fields before PERF_SAMPLE_CALLCHAIN: one u64 each (TID and CPU are
+# two u32s), in the order the kernel writes them.
+_FIXED_SAMPLE_FIELDS = (PERF_SAMPLE_IDENTIFIER | PERF_SAMPLE_IP | PERF_SAMPLE_TID
+                        | PERF_SAMPLE_TIME | PERF_SAMPLE_ADDR | PERF_SAMPLE_ID
+                        | PERF_SAMPLE_STREAM_ID | PERF_SAMPLE_CPU | PERF_SAMPLE_PERIOD)
+
+
 def _popcount(x: int) -> int:
     return bin(x).count("1")
 
@@ -138,6 +151,8 @@ class RecordParser:
         self._time_from_end = 0
         if sample_id_all and sample_type & PERF_SAMPLE_TIME:
             self._time_from_end = self.trailer - (8 if sample_type & PERF_SAMPLE_TID else 0)
+        # Bytes of the sample fields before PERF_SAMPLE_CALLCHAIN, all u64s.
+        self._fixed_size = 8 * _popcount(sample_type & _FIXED_SAMPLE_FIELDS)
         self._qstructs: Dict[int, struct.Struct] = {}
         self.lost = 0
         self.lost_samples = 0
@@ -183,7 +198,9 @@ class RecordParser:
                     else:
                         t = _U64.unpack_from(view, off + size - time_from_end)[0] if time_from_end else 0
                         timed_events.append((t, ev))
-            except (struct.error, IndexError, ValueError):
+            except (struct.error, IndexError, ValueError, OverflowError):
+                # The size checks below make these unreachable for bad
+                # field values; kept so that no record can end the parse.
                 self.malformed += 1
             off += size
 
@@ -196,6 +213,8 @@ class RecordParser:
         user_ips: Tuple[int, ...] = ()
         regs = None
         stack = None
+        if off + self._fixed_size > end:
+            raise ValueError("sample shorter than its fixed fields")
         if st & PERF_SAMPLE_IDENTIFIER:
             off += 8
         if st & PERF_SAMPLE_IP:
@@ -220,22 +239,33 @@ class RecordParser:
             period = u64(view, off)[0]
             off += 8
         if st & PERF_SAMPLE_CALLCHAIN:
+            if off + 8 > end:
+                raise ValueError("callchain nr past the end of the record")
             nr = u64(view, off)[0]
             off += 8
-            if off + nr * 8 > end:
+            if nr > (end - off) >> 3:
                 raise ValueError("callchain past the end of the record")
             kernel_ips, user_ips = split_callchain(self._q(nr).unpack_from(view, off))
             off += nr * 8
         if st & PERF_SAMPLE_REGS_USER:
+            if off + 8 > end:
+                raise ValueError("user regs abi past the end of the record")
             abi = u64(view, off)[0]
             off += 8
             if abi and self.regs_count:
+                if off + 8 * self.regs_count > end:
+                    raise ValueError("user regs past the end of the record")
                 regs = self._q(self.regs_count).unpack_from(view, off)
                 off += 8 * self.regs_count
         if st & PERF_SAMPLE_STACK_USER:
+            if off + 8 > end:
+                raise ValueError("user stack size past the end of the record")
             size = u64(view, off)[0]
             off += 8
             if size:
+                # u64 size; char data[size]; u64 dyn_size: all inside the record.
+                if size > end - off - 8:
+                    raise ValueError("user stack of %d bytes past the end of the record" % size)
                 dyn_size = u64(view, off + size)[0]
                 stack = bytes(view[off: off + min(size, dyn_size)])
                 off += size + 8
@@ -244,45 +274,55 @@ class RecordParser:
         return (pid, tid, time, cpu, period, ip, kernel_ips, user_ips, regs, stack)
 
     def _event(self, rtype: int, misc: int, view: memoryview, off: int, end: int) -> Optional[tuple]:
+        # The body lies in [off, body_end): the sample_id trailer follows it.
         body_end = end - self.trailer
         if rtype == PERF_RECORD_MMAP2:
             if misc & PERF_RECORD_MISC_MMAP_BUILD_ID:
                 (pid, tid, addr, length, pgoff, bid_size, _r1, _r2, bid,
-                 prot, _flags) = MMAP2_BUILD_ID.unpack_from(view, off)
+                 prot, _flags) = _body(MMAP2_BUILD_ID, view, off, body_end)
                 maj = mnr = ino = 0
                 build_id = bytes(bid[:bid_size]).hex()
                 name_off = off + MMAP2_BUILD_ID.size
             else:
                 (pid, tid, addr, length, pgoff, maj, mnr, ino, _gen,
-                 prot, _flags) = MMAP2_BODY.unpack_from(view, off)
+                 prot, _flags) = _body(MMAP2_BODY, view, off, body_end)
                 build_id = ""
                 name_off = off + MMAP2_BODY.size
             return ("mmap", pid, tid, addr, length, pgoff, maj, mnr, ino, prot,
                     _cstring(view, name_off, body_end), build_id)
         if rtype == PERF_RECORD_MMAP:
-            pid, tid, addr, length, pgoff = MMAP_BODY.unpack_from(view, off)
+            pid, tid, addr, length, pgoff = _body(MMAP_BODY, view, off, body_end)
             prot = 4 if not (misc & 0x2000) else 0  # MISC_MMAP_DATA marks non-exec
             return ("mmap", pid, tid, addr, length, pgoff, 0, 0, 0, prot,
                     _cstring(view, off + MMAP_BODY.size, body_end), "")
         if rtype == PERF_RECORD_COMM:
-            pid, tid = _U32X2.unpack_from(view, off)
+            pid, tid = _body(_U32X2, view, off, body_end)
             return ("comm", pid, tid, _cstring(view, off + 8, body_end),
                     bool(misc & PERF_RECORD_MISC_COMM_EXEC))
         if rtype == PERF_RECORD_FORK or rtype == PERF_RECORD_EXIT:
-            pid, ppid, tid, ptid, time = FORK_BODY.unpack_from(view, off)
+            pid, ppid, tid, ptid, time = _body(FORK_BODY, view, off, body_end)
             return ("fork" if rtype == PERF_RECORD_FORK else "exit", pid, ppid, tid, ptid, time)
         if rtype == PERF_RECORD_LOST:
-            lost = LOST_BODY.unpack_from(view, off)[1]
+            lost = _body(LOST_BODY, view, off, body_end)[1]
             self.lost += lost
             return ("lost", lost)
         if rtype == PERF_RECORD_LOST_SAMPLES:
-            lost = _U64.unpack_from(view, off)[0]
+            lost = _body(_U64, view, off, body_end)[0]
             self.lost_samples += lost
             return ("lost_samples", lost)
         if rtype == PERF_RECORD_THROTTLE:
+            time = _body(_U64, view, off, body_end)[0]
             self.throttled += 1
-            return ("throttle", _U64.unpack_from(view, off)[0])
+            return ("throttle", time)
         return None
+
+
+def _body(layout: struct.Struct, view: memoryview, off: int, body_end: int) -> tuple:
+    """``layout`` unpacked at ``off``, which must end by ``body_end``: a record
+    too short for its body is malformed, not read on into the next one."""
+    if off + layout.size > body_end:
+        raise ValueError("record body of %d bytes shorter than %d" % (body_end - off, layout.size))
+    return layout.unpack_from(view, off)
 
 
 def _cstring(view: memoryview, start: int, end: int) -> str:

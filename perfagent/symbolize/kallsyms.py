@@ -23,6 +23,10 @@ stretch a symbol over memory that is not its code, and are cut short:
 
 When kernel.kptr_restrict hides addresses from us every address reads 0; then
 ``available`` is False and ``reason`` says why, for the caller to print once.
+
+A line whose address is not plain hex of at most 16 digits (a sign, ``0x``,
+``_`` or non-ASCII digits, which ``int()`` would take) or whose type is not
+one letter is malformed: skipped and counted in ``skipped``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ KALLSYMS_PATH = "/proc/kallsyms"
 
 #: nm(1) type letters of code symbols: local/global text, weak symbols.
 TEXT_TYPES = frozenset("tTwW")
+
+#: Hex digits of an address (a u64).
+MAX_ADDRESS_DIGITS = 16
+_HEX_CHARS = frozenset("0123456789abcdefABCDEF")
 
 #: Names that mark the end of a text section rather than start a function.
 END_MARKERS = frozenset(("_etext", "_einittext"))
@@ -212,11 +220,11 @@ def _parse_text(text: str) -> Tuple[List[_Symbol], bool, int]:
         sym_type = fields[1]
         if sym_type not in TEXT_TYPES:
             continue
-        try:
-            addr = int(fields[0], 16)
-        except ValueError:
+        addr_s = fields[0]
+        if not 0 < len(addr_s) <= MAX_ADDRESS_DIGITS or not _HEX_CHARS.issuperset(addr_s):
             skipped += 1
             continue
+        addr = int(addr_s, 16)
         if addr:
             any_nonzero = True
         name = fields[2]

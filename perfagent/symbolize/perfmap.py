@@ -41,6 +41,17 @@ _OPEN_FLAGS = (os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
 _NEWLINE = b"\n"
 _FIELDS_BEFORE_NAME = 2
 
+#: Longest line kept while waiting for its newline (JIT names with URLs run
+#: to a few KiB).  A longer one is dropped, up to its newline, and counted:
+#: an unterminated line would otherwise be copied again at every refresh.
+MAX_LINE_BYTES = 1 << 16
+
+#: Bytes read per refresh: a huge map is taken in over several refreshes.
+MAX_READ_BYTES = 64 << 20
+
+#: START and SIZE are u64s (perf reads them with strtoull).
+_U64_LIMIT = 1 << 64
+
 # Identity of the file behind the path: a change means replaced/chown'd/chmod'd.
 _Ident = Tuple[int, int, int, int]
 
@@ -65,7 +76,7 @@ class PerfMap:
     """
 
     __slots__ = ("path", "expected_uid", "exists", "trusted", "reason", "skipped",
-                 "_ident", "_offset", "_partial",
+                 "_ident", "_offset", "_partial", "_discarding",
                  "_raw_starts", "_raw_ends", "_raw_names", "_built",
                  "_starts", "_ends", "_names")
 
@@ -84,6 +95,7 @@ class PerfMap:
         """Forget everything read, to start over on a replaced file."""
         self._offset = 0          # bytes consumed, including self._partial
         self._partial = b""       # an unterminated last line, for next time
+        self._discarding = False  # inside an over-long line, until its newline
         # Every entry in file order (index = age, later wins) ...
         self._raw_starts: List[int] = []
         self._raw_ends: List[int] = []
@@ -156,7 +168,7 @@ class PerfMap:
             self._ident = _ident(st)
             self.trusted, self.reason = True, ""
             f.seek(self._offset)
-            data = f.read()
+            data = f.read(MAX_READ_BYTES)
         self._offset += len(data)
         return self._parse(data)
 
@@ -164,6 +176,14 @@ class PerfMap:
         """Parse the complete lines of partial + data; keep the remainder."""
         lines = (self._partial + data).split(_NEWLINE)
         self._partial = lines.pop()
+        if self._discarding and lines:
+            lines.pop(0)  # the end of the over-long line
+            self._discarding = False
+        if len(self._partial) > MAX_LINE_BYTES:
+            if not self._discarding:
+                self.skipped += 1
+            self._partial = b""
+            self._discarding = True
         before = len(self._raw_starts)
         for line in lines:
             self._parse_line(line)
@@ -182,7 +202,7 @@ class PerfMap:
             self.skipped += 1
             return
         name = fields[2].rstrip().decode("utf-8", "replace")
-        if start < 0 or size < 0 or not name:
+        if not (0 <= start < _U64_LIMIT and 0 <= size < _U64_LIMIT) or not name:
             self.skipped += 1
         elif size:  # an empty range covers no address: nothing to keep
             self._raw_starts.append(start)

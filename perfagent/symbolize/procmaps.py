@@ -20,6 +20,11 @@ anonymous mapping, a pseudo name in brackets (``[heap]``, ``[stack]``,
 in `` (deleted)`` when the file was unlinked after it was mapped.  The kernel
 writes a newline inside a path as ``\\012`` (and does not escape backslashes,
 so that cannot be undone reliably); such a path is kept as written.
+
+Numbers are accepted only as the kernel prints them: plain hex digits (no
+sign, ``0x``, ``_`` or non-ASCII digits, which ``int()`` would take) of at
+most 16 digits for addresses and offsets, a decimal inode of at most 20
+digits; anything else makes the line malformed (skipped and counted).
 """
 
 from __future__ import annotations
@@ -35,6 +40,15 @@ MAPS_FIXED_FIELDS = 5
 
 #: Index of the execute bit in the ``perms`` string ("rwxp").
 PERMS_EXEC_INDEX = 2
+
+#: Widest numbers the kernel prints: u64 in hex, device numbers (12-bit
+#: major, 20-bit minor, %02x), u64 inode in decimal.
+MAX_HEX_DIGITS = 16
+MAX_DEV_DIGITS = 8
+MAX_INODE_DIGITS = 20
+
+_HEX_CHARS = frozenset("0123456789abcdefABCDEF")
+_DEC_CHARS = frozenset("0123456789")
 
 #: ``perms`` given to a mapping that came from an mmap event, which only tells
 #: us whether it was executable.  Unknown permissions are written as "-".
@@ -83,6 +97,13 @@ def split_deleted(path: str) -> Tuple[str, bool]:
     return path, False
 
 
+def _number(text: str, digits: frozenset, max_digits: int, base: int) -> int:
+    """``text`` as the kernel prints a number, or ValueError."""
+    if not 0 < len(text) <= max_digits or not digits.issuperset(text):
+        raise ValueError("bad number %r" % text[:40])
+    return int(text, base)
+
+
 def _parse_line(line: str) -> MapEntry:
     """Parse one maps line; ValueError/IndexError on a malformed one.
 
@@ -95,11 +116,16 @@ def _parse_line(line: str) -> MapEntry:
     start_s, end_s = address.split("-")
     major_s, minor_s = dev.split(":")
     path, deleted = split_deleted(path)
-    start, end = int(start_s, 16), int(end_s, 16)
+    start = _number(start_s, _HEX_CHARS, MAX_HEX_DIGITS, 16)
+    end = _number(end_s, _HEX_CHARS, MAX_HEX_DIGITS, 16)
     if end < start:
         raise ValueError("end before start")
-    return MapEntry(start, end, perms, int(offset, 16), int(major_s, 16),
-                    int(minor_s, 16), int(inode), path, deleted)
+    if len(perms) != 4:
+        raise ValueError("bad perms %r" % perms[:8])
+    return MapEntry(start, end, perms, _number(offset, _HEX_CHARS, MAX_HEX_DIGITS, 16),
+                    _number(major_s, _HEX_CHARS, MAX_DEV_DIGITS, 16),
+                    _number(minor_s, _HEX_CHARS, MAX_DEV_DIGITS, 16),
+                    _number(inode, _DEC_CHARS, MAX_INODE_DIGITS, 10), path, deleted)
 
 
 def parse_maps_counted(text: str) -> Tuple[List[MapEntry], int]:
