@@ -289,7 +289,7 @@ class ELFFile:
         return cls.from_seen(seen)
 
     @classmethod
-    def from_seen(cls, seen) -> "ELFFile":
+    def from_seen(cls, seen, budget: Optional[_budget.Budget] = None) -> "ELFFile":
         """Parse an opened file (a perfagent.target.files.SeenFile); takes its fd."""
         from perfagent.target.files import load_contents
         try:
@@ -300,7 +300,7 @@ class ELFFile:
             raise ELFError("%s: empty file" % seen.path)
         mapped = data if isinstance(data, mmap.mmap) else None
         try:
-            return cls(data, path=seen.path, _mmap=mapped)
+            return cls(data, path=seen.path, _mmap=mapped, budget=budget)
         except BaseException:
             _close_mmap(mapped)
             raise

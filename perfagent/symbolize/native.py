@@ -42,10 +42,6 @@ _LOCAL_RANK = 2
 
 _CRC_CHUNK = 1 << 20
 
-# Bytes one decoded symbol costs us (a Symbol tuple and its name), for the
-# parse's memory budget.
-_SYMBOL_COST = 200
-
 
 class _Candidate(NamedTuple):
     start: int
@@ -111,15 +107,11 @@ class SymbolTable:
         thumb = elf.e_machine == EM_ARM
         out: List[_Candidate] = []
         for table_rank, table in enumerate(_SYMBOL_SECTIONS):
-            symbols = []
             try:
-                # The budget is checked every few thousand symbols: a hostile
-                # table cannot hold the capture (or a signal) for long.
-                for i, sym in enumerate(elf.iter_symbols(table)):
-                    if not i & 4095:
-                        work.check()
-                        work.charge(4096 * _SYMBOL_COST)
-                    symbols.append(sym)
+                # The ELF reader charges and checks ``work`` per batch of
+                # symbols: a hostile table cannot hold the capture (or a
+                # signal) for long.
+                symbols = list(elf.iter_symbols(table, budget=work))
             except ELFError as exc:  # BudgetExceeded is not one: it ends the whole parse
                 self.errors.append(str(exc))
                 continue
@@ -443,7 +435,7 @@ class BinaryCache:
     def _parse_seen(self, path: str, seen: SeenFile, pid: int) -> BinaryInfo:
         work = budget.Budget(path, seconds=self.seconds_per_binary)
         try:
-            elf = ELFFile.from_seen(seen)
+            elf = ELFFile.from_seen(seen, work)  # inflated sections and symbols charged to ``work``
         except (OSError, ELFError) as exc:
             return BinaryInfo(path, error=str(exc), cancelled=isinstance(exc, budget.Cancelled))
         with elf:
