@@ -234,7 +234,12 @@ class OffCpuCollector(FollowsTgids):
                  max_tgids: int = DEFAULT_MAX_TGIDS,
                  copy_stack: int = 0,
                  ring_bytes: int = DEFAULT_RING_BYTES,
-                 on_copy: Optional[Callable[[int, "StackCopy"], None]] = None) -> None:
+                 on_copy: Optional[Callable[[int, "StackCopy"], None]] = None,
+                 python=None) -> None:
+        # python: perfagent.stackprog.python.PyWalkMaps (Python stacks of the
+        # processes registered there, at every switch-out).
+        self.python = python
+        self._pystore: Optional[HashMap] = None
         self._initial_tgids = None if tgids is None else set(tgids)
         self.max_entries = max_entries
         self.max_threads = max_threads
@@ -282,10 +287,16 @@ class OffCpuCollector(FollowsTgids):
             self._stats = Stats()
             if copy is not None:
                 self._ring = RingBuf(self.ring_bytes, name="offcpu_copies")
-            maps = Maps(self._scratch, self._stats, self._tgids, self._counts, self._native, None,
-                        self._ring)
+            walk = None
+            if self.python is not None:
+                from perfagent.stackprog.program import KEY_TGID
+                from perfagent.stackprog.python import emit_python_walk
+                self._pystore = S.python_store(self.stack_entries, "offcpu_pystacks")
+                walk = emit_python_walk(self.python, KEY_TGID)
+            maps = Maps(self._scratch, self._stats, self._tgids, self._counts, self._native,
+                        self._pystore, self._ring)
             prog = build_offcpu(RECORD if copy is not None else AGGREGATE, maps, self._blocked,
-                                args, copy)
+                                args, copy, python_walk=walk)
             self._prog = prog.load(sc.BPF_PROG_TYPE_TRACING,
                                    expected_attach_type=sc.BPF_TRACE_RAW_TP,
                                    attach_btf_id=args.attach_btf_id)
@@ -311,13 +322,13 @@ class OffCpuCollector(FollowsTgids):
             self._close()
 
     def _close(self) -> None:
-        objs = [self._link, self._prog, self._counts, self._blocked, self._native, self._tgids,
-                self._stats, self._ring, self._scratch]
+        objs = [self._link, self._prog, self._counts, self._blocked, self._native, self._pystore,
+                self._tgids, self._stats, self._ring, self._scratch]
         if self._stats is not None:
             self._copy_drops = self._stats.read(STAT_COPY_DROPS)
         self._link = self._prog = None
         self._counts = self._blocked = self._tgids = None
-        self._native = None
+        self._native = self._pystore = None
         self._stats = None
         self._ring = self._scratch = None
         close_all(objs)
@@ -456,7 +467,7 @@ class OffCpuCollector(FollowsTgids):
             add(COUNT_KEY.unpack(k), ns, n)
         # After the counts and the blocked map: every hash they hold was
         # stored before they were written.
-        S.drain_into(self._cache, self._native, None)
+        S.drain_into(self._cache, self._native, self._pystore)
         native, python = self._cache.native, self._cache.python
         out.extend(OffCpuStack(tgid, tid, native(uh) or (), native(kh) or (), ns, n, None,
                                python(ph) if ph else None)

@@ -101,7 +101,12 @@ class InKernelSampler(FollowsTgids):
     def __init__(self, sample_rate: int, tgids: Optional[Set[int]] = None,
                  max_entries: int = DEFAULT_MAX_ENTRIES,
                  stack_entries: int = DEFAULT_STACK_ENTRIES,
-                 max_tgids: int = DEFAULT_MAX_TGIDS, own_events: bool = True) -> None:
+                 max_tgids: int = DEFAULT_MAX_TGIDS, own_events: bool = True,
+                 python=None) -> None:
+        # python: perfagent.stackprog.python.PyWalkMaps, to walk the Python
+        # stacks of the processes user space registered there.
+        self.python = python
+        self._pystore: Optional[HashMap] = None
         # own_events False: the program is loaded but attached by the caller
         # to its own perf events (perfagent.perf.sampler.Sampler's
         # bpf_prog_fd: per-thread events for --pid and launch mode, whose
@@ -143,14 +148,24 @@ class InKernelSampler(FollowsTgids):
             self._native = S.native_store(self.stack_entries, "oncpu_stacks")
             self._scratch = ArrayMap(L.scratch_size(0, 0), possible_cpus(), name="oncpu_scratch")
             self._stats = Stats()
-            maps = Maps(self._scratch, self._stats, self._tgids, self._counts, self._native, None, None)
-            prog = build_oncpu(AGGREGATE, maps, sample_period_offset())
+            if self.python is not None:
+                self._pystore = S.python_store(self.stack_entries, "oncpu_pystacks")
+            maps = Maps(self._scratch, self._stats, self._tgids, self._counts, self._native,
+                        self._pystore, None)
+            prog = build_oncpu(AGGREGATE, maps, sample_period_offset(), python_walk=self._walk())
             self._prog = prog.load(sc.BPF_PROG_TYPE_PERF_EVENT)
             self._open_events()
         except BaseException:
             self._close()
             raise
         self._running = True
+
+    def _walk(self):
+        if self.python is None:
+            return None
+        from perfagent.stackprog.program import KEY_TGID
+        from perfagent.stackprog.python import emit_python_walk
+        return emit_python_walk(self.python, KEY_TGID)
 
     def _open_events(self) -> None:
         if not self.own_events:
@@ -215,11 +230,11 @@ class InKernelSampler(FollowsTgids):
             self._close()
 
     def _close(self) -> None:
-        objs = list(self._events) + [self._prog, self._counts, self._native, self._scratch,
-                                     self._tgids, self._stats]
+        objs = list(self._events) + [self._prog, self._counts, self._native, self._pystore,
+                                     self._scratch, self._tgids, self._stats]
         self._events = []
         self._prog = None
-        self._counts = self._native = self._scratch = self._tgids = None
+        self._counts = self._native = self._pystore = self._scratch = self._tgids = None
         self._stats = None
         close_all(objs)
 
@@ -239,10 +254,11 @@ class InKernelSampler(FollowsTgids):
             else:   # the fallback drain may see a key twice
                 s[0] += n
                 s[1] += period
-        S.drain_into(self._cache, self._native, None)
-        native = self._cache.native
-        return [OnCpuStack(tgid, tid, native(uh) or (), native(kh) or (), n, period)
-                for (tgid, tid, kh, uh, _ph), (n, period) in sums.items()]
+        S.drain_into(self._cache, self._native, self._pystore)
+        native, python = self._cache.native, self._cache.python
+        return [OnCpuStack(tgid, tid, native(uh) or (), native(kh) or (), n, period,
+                           python(ph) if ph else None)
+                for (tgid, tid, kh, uh, ph), (n, period) in sums.items()]
 
 
 # ----------------------------------------------------------------------------
@@ -289,8 +305,9 @@ class RecordSampler(InKernelSampler):
     counted in ``dropped``."""
 
     def __init__(self, sample_rate: int, tgids: Optional[Set[int]] = None, copy_stack: int = 32768,
-                 ring_bytes: int = 0, max_tgids: int = DEFAULT_MAX_TGIDS, own_events: bool = True) -> None:
-        super().__init__(sample_rate, tgids, max_tgids=max_tgids, own_events=own_events)
+                 ring_bytes: int = 0, max_tgids: int = DEFAULT_MAX_TGIDS, own_events: bool = True,
+                 python=None) -> None:
+        super().__init__(sample_rate, tgids, max_tgids=max_tgids, own_events=own_events, python=python)
         self.copy_stack = copy_stack
         self.ring_bytes = ring_bytes or ring_bytes_for(copy_stack, sample_rate, len(self.cpus))
         self._ring = None
@@ -310,7 +327,7 @@ class RecordSampler(InKernelSampler):
             self._stats = Stats()
             self._ring = RingBuf(self.ring_bytes, name="oncpu_samples")
             maps = Maps(self._scratch, self._stats, self._tgids, None, None, None, self._ring)
-            prog = build_oncpu(RECORD, maps, sample_period_offset(), copy)
+            prog = build_oncpu(RECORD, maps, sample_period_offset(), copy, python_walk=self._walk())
             self._prog = prog.load(sc.BPF_PROG_TYPE_PERF_EVENT)
             self._open_events()
         except BaseException:

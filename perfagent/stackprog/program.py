@@ -27,7 +27,7 @@ from typing import NamedTuple, Optional
 from perfagent.bpf import syscall as sc
 from perfagent.bpf.asm import DW, FP, R0, R1, R2, R3, R4, R8, R9, W, Program
 from perfagent.bpf.maps import ArrayMap, HashMap, RingBuf
-from perfagent.offcpu.common import (
+from perfagent.stackprog.accounting import (
     STAT_COPY_DROPS, STAT_STORE_DROPS, Stats, emit_accumulate, emit_bump, emit_tgid_filter,
 )
 from perfagent.stackprog import capture as C

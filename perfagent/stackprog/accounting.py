@@ -1,0 +1,155 @@
+"""Kernel-side accounting both stack programs share, and its user-space half.
+
+Both programs count events in a hash map whose value is two u64 sums
+(``emit_accumulate``), keep counters in a small array (``Stats``,
+``emit_bump``), and may be limited to a set of processes held in a BPF
+hash map (``emit_tgid_filter``, ``make_tgid_map``), so user space can add
+and remove processes while the program runs.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Iterable, Optional
+
+from perfagent.bpf import syscall as sc
+from perfagent.bpf.asm import DW, FP, R0, R1, R2, R3, R4, W, Program
+from perfagent.bpf.maps import ArrayMap, HashMap
+
+# The process filter: tgid -> a byte nobody reads (presence is the answer).
+# struct { __u32 tgid; } -> struct { __u8 unused; }
+TGID_KEY = struct.Struct("<I")
+TGID_VALUE = b"\x01"
+
+# Counters the programs keep in a u64 array:
+STAT_INSERTS = 0     # new keys inserted into the count map (ever)
+STAT_DROPS = 1       # events dropped because the count map was full
+STAT_COPY_DROPS = 2  # captures (or episode ends) the full ring refused
+STAT_STORE_DROPS = 3  # stacks a full stack store refused (their counts lose that stack)
+STATS_SLOTS = 4
+U64 = struct.Struct("<Q")
+
+
+def emit_bump(p: Program, stats: ArrayMap, slot: int, scratch_off: int, tag: str) -> None:
+    """``lock stats[slot] += 1`` (a u64 array slot).  Clobbers r0-r5 and the
+    u32 at fp+scratch_off."""
+    p.st(W, FP, scratch_off, slot)
+    p.ld_map_fd(R1, stats)
+    p.mov(R2, FP)
+    p.add(R2, scratch_off)
+    p.call("map_lookup_elem")
+    p.jeq(R0, 0, tag + "_bumped")
+    p.mov(R1, 1)
+    p.atomic_add(DW, R0, R1, 0)
+    p.label(tag + "_bumped")
+
+
+def emit_accumulate(p: Program, counts: HashMap, key_off: int, sums_off: int,
+                    stats: ArrayMap, scratch_off: int, tag: str) -> None:
+    """``counts[key] += sums``, both on the stack at fp+key_off / fp+sums_off.
+
+    Existing entries are added to with atomic adds (several CPUs may hit the
+    same key); a missing one is inserted with BPF_NOEXIST (and counted in
+    stats[STAT_INSERTS], so user space knows how full the map is without
+    walking it), and if another CPU inserted it first the add is retried on
+    its entry.  A full map drops the event (counted in stats[STAT_DROPS]).
+    Clobbers r0-r5; ``tag`` keeps the labels unique.
+    """
+    def add_into_r0() -> None:
+        p.ldx(DW, R1, FP, sums_off)
+        p.atomic_add(DW, R0, R1, 0)              # lock entry->a += sums.a
+        p.ldx(DW, R1, FP, sums_off + 8)
+        p.atomic_add(DW, R0, R1, 8)              # lock entry->b += sums.b
+
+    def lookup() -> None:
+        p.ld_map_fd(R1, counts)
+        p.mov(R2, FP)
+        p.add(R2, key_off)
+        p.call("map_lookup_elem")
+
+    lookup()
+    p.jeq(R0, 0, tag + "_insert")
+    add_into_r0()
+    p.ja(tag + "_done")
+
+    p.label(tag + "_insert")
+    p.ld_map_fd(R1, counts)
+    p.mov(R2, FP)
+    p.add(R2, key_off)
+    p.mov(R3, FP)
+    p.add(R3, sums_off)
+    p.mov(R4, sc.BPF_NOEXIST)
+    p.call("map_update_elem")
+    p.jne(R0, 0, tag + "_raced")
+    emit_bump(p, stats, STAT_INSERTS, scratch_off, tag + "_insert")
+    p.ja(tag + "_done")
+
+    # Another CPU inserted the key between our lookup and update, or the
+    # map is full and the second lookup fails too.
+    p.label(tag + "_raced")
+    lookup()
+    p.jeq(R0, 0, tag + "_full")
+    add_into_r0()
+    p.ja(tag + "_done")
+    p.label(tag + "_full")
+    emit_bump(p, stats, STAT_DROPS, scratch_off, tag + "_drop")
+    p.label(tag + "_done")
+
+
+def emit_tgid_filter(p: Program, tgids: Optional[HashMap], tgid_off: int,
+                     skip: str) -> None:
+    """``if (tgids && !lookup(tgids, fp+tgid_off)) goto skip``; nothing when
+    every process is followed.  Clobbers r0-r5."""
+    if tgids is None:
+        return
+    p.ld_map_fd(R1, tgids)
+    p.mov(R2, FP)
+    p.add(R2, tgid_off)
+    p.call("map_lookup_elem")
+    p.jeq(R0, 0, skip)
+
+
+def make_tgid_map(tgids: Optional[Iterable[int]], max_entries: int) -> Optional[HashMap]:
+    """The filter map filled with ``tgids``; None (no filter) for None."""
+    if tgids is None:
+        return None
+    m = HashMap(TGID_KEY.size, len(TGID_VALUE), max_entries, name="tgids")
+    try:
+        for t in tgids:
+            m.update(TGID_KEY.pack(t), TGID_VALUE)
+    except BaseException:
+        m.close()
+        raise
+    return m
+
+
+class Stats:
+    """The programs' counters, and how full the count map is.
+
+    The count map is emptied by draining it, so its size is inserts since
+    the last drain; knowing that lets the caller drain early instead of
+    dropping events, without walking the map.
+    """
+
+    def __init__(self) -> None:
+        self.map = ArrayMap(U64.size, STATS_SLOTS, name="stats")
+        self._inserts_at_drain = 0
+
+    def read(self, slot: int) -> int:
+        raw = self.map.lookup(struct.pack("<I", slot))
+        return U64.unpack(raw)[0] if raw is not None else 0
+
+    @property
+    def drops(self) -> int:
+        return self.read(STAT_DROPS)
+
+    def pending(self) -> int:
+        """Entries in the count map now (approximately: a racing insert)."""
+        return self.read(STAT_INSERTS) - self._inserts_at_drain
+
+    def before_drain(self) -> None:
+        """Call right before draining: entries inserted later are pending."""
+        self._inserts_at_drain = self.read(STAT_INSERTS)
+
+    def close(self) -> None:
+        self.map.close()

@@ -1,0 +1,423 @@
+"""The Python stack, read by the BPF program from the interpreter's memory.
+
+At every capture of a thread of a CPython process the program walks that
+thread's frame chain, as perfagent.python.reader does from user space, and
+records each frame's code object and instruction offset (``struct
+pyframe``, perfagent.stackprog.layout).  Nothing is done to the target: it
+reads with bpf_probe_read_user, at the instant of the sample or switch.
+
+What the program needs, user space provides in two maps:
+
+* ``py_procs``: tgid -> ``struct py_proc`` (below): where ``_PyRuntime`` is
+  and the offsets of this interpreter's build, packed from its
+  perfagent.python.layout.Layout (3.8-3.12 from the generated table, 3.13+
+  from the process's own _Py_DebugOffsets).  One program serves every
+  version: the offsets are data.
+* ``py_threads``: (tgid, pthread_t) -> the thread's PyThreadState.  The key
+  is the thread's fs base, which on x86-64 *is* its pthread_t
+  (``PyThreadState.thread_id``) with glibc and musl, read by the program
+  from ``current->thread.fsbase``: uniform for every version, no tid and
+  pid-namespace translation.  User space fills it from the reader's thread
+  list every drain cycle; a thread it does not know yet (created since, or
+  reusing a recycled pthread struct) is looked up by the program itself in
+  the interpreters' thread lists (bounded), and the entry cached.  Every
+  use is validated: the thread state's own thread_id must be the fs base.
+
+The walk (``emit_python_walk``):
+
+* 3.8-3.10 (model 1): ``tstate->frame``, then ``f_back``; a frame's
+  instruction is ``f_lasti`` (stored as is).
+* 3.11+ (model 2): the current frame from ``tstate->cframe->current_frame``
+  (3.11, 3.12) or ``tstate->current_frame`` (3.13+), then ``previous``; a
+  frame's instruction is stored as its byte offset in the code
+  (``prev_instr``/``instr_ptr`` minus the code's first instruction).  A
+  frame whose owner marks the C stack (3.12+: owner >= the shim value) is
+  not a Python frame: it becomes a PYFRAME_LINK entry holding its own
+  address, a local of the ``_PyEval_EvalFrameDefault`` call that ran the
+  frames before it.  In 3.11 a frame with ``is_entry`` ends its eval call;
+  the link is that call's ``_PyCFrame``, followed through ``previous``.
+* Each frame costs one bpf_probe_read_user of the frame's head (all the
+  fields the walk needs lie in its first FRAME_READ bytes); the walk stops
+  at PY_MAX_FRAMES entries (PYSTACK_TRUNCATED) or at an unreadable pointer
+  (PYSTACK_BAD_READ).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple, Optional
+
+from perfagent.bpf import syscall as sc
+from perfagent.bpf.asm import B, DW, FP, R0, R1, R2, R3, R4, R5, R8, R9, W, Program
+from perfagent.bpf.maps import HashMap, Map
+from perfagent.python.layout import FRAME_OBJECT, Layout
+from perfagent.stackprog.capture import BUF
+from perfagent.stackprog.layout import (
+    PY_MAX_FRAMES, PYFRAME_LINK, PYFRAME_SIZE, PYSTACK_BAD_READ, PYSTACK_HDR, PYSTACK_NO_THREAD,
+    PYSTACK_TRUNCATED, PYTHON_OFF,
+)
+
+MODEL_FRAME_OBJECT = 1
+MODEL_INTERPRETER_FRAME = 2
+
+# struct py_proc {
+#     __u64 runtime;           0   _PyRuntime
+#     __u64 code_tag_mask;     8   bits to clear in a frame's code pointer (3.14+ stack refs)
+#     __u32 model;             16  MODEL_*
+#     __u32 interp_head;       20  _PyRuntimeState.interpreters.head
+#     __u32 interp_next;       24  PyInterpreterState.next
+#     __u32 interp_threads;    28  PyInterpreterState.threads.head (tstate_head)
+#     __u32 tstate_next;       32  PyThreadState.next
+#     __u32 tstate_thread_id;  36  PyThreadState.thread_id (pthread_t)
+#     __u32 tstate_frame;      40  frame (3.8-3.10) / current_frame (3.13+) / NONE
+#     __u32 tstate_cframe;     44  cframe (3.11, 3.12) / NONE
+#     __u32 cframe_current;    48  _PyCFrame.current_frame
+#     __u32 cframe_previous;   52  _PyCFrame.previous
+#     __u32 frame_back;        56  f_back / previous
+#     __u32 frame_code;        60  f_code / f_executable
+#     __u32 frame_instr;       64  f_lasti / prev_instr / instr_ptr
+#     __u32 frame_owner;       68  owner (3.12+) / NONE
+#     __u32 frame_is_entry;    72  is_entry (3.11) / NONE
+#     __u32 owner_shim;        76  owner >= this: a C-stack frame (3.12+); 256 when none
+#     __u32 code_adaptive;     80  offsetof(PyCodeObject, co_code_adaptive) (3.11+)
+#     __u32 pad;               84
+# };                           88
+PY_PROC = struct.Struct("<QQIIIIIIIIIIIIIIIIII")
+assert PY_PROC.size == 88
+NONE = 0xFFFF  # an absent member: never read (the code tests before using it)
+
+# The thread map: struct { __u32 tgid; __u32 pad; __u64 pthread; } -> __u64 tstate
+PY_THREAD_KEY = struct.Struct("<IIQ")
+U64 = struct.Struct("<Q")
+
+#: Bytes of a frame read at once: every field the walk uses must lie below.
+FRAME_READ = 128
+#: Bounds of the program's own search for a thread state it was not given.
+SEARCH_INTERPRETERS = 4
+SEARCH_THREADS = 32
+
+DEFAULT_MAX_PROCS = 4096
+DEFAULT_MAX_THREADS = 65536
+
+# Where the walk keeps its state, on the program's stack (offsets from r10),
+# below what perfagent.stackprog.program uses (down to -144).
+OFF_PY_KEY = -168          # struct py_thread_key
+OFF_PY_TSTATE = -176       # u64
+OFF_PY_CFRAME = -192       # u64: 3.11's current _PyCFrame
+OFF_PY_FRAME = -200        # u64: the frame being read
+OFF_PY_HEAD = -200 - FRAME_READ   # the frame's first FRAME_READ bytes
+OFF_PY_T = OFF_PY_HEAD - 8        # u64 scratch
+assert OFF_PY_T >= -512
+
+
+class PyWalkMaps(NamedTuple):
+    procs: Map                 # tgid -> struct py_proc
+    threads: Map               # struct py_thread_key -> tstate
+    fsbase_off: int            # offsetof(task_struct, thread.fsbase)
+
+
+def pack_proc(runtime: int, layout: Layout) -> bytes:
+    """The ``struct py_proc`` of one interpreter."""
+    model = MODEL_FRAME_OBJECT if layout.frame_model == FRAME_OBJECT else MODEL_INTERPRETER_FRAME
+
+    def o(v: Optional[int]) -> int:
+        return NONE if v is None else v
+
+    # The walk reads the frame's head once and takes the u64 members at
+    # 8-aligned offsets (masked for the verifier), the u8 ones anywhere.
+    for field, aligned in ((layout.frame_back, True), (layout.frame_code, True),
+                           (layout.frame_instr, True), (layout.frame_owner, False),
+                           (layout.frame_is_entry, False)):
+        if field is None:
+            continue
+        if field + (8 if aligned else 1) > FRAME_READ or (aligned and field % 8):
+            raise ValueError("frame member at %d is not where the walk can read it" % field)
+    return PY_PROC.pack(
+        runtime, layout.code_tag_mask or 0, model,
+        layout.runtime_interpreters_head, layout.interp_next, o(layout.interp_threads_head),
+        layout.tstate_next, layout.tstate_thread_id,
+        o(layout.tstate_frame), o(layout.tstate_cframe),
+        o(layout.cframe_current_frame), o(layout.cframe_previous),
+        layout.frame_back, layout.frame_code, layout.frame_instr,
+        o(layout.frame_owner), o(layout.frame_is_entry),
+        layout.frame_owner_shim if layout.frame_owner_shim is not None else 256,
+        o(layout.code_adaptive), 0)
+
+
+def make_maps(fsbase_off: int, max_procs: int = DEFAULT_MAX_PROCS,
+              max_threads: int = DEFAULT_MAX_THREADS) -> PyWalkMaps:
+    procs = HashMap(4, PY_PROC.size, max_procs, name="py_procs")
+    try:
+        threads = Map(sc.BPF_MAP_TYPE_LRU_HASH, PY_THREAD_KEY.size, 8, max_threads, name="py_threads")
+    except BaseException:
+        procs.close()
+        raise
+    return PyWalkMaps(procs, threads, fsbase_off)
+
+
+def fsbase_offset() -> int:
+    """offsetof(struct task_struct, thread.fsbase) on this kernel (x86-64)."""
+    from perfagent.bpf.btf import vmlinux
+    return vmlinux().member("task_struct", "thread.fsbase").offset
+
+
+def _read_user(p: Program, dst_off: int, size: int, src) -> None:
+    """fp+dst_off = size bytes at user address ``src`` (a register); r0 = result."""
+    p.mov(R1, FP).add(R1, dst_off)
+    p.mov(R2, size)
+    p.mov(R3, src)
+    p.call("probe_read_user")
+
+
+def _proc_field(p: Program, dst, field_off: int) -> None:
+    """dst = (u32) proc->field (r8 holds the py_proc pointer)."""
+    p.ldx(W, dst, R8, field_off)
+
+
+def _head_u64(p: Program, dst, field_off: int, tag: str) -> None:
+    """dst = the u64 at proc->field within the frame head read at OFF_PY_HEAD.
+
+    The member offset comes from the map: bounded with a mask so the
+    verifier sees a read inside the stack buffer."""
+    p.ldx(W, R1, R8, field_off)
+    p.and_(R1, FRAME_READ - 8)       # FRAME_READ is a power of two; 8-byte aligned members
+    p.mov(R2, FP).add(R2, OFF_PY_HEAD)
+    p.add(R2, R1)
+    p.ldx(DW, dst, R2, 0)
+
+
+def _head_u8(p: Program, dst, field_off: int) -> None:
+    p.ldx(W, R1, R8, field_off)
+    p.and_(R1, FRAME_READ - 1)
+    p.mov(R2, FP).add(R2, OFF_PY_HEAD)
+    p.add(R2, R1)
+    p.ldx(B, dst, R2, 0)
+
+
+def _emit_entry(p: Program, code_reg, instr_reg, flags: int, tag: str) -> None:
+    """frames[n] = {code, instr, flags}; n += 1 (n is pystack.n).  Uses r1.
+
+    The count lives in the map value, not in a register or on the stack: a
+    value loaded from a map is an unknown scalar to the verifier, so the
+    states after any number of entries are alike and prune; an exact count
+    would make every unrolled frame a different state per count.
+    """
+    p.ldx(W, R1, BUF, PYTHON_OFF)
+    p.jge(R1, PY_MAX_FRAMES, tag + "_full")
+    p.lsh(R1, 4)                                   # * PYFRAME_SIZE
+    p.add(R1, BUF)
+    p.stx(DW, R1, code_reg, PYTHON_OFF + PYSTACK_HDR.size + 0)
+    p.stx(W, R1, instr_reg, PYTHON_OFF + PYSTACK_HDR.size + 8)
+    p.st(W, R1, PYTHON_OFF + PYSTACK_HDR.size + 12, flags)
+    p.ldx(W, R1, BUF, PYTHON_OFF)
+    p.add(R1, 1)
+    p.stx(W, BUF, R1, PYTHON_OFF)
+    p.label(tag + "_full")
+
+
+assert PYFRAME_SIZE == 16
+
+
+def _set_flag(p: Program, flag: int) -> None:
+    p.ldx(W, R1, BUF, PYTHON_OFF + 4)
+    p.or_(R1, flag)
+    p.stx(W, BUF, R1, PYTHON_OFF + 4)
+
+
+def emit_python_walk(maps: PyWalkMaps, key_tgid_off: int):
+    """A ``python_walk(p, tag)`` for perfagent.stackprog.program.emit_capture.
+
+    ``key_tgid_off``: the stack slot holding the current tgid (u32).  The
+    walk writes ``struct pystack`` at buf+PYTHON_OFF.  Uses r8 (the py_proc
+    pointer) and r9 (the frame), r0-r5, and the stack slots above.
+    """
+
+    def walk(p: Program, tag: str) -> None:
+        t = tag
+        done = t + "_done"
+        p.st(DW, BUF, PYTHON_OFF, 0)                           # n = 0, flags = 0
+        p.ld_map_fd(R1, maps.procs)
+        p.mov(R2, FP).add(R2, key_tgid_off)
+        p.call("map_lookup_elem")
+        p.jeq(R0, 0, done)                                     # not a CPython process
+        p.mov(R8, R0)
+        # -- which thread state: the fs base is the thread's pthread_t --------
+        p.copy_mem(W, FP, OFF_PY_KEY + 0, FP, key_tgid_off)
+        p.st(W, FP, OFF_PY_KEY + 4, 0)
+        p.call("get_current_task_btf")
+        p.copy_mem(DW, FP, OFF_PY_KEY + 8, R0, maps.fsbase_off)
+        p.ld_map_fd(R1, maps.threads)
+        p.mov(R2, FP).add(R2, OFF_PY_KEY)
+        p.call("map_lookup_elem")
+        p.jeq(R0, 0, t + "_search")
+        p.ldx(DW, R9, R0, 0)                                   # the cached tstate ...
+        p.stx(DW, FP, R9, OFF_PY_TSTATE)
+        _proc_field(p, R3, 36)                                 # ... validated: its thread_id
+        p.add(R3, R9)
+        _read_user(p, OFF_PY_T, 8, R3)
+        p.jne(R0, 0, t + "_search")
+        p.ldx(DW, R1, FP, OFF_PY_T)
+        p.ldx(DW, R2, FP, OFF_PY_KEY + 8)
+        p.jeq(R1, R2, t + "_walk")
+
+        # -- not known (yet): search the interpreters' thread lists ------------
+        p.label(t + "_search")
+        p.ldx(DW, R3, R8, 0)                                   # runtime
+        _proc_field(p, R1, 20)
+        p.add(R3, R1)
+        _read_user(p, OFF_PY_FRAME, 8, R3)                     # interp = runtime->interpreters.head
+        p.jne(R0, 0, t + "_nothread")
+        for k in range(SEARCH_INTERPRETERS):
+            ik = "%s_i%d" % (t, k)
+            p.ldx(DW, R9, FP, OFF_PY_FRAME)                    # the interpreter
+            p.jeq(R9, 0, t + "_nothread")
+            _proc_field(p, R3, 28)
+            p.add(R3, R9)
+            _read_user(p, OFF_PY_TSTATE, 8, R3)                # its first thread state
+            p.jne(R0, 0, t + "_nothread")
+            for j in range(SEARCH_THREADS):
+                tj = "%s_t%d" % (ik, j)
+                p.ldx(DW, R9, FP, OFF_PY_TSTATE)
+                p.jeq(R9, 0, ik + "_next")
+                _proc_field(p, R3, 36)
+                p.add(R3, R9)
+                _read_user(p, OFF_PY_T, 8, R3)
+                p.jne(R0, 0, ik + "_next")
+                p.ldx(DW, R1, FP, OFF_PY_T)
+                p.ldx(DW, R2, FP, OFF_PY_KEY + 8)
+                p.jeq(R1, R2, t + "_found")
+                _proc_field(p, R3, 32)
+                p.add(R3, R9)
+                _read_user(p, OFF_PY_TSTATE, 8, R3)            # tstate = tstate->next
+                p.jne(R0, 0, ik + "_next")
+                p.label(tj + "_end")
+            p.label(ik + "_next")
+            p.ldx(DW, R9, FP, OFF_PY_FRAME)
+            _proc_field(p, R3, 24)
+            p.add(R3, R9)
+            _read_user(p, OFF_PY_FRAME, 8, R3)                 # interp = interp->next
+            p.jne(R0, 0, t + "_nothread")
+        p.ja(t + "_nothread")
+        p.label(t + "_found")
+        p.ld_map_fd(R1, maps.threads)                          # cache it
+        p.mov(R2, FP).add(R2, OFF_PY_KEY)
+        p.mov(R3, FP).add(R3, OFF_PY_TSTATE)
+        p.mov(R4, sc.BPF_ANY)
+        p.call("map_update_elem")
+        p.ja(t + "_walk")
+        p.label(t + "_nothread")
+        _set_flag(p, PYSTACK_NO_THREAD)
+        p.ja(done)
+
+        # -- the walk -----------------------------------------------------------
+        p.label(t + "_walk")
+        p.st(DW, FP, OFF_PY_CFRAME, 0)
+        p.ldx(DW, R9, FP, OFF_PY_TSTATE)
+        _proc_field(p, R1, 44)                                 # tstate_cframe
+        p.jeq(R1, 0xFFFF, t + "_no_cframe")
+        p.mov(R3, R9).add(R3, R1)
+        _read_user(p, OFF_PY_CFRAME, 8, R3)                    # cframe = tstate->cframe
+        p.jne(R0, 0, t + "_bad")
+        p.ldx(DW, R3, FP, OFF_PY_CFRAME)
+        _proc_field(p, R1, 48)
+        p.add(R3, R1)
+        _read_user(p, OFF_PY_FRAME, 8, R3)                     # frame = cframe->current_frame
+        p.jne(R0, 0, t + "_bad")
+        p.ja(t + "_model")
+        p.label(t + "_no_cframe")
+        _proc_field(p, R1, 40)
+        p.mov(R3, R9).add(R3, R1)
+        _read_user(p, OFF_PY_FRAME, 8, R3)                     # frame = tstate->frame / current_frame
+        p.jne(R0, 0, t + "_bad")
+        p.label(t + "_model")
+        _proc_field(p, R1, 16)
+        p.jeq(R1, MODEL_FRAME_OBJECT, t + "_m1")
+        _walk_interpreter_frames(p, t)
+        p.ja(t + "_count")
+        p.label(t + "_m1")
+        _walk_frame_objects(p, t)
+        p.label(t + "_count")
+        p.ja(done)
+        p.label(t + "_bad")
+        _set_flag(p, PYSTACK_BAD_READ)
+        p.label(done)
+
+    return walk
+
+
+def _walk_frame_objects(p: Program, t: str) -> None:
+    """3.8-3.10: every PyFrameObject, f_back after f_back (one eval call each)."""
+    for k in range(PY_MAX_FRAMES + 1):
+        fk = "%s_f1_%d" % (t, k)
+        p.ldx(DW, R9, FP, OFF_PY_FRAME)
+        p.jeq(R9, 0, t + "_m1_end")
+        if k == PY_MAX_FRAMES:
+            _set_flag(p, PYSTACK_TRUNCATED)
+            p.ja(t + "_m1_end")
+            break
+        _read_user(p, OFF_PY_HEAD, FRAME_READ, R9)
+        p.jne(R0, 0, t + "_m1_bad")
+        _head_u64(p, R4, 60, fk + "_code")                     # f_code
+        _head_u64(p, R5, 64, fk + "_lasti")                    # f_lasti (an int: the low 32 bits)
+        p.stx(DW, FP, R4, OFF_PY_T)
+        _emit_entry(p, R4, R5, 0, fk + "_e")
+        _head_u64(p, R9, 56, fk + "_back")                     # f_back
+        p.stx(DW, FP, R9, OFF_PY_FRAME)
+    p.label(t + "_m1_bad")
+    _set_flag(p, PYSTACK_BAD_READ)
+    p.label(t + "_m1_end")
+
+
+def _walk_interpreter_frames(p: Program, t: str) -> None:
+    """3.11+: _PyInterpreterFrame.previous; C-stack frames become links."""
+    for k in range(PY_MAX_FRAMES + 1):
+        fk = "%s_f2_%d" % (t, k)
+        p.ldx(DW, R9, FP, OFF_PY_FRAME)
+        p.jeq(R9, 0, t + "_m2_end")
+        if k == PY_MAX_FRAMES:
+            _set_flag(p, PYSTACK_TRUNCATED)
+            p.ja(t + "_m2_end")
+            break
+        _read_user(p, OFF_PY_HEAD, FRAME_READ, R9)
+        p.jne(R0, 0, t + "_m2_bad")
+        # A frame owned by the C stack (3.12+): a link, not a Python frame.
+        _proc_field(p, R1, 68)
+        p.jeq(R1, 0xFFFF, fk + "_python")
+        _head_u8(p, R4, 68)
+        _proc_field(p, R1, 76)
+        p.jlt(R4, R1, fk + "_python")
+        p.mov(R5, 0)
+        _emit_entry(p, R9, R5, PYFRAME_LINK, fk + "_link")
+        p.ja(fk + "_next")
+        p.label(fk + "_python")
+        _head_u64(p, R4, 60, fk + "_code")                     # f_code / f_executable
+        p.ldx(DW, R1, R8, 8)
+        p.xor(R1, -1)
+        p.and_(R4, R1)                                         # clear the stack-ref tag bits
+        _head_u64(p, R5, 64, fk + "_instr")                    # prev_instr / instr_ptr
+        p.sub(R5, R4)
+        _proc_field(p, R1, 80)
+        p.sub(R5, R1)                                          # byte offset in the code
+        p.stx(DW, FP, R4, OFF_PY_T)
+        _emit_entry(p, R4, R5, 0, fk + "_e")
+        # 3.11: is_entry ends this eval call; its link is the current _PyCFrame.
+        _proc_field(p, R1, 72)
+        p.jeq(R1, 0xFFFF, fk + "_next")
+        _head_u8(p, R4, 72)
+        p.jeq(R4, 0, fk + "_next")
+        p.ldx(DW, R4, FP, OFF_PY_CFRAME)
+        p.mov(R5, 0)
+        _emit_entry(p, R4, R5, PYFRAME_LINK, fk + "_cf")
+        p.ldx(DW, R3, FP, OFF_PY_CFRAME)
+        p.jeq(R3, 0, fk + "_next")
+        _proc_field(p, R1, 52)
+        p.add(R3, R1)
+        _read_user(p, OFF_PY_CFRAME, 8, R3)                    # cframe = cframe->previous
+        p.jeq(R0, 0, fk + "_next")
+        p.st(DW, FP, OFF_PY_CFRAME, 0)
+        p.label(fk + "_next")
+        _head_u64(p, R9, 56, fk + "_back")                     # previous
+        p.stx(DW, FP, R9, OFF_PY_FRAME)
+    p.label(t + "_m2_bad")
+    _set_flag(p, PYSTACK_BAD_READ)
+    p.label(t + "_m2_end")
