@@ -35,6 +35,7 @@ KIND_JIT = "jit"
 _KERNEL_MAPPINGS = frozenset(("[kernel]", "[kernel.kallsyms]"))
 _JIT_MAPPINGS = frozenset(("[jit]",))
 PY_PERF_MAP_PREFIX = "py::"  # CPython's perf trampoline symbols: py::qualname:file
+_FROZEN_PREFIX = "<frozen "  # co_filename of the code of frozen modules (importlib, os, ...)
 # Where installed Python packages and the standard library live: the path
 # after these is the module path (what py-spy and tracebacks users know).
 _PACKAGE_DIRS = ("/site-packages/", "/dist-packages/")
@@ -195,9 +196,12 @@ def _line_frame(function: Optional[Function], line: int, mapping_kind: str, line
 
 
 def _is_python(function: Function) -> bool:
-    """A Python function: its file is a .py file, or it is a CPython perf-map
-    symbol (``py::qualname:file``, which also names frozen modules' code)."""
-    return function.filename.endswith(".py") or function.system_name.startswith(PY_PERF_MAP_PREFIX)
+    """A Python function: its file is a .py file or a frozen module's
+    (``<frozen importlib._bootstrap>``), or it is a CPython perf-map symbol
+    (``py::qualname:file``)."""
+    filename = function.filename
+    return (filename.endswith(".py") or filename.startswith(_FROZEN_PREFIX)
+            or function.system_name.startswith(PY_PERF_MAP_PREFIX))
 
 
 def short_python_path(path: str) -> str:
