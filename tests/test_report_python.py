@@ -18,7 +18,7 @@ import pytest
 
 from conftest import REPO
 from test_report_profiles import (
-    EVAL, MS, PYTHON_FIRST_STACKS, PYTHON_STACKS, PYTHON_TOTAL, known_profile, python_profile, random_profile,
+    EVAL, PYTHON_FIRST_STACKS, PYTHON_STACKS, known_profile, python_profile, random_profile,
     run_report, write_profile_file,
 )
 
