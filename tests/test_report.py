@@ -13,7 +13,10 @@ from typing import Dict, List, Tuple
 import pytest
 
 from conftest import REPO, agent_env
-from test_report_profiles import KNOWN_CUM, KNOWN_FLAT, KNOWN_TOTAL, known_profile, run_report, write_profile_file
+from test_report_profiles import (
+    KNOWN_CUM, KNOWN_FLAT, KNOWN_TOTAL, PYTHON_FIRST_CUM, PYTHON_FIRST_FLAT, known_profile, run_report,
+    write_profile_file,
+)
 
 from perfagent.report.units import ValueFormatter, format_percent
 
@@ -45,15 +48,20 @@ def ms(count: int) -> str:
 # ------------------------------------------------------------------ top table
 
 
-def test_top_table_matches_hand_computed_totals(known_path, capsys):
-    code, out, err = run_report([known_path, "--top", "0"], capsys)
+@pytest.mark.parametrize("flags, flats, cums", [
+    ([], PYTHON_FIRST_FLAT, PYTHON_FIRST_CUM),  # the profile has a Python frame: Python first
+    (["--native"], KNOWN_FLAT, KNOWN_CUM),
+])
+def test_top_table_matches_hand_computed_totals(known_path, capsys, flags, flats, cums):
+    code, out, err = run_report([known_path, "--top", "0"] + flags, capsys)
     assert code == 0, err
     assert "Type: cpu" in out
+    assert ("View: Python first" in out) == (not flags)
     assert "Showing nodes accounting for 32ms, 100% of 32ms total" in out
     rows = by_name(out)
-    assert set(rows) == set(KNOWN_FLAT)
-    for name, flat in KNOWN_FLAT.items():
-        cum = KNOWN_CUM[name]
+    assert set(rows) == set(flats)
+    for name, flat in flats.items():
+        cum = cums[name]
         assert rows[name][0] == ms(flat), name
         assert rows[name][1] == format_percent(flat, KNOWN_TOTAL), name
         assert rows[name][3] == ms(cum), name
@@ -61,7 +69,7 @@ def test_top_table_matches_hand_computed_totals(known_path, capsys):
 
 
 def test_top_is_sorted_by_flat_with_running_sum(known_path, capsys):
-    _, out, _ = run_report([known_path, "--top", "0"], capsys)
+    _, out, _ = run_report([known_path, "--top", "0", "--native"], capsys)
     rows = top_rows(out)
     flats = [KNOWN_FLAT[row[5]] for row in rows]
     assert flats == sorted(flats, reverse=True)
@@ -82,7 +90,7 @@ def test_cum_sorts_by_cumulative(known_path, capsys):
 
 
 def test_top_limits_rows_and_header_counts_shown_flat(known_path, capsys):
-    _, out, _ = run_report([known_path, "--top", "2"], capsys)
+    _, out, _ = run_report([known_path, "--top", "2", "--native"], capsys)
     assert [row[5] for row in top_rows(out)] == ["leaf_a", "leaf_b"]
     assert "Showing nodes accounting for 23ms, 71.88% of 32ms total" in out
 
@@ -160,7 +168,8 @@ def test_percent_formatting():
 
 
 def test_tree_indents_callees_under_callers(known_path, capsys):
-    code, out, err = run_report([known_path, "--tree", "--sample-index", "samples", "--min-percent", "0"], capsys)
+    code, out, err = run_report([known_path, "--tree", "--sample-index", "samples", "--min-percent", "0",
+                                 "--native"], capsys)
     assert code == 0, err
     paths = [line[TREE_PATH_COLUMN:] for line in out.splitlines()[3:]]
     assert paths[:4] == ["main", "  compute", "    leaf_a", "    leaf_b"]

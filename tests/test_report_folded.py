@@ -29,13 +29,14 @@ def test_every_line_parses_and_counts_sum_to_total(known_path, capsys):
     assert sum(int(LINE.match(line).group(2)) for line in lines) == KNOWN_TOTAL * MS
 
 
-def test_round_trip_gives_the_profiles_stacks(known_path, capsys):
-    _, out, _ = run_report([known_path, "--folded"], capsys)
-    assert read_folded(out.splitlines()) == known_folded_stacks()
+@pytest.mark.parametrize("native", [False, True])
+def test_round_trip_gives_the_profiles_stacks(known_path, capsys, native):
+    _, out, _ = run_report([known_path, "--folded"] + (["--native"] if native else []), capsys)
+    assert read_folded(out.splitlines()) == known_folded_stacks(native)
 
 
 def test_kernel_jit_and_unsymbolized_frames(known_path, capsys):
-    _, out, _ = run_report([known_path, "--folded", "--sample-index", "samples"], capsys)
+    _, out, _ = run_report([known_path, "--folded", "--sample-index", "samples", "--native"], capsys)
     lines = set(out.splitlines())
     assert "main;compute;sys_write_[k] 2" in lines
     assert "main;jitted_[j] 1" in lines

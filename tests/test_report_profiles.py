@@ -33,6 +33,10 @@ KNOWN_FLAT = {"leaf_a": 13, "leaf_b": 10, "recurse": 4, "sys_write": 2, "0x1234"
               "main": 0, "compute": 0, "py_handler": 0}
 KNOWN_CUM = {"main": 27, "compute": 17, "leaf_a": 13, "leaf_b": 10, "recurse": 4, "sys_write": 2,
              "0x1234": 2, "jitted": 1, "py_handler": 5}
+# The same in the Python-first view (the default: the profile has a Python
+# frame): py_handler -> leaf_b becomes py_handler alone, leaf_b's 5 its self time.
+PYTHON_FIRST_FLAT = dict(KNOWN_FLAT, leaf_b=5, py_handler=5)
+PYTHON_FIRST_CUM = dict(KNOWN_CUM, leaf_b=5)
 
 
 def known_profile() -> Profile:
@@ -59,11 +63,14 @@ def known_profile() -> Profile:
     return builder.to_profile()
 
 
-def known_folded_stacks() -> Dict[Tuple[str, ...], int]:
-    """What the folded output of known_profile() must hold (cpu values, suffixes applied)."""
+def known_folded_stacks(native: bool = False) -> Dict[Tuple[str, ...], int]:
+    """What the folded output of known_profile() must hold (cpu values, suffixes applied);
+    by default in the Python-first view, where py_handler's native callee is cut."""
     suffix = {"sys_write": "_[k]", "jitted": "_[j]"}
     out: Dict[Tuple[str, ...], int] = {}
     for stack, count, _, _ in KNOWN_STACKS:
+        if not native and stack[0] == "py_handler":
+            stack = stack[:1]
         key = tuple(name + suffix.get(name, "") for name in stack)
         out[key] = out.get(key, 0) + count * MS
     return out
@@ -112,3 +119,72 @@ def run_report(args: Sequence[str], capsys) -> Tuple[int, str, str]:
     code = main(list(args))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+# ------------------------------------------------------------------ a Python profile
+
+# Python functions: qualname -> (file, first line). Their frames carry the
+# sampled line, as the in-kernel walker will write them (Line.line, and
+# Function.start_line = co_firstlineno).
+PY_FUNCTIONS = {
+    "<module>": ("/srv/app.py", 1),
+    "handle": ("/srv/app.py", 10),
+    "dumps": ("/usr/lib/python3.13/json/__init__.py", 183),
+    "JSONEncoder.encode": ("/usr/lib/python3.13/json/encoder.py", 183),
+    "render": ("/venv/lib/python3.13/site-packages/jinja2/environment.py", 1280),
+}
+EVAL = "_PyEval_EvalFrameDefault"
+# (root-first stack of "name" or "name@line" for Python frames, count). The
+# interpreter's frames sit between Python frames as in a --keep-native-frames
+# capture (the eval loop running a function just leafward of its frame, as
+# with CPython's perf trampolines); the kernel frame is clear_page_erms, the
+# C extension _json's.
+PYTHON_STACKS: List[Tuple[Tuple[str, ...], int]] = [
+    (("main", "Py_RunMain", "PyEval_EvalCode", "<module>@40", EVAL, "handle@12", EVAL), 7),
+    (("main", "Py_RunMain", "PyEval_EvalCode", "<module>@40", EVAL, "handle@14", EVAL, "PyObject_Vectorcall",
+      "dumps@231", EVAL, "JSONEncoder.encode@200", EVAL, "encoder_listencode_obj", "clear_page_erms"), 5),
+    (("main", "Py_RunMain", "PyEval_EvalCode", "<module>@40", EVAL, "handle@14", EVAL, "render@1295", EVAL), 3),
+    (("start_thread", "worker_loop", "memcpy"), 4),  # a native thread: no Python frame
+    (("main", "Py_RunMain", "PyEval_EvalCode", "<module>@40"), 1),
+]
+PYTHON_TOTAL = 20
+# The Python-first view of PYTHON_STACKS, worked out by hand: frames rootward
+# of <module> stay, the interpreter between Python frames goes, and
+# everything under the innermost Python frame is its self time.
+PYTHON_FIRST_STACKS = {
+    ("main", "Py_RunMain", "PyEval_EvalCode", "<module>", "handle"): 7,
+    ("main", "Py_RunMain", "PyEval_EvalCode", "<module>", "handle", "dumps", "JSONEncoder.encode"): 5,
+    ("main", "Py_RunMain", "PyEval_EvalCode", "<module>", "handle", "render"): 3,
+    ("start_thread", "worker_loop", "memcpy"): 4,
+    ("main", "Py_RunMain", "PyEval_EvalCode", "<module>"): 1,
+}
+
+
+def python_profile() -> Profile:
+    """PYTHON_STACKS as a profile: [samples/count, cpu/nanoseconds], 1ms per count."""
+    builder = ProfileBuilder([("samples", "count"), ("cpu", "nanoseconds")],
+                             period_type=("cpu", "nanoseconds"), period=MS)
+    exe = builder.add_mapping(0x400000, 0x800000, 0, "/usr/bin/python3.13")
+    json_so = builder.add_mapping(0x7f1000000000, 0x7f1000100000, 0,
+                                  "/usr/lib/python3.13/lib-dynload/_json.cpython-313-x86_64-linux-gnu.so")
+    kernel = builder.add_mapping(0xffffffff81000000, 0xffffffff82000000, 0, "[kernel]")
+    native = {"encoder_listencode_obj": json_so, "clear_page_erms": kernel}
+    locations: Dict[str, int] = {}
+    address = 0x1000
+    for stack, _ in PYTHON_STACKS:
+        for frame in stack:
+            if frame in locations:
+                continue
+            address += 0x10
+            name, _, line = frame.partition("@")
+            if line:  # a Python frame: no mapping, the line recorded
+                filename, first_line = PY_FUNCTIONS[name]
+                function = builder.function_id(name, "", filename, first_line)
+                locations[frame] = builder.location_id(0, 0, ((function, int(line)),))
+            else:
+                mapping = native.get(name, exe)
+                base = {exe: 0x400000, json_so: 0x7f1000000000, kernel: 0xffffffff81000000}[mapping]
+                locations[frame] = builder.location_id(mapping, base + address, ((builder.function_id(name, name), 0),))
+    for stack, count in PYTHON_STACKS:
+        builder.add_sample(tuple(locations[frame] for frame in reversed(stack)), (count, count * MS))
+    return builder.to_profile()

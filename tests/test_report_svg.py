@@ -46,7 +46,9 @@ def frame_record(group: ET.Element) -> dict:
 def known_svg(tmp_path, capsys) -> str:
     path = write_profile_file(known_profile(), str(tmp_path / "known.pb.gz"))
     target = tmp_path / "flame.svg"
-    code, out, err = run_report([path, "--svg", str(target)], capsys)
+    # --native: these tests check the drawing against the stacks as recorded
+    # (the Python-first view is tested in test_report_python.py).
+    code, out, err = run_report([path, "--svg", str(target), "--native"], capsys)
     assert code == 0, err
     assert out == ""
     return target.read_text()

@@ -16,11 +16,12 @@ the file stays bounded however many distinct stacks the profile has.
 from __future__ import annotations
 
 import zlib
-from typing import List, Tuple
+from typing import Iterator, List, Tuple
 from xml.sax.saxutils import escape, quoteattr
 
-from perfagent.report.calltree import CHILDREN, TOTAL, Node, build_call_tree
+from perfagent.report.calltree import ROOT, build_call_tree
 from perfagent.report.stacks import KIND_JIT, KIND_KERNEL, KIND_PYTHON, StackSet
+from perfagent.report.text import display
 from perfagent.report.units import ValueFormatter, format_percent
 
 DEFAULT_WIDTH = 1200
@@ -45,33 +46,43 @@ _PALETTE = {
 class FlameFrame:
     """One drawn rectangle; ``start`` and ``value`` are in sample units."""
 
-    __slots__ = ("name", "kind", "depth", "start", "value")
+    __slots__ = ("name", "kind", "depth", "start", "value", "file", "line")
 
-    def __init__(self, name: str, kind: str, depth: int, start: int, value: int) -> None:
+    def __init__(self, name: str, kind: str, depth: int, start: int, value: int, file: str = "",
+                 line: int = 0) -> None:
         self.name = name
         self.kind = kind
         self.depth = depth
         self.start = start
         self.value = value
+        self.file = file
+        self.line = line
+
+    def where(self) -> str:
+        """``file:line`` for the tooltip ("" when the frame has no file)."""
+        if not self.file:
+            return ""
+        return "%s:%d" % (self.file, self.line) if self.line > 0 else self.file
 
 
 def layout_frames(stacks: StackSet, min_fraction: float = DEFAULT_MIN_FRACTION) -> Tuple[List[FlameFrame], int]:
     """The frames to draw (the root "all" first) and the total value."""
-    root = build_call_tree(stacks.merged_stacks())
-    total = root[TOTAL]
+    tree = build_call_tree(stacks.merged_stacks(), len(stacks.frames))
+    total = tree.total[ROOT]
     threshold = max(total * min_fraction, 1)
     frames = [FlameFrame("all", "root", 0, 0, total)]
     names = stacks.frames
+    frame_of, totals = tree.frame, tree.total
     # Iterative walk: stacks may be deeper than the recursion limit.
-    pending: List[Tuple[Node, int, int]] = [(root, 0, 0)]
+    pending: List[Tuple[int, int, int]] = [(ROOT, 0, 0)]
     while pending:
         node, depth, start = pending.pop()
         offset = start
-        for frame_id, child in sorted(node[CHILDREN].items(), key=lambda item: names[item[0]]):
-            value = child[TOTAL]
+        for child in tree.sorted_children(node, lambda child: names[frame_of[child]].name):
+            value = totals[child]
             if value >= threshold:
-                frame = names[frame_id]
-                frames.append(FlameFrame(frame.name, frame.kind, depth + 1, offset, value))
+                frame = names[frame_of[child]]
+                frames.append(FlameFrame(frame.name, frame.kind, depth + 1, offset, value, frame.file, frame.line))
                 pending.append((child, depth + 1, offset))
             offset += value
     return frames, total
@@ -101,18 +112,23 @@ def fit_label(name: str, width: float) -> str:
 def render_svg(stacks: StackSet, title: str = "Flame Graph", width: int = DEFAULT_WIDTH,
                min_fraction: float = DEFAULT_MIN_FRACTION) -> str:
     """The whole SVG document as a string."""
+    return "".join(iter_svg(stacks, title, width, min_fraction))
+
+
+def iter_svg(stacks: StackSet, title: str = "Flame Graph", width: int = DEFAULT_WIDTH,
+             min_fraction: float = DEFAULT_MIN_FRACTION) -> Iterator[str]:
+    """render_svg's document in pieces, for writing without one huge string."""
     frames, total = layout_frames(stacks, min_fraction)
     formatter = ValueFormatter(stacks.unit, [total] if total else [])
     max_depth = max(frame.depth for frame in frames)
     height = TOP_MARGIN + (max_depth + 1) * FRAME_HEIGHT + BOTTOM_MARGIN
     plot_width = width - 2 * PAD_X
     scale = plot_width / total if total else 0.0
-    parts = [_header(width, height, title, total, plot_width, stacks)]
+    yield _header(width, height, display(title), total, plot_width, stacks)
     bottom = height - BOTTOM_MARGIN
     for frame in frames:
-        parts.append(_frame_element(frame, scale, bottom, total, formatter))
-    parts.append("</g>\n</svg>\n")
-    return "".join(parts)
+        yield _frame_element(frame, scale, bottom, total, formatter)
+    yield "</g>\n</svg>\n"
 
 
 def _frame_element(frame: FlameFrame, scale: float, bottom: int, total: int, formatter: ValueFormatter) -> str:
@@ -120,6 +136,11 @@ def _frame_element(frame: FlameFrame, scale: float, bottom: int, total: int, for
     w = frame.value * scale
     y = bottom - (frame.depth + 1) * FRAME_HEIGHT
     tip = "%s (%s, %s)" % (frame.name, formatter.format(frame.value), format_percent(frame.value, total))
+    where = frame.where()
+    if where:
+        # Second line of the tooltip: where the (Python) function is, or
+        # with --lines the sampled line.
+        tip += "\n" + where
     fill = "rgb(240,240,240)" if frame.kind == "root" else frame_color(frame.name, frame.kind)
     return (
         '<g class="f" data-s="%d" data-v="%d" data-d="%d"><title>%s</title>'
@@ -204,10 +225,11 @@ _SCRIPT = r"""
       var g = groups[i];
       if (g.getAttribute("class") !== "f") continue;
       var tip = g.getElementsByTagName("title")[0].textContent;
+      var head = tip.split("\n")[0];
       var rect = g.getElementsByTagName("rect")[0];
       frames.push({
         g: g, rect: rect, text: g.getElementsByTagName("text")[0],
-        name: tip.substring(0, tip.lastIndexOf(" (")), tip: tip,
+        name: head.substring(0, head.lastIndexOf(" (")), tip: tip.replace("\n", "  at "),
         start: +g.getAttribute("data-s"), value: +g.getAttribute("data-v"),
         depth: +g.getAttribute("data-d"), fill: rect.getAttribute("fill")
       });

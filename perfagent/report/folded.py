@@ -4,6 +4,9 @@ The format has no escaping, so a ";" inside a frame name (rare, but legal
 in C++ operator names) is written as ":" and line breaks as spaces; names
 may hold spaces, which is why readers split the count off the last space.
 Kernel frames get the conventional ``_[k]`` suffix and JIT frames ``_[j]``.
+Names arrive escaped (text.display: no control characters, no undecodable
+bytes), so every line is valid UTF-8; with ``--lines`` they carry
+``(file:line)``.
 """
 
 from __future__ import annotations

@@ -2,22 +2,30 @@
 
 Every view works on the same reduction, done once:
 
-* a *frame* is one (function name, kind) pair; inlined calls give several
-  frames per location, unsymbolized locations one ``0x...`` frame;
+* a *frame* is one (function name, kind) pair, plus the file (and first
+  line) for Python functions, and the line with ``--lines``; inlined calls
+  give several frames per location, unsymbolized locations one ``0x...``
+  frame; a Python frame is a function whose file is a ``.py`` file (or a
+  CPython perf-map symbol), whatever mapping it is in;
 * a *stack* is a tuple of frame ids, root first;
 * each sample keeps its stack, the value of the chosen sample type and the
   sample itself (for label filters).
 
 Frames are interned to small ints so stacks are cheap tuples to hash,
 compare and walk, which matters with 100k distinct stacks.
+
+``python_first`` then turns the stacks into the Python-first view (the
+report's default for profiles with Python frames).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from perfagent.errors import UsageError
-from perfagent.pprof.profile import Profile, Sample
+from perfagent.pprof.profile import Function, Profile, Sample
+from perfagent.report.text import display
 
 KIND_NATIVE = "native"
 KIND_PYTHON = "python"
@@ -26,11 +34,22 @@ KIND_JIT = "jit"
 
 _KERNEL_MAPPINGS = frozenset(("[kernel]", "[kernel.kallsyms]"))
 _JIT_MAPPINGS = frozenset(("[jit]",))
+PY_PERF_MAP_PREFIX = "py::"  # CPython's perf trampoline symbols: py::qualname:file
+_FROZEN_PREFIX = "<frozen "  # co_filename of the code of frozen modules (importlib, os, ...)
+# Where installed Python packages and the standard library live: the path
+# after these is the module path (what py-spy and tracebacks users know).
+_PACKAGE_DIRS = ("/site-packages/", "/dist-packages/")
+_STDLIB_DIR = re.compile(r"/lib/(?:pypy|python)\d+(?:\.\d+)?[a-z]*/")
+# The header line of the table and the tree in the Python-first view.
+PYTHON_FIRST_NOTE = ("View: Python first (native frames under a Python function count as its own time; "
+                     "--native shows them)")
 
 
 class Frame(NamedTuple):
-    name: str
+    name: str  # escaped for display; with --lines it carries "(file:line)"
     kind: str
+    file: str = ""  # Python frames (and, with --lines, frames with a line): the file as recorded
+    line: int = 0  # with --lines the sampled line, else a Python function's first line (0: unknown)
 
 
 class StackSample(NamedTuple):
@@ -40,20 +59,27 @@ class StackSample(NamedTuple):
 
 
 class StackSet:
-    """The interned frames plus one StackSample per profile sample."""
+    """The interned frames plus one StackSample per profile sample.
+
+    ``python_first`` is True when python_first() moved native time onto
+    Python frames (the views say so in their header).
+    """
 
     def __init__(self, frames: List[Frame], samples: List[StackSample], value_type: str, unit: str) -> None:
         self.frames = frames
         self.samples = samples
         self.value_type = value_type
         self.unit = unit
+        self.python_first = False
 
     def total(self) -> int:
         return sum(s.value for s in self.samples)
 
     def with_samples(self, samples: List[StackSample]) -> "StackSet":
         """The same frames over another list of samples (what filters return)."""
-        return StackSet(self.frames, samples, self.value_type, self.unit)
+        result = StackSet(self.frames, samples, self.value_type, self.unit)
+        result.python_first = self.python_first
+        return result
 
     def merged_stacks(self) -> Dict[Tuple[int, ...], int]:
         """Total value per distinct stack, in first-seen order; zero totals dropped."""
@@ -81,11 +107,21 @@ def choose_sample_index(profile: Profile, name: Optional[str]) -> int:
         return names.index(name)
     if name.isdigit() and int(name) < len(names):
         return int(name)
-    raise UsageError("--sample-index: no sample type %r in this profile (it has: %s)" % (name, ", ".join(names)))
+    raise UsageError("--sample-index: no sample type %r in this profile (it has: %s)"
+                     % (name, ", ".join(display(n) for n in names)))
 
 
-def load_stacks(profile: Profile, sample_index: int) -> StackSet:
-    """Reduce ``profile`` to a StackSet of the values at ``sample_index``."""
+def load_stacks(profile: Profile, sample_index: int, lines: bool = False) -> StackSet:
+    """Reduce ``profile`` to a StackSet of the values at ``sample_index``.
+
+    With ``lines``, a frame is a function at one line (``name (file:line)``)
+    wherever the profile records the line, as ``pprof -lines``; otherwise
+    one function is one frame. Strings are escaped for display here, once
+    per location (see text.py), so no view ever meets an unprintable name.
+    Time and memory are linear in the profile: stacks are built as lists
+    (no tuple concatenation per frame) and share the per-location tuples'
+    int objects.
+    """
     frame_ids: Dict[Frame, int] = {}
     frames: List[Frame] = []
 
@@ -97,38 +133,133 @@ def load_stacks(profile: Profile, sample_index: int) -> StackSet:
         return frame_id
 
     # Per location, its frames root first (reverse of pprof's leaf-first lines),
-    # computed once: samples then only concatenate these tuples.
+    # computed once: samples then only extend a list with these tuples.
     location_frames: Dict[int, Tuple[int, ...]] = {}
     functions = profile.function_by_id
     mappings = profile.mapping_by_id
+    # A function has many locations (one per sampled address): its frame
+    # (names escaped, kind decided) is made once per line it needs.
+    line_frames: Dict[Tuple[int, int, str], Optional[int]] = {}
     for location in profile.locations:
         mapping = mappings.get(location.mapping_id)
         mapping_kind = _mapping_kind(mapping.filename if mapping is not None else "")
         ids = []
         for line in location.lines:
-            function = functions.get(line.function_id)
-            name = (function.name or function.system_name) if function is not None else ""
-            if not name:
-                continue
-            kind = mapping_kind
-            if kind == KIND_NATIVE and function.filename.endswith(".py"):
-                kind = KIND_PYTHON
-            ids.append(intern(Frame(name, kind)))
+            key = (line.function_id, line.line if lines else 0, mapping_kind)
+            if key in line_frames:
+                frame_id = line_frames[key]
+            else:
+                frame = _line_frame(functions.get(line.function_id), line.line, mapping_kind, lines)
+                frame_id = line_frames[key] = intern(frame) if frame is not None else None
+            if frame_id is not None:
+                ids.append(frame_id)
         if not ids:
             ids.append(intern(Frame("0x%x" % location.address, mapping_kind)))
         location_frames[location.id] = tuple(reversed(ids))
 
     samples: List[StackSample] = []
+    append = samples.append
+    empty: Tuple[int, ...] = ()
     for sample in profile.samples:
-        stack: Tuple[int, ...] = ()
-        # Hot path (once per sample): leaf-first ids walked backwards, so the
-        # stack is built root first from the precomputed per-location tuples.
+        # Hot path (once per sample): leaf-first location ids walked backwards,
+        # each location's root-first frames appended in place: linear in the
+        # depth, where `stack += ...` on a tuple was quadratic.
+        stack: List[int] = []
+        extend = stack.extend
+        get = location_frames.get
         for location_id in reversed(sample.location_ids):
-            stack += location_frames.get(location_id, ())
+            extend(get(location_id, empty))
         value = sample.values[sample_index] if sample_index < len(sample.values) else 0
-        samples.append(StackSample(stack, value, sample))
+        append(StackSample(tuple(stack), value, sample))
     value_type = profile.sample_type[sample_index]
-    return StackSet(frames, samples, value_type.type, value_type.unit)
+    return StackSet(frames, samples, display(value_type.type), display(value_type.unit))
+
+
+def _line_frame(function: Optional[Function], line: int, mapping_kind: str, lines: bool) -> Optional[Frame]:
+    """The frame of one pprof Line, or None when its function has no name."""
+    if function is None:
+        return None
+    name = function.name or function.system_name
+    if not name:
+        return None
+    name = display(name)
+    filename = display(function.filename)
+    if mapping_kind != KIND_KERNEL and _is_python(function):
+        if lines:
+            where = short_python_path(filename) + (":%d" % line if line > 0 else "")
+            return Frame("%s (%s)" % (name, where), KIND_PYTHON, filename, line)
+        # One frame per function; the first line is only shown on hover (SVG).
+        return Frame(name, KIND_PYTHON, filename, max(function.start_line, 0))
+    if lines and filename and line > 0:
+        return Frame("%s (%s:%d)" % (name, filename, line), mapping_kind, filename, line)
+    return Frame(name, mapping_kind)
+
+
+def _is_python(function: Function) -> bool:
+    """A Python function: its file is a .py file or a frozen module's
+    (``<frozen importlib._bootstrap>``), or it is a CPython perf-map symbol
+    (``py::qualname:file``)."""
+    filename = function.filename
+    return (filename.endswith(".py") or filename.startswith(_FROZEN_PREFIX)
+            or function.system_name.startswith(PY_PERF_MAP_PREFIX))
+
+
+def short_python_path(path: str) -> str:
+    """A Python file as a module path where that is unambiguous, as py-spy shows it.
+
+    ``.../site-packages/flask/app.py`` -> ``flask/app.py`` and
+    ``/usr/lib/python3.11/json/encoder.py`` -> ``json/encoder.py``; any
+    other path (the application's own files) as recorded.
+    """
+    for marker in _PACKAGE_DIRS:
+        index = path.rfind(marker)
+        if index >= 0 and index + len(marker) < len(path):
+            return path[index + len(marker):]
+    match = _STDLIB_DIR.search(path)
+    if match is not None and match.end() < len(path):
+        return path[match.end():]
+    return path
+
+
+def python_first(stacks: StackSet) -> StackSet:
+    """The Python-first view (py-spy's): native time goes to the Python frame that caused it.
+
+    In each stack that has Python frames: frames rootward of the outermost
+    Python frame stay (``main``, ``Py_RunMain``); between the outermost and
+    the innermost Python frame only Python frames stay (the interpreter's
+    eval loop, vectorcall helpers and C code calling back into Python are
+    the calling Python function's doing); everything leafward of the
+    innermost Python frame (C code it called, the eval loop, the kernel) is
+    cut, so its time becomes that Python function's self time. Stacks
+    without a Python frame are unchanged, so a profile without Python frames
+    reads the same in both views.
+    """
+    is_python = bytearray(len(stacks.frames))
+    for frame_id, frame in enumerate(stacks.frames):
+        if frame.kind == KIND_PYTHON:
+            is_python[frame_id] = 1
+    if not any(is_python):
+        return stacks
+    # Samples with one stack share one cut: equal stacks hash in C, which is
+    # cheaper than the per-frame Python loop below.
+    cut: Dict[Tuple[int, ...], Tuple[int, ...]] = {}
+    samples: List[StackSample] = []
+    has_python = False
+    for stack, value, sample in stacks.samples:
+        new = cut.get(stack)
+        if new is None:
+            positions = [index for index, frame_id in enumerate(stack) if is_python[frame_id]]
+            if positions:
+                new = stack[:positions[0]] + tuple([stack[index] for index in positions])
+            else:
+                new = stack
+            cut[stack] = new
+        if new is not stack:
+            has_python = True
+        samples.append(StackSample(new, value, sample))
+    result = stacks.with_samples(samples)
+    result.python_first = has_python
+    return result
 
 
 def _mapping_kind(filename: str) -> str:

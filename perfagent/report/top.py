@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Dict, List, NamedTuple
 
-from perfagent.report.stacks import StackSet
+from perfagent.report.stacks import PYTHON_FIRST_NOTE, StackSet
 from perfagent.report.units import ValueFormatter, format_percent
 
 # pprof's -nodefraction default: functions with cum at most 0.5% of the total are dropped.
@@ -58,8 +58,10 @@ def format_top(stacks: StackSet, limit: int, by_cum: bool = False,
     shown = kept[:limit] if limit > 0 else kept
     formatter = ValueFormatter(stacks.unit, [r.flat for r in shown] or [r.cum for r in shown] or [total])
     shown_flat = sum(r.flat for r in shown)
-    lines = [
-        "Type: %s" % stacks.value_type,
+    lines = ["Type: %s" % stacks.value_type]
+    if stacks.python_first:
+        lines.append(PYTHON_FIRST_NOTE)
+    lines += [
         "Showing nodes accounting for %s, %s of %s total"
         % (formatter.format(shown_flat), format_percent(shown_flat, total), formatter.format(total)),
     ]
