@@ -129,6 +129,25 @@ class ProcessInfo:
 Frame = tuple
 
 
+#: The "mapping index" of a Python frame: (PYTHON_FRAME, qualname, file, line, firstlineno).
+PYTHON_FRAME = -2
+
+
+def _insert_python(frames: List[Frame], user_start: int, placement: tuple) -> List[Frame]:
+    """``frames`` (kernel then user, leaf first) with the Python frames of
+    ``placement`` inserted before the native user frame each run belongs to."""
+    out = frames[:user_start]
+    user = frames[user_start:]
+    at = 0
+    for index, names in placement:
+        index = min(index, len(user))
+        out.extend(user[at:index])
+        out.extend((PYTHON_FRAME,) + tuple(n) for n in names)
+        at = max(at, index)
+    out.extend(user[at:])
+    return out
+
+
 class CaptureState:
     """Everything a capture learned, fed by the sampler's callbacks."""
 
@@ -159,6 +178,10 @@ class CaptureState:
         # (pid, tid, frames) -> [blocks, off-CPU nanoseconds]
         self.offcpu_stacks: Dict[tuple, List[int]] = {}
         self.offcpu_samples = 0
+        # perfagent.python.tracking.PythonProcesses: names the Python
+        # stacks the in-kernel walk records (None: no walk in this run).
+        self.python = None
+        self.python_rechecks: List[int] = []  # pids that exec'd or mapped a libpython
         self.new_processes: List[Tuple[int, int]] = []  # (pid, parent pid) from FORK records
         self.gone_processes: List[int] = []  # pids from EXIT records (since last taken)
 
@@ -232,6 +255,8 @@ class CaptureState:
             proc = self.process(pid)
             proc.space.add(addr, addr + length, pgoff, filename, True, maj, mnr, ino)
             proc.mappings_changed()
+            if self.python is not None and "libpython" in filename and not self.python.walked(pid):
+                self.python_rechecks.append(pid)
         elif kind == "comm":
             _, pid, tid, comm, is_exec = ev
             self.thread_comm[tid] = comm
@@ -243,6 +268,8 @@ class CaptureState:
                 proc.space = AddressSpace()
                 proc.mappings_changed()
                 proc.maps_known = True
+                if self.python is not None:
+                    self.python_rechecks.append(pid)
         elif kind == "fork":
             _, pid, ppid, tid, ptid, _time = ev
             self.forked_tids.add(tid)
@@ -283,9 +310,10 @@ class CaptureState:
             return
         kernel_ips = s[6]
         user_ips = s[7]
+        python = s[10] if len(s) > 10 else None
         if s[8] is not None and self.walker is not None:
             # Unwound after the drain, once every ring's MMAP2 records are in.
-            self._pending_walks.append((pid, s[1], kernel_ips, s[8], s[9], s[4]))
+            self._pending_walks.append((pid, s[1], kernel_ips, s[8], s[9], s[4], python))
             return
         if not kernel_ips and not user_ips:
             ip = s[5]
@@ -293,7 +321,7 @@ class CaptureState:
                 kernel_ips = (ip,)
             else:
                 user_ips = (ip,)
-        key = (pid, s[1], kernel_ips, user_ips)
+        key = (pid, s[1], kernel_ips, user_ips, self._python_placement(pid, user_ips, python))
         slot = self._pending.get(key)
         if slot is None:
             self._pending[key] = [1, s[4]]
@@ -310,8 +338,8 @@ class CaptureState:
             self._walk_pending()
         pending, self._pending = self._pending, {}
         stacks = self.stacks
-        for (pid, tid, kernel_ips, user_ips), (count, period) in pending.items():
-            frames = self._resolve(pid, kernel_ips, user_ips)
+        for (pid, tid, kernel_ips, user_ips, python), (count, period) in pending.items():
+            frames = self._resolve(pid, kernel_ips, user_ips, python)
             key = (pid, tid, frames)
             slot = stacks.get(key)
             if slot is None:
@@ -324,12 +352,13 @@ class CaptureState:
                 self._first_seen(pid)
 
     def add_counted(self, pid: int, tid: int, kernel_ips: tuple, user_ips: tuple,
-                    samples: int, period_ns: int) -> None:
-        """On-CPU samples counted in the kernel (in-kernel aggregation for --unwind fp)."""
+                    samples: int, period_ns: int, python=None) -> None:
+        """On-CPU samples counted in the kernel (in-kernel aggregation for
+        --unwind fp); ``python``: the Python stack the kernel walked."""
         if pid == 0 and self.skip_idle:
             self.idle_samples += samples
             return
-        frames = self._resolve(pid, kernel_ips, user_ips)
+        frames = self._resolve(pid, kernel_ips, user_ips, self._python_placement(pid, user_ips, python))
         key = (pid, tid, frames)
         slot = self.stacks.get(key)
         if slot is None:
@@ -342,13 +371,17 @@ class CaptureState:
             self._first_seen(pid)
 
     def add_offcpu(self, pid: int, tid: int, kernel_ips: tuple, user_ips: tuple,
-                   blocks: int, nanoseconds: int, copy=None) -> None:
+                   blocks: int, nanoseconds: int, copy=None, python=None) -> None:
         """Count one off-CPU stack (from the sched_switch program) at current
         mappings; with ``copy`` (a user stack copy) the user frames are its unwind."""
+        sps = None
         if copy is not None:
             self.unwind_copy(pid, copy)
             user_ips = copy.user_ips
-        frames = self._resolve(pid, kernel_ips, user_ips)
+            python = copy.python
+            sps = copy.sps
+        frames = self._resolve(pid, kernel_ips, user_ips,
+                               self._python_placement(pid, user_ips, python, sps))
         key = (pid, tid, frames)
         slot = self.offcpu_stacks.get(key)
         if slot is None:
@@ -383,13 +416,15 @@ class CaptureState:
         walks, self._pending_walks = self._pending_walks, []
         walk = self.walker.walk
         pending = self._pending
-        for pid, tid, kernel_ips, regs, stack, period in walks:
+        for pid, tid, kernel_ips, regs, stack, period, python in walks:
+            sps = [] if python else None
             if budget.cancelled():
                 # Stopped by a signal while finishing: keep the sampled pc only.
                 user_ips = (regs[3],) if regs and regs[3] else ()
+                sps = None
             else:
-                user_ips = self._unwind(walk, pid, regs, stack)
-            key = (pid, tid, kernel_ips, user_ips)
+                user_ips = self._unwind(walk, pid, regs, stack, sps)
+            key = (pid, tid, kernel_ips, user_ips, self._python_placement(pid, user_ips, python, sps))
             slot = pending.get(key)
             if slot is None:
                 pending[key] = [1, period]
@@ -397,20 +432,36 @@ class CaptureState:
                 slot[0] += 1
                 slot[1] += period
 
-    def _unwind(self, walk, pid: int, regs: tuple, stack: bytes) -> tuple:
+    def _unwind(self, walk, pid: int, regs: tuple, stack: bytes, sps: Optional[list] = None) -> tuple:
         proc = self.processes.get(pid)
         if proc is None or not proc.maps_known:
             proc = self.load_from_proc(pid) or self.process(pid)
         binary_for = self._binary_for.get(pid)
         if binary_for is None:  # one closure per process, not per sample
             binary_for = self._binary_for[pid] = self._binary_cfi_for(proc)
-        return walk(proc, binary_for, regs, stack)
+        return walk(proc, binary_for, regs, stack, sps)
 
     def unwind_copy(self, pid: int, copy) -> None:
         """Unwind an off-CPU stack copy (perfagent.offcpu.collector.StackCopy)
-        once, with ``offcpu_walker``, keeping the addresses and freeing the bytes."""
+        once, with ``offcpu_walker``, keeping the addresses (and each frame's
+        sp, when there is a Python stack to place) and freeing the bytes."""
         if copy.user_ips is None:
-            copy.unwound(self._unwind(self.offcpu_walker.walk, pid, copy.regs, copy.stack))
+            sps = [] if copy.python else None
+            copy.unwound(self._unwind(self.offcpu_walker.walk, pid, copy.regs, copy.stack, sps), sps)
+
+    def _python_placement(self, pid: int, user_ips: tuple, python, sps=None) -> tuple:
+        """Where the Python frames of a sample go among its native frames,
+        named now, while the process lives: ((native index, (PyName, ...)), ...)
+        (perfagent.python.merge); () without a Python stack."""
+        if not python or self.python is None or not python[0]:
+            return ()
+        from perfagent.python.merge import place_runs, split_runs
+        tracker = self.python
+        runs = split_runs(python[0])
+        placed = place_runs(user_ips, runs, tracker.eval_check(pid), sps)
+        name = tracker.name
+        return tuple((index, tuple(name(pid, code, instr) for code, instr in run))
+                     for index, run in placed)
 
     def _binary_cfi_for(self, proc: ProcessInfo):
         """``binary_for(entry)`` for the walker: the CFI of a mapping's file, or None."""
@@ -431,7 +482,7 @@ class CaptureState:
             return binary
         return binary_for
 
-    def _resolve(self, pid: int, kernel_ips: tuple, user_ips: tuple) -> Tuple[Frame, ...]:
+    def _resolve(self, pid: int, kernel_ips: tuple, user_ips: tuple, python: tuple = ()) -> Tuple[Frame, ...]:
         # The leaf is an exact pc; every frame above it is a return address,
         # which points after the call: look up ``addr - 1`` so a call that is
         # the last instruction of a function is attributed to that function.
@@ -454,6 +505,8 @@ class CaptureState:
                 if frame is None:
                     frame = cache[addr] = self._user_frame(proc, addr)
                 frames.append(frame)
+        if python:
+            frames = _insert_python(frames, len(frames) - len(user_ips), python)
         return tuple(frames)
 
     def _user_frame(self, proc: ProcessInfo, addr: int) -> Frame:

@@ -8,7 +8,6 @@ cause and the fix and exit 1; neither ever shows a traceback.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from typing import List, Optional, Sequence, Tuple
@@ -95,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="name Python functions in CPython 3.12+ targets: switch on the interpreter's perf "
                         "trampoline through ptrace for the capture and off again at the end (launch mode: "
                         "through PYTHONPERFSUPPORT=1) (default: off)")
+    y.add_argument("--no-python-walk", action="store_true",
+                   help="do not read Python stacks from the interpreter's memory in the kernel (default: "
+                        "every CPython 3.8+ process's samples carry its Python stack when BPF is available)")
     y.add_argument("--keep-native-frames", action="store_true",
                    help="keep the interpreter's own frames between Python frames (default: hidden)")
     o = p.add_argument_group("sampling")
@@ -148,6 +150,7 @@ class Options:
         self.quiet = False
         self.in_kernel = True
         self.inject_python = False
+        self.python_walk = True
         self.keep_native_frames = False
 
 
@@ -164,6 +167,7 @@ def parse_args(argv: Sequence[str]) -> Options:
     opts.quiet = ns.quiet
     opts.in_kernel = not ns.no_in_kernel
     opts.inject_python = ns.inject_python
+    opts.python_walk = not ns.no_python_walk
     opts.keep_native_frames = ns.keep_native_frames
     opts.all = ns.all
     opts.command = command

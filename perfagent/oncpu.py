@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from perfagent.capture import (
-    KERNEL_MAPPING, KIND_FILE, KIND_JIT, KIND_KERNEL, KIND_VDSO, CaptureState, MappingRecord,
+    KIND_FILE, KIND_JIT, KIND_KERNEL, KIND_VDSO, PYTHON_FRAME, CaptureState, MappingRecord,
 )
 from perfagent import budget
 from perfagent.pprof.builder import ProfileBuilder
@@ -82,6 +82,14 @@ class LocationTable:
 
     def _new_location(self, frame: tuple) -> int:
         index, addr = frame[0], frame[1]
+        if index == PYTHON_FRAME:
+            # A frame the in-kernel walk read from the interpreter: a Function
+            # per (qualname, file, first line), shared by every process; a
+            # Location per sampled line (no address: it is not native code).
+            _, qualname, filename, line, firstlineno = frame
+            self._classes[frame] = FRAME_PYTHON
+            fid = self.builder.function_id(qualname, qualname, filename, firstlineno)
+            return self.builder.location_id(0, 0, ((fid, line),))
         if index < 0:
             self.unsymbolized += 1
             return self.builder.location_id(0, addr)

@@ -22,7 +22,7 @@ from perfagent.cli import Options, PROG
 from perfagent.errors import CaptureError
 from perfagent.oncpu import build_profile
 from perfagent.perf.sampler import Sampler, list_threads
-from perfagent.sources import OffCpu, OnCpuCounts, OnCpuRecords, OnCpuSource
+from perfagent.sources import OffCpu, OnCpuCounts, OnCpuRecords, OnCpuSource, PythonWalk
 from perfagent.symbolize.native import BinaryCache
 from perfagent.symbolize.symbolizer import Symbolizer
 from perfagent.target import procfs
@@ -458,17 +458,34 @@ def _sampler(opts: Options, samples: bool, bpf_prog_fd: int = -1) -> Sampler:
                    sample_regs_user=current().UNWIND_REGS_MASK, sample_stack_user=opts.stack_size)
 
 
+def _python_walk(opts: Options, state: CaptureState, tgids: Optional[set],
+                 notes: List[str]) -> Optional[PythonWalk]:
+    """The in-kernel Python walk's maps and process tracking, or None (with
+    the line saying why in ``notes``) when BPF cannot have them."""
+    from perfagent.bpf.syscall import BPFError
+    from perfagent.stackprog import python as pywalk
+    try:
+        maps = pywalk.make_maps(pywalk.fsbase_offset())
+    except (BPFError, OSError) as exc:
+        notes.append("Python frames from the interpreter's memory unavailable (%s); "
+                     "--inject-python names Python functions through the perf trampoline instead" % exc)
+        return None
+    walk = PythonWalk(state, tgids, maps)
+    walk.start()
+    return walk
+
+
 def _oncpu_source(opts: Options, state: CaptureState, tgids: Optional[set],
-                  notes: List[str]) -> Optional[OnCpuSource]:
+                  notes: List[str], python=None) -> Optional[OnCpuSource]:
     """The BPF on-CPU source, started; None when the kernel refuses BPF (the
     perf ring buffer samples instead), with the line saying so in ``notes``
     (printed once the perf events opened: when they cannot either, their
     error is the one to show)."""
     from perfagent.bpf.syscall import BPFError
     if opts.unwind == "fp":
-        source: OnCpuSource = OnCpuCounts(state, tgids, opts.sample_rate)
+        source: OnCpuSource = OnCpuCounts(state, tgids, opts.sample_rate, python)
     else:
-        source = OnCpuRecords(state, tgids, opts.sample_rate, opts.stack_size)
+        source = OnCpuRecords(state, tgids, opts.sample_rate, opts.stack_size, python)
     try:
         source.start()
     except (BPFError, OSError) as exc:
@@ -538,12 +555,18 @@ def _capture(opts: Options, comm: Optional[str], out_path: Optional[str],
         only when no BPF on-CPU source could start)."""
         nonlocal offcpu
         oncpu = None
+        python = None
+        if opts.python_walk and (opts.offcpu or (opts.profile and opts.in_kernel)):
+            walk = _python_walk(opts, state, tgids, notes)
+            if walk is not None:
+                sources.append(walk)   # first: it names what the others bring
+                python = walk.maps
         if opts.profile and opts.in_kernel:
-            oncpu = _oncpu_source(opts, state, tgids, notes)
+            oncpu = _oncpu_source(opts, state, tgids, notes, python)
             if oncpu is not None:
                 sources.append(oncpu)
         if opts.offcpu:
-            offcpu = OffCpu(state, tgids, opts.stack_size, symbolizer.kernel.lookup, log)
+            offcpu = OffCpu(state, tgids, opts.stack_size, symbolizer.kernel.lookup, log, python)
             offcpu.start()
             sources.append(offcpu)
         return _sampler(opts, opts.profile, oncpu.prog_fd if oncpu is not None else -1)
@@ -620,7 +643,7 @@ def _capture(opts: Options, comm: Optional[str], out_path: Optional[str],
                 sampler.wait(max(1, int(timeout)))
                 drain_all()
                 progress.update(time.monotonic() - mono_start, state.samples,
-                                sampler.lost + sum(s.engine.dropped for s in sources),
+                                sampler.lost + sum(s.dropped for s in sources),
                                 len(state.pids_seen))
                 if launched is not None and launched.poll():
                     stop_reason = "command %s" % launched.describe_status()
@@ -671,16 +694,18 @@ def _capture(opts: Options, comm: Optional[str], out_path: Optional[str],
         log(stop_reason)
     if walker is not None:
         log(walker.summary())
-    oncpu_sources = [s for s in sources if s is not offcpu]
+    for src in sources:
+        line = src.summary()
+        if line:
+            log(line)
+    oncpu_sources = [s for s in sources if isinstance(s, OnCpuSource)]
     if out_path is not None:
         if state.samples == 0:
             log("warning: no samples were collected (was the target idle?); wrote an empty profile")
         losses = "".join(s.losses("samples") for s in oncpu_sources)
-        lost += sum(s.engine.dropped for s in oncpu_sources)
+        lost += sum(s.dropped for s in oncpu_sources)
         log("wrote %s: %d samples, %d lost%s, %d processes"
             % (out_path, state.samples, lost, losses, len(state.pids_seen)))
-    if offcpu is not None and offcpu.summary():
-        log(offcpu.summary())
     if offcpu_path is not None:
         total_ns = sum(v[1] for v in state.offcpu_stacks.values())
         losses = offcpu.losses("episodes") if offcpu is not None else ""

@@ -80,12 +80,78 @@ class Source:
         """Release the kernel objects without collecting (after a failure)."""
         self.engine.stop()
 
+    @property
+    def dropped(self) -> int:
+        """Events the kernel side could not keep (full maps or ring)."""
+        return self.engine.dropped if self.engine is not None else 0
+
     def losses(self, what: str) -> str:
         e = self.engine
         return loss_details(e.dropped, e.lost_stacks, e.tgids_refused, what)
 
     def summary(self) -> str:
         return ""
+
+
+class PythonWalk(Source):
+    """The processes whose Python stacks the programs walk in the kernel.
+
+    Not a source of samples: it keeps the walk's maps in step with the
+    processes of the run (perfagent.python.tracking) -- examines the ones
+    that exist at the start, registers children of walked ones as they are
+    forked, examines a process again when it execs or maps a libpython,
+    forgets it when it exits (one cycle late, so its last samples are still
+    named), and refreshes thread states.  It runs before the sample
+    sources in every cycle, so what they bring can be named.
+    """
+
+    def __init__(self, state: CaptureState, tgids: Optional[Set[int]], maps) -> None:
+        from perfagent.python.tracking import PythonProcesses
+        super().__init__(state, tgids)
+        self.tracker = PythonProcesses(maps)
+        self.maps = maps
+        state.python = self.tracker
+        self._exited: List[int] = []
+
+    def start(self) -> None:
+        from perfagent.target import procfs
+        for pid in sorted(self.tgids) if self.tgids is not None else procfs.pids():
+            if not procfs.kernel_thread(pid):
+                self.tracker.add(pid)
+
+    def follow(self, new: List[tuple], gone: List[int]) -> None:
+        tracker = self.tracker
+        for pid in self._exited:
+            tracker.exit(pid)
+        self._exited = list(gone)
+        for pid, ppid in new:
+            if tracker.walked(ppid):
+                tracker.fork(pid, ppid)
+        # Processes that exec'd or mapped a libpython (only followed
+        # processes produce those records): examine them (again).
+        for pid in dict.fromkeys(self.state.python_rechecks):
+            if tracker.walked(pid):
+                tracker.exec(pid)
+            else:
+                tracker.add(pid)
+        self.state.python_rechecks = []
+
+    def feed(self) -> None:
+        self.tracker.new_drain()
+        self.tracker.refresh()
+
+    def stop(self) -> None:
+        self.tracker.new_drain()
+
+    def close(self) -> None:
+        from perfagent.offcpu.common import close_all
+        close_all([self.maps.procs, self.maps.threads])
+
+    def losses(self, what: str) -> str:
+        return ""
+
+    def summary(self) -> str:
+        return self.tracker.summary()
 
 
 class OnCpuSource(Source):
@@ -106,10 +172,11 @@ class OnCpuSource(Source):
 class OnCpuCounts(OnCpuSource):
     """``--unwind fp``: counted in the kernel; drained when half full and at the end."""
 
-    def __init__(self, state: CaptureState, tgids: Optional[Set[int]], sample_rate: int) -> None:
+    def __init__(self, state: CaptureState, tgids: Optional[Set[int]], sample_rate: int,
+                 python=None) -> None:
         from perfagent.offcpu.inkernel import InKernelSampler
         super().__init__(state, tgids)
-        self.engine = InKernelSampler(sample_rate, None, own_events=False)
+        self.engine = InKernelSampler(sample_rate, None, own_events=False, python=python)
 
     def feed(self) -> None:
         self._add(self.engine.collect_if_full())
@@ -121,17 +188,17 @@ class OnCpuCounts(OnCpuSource):
     def _add(self, stacks) -> None:
         for st in stacks or ():
             self.state.add_counted(st.tgid, st.tid, tuple(st.kernel_ips), tuple(st.user_ips),
-                                   st.samples, st.period_ns)
+                                   st.samples, st.period_ns, st.python)
 
 
 class OnCpuRecords(OnCpuSource):
     """``--unwind dwarf|auto``: whole captures, unwound by the state's walker."""
 
     def __init__(self, state: CaptureState, tgids: Optional[Set[int]], sample_rate: int,
-                 stack_size: int) -> None:
+                 stack_size: int, python=None) -> None:
         from perfagent.offcpu.inkernel import RecordSampler
         super().__init__(state, tgids)
-        self.engine = RecordSampler(sample_rate, None, stack_size, own_events=False)
+        self.engine = RecordSampler(sample_rate, None, stack_size, own_events=False, python=python)
 
     def feed(self) -> None:
         self._add(self.engine.drain())
@@ -164,8 +231,9 @@ class OffCpu(Source):
     COLLECT_INTERVAL = 1.0
 
     def __init__(self, state: CaptureState, tgids: Optional[Set[int]], stack_size: int,
-                 kernel_lookup, log) -> None:
+                 kernel_lookup, log, python=None) -> None:
         super().__init__(state, tgids)
+        self.python = python
         self.stack_size = stack_size if state.offcpu_walker is not None else 0
         self.kernel_lookup = kernel_lookup
         self.log = log
@@ -175,7 +243,8 @@ class OffCpu(Source):
     def _collector(self, copy_stack: int):
         from perfagent.offcpu.collector import OffCpuCollector
         return OffCpuCollector(set(self.tgids) if self.tgids is not None else None,
-                               copy_stack=copy_stack, on_copy=self.state.unwind_copy)
+                               copy_stack=copy_stack, on_copy=self.state.unwind_copy,
+                               python=self.python)
 
     def start(self) -> None:
         import errno
@@ -227,4 +296,4 @@ class OffCpu(Source):
         for st in stacks:
             kernel_ips = strip_tracing_frames(st.kernel_ips, lookup) if st.kernel_ips else ()
             self.state.add_offcpu(st.tgid, st.tid, tuple(kernel_ips), tuple(st.user_ips),
-                                  st.count, st.blocked_ns, st.copy)
+                                  st.count, st.blocked_ns, st.copy, st.python)

@@ -119,7 +119,7 @@ class StackCopy:
     here and drops ``stack`` (tens of KiB) with ``unwound()``.
     """
 
-    __slots__ = ("regs", "stack", "user_ips", "kernel_ips", "python")
+    __slots__ = ("regs", "stack", "user_ips", "kernel_ips", "python", "sps")
 
     def __init__(self, regs: Tuple[int, ...], stack: bytes, kernel_ips: Tuple[int, ...] = (),
                  python: Optional[tuple] = None) -> None:
@@ -128,9 +128,11 @@ class StackCopy:
         self.kernel_ips = kernel_ips
         self.python = python
         self.user_ips: Optional[Tuple[int, ...]] = None
+        self.sps: Optional[list] = None
 
-    def unwound(self, user_ips: Tuple[int, ...]) -> None:
+    def unwound(self, user_ips: Tuple[int, ...], sps: Optional[list] = None) -> None:
         self.user_ips = user_ips
+        self.sps = sps
         self.stack = b""
 
 

@@ -63,7 +63,10 @@ VERSION_MARKERS = (("PyIter_Send", (3, 10)), ("PyFrame_GetCode", (3, 9)),
 PTHREAD_TID_SYMBOL = "_thread_db_pthread_tid"
 DB_DESC = struct.Struct("<III")
 
-WANTED = (RUNTIME_SYMBOL, VERSION_SYMBOL, CODE_TYPE_SYMBOL) + tuple(s for s, _ in VERSION_MARKERS)
+#: The eval loop: a native frame in it runs Python frames (for merging stacks).
+EVAL_SYMBOL = "_PyEval_EvalFrameDefault"
+
+WANTED = (RUNTIME_SYMBOL, VERSION_SYMBOL, CODE_TYPE_SYMBOL, EVAL_SYMBOL) + tuple(s for s, _ in VERSION_MARKERS)
 
 #: libpython3.13.so.1.0, libpython3.13t.so.1.0, libpython3.12d.so, libpython3.7m.so ...
 _LIBPYTHON_RE = re.compile(r"^libpython(\d+)\.(\d+)([a-z]*)\.so(\.[0-9.]*)?$")
@@ -87,6 +90,7 @@ class FileInfo(NamedTuple):
 
     symbols: Dict[str, int]            # link-time values of WANTED found
     soname: Optional[str]
+    eval_size: int                     # st_size of EVAL_SYMBOL (0 when not found)
     runtime_section: Optional[int]     # sh_addr of .PyRuntime
     first_load: Tuple[int, int]        # (p_vaddr, p_offset) of the first PT_LOAD
     loads: Tuple[Tuple[int, int, int], ...]  # (p_offset, p_vaddr, p_filesz) of every PT_LOAD
@@ -98,12 +102,14 @@ class Interpreter:
     ``runtime`` is the run-time address of ``_PyRuntime``; ``hexversion``
     is PY_VERSION_HEX when the process says it (3.11+), else 0; ``code_type``
     of ``PyCode_Type`` (0 when not exported); ``pthread_tid_offset`` the
-    offset of ``tid`` in glibc's struct pthread, when libc exports it.
+    offset of ``tid`` in glibc's struct pthread, when libc exports it;
+    ``eval_range`` the run-time [start, end) of ``_PyEval_EvalFrameDefault``
+    (None when the file does not say).
     """
 
     __slots__ = ("pid", "start_time", "path", "opened_as", "shared", "mapping", "bias", "runtime",
                  "version", "hexversion", "abiflags", "layout", "code_type", "pthread_tid_offset",
-                 "debug_offsets")
+                 "debug_offsets", "eval_range")
 
     def __init__(self, **kw) -> None:
         for name in self.__slots__:
@@ -174,6 +180,7 @@ def _file_info(pid: int, entry: MapEntry) -> Tuple[FileInfo, str]:
 def _read_file_info(elf: ELFFile, work: budget.Budget) -> FileInfo:
     wanted = set(WANTED)
     found: Dict[str, int] = {}
+    eval_size = 0
     # .dynsym first: the exported symbols are there even in a stripped
     # file, and libpython's .symtab is ten times larger.
     for table in (".dynsym", ".symtab"):
@@ -182,14 +189,16 @@ def _read_file_info(elf: ELFFile, work: budget.Budget) -> FileInfo:
                 work.check()
             if sym.name in wanted and sym.name not in found and sym.st_shndx != 0:
                 found[sym.name] = sym.st_value
-        if RUNTIME_SYMBOL in found and VERSION_SYMBOL in found:
+                if sym.name == EVAL_SYMBOL:
+                    eval_size = sym.st_size
+        if RUNTIME_SYMBOL in found and VERSION_SYMBOL in found and EVAL_SYMBOL in found:
             break
     sec = elf.section(RUNTIME_SECTION)
     loads = tuple((s.p_offset, s.p_vaddr, s.p_filesz) for s in elf.segments if s.p_type == PT_LOAD)
     if not loads:
         raise ELFError("%s: no PT_LOAD segment" % elf.path)
     first = next(s for s in elf.segments if s.p_type == PT_LOAD)
-    return FileInfo(found, elf.soname, sec.sh_addr if sec is not None and sec.sh_addr else None,
+    return FileInfo(found, elf.soname, eval_size, sec.sh_addr if sec is not None and sec.sh_addr else None,
                     (first.p_vaddr, first.p_offset), loads)
 
 
@@ -392,7 +401,10 @@ def _examine(pid: int, start: int, maps: List[MapEntry], entry: MapEntry,
     if layout.tstate_native_thread_id is None:
         tid_offset = _libc_tid_offset(pid, maps, info, bias)
     code_type = info.symbols.get(CODE_TYPE_SYMBOL)
-    return Interpreter(pid=pid, start_time=start, path=entry.path, opened_as=opened_as, shared=shared,
+    eval_start = info.symbols.get(EVAL_SYMBOL)
+    eval_range = (eval_start + bias, eval_start + bias + info.eval_size) \
+        if eval_start is not None and info.eval_size else None
+    return Interpreter(pid=pid, eval_range=eval_range, start_time=start, path=entry.path, opened_as=opened_as, shared=shared,
                        mapping=entry, bias=bias, runtime=runtime, version=version, hexversion=hexversion,
                        abiflags=abiflags, layout=layout,
                        code_type=code_type + bias if code_type is not None else 0,

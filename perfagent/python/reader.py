@@ -522,6 +522,13 @@ class Reader:
             return Frame("<unknown code %#x>" % raw.code, "?", 0, 0, raw)
         return Frame(code.qualname, code.filename, self.line(code, raw), code.firstlineno, raw)
 
+    def snapshot(self) -> None:
+        """From now on each code object is validated once (then trusted)
+        until the next call: for a caller naming many frames of one
+        instant (a drain cycle), one read per code object, not per frame."""
+        self._fresh.clear()
+        self._snapshot = True
+
     def stacks(self) -> List[ThreadStack]:
         """Every thread of every interpreter with its named Python stack."""
         holders = self.gil_holders()

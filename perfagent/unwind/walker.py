@@ -216,12 +216,20 @@ class Walker:
     # trampoline check.  ``proc`` supplies ``space.find`` and ``pid``;
     # ``binary_for(entry)`` returns the BinaryCFI of a file mapping or None
     # for anonymous (JIT) memory.
-    def walk(self, proc, binary_for, regs: tuple, stack: Optional[bytes]) -> Tuple[int, ...]:
-        """Return addresses of the sample's user frames, leaf first."""
+    def walk(self, proc, binary_for, regs: tuple, stack: Optional[bytes],
+             sps: Optional[list] = None) -> Tuple[int, ...]:
+        """Return addresses of the sample's user frames, leaf first.
+
+        ``sps``, when given, receives each frame's stack pointer (a frame
+        owns the stack bytes from its sp up to the next frame's sp, its
+        CFA): what places Python frames among native ones.
+        """
         bx, bp, sp, pc, r12, r13, r14, r15 = regs
         if pc == 0:
             return ()
         ips = [pc]
+        if sps is not None:
+            sps.append(sp)
         if not stack:
             self.outcomes[OUTCOME_TRUNCATED] += 1
             return tuple(ips)
@@ -356,6 +364,8 @@ class Walker:
             # The return address's own mapping (executable: only those are
             # tracked) is checked by the next iteration's lookup.
             ips.append(ra)
+            if sps is not None:
+                sps.append(cfa)
             sp = cfa
             pc = ra
             first = False

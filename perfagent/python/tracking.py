@@ -1,0 +1,202 @@
+"""The CPython processes of a capture, for the in-kernel Python walk.
+
+User space's half of perfagent.stackprog.python: it finds each process's
+interpreter (perfagent.python.interpreter: the exact file it maps, version,
+layout), registers it in the walk's maps, keeps the map of thread states
+current, and names what the walk recorded (code object, instruction) as
+``qualname``, file and line while the process lives, with
+perfagent.python.reader (one reader per process, code objects cached and
+revalidated, so a code object freed and its address reused is named anew).
+
+Processes come and go during a capture: ones that exist at the start are
+examined then (``add``); a child forked by a known one shares its
+interpreter at the same addresses and is registered at once (``fork``);
+a process that execs is examined again (``exec``); one that exits is
+dropped (``exit``).  Skipped processes are counted by reason
+(``not_python`` is only counted, never reported one by one).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+from perfagent.python.interpreter import Interpreter, InterpreterSkip, find_interpreter
+from perfagent.python.layout import FRAME_OBJECT
+from perfagent.python.reader import RawFrame, Reader, ReaderError
+from perfagent.stackprog import python as SP
+
+#: Seconds between two refreshes of one process's thread states (threads
+#: created meanwhile are found by the program's own search).
+THREAD_REFRESH = 1.0
+
+TGID = __import__("struct").Struct("<I")
+
+
+class PyName(NamedTuple):
+    """A named Python frame."""
+
+    qualname: str
+    filename: str
+    line: int          # the sampled line (0: unknown)
+    firstlineno: int
+
+
+UNKNOWN = PyName("<unknown>", "", 0, 0)
+
+
+class _Tracked:
+    __slots__ = ("interp", "reader", "refreshed", "names")
+
+    def __init__(self, interp: Interpreter) -> None:
+        self.interp = interp
+        self.reader = Reader(interp)
+        self.refreshed = 0.0
+        self.names: Dict[Tuple[int, int], PyName] = {}
+
+
+class PythonProcesses:
+    """See the module docstring.  ``maps`` are the walk's kernel maps."""
+
+    def __init__(self, maps: "SP.PyWalkMaps") -> None:
+        self.maps = maps
+        self._procs: Dict[int, _Tracked] = {}
+        self.skipped: Dict[str, int] = {}
+        self.reasons: Dict[int, str] = {}       # pid -> why it was skipped (not not_python)
+        self.versions: Dict[str, int] = {}      # "3.12" -> processes walked
+
+    # -- processes -----------------------------------------------------------
+
+    def add(self, pid: int) -> Optional[str]:
+        """Examine process ``pid``; its skip reason, or None when it is walked."""
+        try:
+            interp = find_interpreter(pid)
+            packed = SP.pack_proc(interp.runtime, interp.layout)
+        except InterpreterSkip as exc:
+            return self._skip(pid, exc.reason, str(exc))
+        except ValueError as exc:   # a layout the walk cannot read
+            return self._skip(pid, "unknown_version", str(exc))
+        self._register(pid, interp, packed)
+        return None
+
+    def _skip(self, pid: int, reason: str, message: str) -> str:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        if reason != "not_python":
+            self.reasons[pid] = message
+        return reason
+
+    def _register(self, pid: int, interp: Interpreter, packed: bytes) -> None:
+        self.maps.procs.update(TGID.pack(pid), packed)
+        tracked = self._procs[pid] = _Tracked(interp)
+        v = "%d.%d" % interp.version
+        self.versions[v] = self.versions.get(v, 0) + 1
+        self._refresh(pid, tracked)
+
+    def fork(self, pid: int, ppid: int) -> None:
+        """A child of ``ppid``: the same interpreter at the same addresses."""
+        parent = self._procs.get(ppid)
+        if parent is None or pid in self._procs:
+            return
+        kw = {name: getattr(parent.interp, name) for name in Interpreter.__slots__}
+        kw["pid"] = pid
+        interp = Interpreter(**kw)
+        self._register(pid, interp, SP.pack_proc(interp.runtime, interp.layout))
+
+    def exec(self, pid: int) -> None:
+        """The process replaced its image: examine it again."""
+        self.exit(pid)
+        self.add(pid)
+
+    def exit(self, pid: int) -> None:
+        if self._procs.pop(pid, None) is not None:
+            try:
+                self.maps.procs.delete(TGID.pack(pid))
+            except OSError:
+                pass
+
+    def walked(self, pid: int) -> bool:
+        return pid in self._procs
+
+    def __len__(self) -> int:
+        return len(self._procs)
+
+    # -- thread states ---------------------------------------------------------
+
+    def refresh(self, force: bool = False) -> None:
+        """Bring the thread-state map up to date (each process at most every
+        THREAD_REFRESH seconds unless ``force``)."""
+        now = time.monotonic()
+        for pid, tracked in list(self._procs.items()):
+            if force or now - tracked.refreshed >= THREAD_REFRESH:
+                self._refresh(pid, tracked)
+
+    def _refresh(self, pid: int, tracked: _Tracked) -> None:
+        tracked.refreshed = time.monotonic()
+        try:
+            threads = tracked.reader.threads()
+        except ReaderError:
+            return
+        for ts in threads:
+            try:
+                self.maps.threads.update(SP.PY_THREAD_KEY.pack(pid, 0, ts.thread_id), SP.U64.pack(ts.addr))
+            except OSError:
+                return
+
+    # -- names -----------------------------------------------------------------
+
+    def eval_check(self, pid: int):
+        """``is_eval(pc)`` for process ``pid``: is pc in the eval loop function."""
+        tracked = self._procs.get(pid)
+        rng = tracked.interp.eval_range if tracked is not None else None
+        if rng is None:
+            return lambda pc: False
+        lo, hi = rng
+        return lambda pc: lo <= pc < hi
+
+    def name(self, pid: int, code: int, instr: int) -> PyName:
+        """The frame (code object ``code`` at instruction ``instr`` as the walk
+        recorded it) named; UNKNOWN when it cannot be read (the process is
+        gone, the code object was freed)."""
+        tracked = self._procs.get(pid)
+        if tracked is None:
+            return UNKNOWN
+        key = (code, instr)
+        got = tracked.names.get(key)
+        if got is not None:
+            return got
+        reader = tracked.reader
+        layout = reader.layout
+        if layout.frame_model == FRAME_OBJECT:
+            raw = RawFrame(0, code, instr if instr < 1 << 31 else instr - (1 << 32), 0, 0)
+        else:
+            # The walk stored the byte offset; the reader wants the pointer.
+            offset = instr if instr < 1 << 31 else instr - (1 << 32)
+            raw = RawFrame(0, code, code + (layout.code_adaptive or 0) + offset, 0, 0)
+        try:
+            frame = reader.frame(raw)
+        except ReaderError:
+            return UNKNOWN
+        name = PyName(frame.qualname, frame.filename, frame.line, frame.firstlineno)
+        if len(tracked.names) > 1 << 16:
+            tracked.names.clear()
+        tracked.names[key] = name
+        return name
+
+    def new_drain(self) -> None:
+        """A drain cycle begins: names cached by (code, instr) stay valid only
+        while the code object is the same; revalidate them once per cycle."""
+        for tracked in self._procs.values():
+            tracked.names.clear()
+            tracked.reader.snapshot()
+
+    def summary(self) -> str:
+        """One line: what is walked, what was skipped."""
+        walked = ", ".join("%s: %d" % kv for kv in sorted(self.versions.items()))
+        skipped = " ".join("%s=%d" % kv for kv in sorted(self.skipped.items()) if kv[0] != "not_python")
+        line = "python: walked the stacks of %d CPython process%s" % (
+            sum(self.versions.values()), "" if sum(self.versions.values()) == 1 else "es")
+        if walked:
+            line += " (%s)" % walked
+        if skipped:
+            line += "; skipped %s" % skipped
+        return line
