@@ -22,8 +22,9 @@ ON_CPU_SAMPLE_TYPES = (("samples", "count"), ("cpu", "nanoseconds"))
 
 # Frame classes for hiding the interpreter's plumbing between Python frames.
 FRAME_OTHER = 0
-FRAME_PYTHON = 1       # a CPython perf-trampoline frame named py::qualname:file.py
+FRAME_PYTHON = 1       # a Python frame read from the interpreter's memory (the in-kernel walk)
 FRAME_INTERPRETER = 2  # native code of the interpreter itself (libpython or a static python)
+FRAME_TRAMPOLINE = 3   # a CPython perf-trampoline frame named py::qualname:file.py (--inject-python)
 
 PY_PERF_MAP_PREFIX = "py::"
 # A binary holding this symbol is a CPython interpreter (shared or static).
@@ -104,7 +105,7 @@ class LocationTable:
             return self.builder.location_id(mapping_id, addr)
         if rec.kind == KIND_JIT and name.startswith(PY_PERF_MAP_PREFIX):
             qualname, pyfile = split_python_symbol(name)
-            self._classes[frame] = FRAME_PYTHON
+            self._classes[frame] = FRAME_TRAMPOLINE
             fid = self.builder.function_id(qualname, name, pyfile)
         else:
             if rec.kind == KIND_FILE and self._is_interpreter(rec):
@@ -209,9 +210,17 @@ def build_profile(state: CaptureState, symbolizer: Symbolizer, sample_rate: int,
         if labels is None:
             labels = labels_cache[(pid, tid)] = sample_labels(state, pid, tid)
         location_ids: List[int] = [table.location(f) for f in frames]
-        if not keep_native_frames:
-            classes = [table.frame_class(f) for f in frames]
-            if FRAME_PYTHON in classes:
-                location_ids = hide_interpreter_frames(location_ids, classes)
+        classes = [table.frame_class(f) for f in frames]
+        if FRAME_PYTHON in classes:
+            # The walk named this stack: perf-trampoline frames (from
+            # --inject-python) would only repeat its frames without lines.
+            if FRAME_TRAMPOLINE in classes:
+                keep = [i for i, c in enumerate(classes) if c != FRAME_TRAMPOLINE]
+                location_ids = [location_ids[i] for i in keep]
+                classes = [classes[i] for i in keep]
+        elif FRAME_TRAMPOLINE in classes:
+            classes = [FRAME_PYTHON if c == FRAME_TRAMPOLINE else c for c in classes]
+        if not keep_native_frames and FRAME_PYTHON in classes:
+            location_ids = hide_interpreter_frames(location_ids, classes)
         builder.add_sample(location_ids, (count, period), labels)
     return builder, table
