@@ -90,10 +90,10 @@ class FileInfo(NamedTuple):
 
     symbols: Dict[str, int]            # link-time values of WANTED found
     soname: Optional[str]
-    eval_size: int                     # st_size of EVAL_SYMBOL (0 when not found)
     runtime_section: Optional[int]     # sh_addr of .PyRuntime
     first_load: Tuple[int, int]        # (p_vaddr, p_offset) of the first PT_LOAD
     loads: Tuple[Tuple[int, int, int], ...]  # (p_offset, p_vaddr, p_filesz) of every PT_LOAD
+    eval_size: int = 0                 # st_size of EVAL_SYMBOL (0 when not found)
 
 
 class Interpreter:
@@ -198,8 +198,8 @@ def _read_file_info(elf: ELFFile, work: budget.Budget) -> FileInfo:
     if not loads:
         raise ELFError("%s: no PT_LOAD segment" % elf.path)
     first = next(s for s in elf.segments if s.p_type == PT_LOAD)
-    return FileInfo(found, elf.soname, eval_size, sec.sh_addr if sec is not None and sec.sh_addr else None,
-                    (first.p_vaddr, first.p_offset), loads)
+    return FileInfo(found, elf.soname, sec.sh_addr if sec is not None and sec.sh_addr else None,
+                    (first.p_vaddr, first.p_offset), loads, eval_size)
 
 
 def load_bias(info: FileInfo, maps: List[MapEntry], entry: MapEntry) -> int:

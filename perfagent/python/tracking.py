@@ -19,8 +19,9 @@ dropped (``exit``).  Skipped processes are counted by reason
 from __future__ import annotations
 
 import time
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
+from perfagent import budget
 from perfagent.python.interpreter import Interpreter, InterpreterSkip, find_interpreter
 from perfagent.python.layout import FRAME_OBJECT
 from perfagent.python.reader import RawFrame, Reader, ReaderError
@@ -76,7 +77,14 @@ class PythonProcesses:
             return self._skip(pid, exc.reason, str(exc))
         except ValueError as exc:   # a layout the walk cannot read
             return self._skip(pid, "unknown_version", str(exc))
-        self._register(pid, interp, packed)
+        except budget.Cancelled:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug costs this process's Python frames, not the run
+            return self._skip(pid, "error", "%s: %s" % (type(exc).__name__, exc))
+        try:
+            self._register(pid, interp, packed)
+        except OSError as exc:    # the procs map is full
+            return self._skip(pid, "map_full", str(exc))
         return None
 
     def _skip(self, pid: int, reason: str, message: str) -> str:
