@@ -122,3 +122,36 @@ def test_debug_frame_from_separate_debug_file(unwind_bin, programs_dir, tmp_path
     assert ".debug_frame" not in sections and ".symtab" not in sections
     stacks, err = profile([exe, "chain", "8"], "dwarf", tmp_path)
     assert share(stacks, lambda n: contains_chain(user_part(n), CHAIN)) >= 0.95, err
+
+
+SIGNAL_CHAIN = ["__libc_start_call_main", "main", "outer_a", "outer_b", "interrupted", "__restore_rt", "on_alarm"]
+HANDLER_CHAIN = ["on_alarm", "handler_a", "handler_b", "handler_spin"]
+
+
+def through_signal_frame(user) -> bool:
+    """Root-first user frames: ... main > outer_a > outer_b > interrupted >
+    __restore_rt > on_alarm, then a prefix of the handler's own chain."""
+    if "on_alarm" not in user:
+        return False
+    handler = user[user.index("on_alarm"):]
+    return contains_chain(user, SIGNAL_CHAIN) and handler == HANDLER_CHAIN[:len(handler)]
+
+
+@pytest.mark.parametrize("unwind", ["dwarf", "auto"])
+def test_unwind_through_a_signal_handler(programs_dir, tmp_path, unwind):
+    """The handler's samples continue through glibc's __restore_rt (a CFA
+    expression and expression rules over the ucontext) into the interrupted
+    function, at its exact pc, and on to main."""
+    exe = os.path.join(programs_dir, "sigframe")
+    if not os.path.exists(exe):
+        subprocess.run(["gcc", *NOFP, "-o", exe, os.path.join(PROGRAMS, "sigframe.c")], check=True)
+    out = tmp_path / "sig.pb.gz"
+    r = run_agent(["--profile", "--unwind", unwind, "--sample-rate", "299", "--profile-output", str(out),
+                   "--", exe], cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    stacks = sample_stacks(read_profile(str(out)))
+    in_handler = [(user_part(names), values[0]) for names, _, values in stacks if "on_alarm" in names]
+    total = sum(n for _, n in in_handler)
+    assert total >= 100, (total, r.stderr)
+    through = sum(n for user, n in in_handler if through_signal_frame(user))
+    assert through >= 0.95 * total, (through, total, [u for u, _ in in_handler if not through_signal_frame(u)][:5])
