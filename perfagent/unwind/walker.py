@@ -10,9 +10,15 @@ Modes (``--unwind``):
 * ``dwarf``: CFI only; a frame-pointer step only for code that has no CFI at
   all (a binary without .eh_frame/.debug_frame, JIT code).
 * ``auto``: CFI where the binary has a row for the pc, a frame-pointer step
-  where it does not (hand-written assembly without FDEs, stripped CFI), each
-  step checked (the stack grows monotonically, the return address lies in an
-  executable mapping).
+  where it does not (hand-written assembly without FDEs, stripped CFI).
+
+In both, every step is checked before its caller is appended: the stack
+grows towards the caller and the caller's pc lies in an executable mapping.
+
+Signal frames (an FDE whose CIE has 'S', such as glibc's ``__restore_rt``)
+describe the kernel's ucontext with DWARF expressions (CFA = *(rsp + 160),
+registers saved at rsp + offset); the walker restores the interrupted
+registers from it and continues at the interrupted pc exactly.
 
 CPython's perf trampolines (anonymous executable memory the interpreter's
 perf map names ``py::...``) have neither CFI nor a frame pointer; they are
@@ -22,7 +28,9 @@ target's memory, and unwound by their known shape (see perfagent.arch).
 This is the per-frame hot path: registers live in local variables, the
 stack copy is read with ``unpack_from`` on the bytes the parser produced,
 tables are cached per binary (device+inode, then build id) across processes
-and captures, and the only allocation per frame is the appended address.
+and captures, the (mapping, binary, row) of a pc is cached per process (and
+doubles as the caller's validation), and the only allocation per frame is
+the appended address.
 """
 
 from __future__ import annotations
