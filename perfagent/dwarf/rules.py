@@ -28,7 +28,7 @@ instruction loop checks a :class:`~perfagent.budget.Budget` now and then.
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from ..budget import Budget
 from .cfi import CIE, FDE, CallFrameInfo, _parsing
@@ -77,9 +77,10 @@ MAX_REMEMBER_DEPTH = 64
 MAX_ROWS_PER_FDE = 1 << 16
 # The instruction loop checks the budget (a clock read) every this many bytes.
 BUDGET_CHECK_BYTES = 1 << 16
-# What one decoded row costs in memory, charged to the budget: the row tuple
-# (26 small ints), its span tuple and its list slot.
-ROW_BYTES = 320
+# What decoded rows cost in memory, charged to the budget: a distinct row
+# tuple (26 ints), and a span (its tuple, two address ints, a list slot).
+ROW_BYTES = 264
+SPAN_BYTES = 136
 
 
 class UnwindRow(NamedTuple):
@@ -440,15 +441,18 @@ RowSpan = Tuple[int, int, tuple]  # (pc_start, pc_end, UnwindRow fields)
 
 
 def fde_rows(cfi: CallFrameInfo, fde: FDE, initial: Optional[RuleState] = None,
-             budget: Optional[Budget] = None) -> List[RowSpan]:
+             budget: Optional[Budget] = None, shared: Optional[Dict[tuple, tuple]] = None) -> List[RowSpan]:
     """The rows of one FDE as (pc_start, pc_end, row tuple), adjacent equal rows merged.
 
     ``initial`` is the CIE's state from :func:`cie_initial_state` (pass it
-    to share the work between the FDEs of one CIE).  Rows beyond the FDE's
-    range (an advance past pc_end) are dropped.  Raises DWARFError for a
-    malformed FDE (also one nesting DW_CFA_remember_state deeper than
-    MAX_REMEMBER_DEPTH or with more than MAX_ROWS_PER_FDE rows), and
-    BudgetExceeded when ``budget`` runs out (its rows are charged to it).
+    to share the work between the FDEs of one CIE).  ``shared`` interns row
+    tuples across FDEs: a large library has ~900k ranges but a few thousand
+    distinct rows, so the spans of a whole binary then cost a fifth of the
+    memory.  Rows beyond the FDE's range (an advance past pc_end) are
+    dropped.  Raises DWARFError for a malformed FDE (also one nesting
+    DW_CFA_remember_state deeper than MAX_REMEMBER_DEPTH or with more than
+    MAX_ROWS_PER_FDE rows), and BudgetExceeded when ``budget`` runs out (the
+    spans and rows kept are charged to it).
     """
     if initial is None:
         initial = cie_initial_state(cfi, fde.cie, budget)
@@ -458,9 +462,19 @@ def fde_rows(cfi: CallFrameInfo, fde: FDE, initial: Optional[RuleState] = None,
     boundaries = interp.boundaries
     boundaries.append((loc, _snapshot(interp.state, fde.cie.return_address_register,
                                       int(fde.cie.signal_frame))))
+    spans = _spans(boundaries, fde.pc_end)
+    new_rows = len(spans)
+    if shared is not None:
+        new_rows = 0
+        for i, (start, end, row) in enumerate(spans):
+            kept = shared.get(row)
+            if kept is None:
+                kept = shared[row] = row
+                new_rows += 1
+            spans[i] = (start, end, kept)
     if budget is not None:
-        budget.charge(ROW_BYTES * len(boundaries))
-    return _spans(boundaries, fde.pc_end)
+        budget.charge(SPAN_BYTES * len(spans) + ROW_BYTES * new_rows)
+    return spans
 
 
 def _spans(boundaries: List[Tuple[int, tuple]], pc_end: int) -> List[RowSpan]:

@@ -65,6 +65,7 @@ def section_rows(cfi: CallFrameInfo, stats: CFIStats, budget: Optional[Budget] =
     """
     errors: List[DWARFError] = []
     initial_states: Dict[int, RuleState] = {}  # per CIE: shared by its FDEs
+    shared: Dict[tuple, tuple] = {}  # identical rows of different FDEs: one tuple
     out: List[List[RowSpan]] = []
     try:
         for fde in cfi.iter_fdes(errors, budget):
@@ -74,7 +75,7 @@ def section_rows(cfi: CallFrameInfo, stats: CFIStats, budget: Optional[Budget] =
                 initial = initial_states.get(fde.cie.offset)
                 if initial is None:
                     initial = initial_states[fde.cie.offset] = cie_initial_state(cfi, fde.cie, budget)
-                out.append(fde_rows(cfi, fde, initial, budget))
+                out.append(fde_rows(cfi, fde, initial, budget, shared))
                 stats.fdes += 1
             except DWARFError as exc:
                 errors.append(exc)
