@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import subprocess
 
 import pytest
@@ -122,6 +123,34 @@ def test_debug_frame_from_separate_debug_file(unwind_bin, programs_dir, tmp_path
     assert ".debug_frame" not in sections and ".symtab" not in sections
     stacks, err = profile([exe, "chain", "8"], "dwarf", tmp_path)
     assert share(stacks, lambda n: contains_chain(user_part(n), CHAIN)) >= 0.95, err
+
+
+def test_overflowing_debug_frame_fde_costs_only_itself(unwind_bin, programs_dir, tmp_path):
+    """Issue 11: a .debug_frame FDE whose start plus range passes 2**64, in a
+    binary the target maps, made the first lookup raise OverflowError and
+    the capture exit 1 without a profile.  Now it costs that FDE's range:
+    the capture succeeds and the chain (other FDEs) unwinds as before."""
+    from perfagent.dwarf import CallFrameInfo
+    from perfagent.elf import ELFFile
+    exe = str(tmp_path / "unwind")
+    subprocess.run(["gcc", *NOFP, "-fno-asynchronous-unwind-tables", "-fno-unwind-tables", "-o", exe,
+                    os.path.join(PROGRAMS, "unwind.c"), "-L", programs_dir, "-lunwhop",
+                    "-Wl,-rpath," + programs_dir], check=True)
+    with ELFFile.from_path(exe) as elf:
+        sec = elf.section(".debug_frame")
+        compare = [s.st_value for s in elf.iter_symbols(".symtab") if s.name == "compare"][0]
+        cfi = CallFrameInfo(bytes(elf.section_data(sec)), 0, False)
+        fde = [f for f in cfi.iter_fdes() if f.initial_location == compare][0]
+        field = sec.sh_offset + fde.offset + 4 + 4  # after the length and the CIE pointer
+    with open(exe, "r+b") as f:  # compare() (unused in "chain" mode) now claims [2**64 - 4 KiB, +8 KiB)
+        f.seek(field)
+        f.write(struct.pack("<QQ", 2 ** 64 - 0x1000, 0x2000))
+    frames = subprocess.run(["readelf", "--debug-dump=frames", exe], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True).stdout
+    assert "pc=fffffffffffff000..0000000000001000" in frames
+    for unwind in ("dwarf", "auto"):
+        stacks, err = profile([exe, "chain", "3"], unwind, tmp_path)
+        assert share(stacks, lambda n: contains_chain(user_part(n), CHAIN)) >= 0.95, err
 
 
 SIGNAL_CHAIN = ["__libc_start_call_main", "main", "outer_a", "outer_b", "interrupted", "__restore_rt", "on_alarm"]
