@@ -16,10 +16,10 @@ from typing import Optional
 import pytest
 
 from perfagent.dwarf import (
-    CFA_PLT, CFA_REG_OFFSET, CFA_UNSUPPORTED, CFITable, CallFrameInfo, DWARFError, EHFrameHdr,
-    RULE_OFFSET, RULE_REGISTER, RULE_SAME_VALUE, RULE_UNDEFINED, RULE_UNSUPPORTED,
-    RULE_VAL_OFFSET, UnresolvablePointer, UnwindRow, fde_rows, load_eh_frame_hdr,
-    match_plt_expression,
+    CFA_DEREF, CFA_PLT, CFA_REG_OFFSET, CFA_UNSUPPORTED, CFITable, CallFrameInfo, DWARFError,
+    EHFrameHdr, RULE_EXPRESSION, RULE_OFFSET, RULE_REGISTER, RULE_SAME_VALUE, RULE_UNDEFINED,
+    RULE_UNSUPPORTED, RULE_VAL_EXPRESSION, RULE_VAL_OFFSET, UnresolvablePointer, UnwindRow, fde_rows,
+    load_eh_frame_hdr, match_plt_expression,
 )
 from perfagent.dwarf.constants import *  # noqa: F401,F403  (DW_CFA_*, DW_EH_PE_*)
 from perfagent.dwarf.pointers import EncodedPointerReader, read_sleb128, read_uleb128
@@ -304,9 +304,24 @@ def _cfa(row: UnwindRow):
      lambda r: r.rule(RBX) == (RULE_SAME_VALUE, 0)),
     ("register", op(DW_CFA_register, uleb(RBX), uleb(R12)), lambda r: r.rule(RBX) == (RULE_REGISTER, R12)),
     ("expression", op(DW_CFA_expression, uleb(RBP), uleb(2), bytes([DW_OP_breg0 + RSP, 8])),
+     lambda r: r.rule(RBP) == (RULE_EXPRESSION, 8) and r.rule_base(RBP) == RSP),
+    ("val_expression", op(DW_CFA_val_expression, uleb(RBP), uleb(3), bytes([DW_OP_breg0 + RBX]) + sleb(-200)),
+     lambda r: r.rule(RBP) == (RULE_VAL_EXPRESSION, -200) and r.rule_base(RBP) == RBX),
+    ("expression_other", op(DW_CFA_expression, uleb(RBP), uleb(3), bytes([DW_OP_breg0 + RSP, 8, DW_OP_deref])),
      lambda r: r.rule(RBP) == (RULE_UNSUPPORTED, 0)),
-    ("val_expression", op(DW_CFA_val_expression, uleb(RBP), uleb(2), bytes([DW_OP_breg0 + RSP, 8])),
+    ("val_expression_other", op(DW_CFA_val_expression, uleb(RBP), uleb(1), bytes([DW_OP_lit0])),
      lambda r: r.rule(RBP) == (RULE_UNSUPPORTED, 0)),
+    ("expression_then_offset", op(DW_CFA_expression, uleb(RBP), uleb(2), bytes([DW_OP_breg0 + RSP, 8]))
+     + op(DW_CFA_offset | RBP, uleb(2)),
+     lambda r: r.rule(RBP) == (RULE_OFFSET, -16) and r.rule_base(RBP) == 0),
+    ("def_cfa_expression_deref", op(DW_CFA_def_cfa_expression, uleb(4), bytes([DW_OP_breg0 + RSP]) + sleb(160)
+                                    + bytes([DW_OP_deref])),
+     lambda r: _cfa(r) == (CFA_DEREF, RSP, 160)),
+    ("def_cfa_expression_no_deref", op(DW_CFA_def_cfa_expression, uleb(2), bytes([DW_OP_breg0 + RSP, 8])),
+     lambda r: r.cfa_kind == CFA_UNSUPPORTED),
+    ("def_cfa_offset_after_deref", op(DW_CFA_def_cfa_expression, uleb(3), bytes([DW_OP_breg0 + RSP, 8, DW_OP_deref]))
+     + op(DW_CFA_def_cfa_offset, uleb(16)),
+     lambda r: r.cfa_kind == CFA_UNSUPPORTED),
     ("restore", op(DW_CFA_offset | RA, uleb(5)) + op(DW_CFA_restore | RA),
      lambda r: r.rule(RA) == (RULE_OFFSET, -8)),
     ("restore_extended", op(DW_CFA_offset | RA, uleb(5)) + op(DW_CFA_restore_extended, uleb(RA)),
@@ -433,11 +448,13 @@ def test_plt_expression_row_and_other_expressions_unsupported():
                     + op(DW_CFA_def_cfa_expression, uleb(len(PLT_EXPRESSION)), PLT_EXPRESSION)
                     + op(DW_CFA_advance_loc1, bytes([0x30]))
                     + op(DW_CFA_def_cfa_expression, uleb(3), bytes([0x77, 0x08, 0x06]))
+                    + op(DW_CFA_advance_loc1, bytes([0x10]))
+                    + op(DW_CFA_def_cfa_expression, uleb(4), bytes([0x77, 0x08, 0x06, 0x06]))  # deref twice
                     + op(DW_CFA_advance_loc1, bytes([0x10])) + op(DW_CFA_def_cfa, uleb(RSP), uleb(8)))
     rows = single_fde(instructions, size=0x100)
     kinds = [(s, r.cfa_kind) for s, _, r in rows]
     assert kinds == [(0x1000, CFA_REG_OFFSET), (0x1006, CFA_REG_OFFSET), (0x1010, CFA_PLT),
-                     (0x1040, CFA_UNSUPPORTED), (0x1050, CFA_REG_OFFSET)]
+                     (0x1040, CFA_DEREF), (0x1050, CFA_UNSUPPORTED), (0x1060, CFA_REG_OFFSET)]
     plt = rows[2][2]
     assert (plt.cfa_register, plt.cfa_offset, plt.cfa_plt_threshold) == (RSP, 8, 11)
     assert plt.rule(RA) == (RULE_OFFSET, -8)
@@ -684,8 +701,8 @@ def test_table_lookup_returns_shared_rows_and_none_in_gaps():
 
 
 def test_overlapping_fdes_first_wins():
-    spans = [(0x1000, 0x1010, (CFA_REG_OFFSET, RSP, 8, 0, 0) + (RULE_OFFSET, -8) + (RULE_SAME_VALUE, 0) * 6),
-             (0x1008, 0x1020, (CFA_REG_OFFSET, RSP, 16, 0, 0) + (RULE_OFFSET, -8) + (RULE_SAME_VALUE, 0) * 6)]
+    spans = [(0x1000, 0x1010, (CFA_REG_OFFSET, RSP, 8, 0, 0) + (RULE_OFFSET, -8, 0) + (RULE_SAME_VALUE, 0, 0) * 6),
+             (0x1008, 0x1020, (CFA_REG_OFFSET, RSP, 16, 0, 0) + (RULE_OFFSET, -8, 0) + (RULE_SAME_VALUE, 0, 0) * 6)]
     table = CFITable.from_spans(spans)
     assert table.lookup(0x100C).cfa_offset == 8 and table.lookup(0x1010).cfa_offset == 16
 
@@ -815,3 +832,202 @@ def test_elf_pointer_reader_after_close(tmp_path):
     elf.close()
     assert read(text.sh_addr) is None
     assert len(table) > 0 and table.stats.errors == 0  # compiled lazily from copied bytes
+
+
+# ------------------------------------------- hostile input: bounds, isolation
+
+def _debug_frame_with(bad_start: int, bad_size: int) -> Section:
+    """A .debug_frame (DWARF 5 6.4.1: CIE id 0xffffffff, absolute 8-byte
+    initial_location/address_range) with good FDEs around one given range."""
+    sec = Section(eh=False)
+    cie = sec.cie(X86_CIE, augmentation=b"", version=4)
+    sec.fde(cie, 0x1000, 0x10, op(DW_CFA_def_cfa_offset, uleb(16)), address_fmt="<Q", aug_data=None)
+    sec.fde(cie, bad_start, bad_size, op(DW_CFA_def_cfa_offset, uleb(24)), address_fmt="<Q", aug_data=None)
+    sec.fde(cie, 0x3000, 0x10, op(DW_CFA_def_cfa_offset, uleb(32)), address_fmt="<Q", aug_data=None)
+    return sec
+
+
+@pytest.mark.parametrize("bad_start, bad_size", [
+    (0xFFFFFFFFFFFFF000, 0x2000),  # start + range passes 2**64
+    (0xFFFFFFFFFFFFFFF0, 0x10),  # ends exactly at 2**64: not representable
+    (0x2000, 0xFFFFFFFFFFFFFFFF),
+])
+def test_fde_range_past_the_address_space_costs_only_itself(bad_start, bad_size):
+    """Issue 11: such an FDE raised OverflowError out of the table's index
+    and left a half-built table that raised IndexError on every lookup."""
+    sec = _debug_frame_with(bad_start, bad_size)
+    cfi = sec.cfi(section_addr=0)
+    with pytest.raises(DWARFError, match="outside the address space"):
+        cfi.fde_at(cfi_offsets(cfi)[1])
+    table = CFITable.from_sections([cfi], "crafted")
+    for _ in range(2):  # the first lookup builds, the second must see the same table
+        assert table.lookup(0x1004).cfa_offset == 16 and table.lookup(0x3004).cfa_offset == 32
+        assert table.lookup(0xFFFFFFFFFFFFF800) is None and table.lookup(2 ** 64 + 5) is None
+    assert (table.stats.fdes, table.stats.errors) == (2, 1), table.stats.error_messages
+    assert len(table) == 2
+
+
+def cfi_offsets(cfi: CallFrameInfo):
+    return [h.offset for h in cfi.iter_headers() if not h.is_cie]
+
+
+def test_eh_frame_signed_range_is_rejected():
+    sec = Section()
+    cie = sec.cie(X86_CIE, aug_data=bytes([DW_EH_PE_sdata4]))
+    fde = sec.fde(cie, 0x2000, 0, raw_addresses=struct.pack("<ii", 0x2000, -0x100))
+    with pytest.raises(DWARFError, match="outside the address space"):
+        sec.cfi().fde_at(fde)
+
+
+def test_invalid_spans_are_dropped_when_indexing():
+    good = (CFA_REG_OFFSET, RSP, 8, 0, 0) + (RULE_OFFSET, -8, 0) + (RULE_SAME_VALUE, 0, 0) * 6
+    table = CFITable.from_spans([(0x1000, 0x1010, good), (0xFFFFFFFFFFFFFFF0, 2 ** 64 + 16, good),
+                                 (-16, 0x10, good), (0x2000, 0x2010, good[:-1]), (0x3000, 0x3010, good)])
+    assert list(table.starts) == [0x1000, 0x3000] and table.stats.errors == 3
+    assert table.lookup(0x3008).cfa_offset == 8
+
+
+def test_a_table_that_fails_to_build_is_empty_not_half_built():
+    from perfagent.budget import Budget
+    sec = Section()
+    cie = sec.cie(X86_CIE)
+    for i in range(50):
+        sec.fde(cie, 0x1000 * (i + 1), 0x10, op(DW_CFA_advance_loc | 1) + op(DW_CFA_def_cfa_offset, uleb(16)))
+    table = CFITable.from_sections([sec.cfi()], "crafted")
+    table.compile(Budget("test", max_bytes=10000))  # room for a few FDEs, not 50
+    assert len(table) == 0 and table.lookup(0x1000) is None and table.lookup(0x32000) is None
+    assert table.stats.errors == 1 and "memory" in table.stats.error_messages[0]
+    table.compile()  # built once: not retried
+    assert len(table) == 0
+    late = CFITable.from_sections([sec.cfi()], "crafted")
+    late.compile(Budget("test", seconds=-1))  # out of time before it starts
+    assert len(late) == 0 and "longer than" in late.stats.error_messages[0]
+    assert len(CFITable.from_sections([sec.cfi()], "crafted")) == 100  # the default budget is plenty
+
+
+def test_cancelled_build_is_retried_not_cached():
+    from perfagent import budget
+    sec = Section()
+    cie = sec.cie(X86_CIE)
+    sec.fde(cie, 0x1000, 0x10)
+    table = CFITable.from_sections([sec.cfi()], "crafted")
+    budget.cancel()
+    try:
+        assert table.lookup(0x1004) is None
+    finally:
+        budget.reset()
+    assert table.lookup(0x1004).cfa_offset == 8
+
+
+def remember_fde(depth: int, size: int = 0x100) -> Section:
+    sec = Section()
+    cie = sec.cie(X86_CIE)
+    sec.fde(cie, 0x1000, 0x10, op(DW_CFA_def_cfa_offset, uleb(16)))
+    sec.fde(cie, 0x2000, size, op(DW_CFA_remember_state) * depth + op(DW_CFA_restore_state) * depth)
+    sec.fde(cie, 0x3000, 0x10, op(DW_CFA_def_cfa_offset, uleb(32)))
+    return sec
+
+
+def test_remember_state_depth_is_bounded():
+    from perfagent.dwarf import MAX_REMEMBER_DEPTH
+    assert MAX_REMEMBER_DEPTH == 64
+    sec = remember_fde(MAX_REMEMBER_DEPTH)
+    stats, per_fde = _stats(sec)
+    assert (stats.fdes, stats.errors) == (3, 0)
+    sec = remember_fde(MAX_REMEMBER_DEPTH + 1)
+    stats, per_fde = _stats(sec)
+    assert (stats.fdes, stats.errors) == (2, 1) and "deeper than 64" in stats.error_messages[0]
+
+
+def test_megabyte_of_remember_state_is_one_cheap_error():
+    """Issue 11: a 1 MiB FDE of DW_CFA_remember_state took 2.2 s and +290 MB."""
+    import tracemalloc
+    sec = Section()
+    cie = sec.cie(X86_CIE)
+    sec.fde(cie, 0x2000, 0x100, op(DW_CFA_remember_state) * (1 << 20))
+    data = bytes(sec.buf)
+    tracemalloc.start()
+    try:
+        table = CFITable.from_sections([CallFrameInfo(data, 0x10000, True)], "crafted")
+        assert table.lookup(0x2000) is None
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert table.stats.errors == 1 and "deeper than" in table.stats.error_messages[0]
+    assert peak < 4 << 20, peak  # the section's own copy is 1 MiB
+
+
+def test_rows_per_fde_are_bounded():
+    from perfagent.dwarf import MAX_ROWS_PER_FDE
+    sec = Section()
+    cie = sec.cie(X86_CIE)
+    sec.fde(cie, 0x100000, 0x100000, op(DW_CFA_advance_loc | 1) * (MAX_ROWS_PER_FDE - 1))
+    sec.fde(cie, 0x200000, 0x100000, op(DW_CFA_advance_loc | 1) * MAX_ROWS_PER_FDE)
+    # Advances past the end of the range make no rows: not counted.
+    sec.fde(cie, 0x300000, 0x10, op(DW_CFA_advance_loc | 1) * (2 * MAX_ROWS_PER_FDE))
+    stats, per_fde = _stats(sec)
+    assert (stats.fdes, stats.errors) == (2, 1) and "more than 65536 rows" in stats.error_messages[0]
+
+
+def test_instruction_loop_checks_the_budget():
+    from perfagent.budget import Budget, BudgetExceeded
+    sec = Section()
+    cie = sec.cie(X86_CIE)
+    fde = sec.fde(cie, 0x1000, 0x10, op(DW_CFA_nop) * (1 << 17))
+    cfi = sec.cfi()
+    with pytest.raises(BudgetExceeded):
+        fde_rows(cfi, cfi.fde_at(fde), budget=Budget("test", seconds=-1))
+    assert len(fde_rows(cfi, cfi.fde_at(fde), budget=Budget("test"))) == 1
+    with pytest.raises(BudgetExceeded):  # rows are charged
+        fde_rows(cfi, cfi.fde_at(fde), budget=Budget("test", max_bytes=10))
+
+
+def test_iter_fdes_checks_and_charges_the_budget():
+    from perfagent.budget import Budget, BudgetExceeded
+    sec = Section()
+    cie = sec.cie(X86_CIE)
+    for i in range(600):
+        sec.fde(cie, 0x1000 * (i + 1), 0x10)
+    cfi = sec.cfi()
+    assert len(list(cfi.iter_fdes(budget=Budget("test")))) == 600
+    with pytest.raises(BudgetExceeded):
+        list(cfi.iter_fdes(budget=Budget("test", seconds=-1)))
+    with pytest.raises(BudgetExceeded):
+        list(cfi.iter_fdes(budget=Budget("test", max_bytes=1000)))
+
+
+# ------------------------------------------- signal-frame expressions (glibc)
+
+# The CFI glibc's sysdeps/unix/sysv/linux/x86_64/libc_sigaction.c writes for
+# __restore_rt (readelf --debug-dump=frames): CFA = *(rsp + 160), every
+# register saved at rsp + its offset in the ucontext_t.
+UCONTEXT_GREGS = 40  # uc_flags, uc_link, uc_stack (stack_t: 24)
+REG_ORDER = ("r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rdi", "rsi", "rbp", "rbx",
+             "rdx", "rax", "rcx", "rsp", "rip")  # <sys/ucontext.h> REG_R8 .. REG_RIP
+DWARF_NUMBERS = {"rax": 0, "rdx": 1, "rcx": 2, "rbx": 3, "rsi": 4, "rdi": 5, "rbp": 6, "rsp": 7,
+                 "r8": 8, "r9": 9, "r10": 10, "r11": 11, "r12": 12, "r13": 13, "r14": 14, "r15": 15,
+                 "rip": 16}
+
+
+def restore_rt_instructions() -> bytes:
+    out = op(DW_CFA_def_cfa_expression, uleb(4), bytes([DW_OP_breg0 + RSP]) + sleb(UCONTEXT_GREGS + 8 * 15)
+             + bytes([DW_OP_deref]))
+    for i, name in enumerate(REG_ORDER):
+        expr = bytes([DW_OP_breg0 + RSP]) + sleb(UCONTEXT_GREGS + 8 * i)
+        out += op(DW_CFA_expression, uleb(DWARF_NUMBERS[name]), uleb(len(expr)), expr)
+    return out
+
+
+def test_restore_rt_expressions():
+    sec = Section()
+    cie = sec.cie(b"", augmentation=b"zRS", aug_data=bytes([DW_EH_PE_pcrel | DW_EH_PE_sdata4]))
+    field = 0x10000 + len(sec.buf) + 8
+    fde = sec.fde(cie, 0, 0, restore_rt_instructions(),
+                  raw_addresses=struct.pack("<iI", 0x3C04F - field, 10))
+    rows = rows_of(sec, fde)
+    assert len(rows) == 1 and rows[0][:2] == (0x3C04F, 0x3C059)
+    row = rows[0][2]
+    assert (row.cfa_kind, row.cfa_register, row.cfa_offset, row.signal_frame) == (CFA_DEREF, RSP, 160, 1)
+    expected = {16: 168, RBP: 120, RBX: 128, 12: 72, 13: 80, 14: 88, 15: 96}
+    for reg, offset in expected.items():
+        assert row.rule(reg) == (RULE_EXPRESSION, offset) and row.rule_base(reg) == RSP, reg

@@ -19,8 +19,9 @@ from typing import Dict, List, NamedTuple, Tuple
 import pytest
 
 from perfagent.dwarf import (
-    CFA_PLT, CFA_REG_OFFSET, CFA_UNSUPPORTED, CFITable, DWARFError, RULE_OFFSET, RULE_REGISTER,
-    RULE_SAME_VALUE, RULE_UNDEFINED, RULE_UNSUPPORTED, RULE_VAL_OFFSET, UnwindRow, fde_rows,
+    CFA_DEREF, CFA_PLT, CFA_REG_OFFSET, CFA_UNSUPPORTED, CFITable, DWARFError, RULE_EXPRESSION,
+    RULE_OFFSET, RULE_REGISTER, RULE_SAME_VALUE, RULE_UNDEFINED, RULE_UNSUPPORTED,
+    RULE_VAL_EXPRESSION, RULE_VAL_OFFSET, UnwindRow, fde_rows,
 )
 from perfagent.dwarf.table import _elf_sources
 from perfagent.dwarf.x86_64 import REGISTER_NAMES, UNWIND_REGISTERS
@@ -156,8 +157,8 @@ def parse_cfa(text: str) -> Tuple[str, int, int]:
 
 def _check_cfa(text: str, row: UnwindRow) -> bool:
     kind, reg, offset = parse_cfa(text)
-    if kind == "exp":
-        return row.cfa_kind in (CFA_PLT, CFA_UNSUPPORTED)
+    if kind == "exp":  # which expression: see test_expressions_match_readelf
+        return row.cfa_kind in (CFA_PLT, CFA_DEREF, CFA_UNSUPPORTED)
     return row.cfa_kind == CFA_REG_OFFSET and row.cfa_register == reg and row.cfa_offset == offset
 
 
@@ -166,8 +167,10 @@ def _check_rule(text: str, kind: int, value: int) -> bool:
         return kind in (RULE_UNDEFINED, RULE_SAME_VALUE)
     if text == "s":
         return kind == RULE_SAME_VALUE
-    if text in ("exp", "vexp"):
-        return kind == RULE_UNSUPPORTED
+    if text == "exp":
+        return kind in (RULE_EXPRESSION, RULE_UNSUPPORTED)
+    if text == "vexp":
+        return kind in (RULE_VAL_EXPRESSION, RULE_UNSUPPORTED)
     if text[0] in "cv" and text[1:2] in ("+", "-"):
         return kind == (RULE_OFFSET if text[0] == "c" else RULE_VAL_OFFSET) and value == int(text[1:])
     number = int(text[1:]) if re.match(r"^r\d+$", text) else REGISTER_NUMBERS[text]
@@ -294,3 +297,92 @@ def test_start_is_the_outermost_frame(built):
     if row is None:
         pytest.skip("this crt1 has no CFI for _start")
     assert row.ra_kind == RULE_UNDEFINED
+
+
+# ------------------------------------------- glibc's signal trampoline
+
+LIBC = next((p for p in SYSTEM if os.path.basename(p) == "libc.so.6"), None)
+_EXPR_CFA = re.compile(r"^\s+DW_CFA_def_cfa_expression \(DW_OP_breg(\d+) \(\w+\): (-?\d+); DW_OP_deref\)$")
+_EXPR_REG = re.compile(r"^\s+DW_CFA_expression: r(\d+) \(\w+\) \(DW_OP_breg(\d+) \(\w+\): (-?\d+)\)$")
+
+
+def _signal_fdes(path: str):
+    """(CIE offset, FDE offset, pc_start, pc_end, instruction lines) of every
+    FDE whose CIE has the 'S' augmentation, from readelf --debug-dump=frames."""
+    out = subprocess.run(["readelf", "--debug-dump=frames", path], check=False,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True).stdout
+    lines = out.splitlines()
+    signal_cies = set()
+    found = []
+    for i, line in enumerate(lines):
+        m = re.match(r"^([0-9a-f]+) [0-9a-f]+ [0-9a-f]+ CIE$", line)
+        if m and 'Augmentation:          "zRS"' in lines[i + 2]:
+            signal_cies.add(int(m.group(1), 16))
+        m = _ENTRY.match(line)
+        if m and int(m.group(4), 16) in signal_cies:
+            body = []
+            for follow in lines[i + 1:]:
+                if not follow.strip():
+                    break
+                body.append(follow)
+            found.append((int(m.group(4), 16), int(m.group(1), 16), int(m.group(5), 16),
+                          int(m.group(6), 16), body))
+    return found
+
+
+def _ucontext_offsets(tmp_path) -> Dict[str, int]:
+    """offsetof(ucontext_t, uc_mcontext.gregs[REG_*]) from the C library's own headers."""
+    names = ["RBP", "RBX", "R12", "R13", "R14", "R15", "RSP", "RIP"]
+    src = tmp_path / "uc.c"
+    src.write_text("#define _GNU_SOURCE\n#include <stddef.h>\n#include <stdio.h>\n#include <ucontext.h>\n"
+                   "int main(void) {\n" + "".join(
+                       '    printf("%s %%zu\\n", offsetof(ucontext_t, uc_mcontext.gregs[REG_%s]));\n' % (n, n)
+                       for n in names) + "    return 0;\n}\n")
+    exe = str(tmp_path / "uc")
+    subprocess.run(["gcc", "-o", exe, str(src)], check=True)
+    out = subprocess.run([exe], check=True, stdout=subprocess.PIPE, text=True).stdout
+    return {line.split()[0].lower(): int(line.split()[1]) for line in out.splitlines()}
+
+
+@pytest.mark.skipif(LIBC is None, reason="no libc.so.6")
+def test_libc_restore_rt_matches_readelf_and_the_ucontext(tmp_path):
+    """The bytes of libc's __restore_rt CIE+FDE, cut out of the real libc.so.6,
+    decode to what readelf prints and to the ucontext_t layout of <ucontext.h>."""
+    if shutil.which("gcc") is None:
+        pytest.skip("needs gcc")
+    fdes = _signal_fdes(LIBC)
+    assert len(fdes) == 1, fdes  # glibc has exactly one sa_restorer on x86-64
+    cie_offset, fde_offset, pc_start, pc_end, body = fdes[0]
+    cfa = [m.groups() for m in map(_EXPR_CFA.match, body) if m]
+    regs = {int(m.group(1)): (int(m.group(2)), int(m.group(3))) for m in map(_EXPR_REG.match, body) if m}
+    assert cfa == [("7", "160")] and len(regs) == 17, body  # every register rax..r15, rip
+
+    elf = ELFFile.from_path(LIBC)
+    sec = elf.section(".eh_frame")
+    data = bytes(elf.section_data(sec))
+    fde_end = fde_offset + 4 + int.from_bytes(data[fde_offset:fde_offset + 4], "little")
+    piece = data[cie_offset:fde_end]  # the CIE and its FDE, nothing else
+    from perfagent.dwarf import CallFrameInfo
+    cfi = CallFrameInfo(piece, sec.sh_addr + cie_offset, True)
+    fde = cfi.fde_at(fde_offset - cie_offset)
+    assert (fde.initial_location, fde.pc_end) == (pc_start, pc_end)
+    assert fde.cie.signal_frame
+    spans = fde_rows(cfi, fde)
+    assert len(spans) == 1 and spans[0][:2] == (pc_start, pc_end)
+    row = UnwindRow(*spans[0][2])
+    assert (row.cfa_kind, row.cfa_register, row.cfa_offset, row.signal_frame) == (CFA_DEREF, 7, 160, 1)
+    for reg in UNWIND_REGISTERS:
+        base, offset = regs[reg]
+        assert row.rule(reg) == (RULE_EXPRESSION, offset) and row.rule_base(reg) == base == 7, reg
+
+    # The handler's return address points at the ucontext: rsp at
+    # __restore_rt is &uc, so the offsets are offsetof(ucontext_t, ...).
+    uc = _ucontext_offsets(tmp_path)
+    assert row.cfa_offset == uc["rsp"]
+    names = {16: "rip", 6: "rbp", 3: "rbx", 12: "r12", 13: "r13", 14: "r14", 15: "r15"}
+    for reg, name in names.items():
+        assert row.rule(reg)[1] == uc[name], name
+    # The whole library's table has the same row there (and the walker's
+    # lookup of "return address - 1" lands in it: the FDE starts one byte
+    # before __restore_rt for exactly that reason).
+    assert CFITable.from_elf(elf).lookup(pc_start) == row

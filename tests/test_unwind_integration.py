@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import subprocess
 
 import pytest
@@ -122,3 +123,64 @@ def test_debug_frame_from_separate_debug_file(unwind_bin, programs_dir, tmp_path
     assert ".debug_frame" not in sections and ".symtab" not in sections
     stacks, err = profile([exe, "chain", "8"], "dwarf", tmp_path)
     assert share(stacks, lambda n: contains_chain(user_part(n), CHAIN)) >= 0.95, err
+
+
+def test_overflowing_debug_frame_fde_costs_only_itself(unwind_bin, programs_dir, tmp_path):
+    """Issue 11: a .debug_frame FDE whose start plus range passes 2**64, in a
+    binary the target maps, made the first lookup raise OverflowError and
+    the capture exit 1 without a profile.  Now it costs that FDE's range:
+    the capture succeeds and the chain (other FDEs) unwinds as before."""
+    from perfagent.dwarf import CallFrameInfo
+    from perfagent.elf import ELFFile
+    exe = str(tmp_path / "unwind")
+    subprocess.run(["gcc", *NOFP, "-fno-asynchronous-unwind-tables", "-fno-unwind-tables", "-o", exe,
+                    os.path.join(PROGRAMS, "unwind.c"), "-L", programs_dir, "-lunwhop",
+                    "-Wl,-rpath," + programs_dir], check=True)
+    with ELFFile.from_path(exe) as elf:
+        sec = elf.section(".debug_frame")
+        compare = [s.st_value for s in elf.iter_symbols(".symtab") if s.name == "compare"][0]
+        cfi = CallFrameInfo(bytes(elf.section_data(sec)), 0, False)
+        fde = [f for f in cfi.iter_fdes() if f.initial_location == compare][0]
+        field = sec.sh_offset + fde.offset + 4 + 4  # after the length and the CIE pointer
+    with open(exe, "r+b") as f:  # compare() (unused in "chain" mode) now claims [2**64 - 4 KiB, +8 KiB)
+        f.seek(field)
+        f.write(struct.pack("<QQ", 2 ** 64 - 0x1000, 0x2000))
+    frames = subprocess.run(["readelf", "--debug-dump=frames", exe], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True).stdout
+    assert "pc=fffffffffffff000..0000000000001000" in frames
+    for unwind in ("dwarf", "auto"):
+        stacks, err = profile([exe, "chain", "3"], unwind, tmp_path)
+        assert share(stacks, lambda n: contains_chain(user_part(n), CHAIN)) >= 0.95, err
+
+
+SIGNAL_CHAIN = ["__libc_start_call_main", "main", "outer_a", "outer_b", "interrupted", "__restore_rt", "on_alarm"]
+HANDLER_CHAIN = ["on_alarm", "handler_a", "handler_b", "handler_spin"]
+
+
+def through_signal_frame(user) -> bool:
+    """Root-first user frames: ... main > outer_a > outer_b > interrupted >
+    __restore_rt > on_alarm, then a prefix of the handler's own chain."""
+    if "on_alarm" not in user:
+        return False
+    handler = user[user.index("on_alarm"):]
+    return contains_chain(user, SIGNAL_CHAIN) and handler == HANDLER_CHAIN[:len(handler)]
+
+
+@pytest.mark.parametrize("unwind", ["dwarf", "auto"])
+def test_unwind_through_a_signal_handler(programs_dir, tmp_path, unwind):
+    """The handler's samples continue through glibc's __restore_rt (a CFA
+    expression and expression rules over the ucontext) into the interrupted
+    function, at its exact pc, and on to main."""
+    exe = os.path.join(programs_dir, "sigframe")
+    if not os.path.exists(exe):
+        subprocess.run(["gcc", *NOFP, "-o", exe, os.path.join(PROGRAMS, "sigframe.c")], check=True)
+    out = tmp_path / "sig.pb.gz"
+    r = run_agent(["--profile", "--unwind", unwind, "--sample-rate", "299", "--profile-output", str(out),
+                   "--", exe], cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    stacks = sample_stacks(read_profile(str(out)))
+    in_handler = [(user_part(names), values[0]) for names, _, values in stacks if "on_alarm" in names]
+    total = sum(n for _, n in in_handler)
+    assert total >= 100, (total, r.stderr)
+    through = sum(n for user, n in in_handler if through_signal_frame(user))
+    assert through >= 0.95 * total, (through, total, [u for u, _ in in_handler if not through_signal_frame(u)][:5])

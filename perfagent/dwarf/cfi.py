@@ -17,6 +17,7 @@ import contextlib
 import struct
 from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
+from ..budget import Budget
 from .constants import (
     DW_CIE_ID_32, DW_CIE_ID_64, DW_EH_PE_absptr, DW_EH_PE_datarel, DW_EH_PE_FORMAT_MASK,
     DW_EH_PE_omit, DW_EH_PE_sdata4, DWARF64_ESCAPE, DWARF_RESERVED_LENGTH_MIN, EH_CIE_ID,
@@ -29,6 +30,12 @@ from .pointers import (
 
 # Exceptions that mean "the bytes are not what the headers claim".
 _MALFORMED = (struct.error, IndexError, ValueError, OverflowError, KeyError)
+
+# iter_fdes checks its budget once per this many entries (a clock read).
+_BUDGET_CHECK_ENTRIES = 256
+# What one decoded FDE costs in memory, charged to the budget: the FDE and
+# _EntryHeader tuples and the augmentation bytes object.
+_FDE_BYTES = 320
 
 # CIE versions: 1 (DWARF 2 and .eh_frame), 3 (DWARF 3/4 .debug_frame, some
 # .eh_frame), 4 (DWARF 4/5 .debug_frame, adds address and segment sizes).
@@ -314,6 +321,12 @@ class CallFrameInfo:
             pos += length
         if pos > h.end:
             raise DWARFError("%s FDE at %#x: fields run past its end" % (self.name, h.offset))
+        if address_range < 0 or initial_location + address_range >= self.pointers.address_limit:
+            # A signed range format, or an end past the last address: no code
+            # can be there, and the compiled table's unsigned 64-bit arrays
+            # could not hold the end.
+            raise DWARFError("%s FDE at %#x: range %#x+%#x is outside the address space"
+                             % (self.name, h.offset, initial_location, address_range))
         return FDE(h.offset, cie, initial_location, address_range, lsda_pointer,
                    augmentation_data, pos, h.end)
 
@@ -329,13 +342,17 @@ class CallFrameInfo:
         except UnresolvablePointer:
             return None
 
-    def iter_fdes(self, errors: Optional[List[DWARFError]] = None) -> Iterator[FDE]:
+    def iter_fdes(self, errors: Optional[List[DWARFError]] = None,
+                  budget: Optional[Budget] = None) -> Iterator[FDE]:
         """Every decodable FDE; each failure is appended to ``errors`` instead.
 
         A length that runs past the section ends the walk (nothing after it
-        can be found) and is recorded the same way.
+        can be found) and is recorded the same way.  ``budget`` is checked
+        every few hundred entries and charged for each FDE decoded; running
+        out raises BudgetExceeded (the whole section is then malformed).
         """
         headers = self.iter_headers()
+        count = 0
         while True:
             try:
                 header = next(headers)
@@ -344,12 +361,19 @@ class CallFrameInfo:
             except DWARFError as exc:
                 _record(errors, exc)
                 return
+            count += 1
+            if budget is not None and not count % _BUDGET_CHECK_ENTRIES:
+                budget.check()
             if header.is_cie:
                 continue
             try:
-                yield self._fde(header)
+                fde = self._fde(header)
             except DWARFError as exc:
                 _record(errors, exc)
+                continue
+            if budget is not None:
+                budget.charge(_FDE_BYTES)
+            yield fde
 
     def find_fde(self, pc: int, hdr: Optional["EHFrameHdr"] = None) -> Optional[FDE]:
         """The FDE covering ``pc``, or None.
@@ -373,7 +397,7 @@ class CallFrameInfo:
 
     def _find_fde_linear(self, pc: int) -> Optional[FDE]:
         if self._fde_index is None:
-            fdes = sorted(self.iter_fdes(), key=lambda f: f.initial_location)
+            fdes = sorted(self.iter_fdes(budget=Budget(self.name)), key=lambda f: f.initial_location)
             self._fde_index = ([f.initial_location for f in fdes], fdes)
         starts, fdes = self._fde_index
         i = bisect.bisect_right(starts, pc) - 1

@@ -69,7 +69,9 @@ DW_EH_PE_APPLICATION_MASK = 0x70
 DW_EH_PE_indirect = 0x80
 DW_EH_PE_omit = 0xFF
 
-# --- DW_OP_* needed to recognise the x86-64 PLT CFA expression -------------
+# --- DW_OP_* needed to recognise the x86-64 PLT CFA expression and the
+# signal-trampoline expressions (DWARF 5 table 7.9) --------------------------
+DW_OP_deref = 0x06
 DW_OP_and = 0x1A
 DW_OP_plus = 0x22
 DW_OP_shl = 0x24
@@ -77,6 +79,7 @@ DW_OP_ge = 0x2A
 DW_OP_lit0 = 0x30
 DW_OP_lit31 = 0x4F
 DW_OP_breg0 = 0x70
+DW_OP_breg31 = 0x8F
 
 # --- CIE identification ----------------------------------------------------
 # .debug_frame marks a CIE with an all-ones id; .eh_frame with id 0 (and

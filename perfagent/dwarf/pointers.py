@@ -126,6 +126,7 @@ class EncodedPointerReader:
         self.text_base = text_base
         self.read_pointer = read_pointer
         self._mask = (1 << (8 * address_size)) - 1
+        self.address_limit = 1 << (8 * address_size)  # one past the highest address
         s = self.structs
         self._absptr = {2: s.u16, 4: s.u32, 8: s.u64}[address_size]
         self._signed_absptr = {2: s.s16, 4: s.s32, 8: s.s64}[address_size]

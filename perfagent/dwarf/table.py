@@ -7,6 +7,12 @@ starts and ends searched with :func:`bisect.bisect_right`, and an
 tuples.  A lookup allocates nothing: it returns a shared tuple.  Deduplication
 also keeps memory small: a large library has ~100k ranges but a few thousand
 distinct rows.
+
+Building a table never raises and never leaves it half-built: one malformed
+FDE costs only its own range (counted in :class:`CFIStats`), and a build
+that fails as a whole (a section whose decoding exceeds the
+:class:`~perfagent.budget.Budget`, an error outside any one FDE) leaves an
+empty table with the error counted.
 """
 
 from __future__ import annotations
@@ -15,12 +21,19 @@ import bisect
 from array import array
 from typing import Callable, Dict, List, Optional, Tuple
 
+from ..budget import Budget, Cancelled
 from ..elf.constants import EM_X86_64, SHT_NOBITS
 from ..errors import ParseError
-from .cfi import CallFrameInfo, EHFrameHdr
+from .cfi import _MALFORMED, CallFrameInfo, EHFrameHdr
 from .pointers import DWARFError
-from .rules import RowSpan, RuleState, UnwindRow, cie_initial_state, fde_rows
+from .rules import ROW_LENGTH, RowSpan, RuleState, UnwindRow, cie_initial_state, fde_rows
 
+# The table's arrays are unsigned 64-bit: a range must lie in [0, 2**64).
+_ADDRESS_LIMIT = 1 << 64
+# Bytes one indexed range costs (three array slots), charged to the budget.
+_RANGE_BYTES = 20
+# The index loop checks the budget once per this many ranges.
+_BUDGET_CHECK_SPANS = 4096
 
 
 class CFIStats:
@@ -44,23 +57,30 @@ class CFIStats:
             self.fdes, self.errors, self.debug_frame_fdes)
 
 
-def section_rows(cfi: CallFrameInfo, stats: CFIStats) -> List[List[RowSpan]]:
-    """Rows of every FDE in one section, one list per FDE; errors go to stats."""
+def section_rows(cfi: CallFrameInfo, stats: CFIStats, budget: Optional[Budget] = None) -> List[List[RowSpan]]:
+    """Rows of every FDE in one section, one list per FDE; errors go to stats.
+
+    A malformed FDE (or CIE) costs its own rows; ``budget`` running out
+    raises BudgetExceeded (the caller treats the whole binary as malformed).
+    """
     errors: List[DWARFError] = []
     initial_states: Dict[int, RuleState] = {}  # per CIE: shared by its FDEs
+    shared: Dict[tuple, tuple] = {}  # identical rows of different FDEs: one tuple
     out: List[List[RowSpan]] = []
-    for fde in cfi.iter_fdes(errors):
-        if fde.address_range == 0:
-            continue
-        try:
-            initial = initial_states.get(fde.cie.offset)
-            if initial is None:
-                initial = initial_states[fde.cie.offset] = cie_initial_state(cfi, fde.cie)
-            out.append(fde_rows(cfi, fde, initial))
-            stats.fdes += 1
-        except DWARFError as exc:
-            errors.append(exc)
-    stats.add_errors(errors)
+    try:
+        for fde in cfi.iter_fdes(errors, budget):
+            if fde.address_range == 0:
+                continue
+            try:
+                initial = initial_states.get(fde.cie.offset)
+                if initial is None:
+                    initial = initial_states[fde.cie.offset] = cie_initial_state(cfi, fde.cie, budget)
+                out.append(fde_rows(cfi, fde, initial, budget, shared))
+                stats.fdes += 1
+            except DWARFError as exc:
+                errors.append(exc)
+    finally:
+        stats.add_errors(errors)
     return out
 
 
@@ -72,8 +92,11 @@ class CFITable:
     do, the one starting first wins.
     """
 
-    def __init__(self, builder: Callable[[CFIStats], List[RowSpan]]) -> None:
-        self._builder: Optional[Callable[[CFIStats], List[RowSpan]]] = builder
+    def __init__(self, builder: Callable[[CFIStats, Budget], List[RowSpan]], name: str = "CFI",
+                 sources: Optional[List[CallFrameInfo]] = None) -> None:
+        self._builder: Optional[Callable[[CFIStats, Budget], List[RowSpan]]] = builder
+        self.name = name
+        self.sources: List[CallFrameInfo] = sources or []  # the sections it is built from
         self.stats = CFIStats()
         self.starts = array("Q")
         self.ends = array("Q")
@@ -82,9 +105,15 @@ class CFITable:
 
     @classmethod
     def from_spans(cls, spans: List[RowSpan]) -> "CFITable":
-        table = cls(lambda stats: spans)
+        table = cls(lambda stats, budget: spans, "spans")
         table.compile()
         return table
+
+    @classmethod
+    def from_sections(cls, sources: List[CallFrameInfo], name: str = "CFI") -> "CFITable":
+        """The table of one binary's sections (.eh_frame first, then
+        .debug_frame), compiled on first use; see :meth:`from_elf`."""
+        return cls(lambda stats, budget: _merge_sources(sources, stats, budget), name, sources)
 
     @classmethod
     def from_elf(cls, elf, debug_elf=None, read_pointer=None) -> "CFITable":
@@ -103,35 +132,33 @@ class CFITable:
                              % (elf.path or "<bytes>", elf.e_machine))
         sources = _elf_sources(elf, read_pointer, ".eh_frame")
         sources += _elf_sources(debug_elf if debug_elf is not None else elf, read_pointer, ".debug_frame")
-        return cls(lambda stats: _merge_sources(sources, stats))
+        return cls.from_sections(sources, elf.path or "<bytes>")
 
     # --------------------------------------------------------------- building
 
-    def compile(self) -> None:
-        """Decode and index now (otherwise the first lookup does it)."""
+    def compile(self, budget: Optional[Budget] = None) -> None:
+        """Decode and index now (otherwise the first lookup does it).
+
+        Runs under ``budget`` (default: a fresh :class:`Budget` for this
+        table, started now).  Never raises: whatever goes wrong beyond one
+        FDE leaves the table empty, with the error counted in :attr:`stats`.
+        """
         if self._builder is None:
             return
-        builder, self._builder = self._builder, None
-        spans = sorted(builder(self.stats), key=lambda span: span[0])
-        self._index(spans)
-
-    def _index(self, spans: List[RowSpan]) -> None:
-        interned: Dict[tuple, int] = {}
-        starts, ends, row_ids, rows = self.starts, self.ends, self.row_ids, self.rows
-        last_end = 0
-        for start, end, fields in spans:
-            if start < last_end:  # overlaps the previous range: clip it
-                start = last_end
-                if start >= end:
-                    continue
-            row_id = interned.get(fields)
-            if row_id is None:
-                row_id = interned[fields] = len(rows)
-                rows.append(UnwindRow(*fields))
-            starts.append(start)
-            ends.append(end)
-            row_ids.append(row_id)
-            last_end = end
+        if budget is None:
+            budget = Budget("CFI of %s" % self.name)
+        builder, self._builder = self._builder, None  # never rebuilt after a failure...
+        self.stats = CFIStats()
+        try:
+            budget.check()
+            spans = sorted(builder(self.stats, budget), key=lambda span: span[0])
+            # Into fresh arrays, published only when complete.
+            self.starts, self.ends, self.row_ids, self.rows = _index(spans, self.stats, budget, self.name)
+        except Cancelled:
+            self._builder = builder  # ...except a stop request: empty now, built if asked again
+        except (ParseError,) + _MALFORMED as exc:
+            self.stats.add_errors([DWARFError("%s: unwind table not built (%s: %s)"
+                                              % (self.name, type(exc).__name__, exc))])
 
     # ---------------------------------------------------------------- queries
 
@@ -164,6 +191,39 @@ class CFITable:
         if self._builder is not None:
             self.compile()
         return len(self.starts)
+
+
+def _index(spans: List[RowSpan], stats: CFIStats, budget: Budget, name: str):
+    """(starts, ends, row_ids, rows) of sorted ``spans``: overlaps clipped
+    (the range starting first wins), identical rows stored once.  A span
+    that is not a valid range of 64-bit addresses or whose row is not an
+    UnwindRow's fields is dropped and counted."""
+    interned: Dict[tuple, int] = {}
+    starts, ends, row_ids = array("Q"), array("Q"), array("I")
+    rows: List[UnwindRow] = []
+    bad: List[DWARFError] = []
+    last_end = 0
+    for n, (start, end, fields) in enumerate(spans):
+        if not n % _BUDGET_CHECK_SPANS:
+            budget.check()
+            budget.charge(_RANGE_BYTES * _BUDGET_CHECK_SPANS)
+        if not (0 <= start < end <= _ADDRESS_LIMIT - 1) or len(fields) != ROW_LENGTH:
+            bad.append(DWARFError("%s: dropped an invalid range %#x-%#x" % (name, start, end)))
+            continue
+        if start < last_end:  # overlaps the previous range: clip it
+            start = last_end
+            if start >= end:
+                continue
+        row_id = interned.get(fields)
+        if row_id is None:
+            row_id = interned[fields] = len(rows)
+            rows.append(UnwindRow(*fields))
+        starts.append(start)
+        ends.append(end)
+        row_ids.append(row_id)
+        last_end = end
+    stats.add_errors(bad)
+    return starts, ends, row_ids, rows
 
 
 # ------------------------------------------------------------------ ELF glue
@@ -234,13 +294,13 @@ def load_eh_frame_hdr(elf) -> Optional[EHFrameHdr]:
         return None
 
 
-def _merge_sources(sources: List[CallFrameInfo], stats: CFIStats) -> List[RowSpan]:
+def _merge_sources(sources: List[CallFrameInfo], stats: CFIStats, budget: Budget) -> List[RowSpan]:
     """All .eh_frame rows, plus .debug_frame FDEs that touch no .eh_frame range."""
     merged: List[RowSpan] = []
     covered_starts: List[int] = []
     covered_ends: List[int] = []
     for cfi in sources:
-        per_fde = section_rows(cfi, stats)
+        per_fde = section_rows(cfi, stats, budget)
         if not cfi.is_eh_frame:
             per_fde = [rows for rows in per_fde
                        if rows and not _overlaps(covered_starts, covered_ends, rows[0][0], rows[-1][1])]

@@ -10,9 +10,15 @@ Modes (``--unwind``):
 * ``dwarf``: CFI only; a frame-pointer step only for code that has no CFI at
   all (a binary without .eh_frame/.debug_frame, JIT code).
 * ``auto``: CFI where the binary has a row for the pc, a frame-pointer step
-  where it does not (hand-written assembly without FDEs, stripped CFI), each
-  step checked (the stack grows monotonically, the return address lies in an
-  executable mapping).
+  where it does not (hand-written assembly without FDEs, stripped CFI).
+
+In both, every step is checked before its caller is appended: the stack
+grows towards the caller and the caller's pc lies in an executable mapping.
+
+Signal frames (an FDE whose CIE has 'S', such as glibc's ``__restore_rt``)
+describe the kernel's ucontext with DWARF expressions (CFA = *(rsp + 160),
+registers saved at rsp + offset); the walker restores the interrupted
+registers from it and continues at the interrupted pc exactly.
 
 CPython's perf trampolines (anonymous executable memory the interpreter's
 perf map names ``py::...``) have neither CFI nor a frame pointer; they are
@@ -22,27 +28,37 @@ target's memory, and unwound by their known shape (see perfagent.arch).
 This is the per-frame hot path: registers live in local variables, the
 stack copy is read with ``unpack_from`` on the bytes the parser produced,
 tables are cached per binary (device+inode, then build id) across processes
-and captures, and the only allocation per frame is the appended address.
+and captures, the (mapping, binary, row) of a pc is cached per process (and
+doubles as the caller's validation), and the only allocation per frame is
+the appended address.
 """
 
 from __future__ import annotations
 
+import bisect
 import os
 import struct
 from typing import Dict, List, Optional, Tuple
 
 from perfagent.arch import x86_64 as X
+from perfagent.budget import Budget, Cancelled
 from perfagent.dwarf.rules import (
-    CFA_PLT, CFA_REG_OFFSET, CFA_UNSUPPORTED, RULE_OFFSET, RULE_REGISTER, RULE_SAME_VALUE, RULE_UNDEFINED,
-    RULE_VAL_OFFSET,
+    CFA_PLT, CFA_REG_OFFSET, CFA_UNSUPPORTED, RULE_EXPRESSION, RULE_OFFSET, RULE_REGISTER,
+    RULE_SAME_VALUE, RULE_UNDEFINED, RULE_VAL_EXPRESSION, RULE_VAL_OFFSET,
 )
 from perfagent.dwarf.cfi import CallFrameInfo, EHFrameHdr
 from perfagent.dwarf.rules import cie_initial_state, fde_rows
-from perfagent.dwarf.table import CFITable, _elf_sources, load_eh_frame_hdr
+from perfagent.dwarf.table import CFITable, load_eh_frame_hdr
 from perfagent.elf import ELFFile, LoadMap
 from perfagent.errors import ParseError
 
 MAX_FRAMES = 256
+
+# One FDE decoded lazily may take this long and produce this much; its rows
+# are capped by perfagent.dwarf.rules.MAX_ROWS_PER_FDE anyway, and real
+# FDEs decode in tens of microseconds.
+LAZY_FDE_SECONDS = 2.0
+LAZY_FDE_BYTES = 64 << 20
 
 # Outcomes of one walk, counted for the end-of-capture summary.
 OUTCOME_COMPLETE = 0    # reached the outermost frame (undefined return address)
@@ -68,7 +84,9 @@ class LazyEhFrame:
     decoding only those (found by the header's binary search) costs
     milliseconds where compiling the whole table costs a fifth of a second
     per large binary.  A pc no .eh_frame FDE covers falls back to the full
-    table, which also holds .debug_frame.
+    table, which also holds .debug_frame.  Each FDE is decoded under its own
+    :class:`~perfagent.budget.Budget`; a malformed or over-budget FDE costs
+    only its own range.
     """
 
     __slots__ = ("_cfi", "_hdr", "_full", "_fdes", "_initial")
@@ -77,7 +95,9 @@ class LazyEhFrame:
         self._cfi = cfi
         self._hdr = hdr
         self._full = full
-        self._fdes: Dict[int, list] = {}     # FDE initial_location -> its row spans
+        # FDE initial_location -> (row starts, row spans); per pc, the walker's
+        # own cache sits in front of this.
+        self._fdes: Dict[int, Tuple[List[int], list]] = {}
         self._initial: Dict[int, object] = {}  # CIE offset -> initial rule state
 
     def lookup(self, pc: int):
@@ -87,20 +107,31 @@ class LazyEhFrame:
             fde = None
         if fde is None:
             return self._full.lookup(pc)
-        spans = self._fdes.get(fde.initial_location)
-        if spans is None:
+        decoded = self._fdes.get(fde.initial_location)
+        if decoded is None:
             try:
-                initial = self._initial.get(fde.cie.offset)
-                if initial is None:
-                    initial = self._initial[fde.cie.offset] = cie_initial_state(self._cfi, fde.cie)
-                spans = fde_rows(self._cfi, fde, initial)
-            except ParseError:
-                spans = []  # a malformed FDE costs only its own range
-            self._fdes[fde.initial_location] = spans
-        for start, end, fields in spans:
-            if start <= pc < end:
-                return fields
+                decoded = self._decode(fde)
+            except Cancelled:
+                return None  # the capture is stopping: no row, and nothing cached
+            self._fdes[fde.initial_location] = decoded
+        starts, spans = decoded
+        i = bisect.bisect_right(starts, pc) - 1
+        if i >= 0 and pc < spans[i][1]:
+            return spans[i][2]
         return None
+
+    def _decode(self, fde) -> Tuple[List[int], list]:
+        budget = Budget("%s FDE at %#x" % (self._cfi.name, fde.offset), LAZY_FDE_SECONDS, LAZY_FDE_BYTES)
+        try:
+            initial = self._initial.get(fde.cie.offset)
+            if initial is None:
+                initial = self._initial[fde.cie.offset] = cie_initial_state(self._cfi, fde.cie, budget)
+            spans = fde_rows(self._cfi, fde, initial, budget)
+        except Cancelled:
+            raise
+        except ParseError:
+            spans = []  # a malformed FDE costs only its own range
+        return [span[0] for span in spans], spans
 
 
 class BinaryCFI:
@@ -192,7 +223,8 @@ class CFICache:
                 load_map = LoadMap(elf.segments)
                 table = full
                 hdr = load_eh_frame_hdr(elf)
-                eh = _elf_sources(elf, None, ".eh_frame") if hdr is not None and len(hdr) else []
+                # The table's own .eh_frame (one copy of the section bytes, not two).
+                eh = [src for src in full.sources if src.is_eh_frame] if hdr is not None and len(hdr) else []
                 if eh:
                     table = LazyEhFrame(eh[0], hdr, full)
         except (OSError, ParseError) as exc:
@@ -218,7 +250,21 @@ class Walker:
     # for anonymous (JIT) memory.
     def walk(self, proc, binary_for, regs: tuple, stack: Optional[bytes],
              sps: Optional[list] = None) -> Tuple[int, ...]:
-        """Return addresses of the sample's user frames, leaf first.
+        """The sample's user frames, leaf first, as return addresses.
+
+        The leaf is the sampled pc.  Every later entry ``a`` is such that
+        ``a - 1`` lies in the frame's current instruction, which is how
+        consumers symbolize callers: a return address (just after its call),
+        or, where the frame's pc is exact, that pc + 1 (a signal trampoline
+        such as ``__restore_rt``, which is "returned to" at its first
+        instruction, and the frame a signal interrupted).
+
+        A caller is appended only once it is validated: its address lies in
+        an executable mapping of the process and the stack grew towards it.
+        A walk that meets anything else stops there (counted in
+        :attr:`outcomes`) without a garbage frame; a return address of 0
+        (the psABI's outermost-frame marker) or an undefined return-address
+        rule ends it as complete.
 
         ``sps``, when given, receives each frame's stack pointer (a frame
         owns the stack bytes from its sp up to the next frame's sp, its
@@ -238,23 +284,27 @@ class Walker:
         find = proc.space.find
         cache = proc.unwind_cache
         auto = self.mode == "auto"
-        outcome = OUTCOME_NO_CFI
+        # Frames repeat across samples: mapping, binary and row are looked
+        # up once per distinct pc of a process (the cache is dropped when
+        # its mappings change).  The leaf's pc is exact.
+        hit = cache.get(pc)
+        if hit is None:
+            hit = cache[pc] = self._step_info(find, binary_for, pc)
+        outcome = OUTCOME_TRUNCATED  # if MAX_FRAMES runs out
         first = True
-        exact = True  # the leaf, and the frame interrupted by a signal, use the exact pc
         for _ in range(MAX_FRAMES):
-            lookup = pc if exact else pc - 1
-            # Frames repeat across samples: mapping, binary and row are
-            # looked up once per distinct pc of a process (the cache is
-            # dropped when its mappings change).
-            hit = cache.get(lookup)
-            if hit is None:
-                hit = cache[lookup] = self._step_info(find, binary_for, lookup)
             entry, binary, row = hit
-            if entry is None:
-                outcome = OUTCOME_BAD if not first else OUTCOME_NO_CFI
+            if entry is None:  # only the leaf: callers are validated below
+                outcome = OUTCOME_NO_CFI
                 break
+            signal = 0
             if row is not None and row[0] != CFA_UNSUPPORTED:
                 # -- a CFI step --------------------------------------------------
+                # Row layout (perfagent.dwarf.rules.UnwindRow): 0 cfa_kind,
+                # 1 cfa_register, 2 cfa_offset, 3 plt threshold, 4 signal
+                # frame, then (kind, value, base) for ra 5, rbp 8, rbx 11,
+                # r12 14, r13 17, r14 20, r15 23.  Literal indexes: a global
+                # constant lookup per field would cost more than the step.
                 kind = row[0]
                 if kind == CFA_REG_OFFSET:
                     reg = row[1]
@@ -263,76 +313,91 @@ class Walker:
                     elif reg == 6:
                         cfa = bp + row[2] if bp is not None else None
                     else:
-                        cfa = _reg_value(reg, bx, bp, r12, r13, r14, r15)
+                        cfa = _reg_value(reg, sp, bx, bp, r12, r13, r14, r15)
                         cfa = cfa + row[2] if cfa is not None else None
-                else:  # CFA_PLT
+                elif kind == CFA_PLT:
                     cfa = sp + row[2] + (8 if (pc & 15) >= row[3] else 0)
+                else:  # CFA_DEREF: a signal frame's saved stack pointer
+                    cfa = _deref(_reg_value(row[1], sp, bx, bp, r12, r13, r14, r15), row[2],
+                                 stack, base, limit)
+                    if cfa is None:
+                        outcome = OUTCOME_TRUNCATED
+                        break
                 if cfa is None:
                     outcome = OUTCOME_BAD
                     break
                 ra_kind = row[5]
-                if ra_kind == RULE_UNDEFINED:
+                if ra_kind == RULE_OFFSET:
+                    addr = cfa + row[6]
+                elif ra_kind == RULE_UNDEFINED:
                     outcome = OUTCOME_COMPLETE
                     break
-                if ra_kind != RULE_OFFSET:
+                elif ra_kind == RULE_EXPRESSION:  # a signal frame's saved rip
+                    addr = _reg_value(row[7], sp, bx, bp, r12, r13, r14, r15)
+                    if addr is None:
+                        outcome = OUTCOME_BAD
+                        break
+                    addr += row[6]
+                else:
                     outcome = OUTCOME_BAD
                     break
-                addr = cfa + row[6]
                 if addr < base or addr > limit:
                     outcome = OUTCOME_TRUNCATED
                     break
                 ra = _unpack_u64(stack, addr - base)[0]
-                # Callee-saved registers: offset rules read the copy; an
-                # address outside it leaves the register unknown (None).
-                k = row[7]
+                # Callee-saved registers, all from this frame's values: offset
+                # rules read the copy (an address outside it leaves the
+                # register unknown, None); no rule means the same value.
+                k = row[8]
                 if k == RULE_OFFSET:  # the common case, inline: saved in the frame
-                    a = cfa + row[8]
+                    a = cfa + row[9]
                     new_bp = _unpack_u64(stack, a - base)[0] if base <= a <= limit else None
                 elif k:
-                    new_bp = _restore(k, row[8], cfa, bp, stack, base, limit, bx, bp, r12, r13, r14, r15)
+                    new_bp = _restore(k, row[9], row[10], cfa, bp, stack, base, limit, sp, bx, bp, r12, r13, r14, r15)
                 else:
                     new_bp = bp
-                k = row[9]
-                if k == RULE_OFFSET:  # the common case, inline: saved in the frame
-                    a = cfa + row[10]
+                k = row[11]
+                if k == RULE_OFFSET:
+                    a = cfa + row[12]
                     new_bx = _unpack_u64(stack, a - base)[0] if base <= a <= limit else None
                 elif k:
-                    new_bx = _restore(k, row[10], cfa, bx, stack, base, limit, bx, bp, r12, r13, r14, r15)
+                    new_bx = _restore(k, row[12], row[13], cfa, bx, stack, base, limit, sp, bx, bp, r12, r13, r14, r15)
                 else:
                     new_bx = bx
-                k = row[11]
-                if k == RULE_OFFSET:  # the common case, inline: saved in the frame
-                    a = cfa + row[12]
+                k = row[14]
+                if k == RULE_OFFSET:
+                    a = cfa + row[15]
                     n12 = _unpack_u64(stack, a - base)[0] if base <= a <= limit else None
                 elif k:
-                    n12 = _restore(k, row[12], cfa, r12, stack, base, limit, bx, bp, r12, r13, r14, r15)
+                    n12 = _restore(k, row[15], row[16], cfa, r12, stack, base, limit, sp, bx, bp, r12, r13, r14, r15)
                 else:
                     n12 = r12
-                k = row[13]
-                if k == RULE_OFFSET:  # the common case, inline: saved in the frame
-                    a = cfa + row[14]
+                k = row[17]
+                if k == RULE_OFFSET:
+                    a = cfa + row[18]
                     n13 = _unpack_u64(stack, a - base)[0] if base <= a <= limit else None
                 elif k:
-                    n13 = _restore(k, row[14], cfa, r13, stack, base, limit, bx, bp, r12, r13, r14, r15)
+                    n13 = _restore(k, row[18], row[19], cfa, r13, stack, base, limit, sp, bx, bp, r12, r13, r14, r15)
                 else:
                     n13 = r13
-                k = row[15]
-                if k == RULE_OFFSET:  # the common case, inline: saved in the frame
-                    a = cfa + row[16]
+                k = row[20]
+                if k == RULE_OFFSET:
+                    a = cfa + row[21]
                     n14 = _unpack_u64(stack, a - base)[0] if base <= a <= limit else None
                 elif k:
-                    n14 = _restore(k, row[16], cfa, r14, stack, base, limit, bx, bp, r12, r13, r14, r15)
+                    n14 = _restore(k, row[21], row[22], cfa, r14, stack, base, limit, sp, bx, bp, r12, r13, r14, r15)
                 else:
                     n14 = r14
-                k = row[17]
-                if k == RULE_OFFSET:  # the common case, inline: saved in the frame
-                    a = cfa + row[18]
+                k = row[23]
+                if k == RULE_OFFSET:
+                    a = cfa + row[24]
                     n15 = _unpack_u64(stack, a - base)[0] if base <= a <= limit else None
                 elif k:
-                    n15 = _restore(k, row[18], cfa, r15, stack, base, limit, bx, bp, r12, r13, r14, r15)
+                    n15 = _restore(k, row[24], row[25], cfa, r15, stack, base, limit, sp, bx, bp, r12, r13, r14, r15)
                 else:
                     n15 = r15
                 bp, bx, r12, r13, r14, r15 = new_bp, new_bx, n12, n13, n14, n15
+                signal = row[4]  # a signal frame (CIE 'S'): the caller's pc is exact
             else:
                 state = self._trampoline_state(proc.pid, pc, entry) if binary is None else -1
                 if state >= 0:
@@ -361,22 +426,33 @@ class Walker:
             if cfa <= sp and not first or cfa < sp:
                 outcome = OUTCOME_BAD  # the stack must grow towards the caller
                 break
-            # The return address's own mapping (executable: only those are
-            # tracked) is checked by the next iteration's lookup.
-            ips.append(ra)
+            # Validate the caller before it becomes a frame: its pc (ra - 1,
+            # inside the call, unless this was a signal frame) must lie in an
+            # executable mapping.  The lookup is the next step's, so it costs
+            # nothing extra.
+            lookup = ra if signal else ra - 1
+            hit = cache.get(lookup)
+            if hit is None:
+                hit = cache[lookup] = self._step_info(find, binary_for, lookup)
+            if hit[0] is None:
+                outcome = OUTCOME_BAD
+                break
+            next_row = hit[2]
+            # +1 where the pc is exact (see the docstring): the interrupted
+            # frame, and a signal trampoline entered at its first byte.
+            ips.append(ra + 1 if signal or (next_row is not None and next_row[4]) else ra)
             if sps is not None:
                 sps.append(cfa)
             sp = cfa
             pc = ra
             first = False
-            exact = row is not None and row[4] == 1  # this was a signal frame (CIE 'S')
         self.outcomes[outcome] += 1
         return tuple(ips)
 
     @staticmethod
     def _step_info(find, binary_for, lookup: int) -> tuple:
         entry = find(lookup)
-        if entry is None:
+        if entry is None or not entry.is_exec:
             return (None, None, None)
         binary = binary_for(entry)
         row = None
@@ -409,30 +485,46 @@ def _own_vdso() -> ELFFile:
     raise OSError("no [vdso] mapping")
 
 
-def _reg_value(reg: int, bx, bp, r12, r13, r14, r15):
-    if reg == 3:
-        return bx
+def _reg_value(reg: int, sp, bx, bp, r12, r13, r14, r15):
+    """The value in this frame of a DWARF register the walker tracks (None
+    for others, or when unknown)."""
+    if reg == 7:
+        return sp
     if reg == 6:
         return bp
+    if reg == 3:
+        return bx
     if 12 <= reg <= 15:
         return (r12, r13, r14, r15)[reg - 12]
     return None
 
 
-def _restore(kind: int, value: int, cfa: int, current, stack: bytes, base: int, limit: int,
-             bx, bp, r12, r13, r14, r15):
-    """The caller's value of one callee-saved register."""
+def _deref(value, offset: int, stack: bytes, base: int, limit: int):
+    """The word at ``value + offset`` in the stack copy, or None."""
+    if value is None:
+        return None
+    addr = value + offset
+    if base <= addr <= limit:
+        return _unpack_u64(stack, addr - base)[0]
+    return None
+
+
+def _restore(kind: int, value: int, breg: int, cfa: int, current, stack: bytes, base: int, limit: int,
+             sp, bx, bp, r12, r13, r14, r15):
+    """The caller's value of one callee-saved register (None: unknown)."""
     if kind == RULE_SAME_VALUE:
         return current
     if kind == RULE_OFFSET:
-        addr = cfa + value
-        if base <= addr <= limit:
-            return _unpack_u64(stack, addr - base)[0]
-        return None
+        return _deref(cfa, value, stack, base, limit)
     if kind == RULE_VAL_OFFSET:
         return cfa + value
     if kind == RULE_REGISTER:
-        return _reg_value(value, bx, bp, r12, r13, r14, r15)
+        return _reg_value(value, sp, bx, bp, r12, r13, r14, r15)
+    if kind == RULE_EXPRESSION:  # saved at breg + value (a signal frame's ucontext)
+        return _deref(_reg_value(breg, sp, bx, bp, r12, r13, r14, r15), value, stack, base, limit)
+    if kind == RULE_VAL_EXPRESSION:
+        b = _reg_value(breg, sp, bx, bp, r12, r13, r14, r15)
+        return b + value if b is not None else None
     return None  # undefined / unsupported: unknown from here on
 
 
