@@ -358,7 +358,8 @@ class CaptureState:
         if pid == 0 and self.skip_idle:
             self.idle_samples += samples
             return
-        frames = self._resolve(pid, kernel_ips, user_ips, self._python_placement(pid, user_ips, python))
+        frames = self._resolve(pid, kernel_ips, user_ips,
+                               self._python_placement(pid, user_ips, python, None, samples))
         key = (pid, tid, frames)
         slot = self.stacks.get(key)
         if slot is None:
@@ -381,7 +382,7 @@ class CaptureState:
             python = copy.python
             sps = copy.sps
         frames = self._resolve(pid, kernel_ips, user_ips,
-                               self._python_placement(pid, user_ips, python, sps))
+                               self._python_placement(pid, user_ips, python, sps, blocks))
         key = (pid, tid, frames)
         slot = self.offcpu_stacks.get(key)
         if slot is None:
@@ -449,19 +450,32 @@ class CaptureState:
             sps = [] if copy.python else None
             copy.unwound(self._unwind(self.offcpu_walker.walk, pid, copy.regs, copy.stack, sps), sps)
 
-    def _python_placement(self, pid: int, user_ips: tuple, python, sps=None) -> tuple:
+    def _python_placement(self, pid: int, user_ips: tuple, python, sps=None, weight: int = 1) -> tuple:
         """Where the Python frames of a sample go among its native frames,
         named now, while the process lives: ((native index, (PyName, ...)), ...)
-        (perfagent.python.merge); () without a Python stack."""
-        if not python or self.python is None or not python[0]:
+        (perfagent.python.merge); () without a Python stack.  ``weight``
+        (samples, episodes) counts the walk's truncations."""
+        if not python or self.python is None:
             return ()
         from perfagent.python.merge import place_runs, split_runs
+        from perfagent.python.tracking import TRUNCATED_MARK
+        from perfagent.stackprog.layout import PYSTACK_TRUNCATED
+        entries, flags = python
         tracker = self.python
-        runs = split_runs(python[0])
+        if flags:
+            tracker.count_flags(flags, weight)
+        if not entries:
+            return ()
+        runs = split_runs(entries)
         placed = place_runs(user_ips, runs, tracker.eval_check(pid), sps)
         name = tracker.name
-        return tuple((index, tuple(name(pid, code, instr) for code, instr in run))
-                     for index, run in placed)
+        out = [(index, tuple(name(pid, code, instr, lineno) for code, instr, lineno in run))
+               for index, run in placed]
+        if flags & PYSTACK_TRUNCATED and out:
+            # The walk stopped at its bound: the outermost frames are missing.
+            index, names = out[-1]
+            out[-1] = (index, names + (TRUNCATED_MARK,))
+        return tuple(out)
 
     def _binary_cfi_for(self, proc: ProcessInfo):
         """``binary_for(entry)`` for the walker: the CFI of a mapping's file, or None."""

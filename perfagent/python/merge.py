@@ -25,10 +25,10 @@ from __future__ import annotations
 
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from perfagent.stackprog.layout import PYFRAME_LINK
+from perfagent.stackprog.layout import PYFRAME_LINENO_MASK, PYFRAME_LINK
 
 PyEntry = Tuple[int, int, int]            # (code or link address, instr, flags), leaf first
-Run = Tuple[Tuple[int, int], ...]         # ((code, instr), ...) leaf first
+Run = Tuple[Tuple[int, int, int], ...]    # ((code, instr, co_firstlineno), ...) leaf first
 
 
 def split_runs(entries: Sequence[PyEntry]) -> List[Tuple[Run, int]]:
@@ -40,14 +40,14 @@ def split_runs(entries: Sequence[PyEntry]) -> List[Tuple[Run, int]]:
     """
     has_links = any(flags & PYFRAME_LINK for _, _, flags in entries)
     runs: List[Tuple[Run, int]] = []
-    current: List[Tuple[int, int]] = []
+    current: List[Tuple[int, int, int]] = []
     for code, instr, flags in entries:
         if flags & PYFRAME_LINK:
             if current:
                 runs.append((tuple(current), code))
                 current = []
             continue
-        current.append((code, instr))
+        current.append((code, instr, flags & PYFRAME_LINENO_MASK))
         if not has_links:
             runs.append((tuple(current), 0))
             current = []

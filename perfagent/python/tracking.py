@@ -44,6 +44,10 @@ class PyName(NamedTuple):
 
 
 UNKNOWN = PyName("<unknown>", "", 0, 0)
+#: The outermost frame of a Python stack deeper than the walk's bound.
+TRUNCATED_MARK = PyName("[more Python frames]", "", 0, 0)
+#: A frame whose code object's address held another one by naming time.
+REUSED = PyName("<freed code object>", "", 0, 0)
 
 
 class _Tracked:
@@ -65,6 +69,11 @@ class PythonProcesses:
         self.skipped: Dict[str, int] = {}
         self.reasons: Dict[int, str] = {}       # pid -> why it was skipped (not not_python)
         self.versions: Dict[str, int] = {}      # "3.12" -> processes walked
+        # Samples (or episodes) whose walk was truncated at its bound, met an
+        # unreadable pointer, or found no thread state (a thread not started
+        # by Python, or one that exited).
+        self.truncated = self.bad_reads = self.no_thread = 0
+        self.reused = 0   # frames not named: their code object was freed and its address reused
 
     # -- processes -----------------------------------------------------------
 
@@ -161,14 +170,19 @@ class PythonProcesses:
         lo, hi = rng
         return lambda pc: lo <= pc < hi
 
-    def name(self, pid: int, code: int, instr: int) -> PyName:
-        """The frame (code object ``code`` at instruction ``instr`` as the walk
-        recorded it) named; UNKNOWN when it cannot be read (the process is
-        gone, the code object was freed)."""
+    def name(self, pid: int, code: int, instr: int, firstlineno: int = 0) -> PyName:
+        """The frame (code object ``code`` at instruction ``instr``, whose
+        co_firstlineno was ``firstlineno`` when the walk read it) named.
+
+        UNKNOWN when it cannot be read (the process is gone, the code object
+        was freed) and REUSED when the address now holds another code object
+        (its first line differs from the one read at the sample's instant):
+        a frame is never named after a different function.
+        """
         tracked = self._procs.get(pid)
         if tracked is None:
             return UNKNOWN
-        key = (code, instr)
+        key = (code, instr, firstlineno)
         got = tracked.names.get(key)
         if got is not None:
             return got
@@ -184,6 +198,9 @@ class PythonProcesses:
             frame = reader.frame(raw)
         except ReaderError:
             return UNKNOWN
+        if firstlineno and frame.firstlineno != firstlineno and frame.filename != "?":
+            self.reused += 1
+            return REUSED
         name = PyName(frame.qualname, frame.filename, frame.line, frame.firstlineno)
         if len(tracked.names) > 1 << 16:
             tracked.names.clear()
@@ -197,6 +214,16 @@ class PythonProcesses:
             tracked.names.clear()
             tracked.reader.snapshot()
 
+    def count_flags(self, flags: int, weight: int) -> None:
+        """Account the walk's PYSTACK_* flags of ``weight`` samples."""
+        from perfagent.stackprog.layout import PYSTACK_BAD_READ, PYSTACK_NO_THREAD, PYSTACK_TRUNCATED
+        if flags & PYSTACK_TRUNCATED:
+            self.truncated += weight
+        if flags & PYSTACK_BAD_READ:
+            self.bad_reads += weight
+        if flags & PYSTACK_NO_THREAD:
+            self.no_thread += weight
+
     def summary(self) -> str:
         """One line: what is walked, what was skipped."""
         walked = ", ".join("%s: %d" % kv for kv in sorted(self.versions.items()))
@@ -207,4 +234,10 @@ class PythonProcesses:
             line += " (%s)" % walked
         if skipped:
             line += "; skipped %s" % skipped
+        from perfagent.stackprog.layout import PY_MAX_FRAMES
+        if self.truncated:
+            line += "; %d samples with more than %d Python frames (outermost cut)" % (
+                self.truncated, PY_MAX_FRAMES)
+        if self.bad_reads:
+            line += "; %d stacks ended at an unreadable frame" % self.bad_reads
         return line

@@ -14,8 +14,11 @@ copied; in aggregate mode its parts are the values of the stack stores.
     struct pyframe {                     // one entry of a Python stack
         __u64 code;              0       PyCodeObject * (tag bits cleared); for a
                                          PYFRAME_LINK entry: the C-stack link address
-        __u32 instr;             8       instruction offset in code units (3.11+) / f_lasti
-        __u32 flags;             12      PYFRAME_* below
+        __u32 instr;             8       byte offset of the instruction (3.11+) / f_lasti
+        __u32 flags;             12      PYFRAME_LINK, or the code's co_firstlineno
+                                         (PYFRAME_LINENO_MASK) read at the same instant:
+                                         user space, naming the code object later,
+                                         knows when its address now holds another one
     };                           16
 
     struct pystack {
@@ -77,7 +80,8 @@ PYSTACK_HDR = struct.Struct("<II")
 PYSTACK_SIZE = PYSTACK_HDR.size + PYFRAME_SIZE * PY_MAX_FRAMES
 
 # pyframe.flags
-PYFRAME_LINK = 1           # not a frame: ``code`` is the C-stack link of the eval call below
+PYFRAME_LINK = 1 << 31     # not a frame: ``code`` is the C-stack link of the eval call below
+PYFRAME_LINENO_MASK = PYFRAME_LINK - 1
 
 # pystack.flags
 PYSTACK_TRUNCATED = 1      # more than PY_MAX_FRAMES frames

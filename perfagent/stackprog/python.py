@@ -53,7 +53,7 @@ from perfagent.bpf.maps import HashMap, Map
 from perfagent.python.layout import FRAME_OBJECT, Layout
 from perfagent.stackprog.capture import BUF
 from perfagent.stackprog.layout import (
-    PY_MAX_FRAMES, PYFRAME_LINK, PYFRAME_SIZE, PYSTACK_BAD_READ, PYSTACK_HDR, PYSTACK_NO_THREAD,
+    PY_MAX_FRAMES, PYFRAME_LINENO_MASK, PYFRAME_LINK, PYSTACK_BAD_READ, PYSTACK_HDR, PYSTACK_NO_THREAD,
     PYSTACK_TRUNCATED, PYTHON_OFF,
 )
 
@@ -80,7 +80,7 @@ MODEL_INTERPRETER_FRAME = 2
 #     __u32 frame_is_entry;    72  is_entry (3.11) / NONE
 #     __u32 owner_shim;        76  owner >= this: a C-stack frame (3.12+); 256 when none
 #     __u32 code_adaptive;     80  offsetof(PyCodeObject, co_code_adaptive) (3.11+)
-#     __u32 pad;               84
+#     __u32 code_firstlineno;  84  offsetof(PyCodeObject, co_firstlineno)
 # };                           88
 PY_PROC = struct.Struct("<QQIIIIIIIIIIIIIIIIII")
 assert PY_PROC.size == 88
@@ -107,7 +107,9 @@ OFF_PY_CFRAME = -192       # u64: 3.11's current _PyCFrame
 OFF_PY_FRAME = -200        # u64: the frame being read
 OFF_PY_HEAD = -200 - FRAME_READ   # the frame's first FRAME_READ bytes
 OFF_PY_T = OFF_PY_HEAD - 8        # u64 scratch
-assert OFF_PY_T >= -512
+OFF_PY_T2 = OFF_PY_T - 8          # u64 scratch
+OFF_PY_LINENO = OFF_PY_T2 - 8     # u64: a code object's co_firstlineno
+assert OFF_PY_LINENO >= -512
 
 
 class PyWalkMaps(NamedTuple):
@@ -141,7 +143,7 @@ def pack_proc(runtime: int, layout: Layout) -> bytes:
         layout.frame_back, layout.frame_code, layout.frame_instr,
         o(layout.frame_owner), o(layout.frame_is_entry),
         layout.frame_owner_shim if layout.frame_owner_shim is not None else 256,
-        o(layout.code_adaptive), 0)
+        o(layout.code_adaptive), layout.code_firstlineno)
 
 
 def make_maps(fsbase_off: int, max_procs: int = DEFAULT_MAX_PROCS,
@@ -194,28 +196,45 @@ def _head_u8(p: Program, dst, field_off: int) -> None:
     p.ldx(B, dst, R2, 0)
 
 
-def _emit_entry(p: Program, code_reg, instr_reg, flags: int, tag: str) -> None:
+def _emit_entry(p: Program, code_reg, instr_reg, flags: int, tag: str, lineno: bool = False) -> None:
     """frames[n] = {code, instr, flags}; n += 1 (n is pystack.n).  Uses r1.
 
-    The count lives in the map value, not in a register or on the stack: a
-    value loaded from a map is an unknown scalar to the verifier, so the
-    states after any number of entries are alike and prune; an exact count
-    would make every unrolled frame a different state per count.
+    With ``lineno``, flags is the code object's co_firstlineno, read now
+    (OFF_PY_T holds the code address).  The count lives in the map value,
+    not in a register or on the stack: a value loaded from a map is an
+    unknown scalar to the verifier, so the states after any number of
+    entries are alike and prune; an exact count would make every unrolled
+    frame a different state per count.
     """
     p.ldx(W, R1, BUF, PYTHON_OFF)
     p.jge(R1, PY_MAX_FRAMES, tag + "_full")
-    p.lsh(R1, 4)                                   # * PYFRAME_SIZE
+    if lineno:
+        p.stx(DW, FP, code_reg, OFF_PY_T)
+        p.stx(DW, FP, instr_reg, OFF_PY_T2)
+        p.ldx(DW, R3, FP, OFF_PY_T)
+        _proc_field(p, R1, 84)
+        p.add(R3, R1)
+        p.st(DW, FP, OFF_PY_LINENO, 0)
+        _read_user(p, OFF_PY_LINENO, 4, R3)            # co_firstlineno, at the sample's instant
+        p.ldx(DW, code_reg, FP, OFF_PY_T)
+        p.ldx(DW, instr_reg, FP, OFF_PY_T2)
+        p.ldx(W, R1, BUF, PYTHON_OFF)
+        p.jge(R1, PY_MAX_FRAMES, tag + "_full")
+    p.lsh(R1, 4)                                   # * PYFRAME_SIZE (16)
     p.add(R1, BUF)
     p.stx(DW, R1, code_reg, PYTHON_OFF + PYSTACK_HDR.size + 0)
     p.stx(W, R1, instr_reg, PYTHON_OFF + PYSTACK_HDR.size + 8)
-    p.st(W, R1, PYTHON_OFF + PYSTACK_HDR.size + 12, flags)
+    if lineno:
+        p.ldx(W, R2, FP, OFF_PY_LINENO)
+        p.and_(R2, PYFRAME_LINENO_MASK)
+        p.stx(W, R1, R2, PYTHON_OFF + PYSTACK_HDR.size + 12)
+    else:
+        imm = flags - (1 << 32) if flags >= 1 << 31 else flags   # the u32's bits as an s32 immediate
+        p.st(W, R1, PYTHON_OFF + PYSTACK_HDR.size + 12, imm)
     p.ldx(W, R1, BUF, PYTHON_OFF)
     p.add(R1, 1)
     p.stx(W, BUF, R1, PYTHON_OFF)
     p.label(tag + "_full")
-
-
-assert PYFRAME_SIZE == 16
 
 
 def _set_flag(p: Program, flag: int) -> None:
@@ -346,78 +365,88 @@ def emit_python_walk(maps: PyWalkMaps, key_tgid_off: int):
 
 
 def _walk_frame_objects(p: Program, t: str) -> None:
-    """3.8-3.10: every PyFrameObject, f_back after f_back (one eval call each)."""
-    for k in range(PY_MAX_FRAMES + 1):
-        fk = "%s_f1_%d" % (t, k)
-        p.ldx(DW, R9, FP, OFF_PY_FRAME)
-        p.jeq(R9, 0, t + "_m1_end")
-        if k == PY_MAX_FRAMES:
-            _set_flag(p, PYSTACK_TRUNCATED)
-            p.ja(t + "_m1_end")
-            break
-        _read_user(p, OFF_PY_HEAD, FRAME_READ, R9)
-        p.jne(R0, 0, t + "_m1_bad")
-        _head_u64(p, R4, 60, fk + "_code")                     # f_code
-        _head_u64(p, R5, 64, fk + "_lasti")                    # f_lasti (an int: the low 32 bits)
-        p.stx(DW, FP, R4, OFF_PY_T)
-        _emit_entry(p, R4, R5, 0, fk + "_e")
-        _head_u64(p, R9, 56, fk + "_back")                     # f_back
-        p.stx(DW, FP, R9, OFF_PY_FRAME)
+    """3.8-3.10: every PyFrameObject, f_back after f_back (one eval call each).
+
+    A bounded loop: r9 counts the frames (the verifier walks each iteration
+    once; the frame pointer lives on the stack, at OFF_PY_FRAME)."""
+    k = R9
+    p.mov(k, 0)
+    p.label(t + "_m1_loop")
+    p.ldx(DW, R3, FP, OFF_PY_FRAME)
+    p.jeq(R3, 0, t + "_m1_end")
+    p.jge(k, PY_MAX_FRAMES, t + "_m1_truncated")
+    _read_user(p, OFF_PY_HEAD, FRAME_READ, R3)
+    p.jne(R0, 0, t + "_m1_bad")
+    _head_u64(p, R4, 60, t + "_m1_code")                        # f_code
+    _head_u64(p, R5, 64, t + "_m1_lasti")                       # f_lasti (an int: the low 32 bits)
+    _emit_entry(p, R4, R5, 0, t + "_m1_e", lineno=True)
+    _head_u64(p, R3, 56, t + "_m1_back")                        # f_back
+    p.stx(DW, FP, R3, OFF_PY_FRAME)
+    p.add(k, 1)
+    p.ja(t + "_m1_loop")
+    p.label(t + "_m1_truncated")
+    _set_flag(p, PYSTACK_TRUNCATED)
+    p.ja(t + "_m1_end")
     p.label(t + "_m1_bad")
     _set_flag(p, PYSTACK_BAD_READ)
     p.label(t + "_m1_end")
 
 
 def _walk_interpreter_frames(p: Program, t: str) -> None:
-    """3.11+: _PyInterpreterFrame.previous; C-stack frames become links."""
-    for k in range(PY_MAX_FRAMES + 1):
-        fk = "%s_f2_%d" % (t, k)
-        p.ldx(DW, R9, FP, OFF_PY_FRAME)
-        p.jeq(R9, 0, t + "_m2_end")
-        if k == PY_MAX_FRAMES:
-            _set_flag(p, PYSTACK_TRUNCATED)
-            p.ja(t + "_m2_end")
-            break
-        _read_user(p, OFF_PY_HEAD, FRAME_READ, R9)
-        p.jne(R0, 0, t + "_m2_bad")
-        # A frame owned by the C stack (3.12+): a link, not a Python frame.
-        _proc_field(p, R1, 68)
-        p.jeq(R1, 0xFFFF, fk + "_python")
-        _head_u8(p, R4, 68)
-        _proc_field(p, R1, 76)
-        p.jlt(R4, R1, fk + "_python")
-        p.mov(R5, 0)
-        _emit_entry(p, R9, R5, PYFRAME_LINK, fk + "_link")
-        p.ja(fk + "_next")
-        p.label(fk + "_python")
-        _head_u64(p, R4, 60, fk + "_code")                     # f_code / f_executable
-        p.ldx(DW, R1, R8, 8)
-        p.xor(R1, -1)
-        p.and_(R4, R1)                                         # clear the stack-ref tag bits
-        _head_u64(p, R5, 64, fk + "_instr")                    # prev_instr / instr_ptr
-        p.sub(R5, R4)
-        _proc_field(p, R1, 80)
-        p.sub(R5, R1)                                          # byte offset in the code
-        p.stx(DW, FP, R4, OFF_PY_T)
-        _emit_entry(p, R4, R5, 0, fk + "_e")
-        # 3.11: is_entry ends this eval call; its link is the current _PyCFrame.
-        _proc_field(p, R1, 72)
-        p.jeq(R1, 0xFFFF, fk + "_next")
-        _head_u8(p, R4, 72)
-        p.jeq(R4, 0, fk + "_next")
-        p.ldx(DW, R4, FP, OFF_PY_CFRAME)
-        p.mov(R5, 0)
-        _emit_entry(p, R4, R5, PYFRAME_LINK, fk + "_cf")
-        p.ldx(DW, R3, FP, OFF_PY_CFRAME)
-        p.jeq(R3, 0, fk + "_next")
-        _proc_field(p, R1, 52)
-        p.add(R3, R1)
-        _read_user(p, OFF_PY_CFRAME, 8, R3)                    # cframe = cframe->previous
-        p.jeq(R0, 0, fk + "_next")
-        p.st(DW, FP, OFF_PY_CFRAME, 0)
-        p.label(fk + "_next")
-        _head_u64(p, R9, 56, fk + "_back")                     # previous
-        p.stx(DW, FP, R9, OFF_PY_FRAME)
+    """3.11+: _PyInterpreterFrame.previous; C-stack frames become links.
+
+    A bounded loop like _walk_frame_objects'; a link counts as an entry."""
+    k = R9
+    p.mov(k, 0)
+    p.label(t + "_m2_loop")
+    p.ldx(DW, R3, FP, OFF_PY_FRAME)
+    p.jeq(R3, 0, t + "_m2_end")
+    p.jge(k, PY_MAX_FRAMES, t + "_m2_truncated")
+    _read_user(p, OFF_PY_HEAD, FRAME_READ, R3)
+    p.jne(R0, 0, t + "_m2_bad")
+    # A frame owned by the C stack (3.12+): a link, not a Python frame.
+    _proc_field(p, R1, 68)
+    p.jeq(R1, 0xFFFF, t + "_m2_python")
+    _head_u8(p, R4, 68)
+    _proc_field(p, R1, 76)
+    p.jlt(R4, R1, t + "_m2_python")
+    p.ldx(DW, R4, FP, OFF_PY_FRAME)
+    p.mov(R5, 0)
+    _emit_entry(p, R4, R5, PYFRAME_LINK, t + "_m2_link")
+    p.ja(t + "_m2_next")
+    p.label(t + "_m2_python")
+    _head_u64(p, R4, 60, t + "_m2_code")                        # f_code / f_executable
+    p.ldx(DW, R1, R8, 8)
+    p.xor(R1, -1)
+    p.and_(R4, R1)                                              # clear the stack-ref tag bits
+    _head_u64(p, R5, 64, t + "_m2_instr")                       # prev_instr / instr_ptr
+    p.sub(R5, R4)
+    _proc_field(p, R1, 80)
+    p.sub(R5, R1)                                               # byte offset in the code
+    _emit_entry(p, R4, R5, 0, t + "_m2_e", lineno=True)
+    # 3.11: is_entry ends this eval call; its link is the current _PyCFrame.
+    _proc_field(p, R1, 72)
+    p.jeq(R1, 0xFFFF, t + "_m2_next")
+    _head_u8(p, R4, 72)
+    p.jeq(R4, 0, t + "_m2_next")
+    p.ldx(DW, R4, FP, OFF_PY_CFRAME)
+    p.mov(R5, 0)
+    _emit_entry(p, R4, R5, PYFRAME_LINK, t + "_m2_cf")
+    p.ldx(DW, R3, FP, OFF_PY_CFRAME)
+    p.jeq(R3, 0, t + "_m2_next")
+    _proc_field(p, R1, 52)
+    p.add(R3, R1)
+    _read_user(p, OFF_PY_CFRAME, 8, R3)                         # cframe = cframe->previous
+    p.jeq(R0, 0, t + "_m2_next")
+    p.st(DW, FP, OFF_PY_CFRAME, 0)
+    p.label(t + "_m2_next")
+    _head_u64(p, R3, 56, t + "_m2_back")                        # previous
+    p.stx(DW, FP, R3, OFF_PY_FRAME)
+    p.add(k, 1)
+    p.ja(t + "_m2_loop")
+    p.label(t + "_m2_truncated")
+    _set_flag(p, PYSTACK_TRUNCATED)
+    p.ja(t + "_m2_end")
     p.label(t + "_m2_bad")
     _set_flag(p, PYSTACK_BAD_READ)
     p.label(t + "_m2_end")
