@@ -569,7 +569,7 @@ def _capture(opts: Options, comm: Optional[str], out_path: Optional[str],
             offcpu = OffCpu(state, tgids, opts.stack_size, symbolizer.kernel.lookup, log, python)
             offcpu.start()
             sources.append(offcpu)
-        return _sampler(opts, opts.profile, oncpu.prog_fd if oncpu is not None else -1)
+        return _sampler(opts, opts.profile and oncpu is None)
 
     try:
         if opts.inject_python and not opts.command:

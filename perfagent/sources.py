@@ -155,18 +155,17 @@ class PythonWalk(Source):
 
 
 class OnCpuSource(Source):
-    """An on-CPU source: its program runs on the run's own sampling events
-    (``prog_fd``), so samples follow what the events follow (per thread
-    for --pid and launch mode, including threads and children created
-    later, by inheritance; per CPU for -a): the program needs no process
-    filter, and a child is sampled from its first instruction."""
+    """An on-CPU source: cpu-clock events on every CPU run its program,
+    which keeps the samples of the followed processes (``tgids``; None:
+    every process).
 
-    def __init__(self, state: CaptureState, tgids: Optional[Set[int]]) -> None:
-        super().__init__(state, None)
-
-    @property
-    def prog_fd(self) -> int:
-        return self.engine.prog_fd
+    Per-CPU events rather than per-thread ones (as the ring-buffer fallback
+    uses): an inherited per-thread event counts each new thread's CPU time
+    from zero, so a thread that lives less than one sampling period (a
+    thread per request) is never sampled at all.  A CPU's timer samples
+    whatever runs on it.  The program follows children of followed
+    processes on its own (their parent is followed), from their first
+    sample."""
 
 
 class OnCpuCounts(OnCpuSource):
@@ -176,7 +175,7 @@ class OnCpuCounts(OnCpuSource):
                  python=None) -> None:
         from perfagent.offcpu.inkernel import InKernelSampler
         super().__init__(state, tgids)
-        self.engine = InKernelSampler(sample_rate, None, own_events=False, python=python)
+        self.engine = InKernelSampler(sample_rate, self.tgids, python=python)
 
     def feed(self) -> None:
         self._add(self.engine.collect_if_full())
@@ -198,7 +197,7 @@ class OnCpuRecords(OnCpuSource):
                  stack_size: int, python=None) -> None:
         from perfagent.offcpu.inkernel import RecordSampler
         super().__init__(state, tgids)
-        self.engine = RecordSampler(sample_rate, None, stack_size, own_events=False, python=python)
+        self.engine = RecordSampler(sample_rate, self.tgids, stack_size, python=python)
 
     def feed(self) -> None:
         self._add(self.engine.drain())

@@ -114,7 +114,7 @@ class Watch(threading.Thread):
             time.sleep(0.01)
 
 
-def capture(tmp_path, pid: int, duration: str = "4s", extra=()):
+def capture(tmp_path, pid: int, duration: str = "4s", extra=("--sample-rate", "499")):
     out = str(tmp_path / "walk.pb.gz")
     watch = Watch(pid)
     watch.start()
@@ -205,3 +205,305 @@ def test_debian_pythons_in_a_container(tmp_path, version):
         assert c.wait(timeout=30) == 0
         assert not os.path.exists(c.host_path("/tmp/perf-%d.map" % c.ns_pid))
     check_walk(stacks, c.host_pid, stderr, c.workdir + "/py_walk.py")
+
+
+# -- beyond one thread in one process ---------------------------------------------
+
+HTTP_SERVICE = r'''
+import http.server, os, socketserver, sys, threading, time, urllib.request
+
+def busy(n):
+    x = 0
+    for i in range(n):
+        x += i * i
+    return x
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = str(busy(20000)).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+
+class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+
+def serve(server):
+    server.serve_forever(poll_interval=0.05)
+
+def client_loop(url, stop):
+    while time.monotonic() < stop:
+        with urllib.request.urlopen(url) as r:
+            r.read()
+        busy(5000)
+
+server = Server(("127.0.0.1", 0), Handler)
+stop = time.monotonic() + float(sys.argv[1])
+threading.Thread(target=serve, args=(server,), name="server", daemon=True).start()
+url = "http://127.0.0.1:%d/" % server.server_address[1]
+clients = [threading.Thread(target=client_loop, args=(url, stop), name="client%d" % i) for i in range(3)]
+for t in clients:
+    t.start()
+time.sleep(0.3)
+print("ready", os.getpid(), " ".join(str(t.native_id) for t in clients), flush=True)
+for t in clients:
+    t.join()
+'''
+
+
+def test_threaded_http_service_every_thread_named(tmp_path):
+    """Client threads started before the capture, handler threads started
+    during it: each one's samples show its own loop function."""
+    script = tmp_path / "service.py"
+    script.write_text(HTTP_SERVICE)
+    proc = subprocess.Popen([pythons.require_python("shared"), str(script), "10"], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        fields = proc.stdout.readline().split()
+        assert fields[0] == "ready", fields
+        clients = set(fields[2:])
+        stacks, stderr = capture(tmp_path, proc.pid, "3s")
+    finally:
+        proc.kill()
+        proc.wait()
+    by_tid: Dict[str, List[Tuple[List[str], int]]] = {}
+    for frames, labels, v in stacks:
+        by_tid.setdefault(str(labels["tid"]), []).append(([n for n, _, _ in frames], v[0]))
+    assert clients <= set(by_tid), (clients, set(by_tid))
+    for tid in clients:
+        total = sum(n for _, n in by_tid[tid])
+        named = sum(n for names, n in by_tid[tid] if "client_loop" in names)
+        assert named >= 0.9 * total, (tid, named, total)
+    handlers = [t for t in by_tid if t not in clients and t != str(proc.pid)]
+    def handler(names):
+        return any(n.split(".")[-1] in ("process_request_thread", "serve") for n in names)
+    everything = sum(n for t in handlers for _, n in by_tid[t])
+    with_python = [(names, n) for t in handlers for names, n in by_tid[t] if names]
+    handled = sum(n for names, n in with_python if handler(names))
+    in_do_get = sum(n for names, n in with_python if any(x.endswith("do_GET") for x in names))
+    # Handler threads live for one request (started during the capture,
+    # most for less than a sampling period): together they are sampled,
+    # named after their own loop; what has no Python frame is the thread's
+    # start and exit in C.
+    assert in_do_get >= 20, stderr
+    assert handled >= 0.95 * sum(n for _, n in with_python), (handled, with_python[:3])
+    assert sum(n for _, n in with_python) >= 0.85 * everything, (with_python[:3], everything)
+
+
+def test_offcpu_python_names_without_injection(tmp_path):
+    """--offcpu: where a Python thread blocks (time.sleep in two functions,
+    10 ms and 30 ms), with Python names, read in the kernel at switch-out."""
+    proc = subprocess.Popen([pythons.require_python("static"), os.path.join(PROGRAMS, "py_naps.py"), "30"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = tmp_path / "off.pb.gz"
+    try:
+        assert proc.stdout.readline().startswith("ready")
+        r = run_agent(["--offcpu", "--pid", str(proc.pid), "--duration", "4s", "--quiet",
+                       "--offcpu-output", str(out)], cwd=str(tmp_path))
+        assert r.returncode == 0, r.stderr
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not os.path.exists("/tmp/perf-%d.map" % proc.pid)
+    per = {"nap_short": 0, "nap_long": 0}
+    total = 0
+    for frames, labels, v in python_frames(read_profile(str(out))):
+        if str(labels["tid"]) != str(proc.pid):
+            continue
+        total += v[1]
+        names = [n for n, _, _ in frames]
+        for fn in per:
+            if names[-3:-1] == ["main", fn] or names[-2:] == ["main", fn] or fn in names:
+                per[fn] += v[1]
+    named = sum(per.values())
+    assert named >= 0.9 * total, (per, total, r.stderr)
+    share = per["nap_long"] / named
+    # 30 of every 40 ms asleep; the wake-ups add a little to both.
+    assert abs(share - 0.75) <= 0.03, (share, per)
+
+
+DEEP = r'''
+import os, sys, time
+def down(n, stop):
+    if n:
+        return down(n - 1, stop)
+    x = 0
+    while time.monotonic() < stop:
+        x += 1
+sys.setrecursionlimit(10000)
+stop = time.monotonic() + float(sys.argv[1])
+print("ready", os.getpid(), flush=True)
+down(300, stop)
+'''
+
+
+def test_deep_recursion_is_truncated_and_counted(tmp_path):
+    script = tmp_path / "deep.py"
+    script.write_text(DEEP)
+    proc = subprocess.Popen([pyenv_python("3.12"), str(script), "8"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("ready")
+        stacks, stderr = capture(tmp_path, proc.pid, "2s")
+    finally:
+        proc.kill()
+        proc.wait()
+    total = sum(v[0] for _, _, v in stacks)
+    profile = read_profile(str(tmp_path / "walk.pb.gz"))
+    mark = {f.id for f in profile.functions if f.name == "[more Python frames]"}
+    locs = {loc.id: [line.function_id for line in loc.lines] for loc in profile.locations}
+    funcs = {f.id: f.name for f in profile.functions}
+    cut = 0
+    for s in profile.samples:
+        names = [funcs[fid] for lid in reversed(s.location_ids) for fid in reversed(locs[lid])]
+        if mark & {fid for lid in s.location_ids for fid in locs[lid]}:
+            cut += s.values[0]
+            i = names.index("[more Python frames]")
+            python = names[i + 1:]
+            # the innermost frames, down to the spinning one, all there
+            downs = [n for n in python if n == "down"]
+            assert len(downs) >= 128 and "<module>" not in python, names
+    assert cut >= 0.95 * total, (cut, total)
+    assert re.search(r"(\d+) samples with more than \d+ Python frames", stderr), stderr
+
+
+MANY = r'''
+import os, sys, threading, time
+def sleeper(stop):
+    while time.monotonic() < stop:
+        time.sleep(0.05)
+def burner(stop):
+    x = 0
+    while time.monotonic() < stop:
+        x += 1
+stop = time.monotonic() + float(sys.argv[1])
+ts = [threading.Thread(target=sleeper, args=(stop,), daemon=True) for _ in range(995)]
+ts += [threading.Thread(target=burner, args=(stop,), daemon=True) for _ in range(4)]
+for t in ts:
+    t.start()
+print("ready", os.getpid(), flush=True)
+for t in ts:
+    t.join()
+'''
+
+
+def test_a_thousand_threads(tmp_path):
+    script = tmp_path / "many.py"
+    script.write_text(MANY)
+    proc = subprocess.Popen([pyenv_python("3.11"), str(script), "12"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("ready")
+        stacks, stderr = capture(tmp_path, proc.pid, "3s")
+    finally:
+        proc.kill()
+        proc.wait()
+    # 995 threads wake up every 50 ms (their own CPU), 4 burn: every sample
+    # of any of the thousand threads is named after its own function.
+    total = sum(v[0] for _, _, v in stacks)
+    named = sum(v[0] for frames, _, v in stacks if {"burner", "sleeper"} & {n for n, _, _ in frames})
+    burning = sum(v[0] for frames, _, v in stacks if any(n == "burner" for n, _, _ in frames))
+    assert total >= 100 and burning >= 0.3 * total, stderr
+    assert named >= 0.95 * total, (named, total, stderr)
+
+
+REUSE = r'''
+import os, sys, time
+stop = time.monotonic() + float(sys.argv[1])
+print("ready", os.getpid(), flush=True)
+k = 0
+while time.monotonic() < stop:
+    # A new code object per round, named after k, its first line k: freed at
+    # the end of the round, so the next one often takes the same address.
+    src = "\n" * (k % 500) + "def f_%d():\n    end = time.monotonic() + 0.003\n    while time.monotonic() < end:\n        pass\n" % k
+    ns = {"time": time}
+    exec(compile(src, "<gen>", "exec"), ns)
+    ns["f_%d" % k]()
+    del ns
+    k += 1
+'''
+
+
+def test_reused_code_object_addresses_are_never_misnamed(tmp_path):
+    script = tmp_path / "reuse.py"
+    script.write_text(REUSE)
+    proc = subprocess.Popen([pyenv_python("3.12"), str(script), "10"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("ready")
+        out = str(tmp_path / "r.pb.gz")
+        r = run_agent(["--profile", "--pid", str(proc.pid), "--duration", "4s", "--quiet",
+                       "--profile-output", out], cwd=str(tmp_path))
+        assert r.returncode == 0, r.stderr
+    finally:
+        proc.kill()
+        proc.wait()
+    profile = read_profile(out)
+    named = 0
+    for f in profile.functions:
+        m = re.match(r"f_(\d+)$", f.name)
+        if m:
+            named += 1
+            # its own first line (k % 500 + 1): never another f_k's name on it
+            assert f.start_line == int(m.group(1)) % 500 + 1, (f.name, f.start_line)
+    assert named >= 20, named
+
+
+def test_a_process_that_execs_into_python(tmp_path):
+    """A shell that execs CPython during the capture: examined at the exec."""
+    py = pyenv_python("3.12")
+    proc = subprocess.Popen(["/bin/sh", "-c", "echo ready $$; sleep 1.5; exec %s %s 6" % (py, PY_WALK)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("ready")
+        stacks, stderr = capture(tmp_path, proc.pid, "4s")
+    finally:
+        proc.kill()
+        proc.wait()
+    names = [n for frames, _, v in stacks for n, _, _ in frames]
+    assert "round_robin" in names and "spin" in names, stderr
+
+
+def test_a_target_killed_mid_capture(tmp_path):
+    proc, _ = run_host_target(pyenv_python("3.13"), tmp_path)
+    killer = threading.Timer(1.5, proc.kill)
+    killer.start()
+    try:
+        stacks, stderr = capture(tmp_path, proc.pid, "6s")
+    finally:
+        killer.cancel()
+        proc.wait()
+    assert "exited" in stderr, stderr
+    total = sum(v[0] for _, _, v in stacks)
+    named = sum(v[0] for frames, _, v in stacks if any(n == "spin" for n, _, _ in frames))
+    assert total >= 30 and named >= 0.8 * total, (named, total, stderr)
+
+
+def test_all_processes_and_launch_mode(tmp_path):
+    """-a names a Python process found at the start; launch mode names the
+    command it starts (examined at its exec)."""
+    proc, _ = run_host_target(pyenv_python("3.10"), tmp_path)
+    try:
+        out = str(tmp_path / "all.pb.gz")
+        r = run_agent(["--profile", "-a", "--duration", "3s", "--quiet", "--profile-output", out],
+                      cwd=str(tmp_path))
+        assert r.returncode == 0, r.stderr
+    finally:
+        proc.kill()
+        proc.wait()
+    mine = [(frames, v) for frames, labels, v in python_frames(read_profile(out))
+            if str(labels["pid"]) == str(proc.pid)]
+    total = sum(v[0] for _, v in mine)
+    chained = sum(v[0] for frames, v in mine
+                  if [n for n, _, _ in frames][:3] == ["<module>", "main", "round_robin"])
+    assert total >= 100 and chained >= 0.95 * total, (chained, total, r.stderr)
+
+    out = str(tmp_path / "launch.pb.gz")
+    r = run_agent(["--profile", "--quiet", "--profile-output", out, "--", pyenv_python("3.9"), PY_WALK, "3"],
+                  cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    stacks = python_frames(read_profile(out))
+    total = sum(v[0] for _, _, v in stacks)
+    chained = sum(v[0] for frames, _, v in stacks
+                  if [n for n, _, _ in frames][:3] == ["<module>", "main", "round_robin"])
+    assert total >= 150 and chained >= 0.9 * total, (chained, total, r.stderr)

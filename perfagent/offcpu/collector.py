@@ -296,7 +296,7 @@ class OffCpuCollector(FollowsTgids):
                 self._pystore = S.python_store(self.stack_entries, "offcpu_pystacks")
                 walk = emit_python_walk(self.python, KEY_TGID)
             maps = Maps(self._scratch, self._stats, self._tgids, self._counts, self._native,
-                        self._pystore, self._ring)
+                        self._pystore, self._ring, self._follow())
             prog = build_offcpu(RECORD if copy is not None else AGGREGATE, maps, self._blocked,
                                 args, copy, python_walk=walk)
             self._prog = prog.load(sc.BPF_PROG_TYPE_TRACING,

@@ -67,6 +67,14 @@ class FollowsTgids:
     #: (counted, reported in the summary; never an error that ends the run).
     tgids_refused = 0
 
+    def _follow(self):
+        """The BTF offsets that let the program follow children of followed
+        processes itself (None when every process is followed)."""
+        if self._initial_tgids is None:
+            return None
+        from perfagent.stackprog.accounting import parent_offsets
+        return parent_offsets()
+
     def add_tgid(self, tgid: int) -> None:
         """Follow process ``tgid`` too (no-op when following every process).
 

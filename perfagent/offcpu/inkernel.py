@@ -151,7 +151,7 @@ class InKernelSampler(FollowsTgids):
             if self.python is not None:
                 self._pystore = S.python_store(self.stack_entries, "oncpu_pystacks")
             maps = Maps(self._scratch, self._stats, self._tgids, self._counts, self._native,
-                        self._pystore, None)
+                        self._pystore, None, self._follow())
             prog = build_oncpu(AGGREGATE, maps, sample_period_offset(), python_walk=self._walk())
             self._prog = prog.load(sc.BPF_PROG_TYPE_PERF_EVENT)
             self._open_events()
@@ -326,7 +326,8 @@ class RecordSampler(InKernelSampler):
                                      name="oncpu_scratch")
             self._stats = Stats()
             self._ring = RingBuf(self.ring_bytes, name="oncpu_samples")
-            maps = Maps(self._scratch, self._stats, self._tgids, None, None, None, self._ring)
+            maps = Maps(self._scratch, self._stats, self._tgids, None, None, None, self._ring,
+                        self._follow())
             prog = build_oncpu(RECORD, maps, sample_period_offset(), copy, python_walk=self._walk())
             self._prog = prog.load(sc.BPF_PROG_TYPE_PERF_EVENT)
             self._open_events()

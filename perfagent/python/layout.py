@@ -59,7 +59,7 @@ class Layout:
         # PyInterpreterState
         "interp_next", "interp_id", "interp_threads_head", "interp_gil_locked", "interp_gil_last_holder",
         # PyThreadState
-        "tstate_next", "tstate_interp", "tstate_thread_id", "tstate_native_thread_id",
+        "tstate_prev", "tstate_next", "tstate_interp", "tstate_thread_id", "tstate_native_thread_id",
         "tstate_frame", "tstate_cframe",
         # _PyCFrame (3.11, 3.12)
         "cframe_current_frame", "cframe_previous",
@@ -117,6 +117,7 @@ def layout_for(version: Tuple[int, int]) -> Layout:
         interp_threads_head=g("PyInterpreterState.tstate_head", g("PyInterpreterState.threads.head")),
         interp_gil_locked=g("PyInterpreterState._gil.locked"),
         interp_gil_last_holder=g("PyInterpreterState._gil.last_holder"),
+        tstate_prev=t["PyThreadState.prev"],
         tstate_next=t["PyThreadState.next"],
         tstate_interp=t["PyThreadState.interp"],
         tstate_thread_id=t["PyThreadState.thread_id"],

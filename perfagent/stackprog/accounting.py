@@ -10,7 +10,7 @@ and remove processes while the program runs.
 from __future__ import annotations
 
 import struct
-from typing import Iterable, Optional
+from typing import Iterable, NamedTuple, Optional
 
 from perfagent.bpf import syscall as sc
 from perfagent.bpf.asm import DW, FP, R0, R1, R2, R3, R4, W, Program
@@ -96,17 +96,57 @@ def emit_accumulate(p: Program, counts: HashMap, key_off: int, sums_off: int,
     p.label(tag + "_done")
 
 
+class ParentOffsets(NamedTuple):
+    """offsetof(task_struct, real_parent) and (task_struct, tgid), from BTF."""
+
+    real_parent: int
+    tgid: int
+
+
+def parent_offsets() -> ParentOffsets:
+    from perfagent.bpf.btf import vmlinux
+    btf = vmlinux()
+    return ParentOffsets(btf.member("task_struct", "real_parent").offset,
+                         btf.member("task_struct", "tgid").offset)
+
+
 def emit_tgid_filter(p: Program, tgids: Optional[HashMap], tgid_off: int,
-                     skip: str) -> None:
+                     skip: str, follow: Optional[ParentOffsets] = None,
+                     scratch_off: int = 0) -> None:
     """``if (tgids && !lookup(tgids, fp+tgid_off)) goto skip``; nothing when
-    every process is followed.  Clobbers r0-r5."""
+    every process is followed.  Clobbers r0-r5.
+
+    With ``follow``, a process that is not in the map but whose parent
+    process is (a child forked by a followed process) is added to the map
+    by the program itself and followed from its very first event: user
+    space hears of the fork only at its next drain.  ``scratch_off`` is a
+    u32 stack slot for the parent's tgid.
+    """
     if tgids is None:
         return
+    tag = "tgf%d" % len(p)
     p.ld_map_fd(R1, tgids)
     p.mov(R2, FP)
     p.add(R2, tgid_off)
     p.call("map_lookup_elem")
-    p.jeq(R0, 0, skip)
+    if follow is None:
+        p.jeq(R0, 0, skip)
+        return
+    p.jne(R0, 0, tag + "_in")
+    p.call("get_current_task_btf")
+    p.ldx(DW, R1, R0, follow.real_parent)          # current->real_parent (a BTF pointer)
+    p.ldx(W, R1, R1, follow.tgid)                  # ... its process
+    p.stx(W, FP, R1, scratch_off)
+    p.ld_map_fd(R1, tgids)
+    p.mov(R2, FP).add(R2, scratch_off)
+    p.call("map_lookup_elem")
+    p.jeq(R0, 0, skip)                             # neither it nor its parent is followed
+    p.ld_map_fd(R1, tgids)
+    p.mov(R2, FP).add(R2, tgid_off)
+    p.mov(R3, R0)                                  # the parent's value: the same byte
+    p.mov(R4, sc.BPF_NOEXIST)
+    p.call("map_update_elem")                      # followed from now on
+    p.label(tag + "_in")
 
 
 def make_tgid_map(tgids: Optional[Iterable[int]], max_entries: int) -> Optional[HashMap]:

@@ -28,7 +28,7 @@ from perfagent.bpf import syscall as sc
 from perfagent.bpf.asm import DW, FP, R0, R1, R2, R3, R4, R8, R9, W, Program
 from perfagent.bpf.maps import ArrayMap, HashMap, RingBuf
 from perfagent.stackprog.accounting import (
-    STAT_COPY_DROPS, STAT_STORE_DROPS, Stats, emit_accumulate, emit_bump, emit_tgid_filter,
+    STAT_COPY_DROPS, STAT_STORE_DROPS, ParentOffsets, Stats, emit_accumulate, emit_bump, emit_tgid_filter,
 )
 from perfagent.stackprog import capture as C
 from perfagent.stackprog.layout import (
@@ -94,6 +94,7 @@ class Maps(NamedTuple):
     native: Optional[HashMap]         # native stack store
     python: Optional[HashMap]         # Python stack store
     ring: Optional[RingBuf]           # record mode
+    follow: Optional[ParentOffsets] = None   # children of followed processes join the filter
 
 
 def _drop(p: Program, stats: Stats, slot: int):
@@ -147,7 +148,7 @@ def emit_identity(p: Program, maps: Maps, skip: str) -> None:
     p.stx(W, FP, R1, KEY_TGID)
     p.mov32(R1, R0)
     p.jeq(R1, 0, skip)                            # the idle task (tid 0 on every CPU)
-    emit_tgid_filter(p, maps.tgids, KEY_TGID, skip)
+    emit_tgid_filter(p, maps.tgids, KEY_TGID, skip, maps.follow, OFF_SLOT)
 
 
 def build_oncpu(mode: str, maps: Maps, period_off: int, copy: Optional[C.CopySpec] = None,

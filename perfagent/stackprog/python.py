@@ -81,9 +81,11 @@ MODEL_INTERPRETER_FRAME = 2
 #     __u32 owner_shim;        76  owner >= this: a C-stack frame (3.12+); 256 when none
 #     __u32 code_adaptive;     80  offsetof(PyCodeObject, co_code_adaptive) (3.11+)
 #     __u32 code_firstlineno;  84  offsetof(PyCodeObject, co_firstlineno)
-# };                           88
-PY_PROC = struct.Struct("<QQIIIIIIIIIIIIIIIIII")
-assert PY_PROC.size == 88
+#     __u32 tstate_prev;       88  PyThreadState.prev
+#     __u32 tstate_interp;     92  PyThreadState.interp
+# };                           96
+PY_PROC = struct.Struct("<QQIIIIIIIIIIIIIIIIIIII")
+assert PY_PROC.size == 96
 NONE = 0xFFFF  # an absent member: never read (the code tests before using it)
 
 # The thread map: struct { __u32 tgid; __u32 pad; __u64 pthread; } -> __u64 tstate
@@ -143,7 +145,8 @@ def pack_proc(runtime: int, layout: Layout) -> bytes:
         layout.frame_back, layout.frame_code, layout.frame_instr,
         o(layout.frame_owner), o(layout.frame_is_entry),
         layout.frame_owner_shim if layout.frame_owner_shim is not None else 256,
-        o(layout.code_adaptive), layout.code_firstlineno)
+        o(layout.code_adaptive), layout.code_firstlineno,
+        layout.tstate_prev if layout.tstate_prev is not None else NONE, layout.tstate_interp)
 
 
 def make_maps(fsbase_off: int, max_procs: int = DEFAULT_MAX_PROCS,
@@ -277,6 +280,36 @@ def emit_python_walk(maps: PyWalkMaps, key_tgid_off: int):
         p.jne(R0, 0, t + "_search")
         p.ldx(DW, R1, FP, OFF_PY_T)
         p.ldx(DW, R2, FP, OFF_PY_KEY + 8)
+        p.jne(R1, R2, t + "_search")
+        # ... and still linked: glibc reuses a dead thread's pthread struct
+        # (same fs base) for a new one, and a freed thread state may still
+        # hold the old thread_id: prev->next, or interp's first thread when
+        # it has no prev, must be this thread state.
+        _proc_field(p, R1, 88)
+        p.jeq(R1, NONE, t + "_walk")
+        p.ldx(DW, R3, FP, OFF_PY_TSTATE)
+        p.add(R3, R1)
+        _read_user(p, OFF_PY_T, 8, R3)                         # prev
+        p.jne(R0, 0, t + "_search")
+        p.ldx(DW, R3, FP, OFF_PY_T)
+        p.jeq(R3, 0, t + "_first")
+        _proc_field(p, R1, 32)
+        p.add(R3, R1)                                          # &prev->next
+        p.ja(t + "_linked")
+        p.label(t + "_first")
+        _proc_field(p, R1, 92)
+        p.ldx(DW, R3, FP, OFF_PY_TSTATE)
+        p.add(R3, R1)
+        _read_user(p, OFF_PY_T, 8, R3)                         # tstate->interp
+        p.jne(R0, 0, t + "_search")
+        p.ldx(DW, R3, FP, OFF_PY_T)
+        _proc_field(p, R1, 28)
+        p.add(R3, R1)                                          # &interp->threads.head
+        p.label(t + "_linked")
+        _read_user(p, OFF_PY_T, 8, R3)
+        p.jne(R0, 0, t + "_search")
+        p.ldx(DW, R1, FP, OFF_PY_T)
+        p.ldx(DW, R2, FP, OFF_PY_TSTATE)
         p.jeq(R1, R2, t + "_walk")
 
         # -- not known (yet): search the interpreters' thread lists ------------
