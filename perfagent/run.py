@@ -579,16 +579,19 @@ def _capture(opts: Options, comm: Optional[str], out_path: Optional[str],
             mono_start = time.monotonic()
             wall_start = time.time()
         try:
+            # The BPF sources first (loading programs takes a while), then
+            # what /proc says, then the side band: a thread created or renamed
+            # before the side band opens is still read from /proc.
             if opts.all:
+                sampler = start_sources(None)
                 for pid in procfs.pids():
                     state.load_from_proc(pid)
-                sampler = start_sources(None)
                 sampler.open_system_wide()
                 sampler.enable()
                 mono_start, wall_start = time.monotonic(), time.time()  # --duration counts from here
             elif opts.pid is not None:
-                state.load_from_proc(opts.pid)
                 sampler = start_sources({opts.pid})
+                state.load_from_proc(opts.pid)
                 try:
                     sampler.open_threads(list_threads(opts.pid))
                 except ProcessLookupError:
