@@ -507,3 +507,60 @@ def test_all_processes_and_launch_mode(tmp_path):
     chained = sum(v[0] for frames, _, v in stacks
                   if [n for n, _, _ in frames][:3] == ["<module>", "main", "round_robin"])
     assert total >= 150 and chained >= 0.9 * total, (chained, total, r.stderr)
+
+
+EMBED_SCRIPT = r'''
+import embedmod, os, time
+def g():
+    end = time.monotonic() + 0.05
+    x = 0
+    while time.monotonic() < end:
+        x += 1
+def f():
+    embedmod.native_cb(g)
+print("ready", os.getpid(), flush=True)
+stop = time.monotonic() + 8
+while time.monotonic() < stop:
+    f()
+'''
+
+
+@pytest.mark.parametrize("minor", ["3.10", "3.12", "3.13"])
+def test_python_frames_sit_at_their_depth_among_native_frames(tmp_path, minor):
+    """3.10: runs placed by eval-frame order; 3.12/3.13: by C-stack link."""
+    python = pyenv_python(minor)
+    prefix = os.path.dirname(os.path.dirname(python))
+    config = os.path.join(prefix, "bin", "python%s-config" % minor)
+    cflags = subprocess.run([config, "--includes"], stdout=subprocess.PIPE, text=True, check=True).stdout.split()
+    prog = str(tmp_path / "py_embed")
+    subprocess.run(["gcc", "-O1", "-g", *cflags, "-o", prog, os.path.join(PROGRAMS, "py_embed.c"),
+                    "-L%s/lib" % prefix, "-lpython%s" % minor, "-Wl,-rpath,%s/lib" % prefix], check=True)
+    script = tmp_path / "embed.py"
+    script.write_text(EMBED_SCRIPT)
+    proc = subprocess.Popen([prog, str(script)], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONHOME=prefix))
+    out = str(tmp_path / "embed.pb.gz")
+    try:
+        assert proc.stdout.readline().startswith("ready")
+        r = run_agent(["--profile", "--pid", str(proc.pid), "--duration", "3s", "--quiet",
+                       "--profile-output", out], cwd=str(tmp_path))
+        assert r.returncode == 0, r.stderr
+    finally:
+        proc.kill()
+        proc.wait()
+    from conftest import sample_stacks
+    total = good = 0
+    order = ["main", "c_outer", "<module>", "f", "native_cb", "native_middle", "g"]
+    for names, labels, v in sample_stacks(read_profile(out)):
+        if "g" not in names:
+            continue
+        total += v[0]
+        positions = [names.index(n) if n in names else -1 for n in order]
+        if -1 not in positions and positions == sorted(positions) \
+                and names.index("g") > names.index("native_middle"):
+            # nothing Python between native_cb and g but g itself
+            between = names[names.index("native_cb"):names.index("g")]
+            if "f" not in between and "<module>" not in between:
+                good += v[0]
+    assert total >= 100, r.stderr
+    assert good >= 0.95 * total, (good, total, r.stderr)
