@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "by an eBPF sched_switch program (writes --offcpu-output)")
     g.add_argument("--pid", type=str, metavar="PID",
                    help="profile one process: all its threads, including ones started during the capture")
+    g.add_argument("--children", action="store_true",
+                   help="with --pid: also profile the process's existing descendants (children are "
+                        "always followed once they are forked during the capture)")
     g.add_argument("-a", "--all", action="store_true",
                    help="profile every process on the machine")
     y = p.add_argument_group("python")
@@ -138,6 +141,7 @@ class Options:
         self.profile = False
         self.pid: Optional[int] = None
         self.all = False
+        self.children = False
         self.command: List[str] = []
         self.duration: Optional[float] = DEFAULT_DURATION
         self.sample_rate = DEFAULT_SAMPLE_RATE
@@ -171,6 +175,7 @@ def parse_args(argv: Sequence[str]) -> Options:
     opts.keep_native_frames = ns.keep_native_frames
     opts.all = ns.all
     opts.command = command
+    opts.children = ns.children
     if ns.pid is not None:
         if not ns.pid.isdigit() or int(ns.pid) <= 0:
             raise UsageError("--pid: not a process id: %r" % ns.pid)
@@ -180,6 +185,9 @@ def parse_args(argv: Sequence[str]) -> Options:
         raise UsageError("nothing to profile: give --pid PID, -a, or -- COMMAND [ARGS...]")
     if targets > 1:
         raise UsageError("--pid, -a and a COMMAND are mutually exclusive: give only one")
+    if opts.children and opts.pid is None:
+        raise UsageError("--children goes with --pid (-a already profiles every process; a COMMAND's "
+                         "children are always followed)")
     if not opts.profile and not opts.offcpu:
         raise UsageError("no mode selected: add --profile (on-CPU sampling) and/or --offcpu (off-CPU time)")
     if ns.duration is None:

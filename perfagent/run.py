@@ -1,4 +1,9 @@
-"""One capture run, from validated options to a written profile.
+"""The capture command: from validated options to written profiles.
+
+The capture itself is perfagent.session.Capture (the library API drives the
+same class); this module adds what only the command line does: the output
+paths (checked, and reserved, before anything starts), signal handling, the
+progress line and the end-of-run lines.
 
 The order of things is chosen so that nothing is lost and nothing is left
 behind: the output path is checked before sampling starts; SIGINT and
@@ -9,26 +14,18 @@ profile is still written; events are closed in ``finally``.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import stat
 import sys
 import tempfile
 import time
-from typing import Callable, List, Optional
+from typing import List, Optional
 
-from perfagent.capture import CaptureState
 from perfagent.cli import Options, PROG
 from perfagent.errors import CaptureError
-from perfagent.oncpu import build_profile
-from perfagent.perf.sampler import Sampler, list_threads
-from perfagent.sources import OffCpu, OnCpuCounts, OnCpuRecords, OnCpuSource, PythonWalk
-from perfagent.symbolize.native import BinaryCache
-from perfagent.symbolize.symbolizer import Symbolizer
+from perfagent.session import DRAIN_INTERVAL, Capture, CaptureOptions
 from perfagent.target import procfs
 
-DRAIN_INTERVAL_MS = 100
-TERM_GRACE_SECONDS = 2.0
 
 
 def log(msg: str) -> None:
@@ -126,108 +123,6 @@ def check_pid(pid: int) -> str:
 
 def process_alive(pid: int) -> bool:
     return procfs.alive(pid)
-
-
-class LaunchedCommand:
-    """A command started blocked before exec, so events exist before its first instruction."""
-
-    def __init__(self, argv: List[str], env: Optional[dict] = None) -> None:
-        path = argv[0] if "/" in argv[0] else shutil.which(argv[0])
-        if path is None or not os.path.exists(path):
-            raise CaptureError("command not found: %s" % argv[0])
-        if not os.access(path, os.X_OK) or os.path.isdir(path):
-            raise CaptureError("command is not executable: %s" % path)
-        self.argv = argv
-        self.path = path
-        self.status: Optional[int] = None
-        go_r, self._go_w = os.pipe()
-        err_r, err_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # child: wait for the go, then exec
-            try:
-                os.close(self._go_w)
-                os.close(err_r)
-                signal.signal(signal.SIGINT, signal.SIG_DFL)
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                if os.read(go_r, 1) == b"g":
-                    if env is None:
-                        os.execv(path, argv)
-                    os.execve(path, argv, env)
-            except OSError as exc:
-                os.write(err_w, str(exc.errno).encode())
-            finally:
-                os._exit(127)
-        os.close(go_r)
-        os.close(err_w)
-        self._err_r = err_r
-        self.pid = pid
-
-    def start(self) -> None:
-        """Let the child exec; raise if exec failed."""
-        os.write(self._go_w, b"g")
-        os.close(self._go_w)
-        self._go_w = -1
-        data = os.read(self._err_r, 32)  # EOF on successful exec (the pipe is close-on-exec)
-        os.close(self._err_r)
-        if data:
-            self.wait()
-            code = int(data) if data.isdigit() else 0
-            raise CaptureError("cannot execute %s: %s" % (self.path, os.strerror(code)))
-
-    def abandon(self) -> None:
-        """The capture failed before start(): the child exits without exec."""
-        if self._go_w >= 0:
-            os.close(self._go_w)
-            self._go_w = -1
-        self.wait()
-
-    def poll(self) -> bool:
-        """True once the command has exited (its status is then recorded)."""
-        if self.status is not None:
-            return True
-        try:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-        except ChildProcessError:
-            self.status = 0
-            return True
-        if pid == 0:
-            return False
-        self.status = status
-        return True
-
-    def wait(self) -> None:
-        while not self.poll():
-            time.sleep(0.01)
-
-    def terminate(self, grace: float, during: Callable[[], None]) -> str:
-        """SIGTERM, then SIGKILL after ``grace`` seconds; returns what was done."""
-        if self.poll():
-            return ""
-        os.kill(self.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            during()
-            if self.poll():
-                return "terminated with SIGTERM"
-            time.sleep(0.05)
-        os.kill(self.pid, signal.SIGKILL)
-        self.wait()
-        return "killed with SIGKILL after %.0fs" % grace
-
-    def describe_status(self) -> str:
-        st = self.status or 0
-        if os.WIFSIGNALED(st):
-            sig = os.WTERMSIG(st)
-            try:
-                name = signal.Signals(sig).name
-            except ValueError:
-                name = str(sig)
-            return "killed by signal %s" % name
-        return "exited with status %d" % os.WEXITSTATUS(st)
-
-    def exit_code(self) -> int:
-        st = self.status or 0
-        return 128 + os.WTERMSIG(st) if os.WIFSIGNALED(st) else os.WEXITSTATUS(st)
 
 
 # -- the run -------------------------------------------------------------------
@@ -377,30 +272,6 @@ class StopFlag:
         self._old.clear()
 
 
-def _discover_threads(sampler: Sampler, state: CaptureState, pid: int) -> None:
-    """Open events on threads that appeared while we opened the first ones.
-
-    List first, then drain: a thread created by an already-followed thread
-    has its FORK record in the ring by the time we drain, so it is not opened
-    twice (which would double its samples).
-    """
-    for _ in range(20):
-        try:
-            tids = list_threads(pid)
-        except ProcessLookupError:
-            return
-        drain(sampler, state)
-        new = [t for t in tids if t not in sampler.followed_tids and t not in state.forked_tids]
-        if not new:
-            return
-        sampler.open_threads(new, enable_now=True)
-
-
-def drain(sampler: Sampler, state: CaptureState) -> None:
-    sampler.drain(state.on_sample, state.on_event)
-    state.resolve_pending()
-
-
 def output_path(explicit: Optional[str], comm: Optional[str], kind: str, flag: str) -> str:
     """The path a profile will be written to, checked before the capture starts."""
     if explicit:
@@ -441,279 +312,78 @@ def run(opts: Options) -> int:
         raise
 
 
-def _sampler(opts: Options, samples: bool, bpf_prog_fd: int = -1) -> Sampler:
-    """The perf events of the run: the side band only, sampling into the
-    rings, or sampling with a BPF program that captures each sample."""
-    if not samples:
-        return Sampler(1, side_band_only=True)  # mappings and names only
-    if bpf_prog_fd >= 0:
-        return Sampler(opts.sample_rate, bpf_prog_fd=bpf_prog_fd)
-    if opts.unwind == "fp":
-        return Sampler(opts.sample_rate)
-    from perfagent.arch import current
-    from perfagent.perf import attr as A
-    from perfagent.perf.sampler import SAMPLE_TYPE, data_pages_for
-    return Sampler(opts.sample_rate, data_pages=data_pages_for(opts.stack_size, opts.sample_rate),
-                   sample_type=SAMPLE_TYPE | A.PERF_SAMPLE_REGS_USER | A.PERF_SAMPLE_STACK_USER,
-                   sample_regs_user=current().UNWIND_REGS_MASK, sample_stack_user=opts.stack_size)
-
-
-def _python_walk(opts: Options, state: CaptureState, tgids: Optional[set],
-                 notes: List[str]) -> Optional[PythonWalk]:
-    """The in-kernel Python walk's maps and process tracking, or None (with
-    the line saying why in ``notes``) when BPF cannot have them."""
-    from perfagent.bpf.syscall import BPFError
-    from perfagent.stackprog import python as pywalk
-    try:
-        maps = pywalk.make_maps(pywalk.fsbase_offset())
-    except (BPFError, OSError) as exc:
-        notes.append("Python frames from the interpreter's memory unavailable (%s); "
-                     "--inject-python names Python functions through the perf trampoline instead" % exc)
-        return None
-    walk = PythonWalk(state, tgids, maps)
-    walk.start()
-    return walk
-
-
-def _oncpu_source(opts: Options, state: CaptureState, tgids: Optional[set],
-                  notes: List[str], python=None) -> Optional[OnCpuSource]:
-    """The BPF on-CPU source, started; None when the kernel refuses BPF (the
-    perf ring buffer samples instead), with the line saying so in ``notes``
-    (printed once the perf events opened: when they cannot either, their
-    error is the one to show)."""
-    from perfagent.bpf.syscall import BPFError
-    if opts.unwind == "fp":
-        source: OnCpuSource = OnCpuCounts(state, tgids, opts.sample_rate, python)
-    else:
-        source = OnCpuRecords(state, tgids, opts.sample_rate, opts.stack_size, python)
-    try:
-        source.start()
-    except (BPFError, OSError) as exc:
-        notes.append("BPF sampling unavailable (%s); sampling through the perf ring buffer "
-                     "(no Python frames from the interpreter's memory)" % exc)
-        return None
-    return source
-
-
-class _Sources(list):
-    """The run's BPF sources: fed, followed and stopped together."""
-
-    def feed(self, state: CaptureState) -> None:
-        for src in self:
-            src.follow(state.new_processes, state.gone_processes)
-            src.feed()
-        state.new_processes = []
-        state.gone_processes = []
-
-    def stop(self, state: CaptureState) -> None:
-        for src in self:
-            src.follow(state.new_processes, state.gone_processes)
-            src.stop()
-
-    def close(self) -> None:
-        for src in self:
-            try:
-                src.close()
-            except Exception:  # noqa: BLE001 - closing after a failure: carry on
-                pass
+def capture_options(opts: Options, comm: Optional[str]) -> CaptureOptions:
+    return CaptureOptions(
+        pid=opts.pid, command=tuple(opts.command), all=opts.all, children=opts.children,
+        profile=opts.profile, offcpu=opts.offcpu, sample_rate=opts.sample_rate, unwind=opts.unwind,
+        stack_size=opts.stack_size, in_kernel=opts.in_kernel, python_walk=opts.python_walk,
+        inject_python=opts.inject_python, keep_native_frames=opts.keep_native_frames,
+        comm=comm or "")
 
 
 def _capture(opts: Options, comm: Optional[str], out_path: Optional[str],
              offcpu_path: Optional[str]) -> int:
-    from perfagent.arch import current
-    if opts.unwind != "fp" and current().UNWIND_REGS_MASK is None:
-        raise CaptureError("--unwind %s is not supported on %s yet; use --unwind fp"
-                           % (opts.unwind, current().NAME))
-    walker = None
-    binaries = BinaryCache()  # shared by the unwinder and the symbolizer: each file examined once
-    cfi = None  # one CFI cache for the on-CPU and the off-CPU walkers
-    if opts.unwind != "fp" and (opts.profile or opts.offcpu):
-        from perfagent.unwind.walker import CFICache, Walker
-        cfi = CFICache(binaries)
-        if opts.profile:
-            walker = Walker(opts.unwind, cfi)
-    # Off-CPU user stacks are copied and unwound like samples unless --unwind fp.
-    offcpu_walker = Walker(opts.unwind, cfi) if opts.offcpu and cfi is not None else None
-    symbolizer = Symbolizer(binaries)
-    state = CaptureState(walker=walker, symbolizer=symbolizer, offcpu_walker=offcpu_walker)
+    from perfagent import budget
+    cap = Capture(capture_options(opts, comm), log)
     stop = StopFlag()
-    launched: Optional[LaunchedCommand] = None
-    stop_reason = ""
-    terminated_by_us = False
-    exit_code = 0
-    wall_start = time.time()
-    mono_start = time.monotonic()
     stop.install()
-    injection: Optional[PythonInjection] = None
-    sources = _Sources()
-    sampler: Optional[Sampler] = None
-    notes: List[str] = []
-    offcpu: Optional[OffCpu] = None
-
-    def start_sources(tgids: Optional[set]) -> Sampler:
-        """The BPF sources for ``tgids``, then the perf events (sampling
-        only when no BPF on-CPU source could start)."""
-        nonlocal offcpu
-        oncpu = None
-        python = None
-        if opts.python_walk and (opts.offcpu or (opts.profile and opts.in_kernel)):
-            walk = _python_walk(opts, state, tgids, notes)
-            if walk is not None:
-                sources.append(walk)   # first: it names what the others bring
-                python = walk.maps
-        if opts.profile and opts.in_kernel:
-            oncpu = _oncpu_source(opts, state, tgids, notes, python)
-            if oncpu is not None:
-                sources.append(oncpu)
-        if opts.offcpu:
-            offcpu = OffCpu(state, tgids, opts.stack_size, symbolizer.kernel.lookup, log, python)
-            offcpu.start()
-            sources.append(offcpu)
-        return _sampler(opts, opts.profile and oncpu is None)
-
     try:
-        if opts.inject_python and not opts.command:
-            injection = PythonInjection(strict=opts.pid is not None)
-            injection.activate([opts.pid] if opts.pid is not None else procfs.pids())
-            # --duration counts from when sampling starts, not from before the injections
-            mono_start = time.monotonic()
-            wall_start = time.time()
-        try:
-            # The BPF sources first (loading programs takes a while), then
-            # what /proc says, then the side band: a thread created or renamed
-            # before the side band opens is still read from /proc.
-            if opts.all:
-                sampler = start_sources(None)
-                for pid in procfs.pids():
-                    state.load_from_proc(pid)
-                sampler.open_system_wide()
-                sampler.enable()
-                mono_start, wall_start = time.monotonic(), time.time()  # --duration counts from here
-            elif opts.pid is not None:
-                sampler = start_sources({opts.pid})
-                state.load_from_proc(opts.pid)
-                try:
-                    sampler.open_threads(list_threads(opts.pid))
-                except ProcessLookupError:
-                    raise CaptureError("--pid %d: no such process" % opts.pid) from None
-                sampler.enable()
-                mono_start, wall_start = time.monotonic(), time.time()  # --duration counts from here
-                _discover_threads(sampler, state, opts.pid)
-            else:
-                env = None
-                if opts.inject_python:
-                    # The trampoline is on from the interpreter's first call;
-                    # other programs ignore the variable.
-                    env = dict(os.environ, PYTHONPERFSUPPORT="1")
-                launched = LaunchedCommand(opts.command, env)
-                try:
-                    sampler = start_sources({launched.pid})
-                    sampler.open_launched(launched.pid)
-                except BaseException:
-                    launched.abandon()
-                    raise
-                state.process(launched.pid).comm = comm or ""
-                state.process(launched.pid).uid = os.getuid()  # it runs as we do
-                mono_start = time.monotonic()
-                wall_start = time.time()
-                launched.start()
-        except BaseException:
-            if sampler is not None:
-                sampler.close()
-            sources.close()
-            raise
-        for note in notes:
-            log(note)
-
-        def drain_all() -> None:
-            # The side band first (mappings, processes), then the sources,
-            # then what the samples need resolved against those mappings.
-            sampler.drain(state.on_sample, state.on_event)
-            sources.feed(state)
-            state.resolve_pending()
-
-        deadline = None if opts.duration is None else mono_start + opts.duration
+        cap.start()
+        deadline = None if opts.duration is None else cap.mono_start + opts.duration
         progress = Progress(not opts.quiet, opts.duration)
+        reason = ""
         try:
             while True:
                 if stop.signum:
-                    stop_reason = "stopped by %s" % signal.Signals(stop.signum).name
+                    reason = "stopped by %s" % signal.Signals(stop.signum).name
                     break
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
                     break
-                timeout = DRAIN_INTERVAL_MS if deadline is None else min(DRAIN_INTERVAL_MS, (deadline - now) * 1000)
-                sampler.wait(max(1, int(timeout)))
-                drain_all()
-                progress.update(time.monotonic() - mono_start, state.samples,
-                                sampler.lost + sum(s.dropped for s in sources),
-                                len(state.pids_seen))
-                if launched is not None and launched.poll():
-                    stop_reason = "command %s" % launched.describe_status()
+                timeout = DRAIN_INTERVAL if deadline is None else min(DRAIN_INTERVAL, deadline - now)
+                reason = cap.poll(max(0.001, timeout)) or ""
+                progress.update(cap.elapsed, cap.samples, cap.lost_so_far(), len(cap.state.pids_seen))
+                if reason:
                     break
-                if opts.pid is not None and not process_alive(opts.pid):
-                    stop_reason = "process %d exited" % opts.pid
-                    break
-            if launched is not None and not launched.poll():
-                terminated_by_us = True
-                what = launched.terminate(TERM_GRACE_SECONDS, drain_all)
-                stop_reason = (stop_reason + "; " if stop_reason else "") + "command %s" % what
         finally:
-            stop.finishing()
             progress.clear()
-            sampler.disable()
-            sampler.drain(state.on_sample, state.on_event)
-            lost = sampler.lost
-            sampler.close()
-            sources.stop(state)
-            state.resolve_pending()
-        if injection is not None:
-            injection.deactivate()
-            injection = None
-        duration_ns = int((time.monotonic() - mono_start) * 1e9)
+            cap.stop(reason, on_finishing=stop.finishing)
         comments = ["%s=%s" % kv for kv in opts.tags]
         for path, is_offcpu in ((out_path, False), (offcpu_path, True)):
             if path is None:
                 continue
-            builder, _table = build_profile(state, symbolizer, opts.sample_rate,
-                                            int(wall_start * 1e9), duration_ns, comments,
-                                            keep_native_frames=opts.keep_native_frames, offcpu=is_offcpu)
             try:
-                builder.write(path)
+                cap.build(is_offcpu, comments).write(path)
             except OSError as exc:
                 raise CaptureError("cannot write %s: %s" % (path, exc.strerror or exc)) from None
     finally:
-        if injection is not None:
-            injection.deactivate()
         stop.restore()
-        binaries.close()
-    from perfagent import budget
+        cap.close()
     if budget.cancelled():
         log("stopped by %s while finishing: frames not named by then keep their addresses"
             % signal.Signals(stop.signum).name)
-    for warning in symbolizer.warnings:
-        log("warning: %s" % warning)
-    if stop_reason:
-        log(stop_reason)
-    if walker is not None:
-        log(walker.summary())
-    for src in sources:
-        line = src.summary()
-        if line:
-            log(line)
-    oncpu_sources = [s for s in sources if isinstance(s, OnCpuSource)]
+    for line in cap.summary_lines():
+        log(line)
+    state = cap.state
     if out_path is not None:
         if state.samples == 0:
             log("warning: no samples were collected (was the target idle?); wrote an empty profile")
-        losses = "".join(s.losses("samples") for s in oncpu_sources)
-        lost += sum(s.dropped for s in oncpu_sources)
-        log("wrote %s: %d samples, %d lost%s, %d processes"
-            % (out_path, state.samples, lost, losses, len(state.pids_seen)))
+        lost, losses = cap.oncpu_losses()
+        log("wrote %s: %s, %d lost%s, %s"
+            % (out_path, plural(state.samples, "sample"), lost, losses,
+               plural(len(state.pids_seen), "process", "processes")))
+        hint = cap.children_hint()
+        if hint:
+            log(hint)
     if offcpu_path is not None:
         total_ns = sum(v[1] for v in state.offcpu_stacks.values())
-        losses = offcpu.losses("episodes") if offcpu is not None else ""
-        log("wrote %s: %d blocking episodes, %.3f s off-CPU%s" % (
-            offcpu_path, state.offcpu_samples, total_ns / 1e9, losses or ", nothing lost"))
-    if launched is not None and launched.status is not None and not terminated_by_us:
-        exit_code = launched.exit_code()  # the command ended by itself: pass its status on
-    return exit_code
+        losses = cap.offcpu.losses("episodes") if cap.offcpu is not None else ""
+        log("wrote %s: %s, %.3f s off-CPU%s" % (
+            offcpu_path, plural(state.offcpu_samples, "blocking episode"), total_ns / 1e9,
+            losses or ", nothing lost"))
+    return cap.exit_code
+
+
+def plural(n: int, one: str, many: str = "") -> str:
+    """``1 sample``, ``2 samples``."""
+    return "%d %s" % (n, one if n == 1 else (many or one + "s"))
