@@ -151,7 +151,8 @@ class PythonWalk(Source):
         return ""
 
     def summary(self) -> str:
-        return self.tracker.summary()
+        target = next(iter(self.tgids)) if self.tgids is not None and len(self.tgids) == 1 else None
+        return self.tracker.summary(target)
 
 
 class OnCpuSource(Source):

@@ -224,10 +224,16 @@ class PythonProcesses:
         if flags & PYSTACK_NO_THREAD:
             self.no_thread += weight
 
-    def summary(self) -> str:
-        """One line: what is walked, what was skipped."""
+    def summary(self, target: Optional[int] = None) -> str:
+        """One line: what is walked, what was skipped ("" when there was no
+        CPython at all).  With ``target`` (--pid), what happened to that
+        process says so by name."""
         walked = ", ".join("%s: %d" % kv for kv in sorted(self.versions.items()))
         skipped = " ".join("%s=%d" % kv for kv in sorted(self.skipped.items()) if kv[0] != "not_python")
+        if target is not None and target in self.reasons:
+            return "python: no Python frames for pid %d: %s" % (target, self.reasons[target])
+        if not walked and not skipped:
+            return ""
         line = "python: walked the stacks of %d CPython process%s" % (
             sum(self.versions.values()), "" if sum(self.versions.values()) == 1 else "es")
         if walked:
