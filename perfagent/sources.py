@@ -112,6 +112,8 @@ class PythonWalk(Source):
         self.maps = maps
         state.python = self.tracker
         self._exited: List[int] = []
+        # --pid: the one process whose fate the end-of-run line names.
+        self.target = next(iter(tgids)) if tgids is not None and len(tgids) == 1 else None
 
     def start(self) -> None:
         from perfagent.target import procfs
@@ -151,8 +153,7 @@ class PythonWalk(Source):
         return ""
 
     def summary(self) -> str:
-        target = next(iter(self.tgids)) if self.tgids is not None and len(self.tgids) == 1 else None
-        return self.tracker.summary(target)
+        return self.tracker.summary(self.target)
 
 
 class OnCpuSource(Source):
