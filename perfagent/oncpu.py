@@ -162,18 +162,20 @@ class LocationTable:
         return mid
 
 
-def sample_labels(state: CaptureState, pid: int, tid: int) -> tuple:
-    """The string labels of a thread's samples.
+def sample_labels(state: CaptureState, pid: int, tid: int) -> Tuple[tuple, tuple]:
+    """The (string, numeric) labels of a thread's samples.
 
-    ``pid``, ``tid``, ``comm`` (the thread's name) and ``process`` always;
-    for a process in a container ``container_id`` (from its cgroup: docker,
-    containerd, cri-o, podman layouts) and ``pod_uid`` when the cgroup names
-    a Kubernetes pod; ``ns_pid`` when its pid inside its own pid namespace
-    differs from the host's.
+    Numbers are numeric labels, as pprof's own producers write them, so
+    ``go tool pprof -tagfocus=pid=1234`` selects exactly that process:
+    ``pid``, ``tid``, and ``ns_pid`` (the pid inside its own pid namespace)
+    when it differs from the host's.  Strings: ``comm`` (the thread's name)
+    and ``process`` always; for a process in a container ``container_id``
+    (from its cgroup: docker, containerd, cri-o, podman layouts) and
+    ``pod_uid`` when the cgroup names a Kubernetes pod.
     """
-    labels = [("pid", str(pid)), ("tid", str(tid)),
-              ("comm", state.thread_comm.get(tid, "") or state.process_comm(pid)),
+    labels = [("comm", state.thread_comm.get(tid, "") or state.process_comm(pid)),
               ("process", state.process_comm(pid))]
+    numbers = [("pid", pid), ("tid", tid)]
     proc = state.processes.get(pid)
     if proc is not None:
         if proc.container_id:
@@ -181,8 +183,8 @@ def sample_labels(state: CaptureState, pid: int, tid: int) -> tuple:
         if proc.pod_uid:
             labels.append(("pod_uid", proc.pod_uid))
         if proc.ns_pid != pid:
-            labels.append(("ns_pid", str(proc.ns_pid)))
-    return tuple(labels)
+            numbers.append(("ns_pid", proc.ns_pid))
+    return tuple(labels), tuple(numbers)
 
 
 OFF_CPU_SAMPLE_TYPES = (("blocks", "count"), ("offcpu", "nanoseconds"))
@@ -222,5 +224,5 @@ def build_profile(state: CaptureState, symbolizer: Symbolizer, sample_rate: int,
             classes = [FRAME_PYTHON if c == FRAME_TRAMPOLINE else c for c in classes]
         if not keep_native_frames and FRAME_PYTHON in classes:
             location_ids = hide_interpreter_frames(location_ids, classes)
-        builder.add_sample(location_ids, (count, period), labels)
+        builder.add_sample(location_ids, (count, period), labels[0], labels[1])
     return builder, table

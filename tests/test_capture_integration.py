@@ -44,7 +44,7 @@ def readelf_build_id(path: str) -> str:
 
 
 def chain_share(stacks, pid: int, chain=CHAIN) -> float:
-    mine = [s for s in stacks if s[1]["pid"] == str(pid)]
+    mine = [s for s in stacks if s[1]["pid"] == pid]
     assert mine, "no samples for pid %d" % pid
     total = sum(v[0] for _, _, v in mine)
     good = sum(v[0] for names, _, v in mine if contains_chain(names, chain[-5:]) and
@@ -68,7 +68,7 @@ def test_pid_mode_chain_and_build_id(chain_bin, tmp_path):
     assert chain_share(stacks, target.pid) >= 0.90
     labels = stacks[0][1]
     assert labels["process"] == "chain" and labels["comm"] == "chain"
-    assert labels["tid"] == str(target.pid)
+    assert labels["tid"] == target.pid
     maps = [m for m in prof.mappings if m.filename == chain_bin]
     assert maps and all(m.build_id == readelf_build_id(chain_bin) for m in maps)
     assert "env=test" in prof.comments
@@ -129,7 +129,7 @@ def test_multithreaded_and_late_thread(chain_bin, tmp_path):
     assert set(by_comm) >= {"chain", "worker", "late"}, by_comm
     late = [s for s in stacks if s[1]["comm"] == "late"]
     assert sum(v[0] for _, _, v in late) >= 50  # ~2 s of a busy thread sharing 2 CPUs
-    assert all(l[1]["tid"] != str(target.pid) and l[1]["pid"] == str(target.pid) for l in late)
+    assert all(l[1]["tid"] != target.pid and l[1]["pid"] == target.pid for l in late)
     total = sum(v[0] for _, _, v in late)
     good = sum(v[0] for names, _, v in late if contains_chain(names, ["a", "b", "c", "leaf"]))
     assert good / total >= 0.9
@@ -152,7 +152,7 @@ def test_system_wide_sees_two_processes(chain_bin, tmp_path):
     path = str(tmp_path / outs[0])
     stacks = sample_stacks(read_profile(path))
     for proc, comm in ((ta, "chainA"), (tb, "chainB")):
-        mine = [s for s in stacks if s[1]["pid"] == str(proc.pid)]
+        mine = [s for s in stacks if s[1]["pid"] == proc.pid]
         assert mine, comm
         assert all(s[1]["process"] == comm for s in mine)
         assert sum(v[0] for _, _, v in mine) >= 60  # two busy processes on a shared 2-CPU machine
@@ -311,7 +311,7 @@ def test_process_started_and_exited_during_capture_symbolizes(chain_bin, tmp_pat
     _, err = agent.communicate(timeout=60)
     assert agent.returncode == 0, err
     stacks = sample_stacks(read_profile(str(out)))
-    mine = [s for s in stacks if s[1]["pid"] == str(pid)]
+    mine = [s for s in stacks if s[1]["pid"] == pid]
     assert sum(v[0] for _, _, v in mine) >= 80, err
     assert all(s[1]["process"] == "chain" for s in mine), sorted({s[1]["process"] for s in mine})
     assert chain_share(stacks, pid) >= 0.9
@@ -330,7 +330,7 @@ def test_fp_in_kernel_aggregation_and_ring_buffer(chain_bin, tmp_path, flags):
     assert r.returncode == 0, r.stderr
     assert "in-kernel aggregation unavailable" not in r.stderr
     stacks = sample_stacks(read_profile(str(out)))
-    assert {s[1]["pid"] for s in stacks} == {str(target.pid)}
+    assert {s[1]["pid"] for s in stacks} == {target.pid}
     assert {s[1]["comm"] for s in stacks} >= {"chain", "worker"}
     assert chain_share(stacks, target.pid, chain=["a", "b", "c", "leaf"]) >= 0.9
     assert sum(v[0] for _, _, v in stacks) >= 100

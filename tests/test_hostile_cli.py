@@ -303,7 +303,7 @@ def test_pid_reuse_is_a_new_process(tmp_path):
         shutil.rmtree(shared, ignore_errors=True)
     assert agent.returncode == 0, stderr
     stacks = sample_stacks(read_profile(out))
-    mine = [(names, labels, v) for names, labels, v in stacks if labels["pid"] == str(pid)]
+    mine = [(names, labels, v) for names, labels, v in stacks if labels["pid"] == pid]
     assert sum(v[0] for _, _, v in mine) >= 50, stderr
     assert not any("poisoned::name" in names for names, _, _ in mine)
     # and the second process is named as itself, not as the first

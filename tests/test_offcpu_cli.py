@@ -54,7 +54,7 @@ def test_offcpu_pid_shares_stacks_and_total(build, blocker, blocker_nofp, tmp_pa
     assert "blocking episodes" in r.stderr
     prof = read_profile(str(out))
     assert [(t.type, t.unit) for t in prof.sample_type] == [("blocks", "count"), ("offcpu", "nanoseconds")]
-    stacks = [s for s in sample_stacks(prof) if s[1]["tid"] == str(proc.pid)]
+    stacks = [s for s in sample_stacks(prof) if s[1]["tid"] == proc.pid]
     total = sum(v[1] for _, _, v in stacks)
     sleep_ns = sum(v[1] for n, _, v in stacks if contains_chain(n, ["main", "block_sleep"]))
     read_ns = sum(v[1] for n, _, v in stacks if contains_chain(n, ["main", "block_read"]))
@@ -97,5 +97,5 @@ def test_kernel_without_the_copy_helpers_gets_frame_pointer_stacks(blocker, tmp_
     assert "off-CPU stack copies unavailable" in err and "frame pointers" in err, err
     assert "off-CPU: unwound" not in err
     stacks = sample_stacks(read_profile(str(out)))
-    mine = [(n, v) for n, labels, v in stacks if labels["tid"] == str(proc.pid)]
+    mine = [(n, v) for n, labels, v in stacks if labels["tid"] == proc.pid]
     assert sum(v[1] for n, v in mine if contains_chain(n, ["main", "block_sleep"])) > 0.5e9

@@ -197,7 +197,7 @@ def test_system_wide_mix_is_lenient(chain_bin, tmp_path):
         py = set()
         for s in prof.samples:
             labels = {l.key: l.str for l in s.labels}
-            if labels.get("pid") == str(p.pid):
+            if labels.get("pid") == p.pid:
                 for lid in s.location_ids:
                     py.update(funcs[ln.function_id].name for ln in locs[lid].lines
                               if funcs[ln.function_id].filename.endswith(".py"))
