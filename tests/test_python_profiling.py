@@ -80,7 +80,8 @@ def check_ratio_profile(path: str) -> None:
 def test_launch_mode_names_python_functions(kind, tmp_path):
     python = interpreter(kind)
     out = tmp_path / "launch.pb.gz"
-    r = run_agent(["--profile", "--inject-python", "--duration", "6s", "--profile-output", str(out), "--",
+    r = run_agent(["--profile", "--inject-python", "--duration", "6s", "--sample-rate", "499",
+                   "--profile-output", str(out), "--",
                    python, PY_RATIO, "30"], cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
     try:
@@ -89,7 +90,7 @@ def test_launch_mode_names_python_functions(kind, tmp_path):
         for s in read_profile(str(out)).samples:
             for label in s.labels:
                 if label.key == "pid":
-                    remove_perf_map(int(label.str))
+                    remove_perf_map(int(label.num))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -143,6 +144,7 @@ def test_pid_injection_names_python_functions(kind, tmp_path):
     try:
         out = tmp_path / "pid.pb.gz"
         r = run_agent(["--profile", "--inject-python", "--pid", str(proc.pid), "--duration", "6s",
+                       "--sample-rate", "499",
                        "--profile-output", str(out)], cwd=str(tmp_path))
         assert r.returncode == 0, r.stderr
         assert proc.poll() is None
@@ -196,7 +198,7 @@ def test_system_wide_mix_is_lenient(chain_bin, tmp_path):
     for p in new:
         py = set()
         for s in prof.samples:
-            labels = {l.key: l.str for l in s.labels}
+            labels = {l.key: (l.str or l.num) for l in s.labels}
             if labels.get("pid") == p.pid:
                 for lid in s.location_ids:
                     py.update(funcs[ln.function_id].name for ln in locs[lid].lines
