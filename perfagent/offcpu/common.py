@@ -72,8 +72,9 @@ class FollowsTgids:
         processes itself (None when every process is followed)."""
         if self._initial_tgids is None:
             return None
+        import time
         from perfagent.stackprog.accounting import parent_offsets
-        return parent_offsets()
+        return parent_offsets(time.clock_gettime_ns(time.CLOCK_MONOTONIC))
 
     def add_tgid(self, tgid: int) -> None:
         """Follow process ``tgid`` too (no-op when following every process).

@@ -97,17 +97,23 @@ def emit_accumulate(p: Program, counts: HashMap, key_off: int, sums_off: int,
 
 
 class ParentOffsets(NamedTuple):
-    """offsetof(task_struct, real_parent) and (task_struct, tgid), from BTF."""
+    """Where the program finds a task's process start and parent (BTF
+    offsets into task_struct), and since when children are new."""
 
     real_parent: int
     tgid: int
+    group_leader: int
+    start_time: int            # u64 ns, CLOCK_MONOTONIC (bpf_ktime_get_ns's clock)
+    since: int                 # processes started before this are not followed as children
 
 
-def parent_offsets() -> ParentOffsets:
+def parent_offsets(since_ns: int) -> ParentOffsets:
     from perfagent.bpf.btf import vmlinux
     btf = vmlinux()
     return ParentOffsets(btf.member("task_struct", "real_parent").offset,
-                         btf.member("task_struct", "tgid").offset)
+                         btf.member("task_struct", "tgid").offset,
+                         btf.member("task_struct", "group_leader").offset,
+                         btf.member("task_struct", "start_time").offset, since_ns)
 
 
 def emit_tgid_filter(p: Program, tgids: Optional[HashMap], tgid_off: int,
@@ -117,10 +123,12 @@ def emit_tgid_filter(p: Program, tgids: Optional[HashMap], tgid_off: int,
     every process is followed.  Clobbers r0-r5.
 
     With ``follow``, a process that is not in the map but whose parent
-    process is (a child forked by a followed process) is added to the map
-    by the program itself and followed from its very first event: user
-    space hears of the fork only at its next drain.  ``scratch_off`` is a
-    u32 stack slot for the parent's tgid.
+    process is, and that started after ``follow.since`` (a child forked by
+    a followed process during the capture), is added to the map by the
+    program itself and followed from its very first event: user space hears
+    of the fork only at its next drain.  Children that existed before are
+    not (``--children`` asks for them, through user space).  ``scratch_off``
+    is a u32 stack slot for the parent's tgid.
     """
     if tgids is None:
         return
@@ -134,6 +142,10 @@ def emit_tgid_filter(p: Program, tgids: Optional[HashMap], tgid_off: int,
         return
     p.jne(R0, 0, tag + "_in")
     p.call("get_current_task_btf")
+    p.ldx(DW, R1, R0, follow.group_leader)         # the process, not this thread,
+    p.ldx(DW, R1, R1, follow.start_time)           # ... and when it started
+    p.ld_imm64(R2, follow.since)
+    p.jlt(R1, R2, skip)                            # before the capture: not a new child
     p.ldx(DW, R1, R0, follow.real_parent)          # current->real_parent (a BTF pointer)
     p.ldx(W, R1, R1, follow.tgid)                  # ... its process
     p.stx(W, FP, R1, scratch_off)
