@@ -298,7 +298,17 @@ class Capture:
             if opts.inject_python and not opts.command:
                 from perfagent.run import PythonInjection
                 self.injection = PythonInjection(strict=opts.pid is not None)
-                self.injection.activate([opts.pid] if opts.pid is not None else procfs.pids())
+                try:
+                    self.injection.activate([opts.pid] if opts.pid is not None else procfs.pids())
+                except CaptureError as exc:
+                    reason = getattr(exc.__cause__ or exc, "reason", "") or str(exc)
+                    if opts.python_walk and any(r in reason for r in (
+                            "python_too_old", "no_perf_trampoline", "no_libpython_symbols",
+                            "ptrace_eperm", "timeout", "process_stopped")):
+                        raise CaptureError("%s; without --inject-python, Python frames of CPython 3.8+ "
+                                           "are read from the interpreter's memory, nothing injected"
+                                           % exc) from None
+                    raise
             # The BPF sources first (loading programs takes a while), then
             # what /proc says, then the side band: a thread created or renamed
             # before the side band opens is still read from /proc.

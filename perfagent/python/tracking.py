@@ -232,6 +232,13 @@ class PythonProcesses:
         skipped = " ".join("%s=%d" % kv for kv in sorted(self.skipped.items()) if kv[0] != "not_python")
         if target is not None and target in self.reasons:
             return "python: no Python frames for pid %d: %s" % (target, self.reasons[target])
+        if target is not None and target in self._procs:
+            interp = self._procs[target].interp
+            line = ("python: pid %d is CPython %d.%d; its Python frames were read from the "
+                    "interpreter's memory" % ((target,) + tuple(interp.version)))
+            if len(self.versions) > 1 or sum(self.versions.values()) > 1:
+                line += " (%s CPython processes in all: %s)" % (sum(self.versions.values()), walked)
+            return line + self._counts()
         if not walked and not skipped:
             return ""
         line = "python: walked the stacks of %d CPython process%s" % (
@@ -240,7 +247,11 @@ class PythonProcesses:
             line += " (%s)" % walked
         if skipped:
             line += "; skipped %s" % skipped
+        return line + self._counts()
+
+    def _counts(self) -> str:
         from perfagent.stackprog.layout import PY_MAX_FRAMES
+        line = ""
         if self.truncated:
             line += "; %d samples with more than %d Python frames (outermost cut)" % (
                 self.truncated, PY_MAX_FRAMES)
