@@ -52,6 +52,7 @@ from perfagent.dump.model import JSON_SCHEMA, Frame
 DEADLOCK = os.path.join(PROGRAMS, "py_deadlock.py")
 PIPE_READERS = os.path.join(PROGRAMS, "pipe_readers.c")
 VFORK_WAIT = os.path.join(PROGRAMS, "vfork_wait.c")
+SPIN_CALLS = os.path.join(PROGRAMS, "spin_calls.c")
 PYENV = "/root/.pyenv/versions"
 #: Bound on waiting for a target's line (not a measurement).
 LINE_TIMEOUT = 30.0
@@ -177,6 +178,12 @@ def pipe_readers(tmp_path_factory) -> str:
 def vfork_wait(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("dump") / "vfork_wait")
     return compile_c(VFORK_WAIT, out, ["-O2", "-fomit-frame-pointer", "-pthread", "-Wall"])
+
+
+@pytest.fixture(scope="module")
+def spin_calls(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("dump") / "spin_calls")
+    return compile_c(SPIN_CALLS, out, ["-O2", "-fomit-frame-pointer", "-Wall"])
 
 
 # ------------------------------------------------------------------ ground truth from /proc
@@ -442,7 +449,7 @@ def test_python_spinning_main_holds_the_gil(targets, label, spec, version):
     main = next(th for th in doc["threads"] if th["tid"] == t.pid)
     assert python_names(main) == ["spin", "main", "<module>"]
     kinds = [f["kind"] for f in main["frames"]]
-    assert "native" in kinds[kinds.index("python"):], main["frames"]  # the interpreter's start below
+    assert "native" in kinds[kinds.index("python"):], main  # the interpreter's start below
     assert set(tracer_pids(t.pid).values()) == {0}
     assert not any(s in "tT" for s in task_states(t.pid).values())
     t.send("spun\n")
@@ -506,6 +513,53 @@ def test_uninterruptible_thread_is_not_stopped(targets, vfork_wait):
         child = int(f.read().split()[0])
     os.kill(child, signal.SIGKILL)
     t.wait_line("child gone")
+
+
+def _after_pop_rbp(binary: str) -> int:
+    """Link-time address of the instruction after step()'s ``pop %rbp`` (objdump)."""
+    out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", binary], stdout=subprocess.PIPE,
+                         text=True, check=True).stdout
+    body = out.split("<step>:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    addrs = [int(line.split(":")[0], 16) for line in body]
+    i = next(i for i, line in enumerate(body) if re.search(r"\bpop\s+%rbp", line))
+    return addrs[i + 1]
+
+
+@needs_root
+def test_leaf_past_its_epilogue_pops_unwinds_whole(targets, spin_calls):
+    """A thread stopped after step()'s ``pop %rbp``: the rows still say rbp is
+    saved, at a slot now below sp; the register holds the caller's value,
+    which spin_loop's rbp-based CFA needs.  The state is made from a real
+    snapshot taken in mix() (step's callee): pop step's saved rbx and rbp off
+    that stack into the registers, as its epilogue does."""
+    import struct
+    from perfagent.dump.native import NativeUnwinder
+    from perfagent.ptrace import snapshot as snap
+    from perfagent.symbolize.procmaps import read_maps
+    t = Target([spin_calls])
+    targets.append(t)
+    t.wait_line("ready")
+    maps = read_maps(t.pid)
+    text = next(m for m in maps if m.is_exec and m.path.endswith("/spin_calls"))
+    bias = text.start - text.pgoff  # gcc's PIE output: the text segment's p_vaddr is its p_offset
+    unwinder = NativeUnwinder(t.pid, maps)
+    for _ in range(200):
+        s = snap.snapshot(t.pid, t.pid, 4096)
+        u = unwinder.unwind(s.regs, s.stack, 4096)
+        if [f.name for f in u.frames[:2]] == ["mix", "step"]:
+            break
+    else:
+        pytest.fail("never stopped in mix()")
+    assert u.ending is None and [f.name for f in u.frames][2:4] == ["spin_loop", "main"]
+    bx, bp, sp, pc, r12, r13, r14, r15 = s.regs
+    # mix's frame is its return address; step's frame holds rbx, rbp, r12 (pushed
+    # in reverse), then its return address.  Pop rbx and rbp as the epilogue does.
+    saved_rbx, saved_rbp = struct.unpack_from("<QQ", s.stack, 8)
+    state = (saved_rbx, saved_rbp, sp + 24, _after_pop_rbp(spin_calls) + bias, r12, r13, r14, r15)
+    epilogue = unwinder.unwind(state, s.stack[24:], 4096)
+    assert epilogue.ending is None, [f.name for f in epilogue.frames]
+    assert [f.name for f in epilogue.frames] == [f.name for f in u.frames][1:]
+    assert epilogue.ips[1:] == u.ips[2:]
 
 
 # ------------------------------------------------------------------ signals and stops
