@@ -300,28 +300,9 @@ class Collector:
         elif t.tid == os.getpid() or self.pid == os.getpid():
             why = "it is the agent's own thread"
         if why is None:
-            # The Python chain is read before the stop; in the stop only its
-            # innermost frames are checked, and the chain read again if the
-            # thread has moved (see _tops).
-            pre = None
-            if reader is not None and states:
-                try:
-                    pre = [reader.raw_stack(ts.addr) for ts in states]
-                except ReaderError:
-                    pre = None
-
-            def while_stopped():
-                if reader is None or not states:
-                    return None
-                try:
-                    if pre is not None and self._tops(reader, states) == [_top(r) for r, _ in pre]:
-                        return [f for r, _ in pre for f in r], next((w for _, w in pre if w), "")
-                    return self._raw_python(reader, states)
-                except ReaderError as exc:
-                    return exc
             try:
                 s = snap.snapshot(self.pid, t.tid, self.stack_bytes, lambda sp: _mapping_end(stack_ends, sp),
-                                  while_stopped)
+                                  self._python_reading(reader, states))
             except snap.SnapshotError as exc:
                 if exc.reason == "ptrace_eperm":
                     self.permission_denied = True
@@ -345,6 +326,30 @@ class Collector:
         else:
             notes.append("native frames missing: %s" % why)
         return _Held(regs, stack, py.raws, py.truncated, None, notes)
+
+    def _python_reading(self, reader: Optional[Reader], states: List[ThreadState]):
+        """What the snapshot calls in the stop: the thread's raw Python frames.
+
+        The chain is read now, before the stop; in the stop only its
+        innermost frames are read (see _tops), and the whole chain again
+        only when the thread has moved since.  Returns (raws, truncated),
+        or the ReaderError.
+        """
+        if reader is None or not states:
+            return None
+        try:
+            pre = [reader.raw_stack(ts.addr) for ts in states]
+        except ReaderError:
+            pre = None
+
+        def in_the_stop():
+            try:
+                if pre is not None and self._tops(reader, states) == [_top(r) for r, _ in pre]:
+                    return [f for r, _ in pre for f in r], next((w for _, w in pre if w), "")
+                return self._raw_python(reader, states)
+            except ReaderError as exc:
+                return exc
+        return in_the_stop
 
     def _saved_regs(self, t: _Task, stack_ends) -> Tuple[Optional[Tuple], bytes, bool]:
         """sp and pc of a thread that is not running, from /proc (no stop), and its stack."""
@@ -370,37 +375,41 @@ class Collector:
             from perfagent.dump.native import NativeUnwinder
             unwinder = NativeUnwinder(self.pid, maps, _PerfMapOwner(view))
         threads = []
-        is_python = reader is not None
         for t in tasks:
             h = held.get(t.tid) or _Held(None, b"", None, "", None, [])
             states = tstates.get(t.tid, [])
-            notes = list(h.notes)
-            pyframes = self._named(reader, h.raws, notes) if h.raws else []
-            if h.truncated:
-                notes.append("Python stack cut short: %s" % h.truncated)
-            frames = list(kernel.get(t.tid, []))
-            if unwinder is not None and h.regs is not None:
-                u = unwinder.unwind(h.regs, h.stack, self.stack_bytes)
-                if u.ending:
-                    notes.append(u.ending)
-                runs = merging.runs_of(h.raws or [], pyframes)
-                hosts = merging.place_runs(runs, u.frames, lambda a, u=u: unwinder.frame_of(u, a))
-                merged, unplaced = merging.merge(u.frames, runs, hosts)
-                if unplaced and u.outcome == 0:
-                    notes.append("%d Python frames could not be placed in the native stack" % unplaced)
-                frames.extend(merged)
-            else:
-                frames.extend(pyframes)
-            holds = any(ts.addr in holders for ts in states) if is_python else None
+            frames, notes = self._frames(reader, h, kernel.get(t.tid, []), unwinder)
+            if reader is not None and not states and not native and t.state not in _GONE_STATES:
+                notes.append("no Python thread state: --native shows its native frames")
+            holds = any(ts.addr in holders for ts in states) if reader is not None else None
             threads.append(Thread(t.tid, t.ns_tid, t.name, procfs.STATE_WORDS.get(t.state, ""), t.state,
                                   holds, bool(states), frames, notes, h.stop_us, h.wait_us))
         for ts in tstates.get(None, []):  # thread states whose kernel thread is unknown
             h = self._python_only([ts], reader)
-            notes = list(h.notes)
-            frames = self._named(reader, h.raws, notes) if h.raws else []
+            frames, notes = self._frames(reader, h, [], None)
             threads.append(Thread(None, None, "", "", "", ts.addr in holders, True, frames,
                                   notes + ["kernel thread id unknown (thread id %#x)" % ts.thread_id], None, None))
         return threads
+
+    def _frames(self, reader: Optional[Reader], h: _Held, kernel: List[Frame],
+                unwinder) -> Tuple[List[Frame], List[str]]:
+        """One thread's frames, innermost first (kernel, then native and Python merged), and notes."""
+        notes = list(h.notes)
+        pyframes = self._named(reader, h.raws, notes) if h.raws else []
+        if h.truncated:
+            notes.append("Python stack cut short: %s" % h.truncated)
+        frames = list(kernel)
+        if unwinder is None or h.regs is None:
+            return frames + pyframes, notes
+        u = unwinder.unwind(h.regs, h.stack, self.stack_bytes)
+        if u.ending:
+            notes.append(u.ending)
+        runs = merging.runs_of(h.raws or [], pyframes)
+        hosts = merging.place_runs(runs, u.frames, lambda a: unwinder.frame_of(u, a))
+        merged, unplaced = merging.merge(u.frames, runs, hosts)
+        if unplaced and u.ending is None:
+            notes.append("%d Python frames could not be placed in the native stack" % unplaced)
+        return frames + merged, notes
 
     @staticmethod
     def _named(reader: Reader, raws: List[RawFrame], notes: List[str]) -> List[Frame]:

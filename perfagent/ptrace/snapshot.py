@@ -1,10 +1,10 @@
-"""A copy of one thread's registers and stack, taken in a stop of a few hundred microseconds.
+"""A copy of one thread's registers and stack, taken in a stop of tens of microseconds.
 
 ``perf-agent dump`` unwinds every thread's native stack, which needs the
 registers and the stack bytes *of one moment*.  This module takes them:
 
     PTRACE_SEIZE          trace without stopping and without a SIGSTOP
-    PTRACE_INTERRUPT      ask for a stop; wait for it (WNOHANG polls, a deadline)
+    PTRACE_INTERRUPT      ask for a stop; sleep until its SIGCHLD (a deadline)
     PTRACE_GETREGSET      the general-purpose registers
     process_vm_readv      up to ``stack_bytes`` from the stack pointer up
     (``while_stopped``)   whatever else the caller must read at that moment
