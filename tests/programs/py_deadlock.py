@@ -44,8 +44,8 @@ def echo():
 
 def spin():
     n = 0
-    while True:
-        n += 1  # @spin-loop
+    # One line: every instruction of the loop is on it, wherever it is read.
+    while True: n += 1  # @spin-loop
 
 
 def main():
