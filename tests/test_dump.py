@@ -628,6 +628,23 @@ def test_signals_sent_while_a_thread_is_held_are_handled_once(targets, pipe_read
 
 
 @needs_root
+def test_ctrl_c_while_a_thread_is_held_releases_it(targets, pipe_readers):
+    t = Target([pipe_readers])
+    targets.append(t)
+    t.wait_line("ready")
+    before = settled(t.pid, 2)
+    agent = _background_dump(t.pid, {"PERFAGENT_DUMP_HOLD_MS": "500"})
+    _wait_for(lambda: _held_tid(t.pid), "held thread")
+    agent.send_signal(signal.SIGINT)
+    out, err = agent.communicate(timeout=120)
+    assert agent.returncode == 130 and err.splitlines()[-1] == "perf-agent: interrupted", err
+    assert set(tracer_pids(t.pid).values()) == {0} and task_states(t.pid) == before
+    t.send("on\n")
+    t.wait_line("main on")
+    t.wait_line("worker on")
+
+
+@needs_root
 def test_signal_delivery_stop_before_the_interrupt_is_passed_on_once(targets):
     spec, _ = _first_host_python()
     t, _ = start_deadlock(spec)
