@@ -495,9 +495,11 @@ def test_uninterruptible_thread_is_not_stopped(targets, vfork_wait):
     t = Target([vfork_wait])
     targets.append(t)
     t.wait_line("ready")
-    main_d = lambda: task_states(t.pid).get(t.pid) == "D" and len(task_states(t.pid)) == 2  # noqa: E731
-    _wait_for(main_d, "main thread in D")
-    before = task_states(t.pid)
+    def main_d():
+        states = task_states(t.pid)
+        return states if len(states) == 2 and sorted(states.values()) == ["D", "S"] else None
+    before = _wait_for(main_d, "main thread in D, worker asleep")
+    assert before[t.pid] == "D"
     doc = dump_json(t.pid)
     main, worker = doc["threads"]
     assert main["state"] == "uninterruptible" and main["stop_us"] is None
