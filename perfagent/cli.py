@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog=PROG,
         usage="%(prog)s --profile (--pid PID | -a | -- COMMAND [ARGS...]) [options]\n"
-              "       %(prog)s report FILE [options]   (see: %(prog)s report --help)",
+              "       %(prog)s report FILE [options]   (see: %(prog)s report --help)\n"
+              "       %(prog)s dump --pid PID [--native] [--json]   (see: %(prog)s dump --help)",
         description="Profile running Linux processes with perf_event_open and write pprof.",
         epilog="Examples:\n"
                "  %(prog)s --profile --pid 1234 --duration 30s\n"
@@ -248,6 +249,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv and argv[0] == "report":
         from perfagent.report.command import main as report_main
         return report_main(argv[1:])
+    if argv and argv[0] == "dump":
+        from perfagent.dump.command import main as dump_main
+        return dump_main(argv[1:])
     try:
         opts = parse_args(argv)
         from perfagent import run  # after parsing: --help and usage errors need no ctypes

@@ -159,6 +159,12 @@ def real_uid(fields: Dict[str, str]) -> int:
     return uids[0] if uids else -1
 
 
+def tracer_of(fields: Dict[str, str]) -> int:
+    """TracerPid of a parsed status (0: nobody traces it)."""
+    v = _ints(fields.get("TracerPid", ""))
+    return v[0] if v else 0
+
+
 def tracer_pid(pid: int) -> int:
     """TracerPid (0: nobody traces it); 0 when gone."""
     v = _ints(status(pid).get("TracerPid", ""))
@@ -222,3 +228,113 @@ def kernel_thread(pid: int) -> bool:
     """True for a kernel thread (no user memory, nothing to unwind or inject)."""
     st = stat(pid)
     return st is not None and bool(st.flags & PF_KTHREAD)
+
+
+#: proc(5) state letters of /proc/PID/stat, as words (TASK_REPORT in fs/proc/array.c).
+STATE_WORDS = {
+    "R": "running", "S": "sleeping", "D": "uninterruptible", "T": "stopped",
+    "t": "tracing-stop", "Z": "zombie", "X": "dead", "I": "idle", "P": "parked",
+    "W": "waking", "K": "wakekill",
+}
+
+
+def cmdline(pid: int) -> List[str]:
+    """The process's argv from /proc/PID/cmdline ([] when gone, a zombie or a kernel thread)."""
+    try:
+        data = read_bounded(proc_path(pid, "cmdline"), SMALL_LIMIT)
+    except OSError:
+        return []
+    return [a.decode("utf-8", "replace") for a in data.rstrip(b"\0").split(b"\0")] if data else []
+
+
+class KernelFrame(NamedTuple):
+    """One line of /proc/PID/task/TID/stack: ``[<address>] name+offset/size [module]``."""
+
+    address: int     # 0 when the kernel hides it (the norm since Linux 4.x)
+    name: str
+    offset: int
+    size: int
+    module: str      # "" for the core kernel
+
+
+def parse_kernel_stack(text: str) -> List[KernelFrame]:
+    """Parse the text of /proc/PID/task/TID/stack; malformed lines are skipped.
+
+    Each line is ``[<%px>] %pB`` (kernel/stacktrace.c, fs/proc/base.c):
+    the address (zeros unless kallsyms addresses are shown to the reader),
+    then ``symbol+0xoff/0xsize`` and `` [module]`` for module code; a bare
+    hex address when the kernel has no symbol for it.
+    """
+    out: List[KernelFrame] = []
+    for line in text.splitlines()[:MAX_KERNEL_FRAMES]:
+        line = line.strip()
+        if not line.startswith("[<"):
+            continue
+        close = line.find(">]")
+        if close < 0:
+            continue
+        try:
+            address = int(line[2:close], 16)
+        except ValueError:
+            continue
+        rest = line[close + 2:].split()
+        if not rest:
+            continue
+        module = rest[1][1:-1] if len(rest) > 1 and rest[1].startswith("[") and rest[1].endswith("]") else ""
+        sym, plus, offsize = rest[0].partition("+")
+        offset = size = 0
+        if plus:
+            off, _, sz = offsize.partition("/")
+            try:
+                offset, size = int(off, 16), int(sz or "0", 16)
+            except ValueError:
+                offset = size = 0
+        out.append(KernelFrame(address, sym, offset, size, module))
+    return out
+
+
+#: At most this many kernel frames per thread (the kernel prints at most 64).
+MAX_KERNEL_FRAMES = 128
+
+
+def kernel_stack(pid: int, tid: int) -> List[KernelFrame]:
+    """The kernel stack of thread ``tid`` of ``pid``, innermost first.
+
+    Raises PermissionError when it is not readable (root only: the kernel
+    checks CAP_SYS_ADMIN as well as ptrace access), FileNotFoundError or
+    ProcessLookupError when the thread is gone.
+    """
+    return parse_kernel_stack(read_bounded(proc_path(pid, "task", str(tid), "stack"), SMALL_LIMIT)
+                              .decode("utf-8", "replace"))
+
+
+class SyscallRegs(NamedTuple):
+    """What /proc/PID/task/TID/syscall tells of a thread that is not running."""
+
+    nr: int      # the system call it is blocked in; -1 when not in one
+    sp: int      # its user stack pointer
+    pc: int      # its user program counter
+
+
+def parse_syscall(text: str) -> Optional[SyscallRegs]:
+    """``nr args... sp pc`` or ``-1 sp pc`` (fs/proc/base.c proc_pid_syscall); None for "running"."""
+    parts = text.split()
+    if len(parts) not in (3, 9):
+        return None
+    try:
+        nr = int(parts[0])
+        sp, pc = int(parts[-2], 16), int(parts[-1], 16)
+    except ValueError:
+        return None
+    return SyscallRegs(nr, sp, pc)
+
+
+def syscall_regs(pid: int, tid: int) -> Optional[SyscallRegs]:
+    """The user sp and pc of a blocked or stopped thread, read without stopping it.
+
+    None when the thread is running (the kernel says "running") or the file
+    is malformed; raises PermissionError without ptrace access and
+    FileNotFoundError/ProcessLookupError when the thread is gone.
+    """
+    return parse_syscall(read_bounded(proc_path(pid, "task", str(tid), "syscall"), 512)
+                         .decode("ascii", "replace"))

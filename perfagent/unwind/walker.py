@@ -346,12 +346,15 @@ class Walker:
                     break
                 ra = _unpack_u64(stack, addr - base)[0]
                 # Callee-saved registers, all from this frame's values: offset
-                # rules read the copy (an address outside it leaves the
-                # register unknown, None); no rule means the same value.
+                # rules read the copy (an address past it leaves the register
+                # unknown, None; one below it, i.e. below the leaf's sp, was
+                # popped by the leaf's epilogue already, whose rows GCC leaves
+                # as they were: the register holds the caller's value); no
+                # rule means the same value.
                 k = row[8]
                 if k == RULE_OFFSET:  # the common case, inline: saved in the frame
                     a = cfa + row[9]
-                    new_bp = _unpack_u64(stack, a - base)[0] if base <= a <= limit else None
+                    new_bp = _unpack_u64(stack, a - base)[0] if base <= a <= limit else (bp if a < base else None)
                 elif k:
                     new_bp = _restore(k, row[9], row[10], cfa, bp, stack, base, limit, sp, bx, bp, r12, r13, r14, r15)
                 else:
@@ -359,7 +362,7 @@ class Walker:
                 k = row[11]
                 if k == RULE_OFFSET:
                     a = cfa + row[12]
-                    new_bx = _unpack_u64(stack, a - base)[0] if base <= a <= limit else None
+                    new_bx = _unpack_u64(stack, a - base)[0] if base <= a <= limit else (bx if a < base else None)
                 elif k:
                     new_bx = _restore(k, row[12], row[13], cfa, bx, stack, base, limit, sp, bx, bp, r12, r13, r14, r15)
                 else:
@@ -367,7 +370,7 @@ class Walker:
                 k = row[14]
                 if k == RULE_OFFSET:
                     a = cfa + row[15]
-                    n12 = _unpack_u64(stack, a - base)[0] if base <= a <= limit else None
+                    n12 = _unpack_u64(stack, a - base)[0] if base <= a <= limit else (r12 if a < base else None)
                 elif k:
                     n12 = _restore(k, row[15], row[16], cfa, r12, stack, base, limit, sp, bx, bp, r12, r13, r14, r15)
                 else:
@@ -375,7 +378,7 @@ class Walker:
                 k = row[17]
                 if k == RULE_OFFSET:
                     a = cfa + row[18]
-                    n13 = _unpack_u64(stack, a - base)[0] if base <= a <= limit else None
+                    n13 = _unpack_u64(stack, a - base)[0] if base <= a <= limit else (r13 if a < base else None)
                 elif k:
                     n13 = _restore(k, row[18], row[19], cfa, r13, stack, base, limit, sp, bx, bp, r12, r13, r14, r15)
                 else:
@@ -383,7 +386,7 @@ class Walker:
                 k = row[20]
                 if k == RULE_OFFSET:
                     a = cfa + row[21]
-                    n14 = _unpack_u64(stack, a - base)[0] if base <= a <= limit else None
+                    n14 = _unpack_u64(stack, a - base)[0] if base <= a <= limit else (r14 if a < base else None)
                 elif k:
                     n14 = _restore(k, row[21], row[22], cfa, r14, stack, base, limit, sp, bx, bp, r12, r13, r14, r15)
                 else:
@@ -391,7 +394,7 @@ class Walker:
                 k = row[23]
                 if k == RULE_OFFSET:
                     a = cfa + row[24]
-                    n15 = _unpack_u64(stack, a - base)[0] if base <= a <= limit else None
+                    n15 = _unpack_u64(stack, a - base)[0] if base <= a <= limit else (r15 if a < base else None)
                 elif k:
                     n15 = _restore(k, row[24], row[25], cfa, r15, stack, base, limit, sp, bx, bp, r12, r13, r14, r15)
                 else:
@@ -515,7 +518,7 @@ def _restore(kind: int, value: int, breg: int, cfa: int, current, stack: bytes, 
     if kind == RULE_SAME_VALUE:
         return current
     if kind == RULE_OFFSET:
-        return _deref(cfa, value, stack, base, limit)
+        return current if cfa + value < base else _deref(cfa, value, stack, base, limit)
     if kind == RULE_VAL_OFFSET:
         return cfa + value
     if kind == RULE_REGISTER:
