@@ -152,7 +152,7 @@ def check_walk(stacks, pid: int, stderr: str, filename: str) -> None:
     for fn, want in (("fn1", 1 / 6), ("fn2", 2 / 6), ("fn3", 3 / 6)):
         share = per_fn[fn] / fn_total
         assert abs(share - want) <= 0.03, (fn, share, per_fn)
-    assert "python: walked the stacks of 1 CPython process" in stderr, stderr
+    assert "its Python frames were read from the interpreter's memory" in stderr, stderr
 
 
 def run_host_target(python: str, tmp_path):
@@ -496,7 +496,7 @@ def test_all_processes_and_launch_mode(tmp_path):
     total = sum(v[0] for _, v in mine)
     chained = sum(v[0] for frames, v in mine
                   if [n for n, _, _ in frames][:3] == ["<module>", "main", "round_robin"])
-    assert total >= 100 and chained >= 0.95 * total, (chained, total, r.stderr)
+    assert total >= 50 and chained >= 0.95 * total, (chained, total, r.stderr)
 
     out = str(tmp_path / "launch.pb.gz")
     r = run_agent(["--profile", "--quiet", "--profile-output", out, "--", pyenv_python("3.9"), PY_WALK, "3"],
