@@ -270,25 +270,11 @@ def run(opts: TopOptions) -> int:
         unwind=opts.unwind, stack_size=opts.stack_size, in_kernel=opts.in_kernel,
         python_walk=opts.python_walk, inject_python=opts.inject_python,
         keep_native_frames=opts.keep_native_frames), notes.add)
+    title = ("%s top: pid %d (%s)" % (PROG, opts.pid, comm)) if opts.pid is not None else PROG + " top: all processes"
     stop = _stop_flag()
     stop.install()
-    cap.state.take_increments()  # from now on the state keeps each interval's increments
-    title = ("%s top: pid %d (%s)" % (PROG, opts.pid, comm)) if opts.pid is not None else PROG + " top: all processes"
     try:
-        cap.start()
-        top = TopLoop(cap, screen, opts, title, notes)
-        reason, by_user = "", True
-        try:
-            screen.enter()
-            reason, by_user = top.loop(stop)
-        finally:
-            screen.leave()
-            cap.stop(reason, on_finishing=stop.finishing)
-        if screen.interactive and not by_user and top.last_lines:
-            # The view ended by itself: its last table stays on the normal screen.
-            _write_stdout("\n".join(top.last_lines) + "\n")
-        for line in notes.kept:
-            _log(line)
+        reason, by_user = _watch(cap, screen, opts, title, notes, stop)
         if out_path is not None:
             try:
                 cap.build(False).write(out_path)
@@ -297,8 +283,30 @@ def run(opts: TopOptions) -> int:
     finally:
         stop.restore()
         cap.close()
+        for line in notes.kept:  # after the view: on the normal screen
+            _log(line)
     _end_lines(cap, out_path, reason, by_user)
     return 0
+
+
+def _watch(cap, screen, opts: TopOptions, title: str, notes: Notes, stop) -> Tuple[str, bool]:
+    """Start sampling, run the view until it ends, stop sampling: (why it
+    ended, whether the user asked).  The terminal is back as it was before
+    this returns or raises."""
+    cap.state.take_increments()  # from now on the state keeps each interval's increments
+    cap.start()
+    top = TopLoop(cap, screen, opts, title, notes)
+    reason, by_user = "", True
+    try:
+        screen.enter()
+        reason, by_user = top.loop(stop)
+    finally:
+        screen.leave()
+        cap.stop(reason, on_finishing=stop.finishing)
+    if screen.interactive and not by_user and top.last_lines:
+        # The view ended by itself: its last table stays on the normal screen.
+        _write_stdout("\n".join(top.last_lines) + "\n")
+    return reason, by_user
 
 
 def _end_lines(cap, out_path: Optional[str], reason: str, by_user: bool) -> None:
