@@ -148,6 +148,15 @@ def _insert_python(frames: List[Frame], user_start: int, placement: tuple) -> Li
     return out
 
 
+def _add_count(counts: dict, key: tuple, samples: int, period: int) -> None:
+    slot = counts.get(key)
+    if slot is None:
+        counts[key] = [samples, period]
+    else:
+        slot[0] += samples
+        slot[1] += period
+
+
 class CaptureState:
     """Everything a capture learned, fed by the sampler's callbacks."""
 
@@ -170,6 +179,9 @@ class CaptureState:
         self._pending: Dict[tuple, List[int]] = {}
         # (pid, tid, frames) -> [samples, period nanoseconds]
         self.stacks: Dict[Tuple[int, int, Tuple[Frame, ...]], List[int]] = {}
+        # The same counts since the last take_increments(), when someone
+        # asked for them (perf-agent top's sliding window); None: not kept.
+        self.increments: Optional[Dict[Tuple[int, int, Tuple[Frame, ...]], List[int]]] = None
         self.samples = 0
         self.skip_idle = skip_idle
         self.idle_samples = 0
@@ -184,6 +196,13 @@ class CaptureState:
         self.python_rechecks: List[int] = []  # pids that exec'd or mapped a libpython
         self.new_processes: List[Tuple[int, int]] = []  # (pid, parent pid) from FORK records
         self.gone_processes: List[int] = []  # pids from EXIT records (since last taken)
+
+    def take_increments(self) -> Dict[Tuple[int, int, Tuple[Frame, ...]], List[int]]:
+        """The on-CPU counts added since the previous call (the first call
+        starts keeping them), so a live view costs what changed, not the
+        whole capture."""
+        taken, self.increments = self.increments or {}, {}
+        return taken
 
     # -- processes ---------------------------------------------------------
     def process(self, pid: int) -> ProcessInfo:
@@ -338,6 +357,7 @@ class CaptureState:
             self._walk_pending()
         pending, self._pending = self._pending, {}
         stacks = self.stacks
+        increments = self.increments
         for (pid, tid, kernel_ips, user_ips, python), (count, period) in pending.items():
             frames = self._resolve(pid, kernel_ips, user_ips, python)
             key = (pid, tid, frames)
@@ -347,6 +367,8 @@ class CaptureState:
             else:
                 slot[0] += count
                 slot[1] += period
+            if increments is not None:
+                _add_count(increments, key, count, period)
             self.samples += count
             if pid not in self.pids_seen:
                 self._first_seen(pid)
@@ -367,6 +389,8 @@ class CaptureState:
         else:
             slot[0] += samples
             slot[1] += period_ns
+        if self.increments is not None:
+            _add_count(self.increments, key, samples, period_ns)
         self.samples += samples
         if pid not in self.pids_seen:
             self._first_seen(pid)

@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         usage="%(prog)s --profile (--pid PID | -a | -- COMMAND [ARGS...]) [options]\n"
               "       %(prog)s report FILE [options]   (see: %(prog)s report --help)\n"
-              "       %(prog)s dump --pid PID [--native] [--json]   (see: %(prog)s dump --help)",
+              "       %(prog)s dump --pid PID [--native] [--json]   (see: %(prog)s dump --help)\n"
+              "       %(prog)s top (--pid PID | -a) [options]   (see: %(prog)s top --help)",
         description="Profile running Linux processes with perf_event_open and write pprof.",
         epilog="Examples:\n"
                "  %(prog)s --profile --pid 1234 --duration 30s\n"
@@ -252,6 +253,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv and argv[0] == "dump":
         from perfagent.dump.command import main as dump_main
         return dump_main(argv[1:])
+    if argv and argv[0] == "top":
+        from perfagent.top.command import main as top_main
+        return top_main(argv[1:])
     try:
         opts = parse_args(argv)
         from perfagent import run  # after parsing: --help and usage errors need no ctypes

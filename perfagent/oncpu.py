@@ -69,6 +69,27 @@ class LocationTable:
         self._binaries: Dict[int, object] = {}  # mapping index -> BinaryInfo
         self.unsymbolized = 0
 
+    def stack(self, frames: Sequence[tuple], keep_native_frames: bool = False) -> List[int]:
+        """The location ids of one captured stack (leaf first), as the
+        profile records it: every frame named (once per distinct frame),
+        perf-trampoline frames dropped where the in-kernel walk named the
+        Python frames, the interpreter's frames between Python frames hidden
+        unless ``keep_native_frames``."""
+        location_ids: List[int] = [self.location(f) for f in frames]
+        classes = [self.frame_class(f) for f in frames]
+        if FRAME_PYTHON in classes:
+            # The walk named this stack: perf-trampoline frames (from
+            # --inject-python) would only repeat its frames without lines.
+            if FRAME_TRAMPOLINE in classes:
+                keep = [i for i, c in enumerate(classes) if c != FRAME_TRAMPOLINE]
+                location_ids = [location_ids[i] for i in keep]
+                classes = [classes[i] for i in keep]
+        elif FRAME_TRAMPOLINE in classes:
+            classes = [FRAME_PYTHON if c == FRAME_TRAMPOLINE else c for c in classes]
+        if not keep_native_frames and FRAME_PYTHON in classes:
+            location_ids = hide_interpreter_frames(location_ids, classes)
+        return location_ids
+
     def frame_class(self, frame: Tuple[int, int]) -> int:
         """FRAME_PYTHON / FRAME_INTERPRETER / FRAME_OTHER (after location() named it)."""
         return self._classes.get(frame, FRAME_OTHER)
@@ -211,18 +232,5 @@ def build_profile(state: CaptureState, symbolizer: Symbolizer, sample_rate: int,
         labels = labels_cache.get((pid, tid))
         if labels is None:
             labels = labels_cache[(pid, tid)] = sample_labels(state, pid, tid)
-        location_ids: List[int] = [table.location(f) for f in frames]
-        classes = [table.frame_class(f) for f in frames]
-        if FRAME_PYTHON in classes:
-            # The walk named this stack: perf-trampoline frames (from
-            # --inject-python) would only repeat its frames without lines.
-            if FRAME_TRAMPOLINE in classes:
-                keep = [i for i, c in enumerate(classes) if c != FRAME_TRAMPOLINE]
-                location_ids = [location_ids[i] for i in keep]
-                classes = [classes[i] for i in keep]
-        elif FRAME_TRAMPOLINE in classes:
-            classes = [FRAME_PYTHON if c == FRAME_TRAMPOLINE else c for c in classes]
-        if not keep_native_frames and FRAME_PYTHON in classes:
-            location_ids = hide_interpreter_frames(location_ids, classes)
-        builder.add_sample(location_ids, (count, period), labels[0], labels[1])
+        builder.add_sample(table.stack(frames, keep_native_frames), (count, period), labels[0], labels[1])
     return builder, table

@@ -228,6 +228,7 @@ class StopFlag:
 
     SAMPLING = "sampling"
     FINISHING = "finishing"
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.signum = 0
@@ -238,7 +239,7 @@ class StopFlag:
     def install(self) -> None:
         from perfagent import budget
         budget.reset()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in self.SIGNALS:
             self._old[sig] = signal.signal(sig, self._handler)
 
     def finishing(self) -> None:

@@ -235,6 +235,22 @@ class ProfileBuilder:
     def add_comment(self, comment: str) -> None:
         self.comments.append(comment)
 
+    def location(self, location_id: int) -> Location:
+        """Location ``location_id`` as the profile will hold it (a live view
+        reads each new location back once, as a decoded profile's)."""
+        mapping_id, address, lines, is_folded = self._locations[location_id - 1]
+        return Location(location_id, mapping_id, address, [Line(*line) for line in lines], is_folded)
+
+    def function(self, function_id: int) -> Optional[Function]:
+        if not 0 < function_id <= len(self._functions):
+            return None
+        return Function(function_id, *self._functions[function_id - 1])
+
+    def mapping(self, mapping_id: int) -> Optional[Mapping]:
+        if not 0 < mapping_id <= len(self._mappings):
+            return None
+        return Mapping(mapping_id, *self._mappings[mapping_id - 1])
+
     # ------------------------------------------------------------ output
 
     def encode(self) -> bytes:

@@ -21,10 +21,10 @@ report's default for profiles with Python frames).
 from __future__ import annotations
 
 import re
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from perfagent.errors import UsageError
-from perfagent.pprof.profile import Function, Profile, Sample
+from perfagent.pprof.profile import Function, Location, Mapping, Profile, Sample
 from perfagent.report.text import display
 
 KIND_NATIVE = "native"
@@ -122,40 +122,15 @@ def load_stacks(profile: Profile, sample_index: int, lines: bool = False) -> Sta
     (no tuple concatenation per frame) and share the per-location tuples'
     int objects.
     """
-    frame_ids: Dict[Frame, int] = {}
-    frames: List[Frame] = []
-
-    def intern(frame: Frame) -> int:
-        frame_id = frame_ids.get(frame)
-        if frame_id is None:
-            frame_id = frame_ids[frame] = len(frames)
-            frames.append(frame)
-        return frame_id
-
+    table = FrameTable(lines)
     # Per location, its frames root first (reverse of pprof's leaf-first lines),
     # computed once: samples then only extend a list with these tuples.
     location_frames: Dict[int, Tuple[int, ...]] = {}
     functions = profile.function_by_id
     mappings = profile.mapping_by_id
-    # A function has many locations (one per sampled address): its frame
-    # (names escaped, kind decided) is made once per line it needs.
-    line_frames: Dict[Tuple[int, int, str], Optional[int]] = {}
     for location in profile.locations:
-        mapping = mappings.get(location.mapping_id)
-        mapping_kind = _mapping_kind(mapping.filename if mapping is not None else "")
-        ids = []
-        for line in location.lines:
-            key = (line.function_id, line.line if lines else 0, mapping_kind)
-            if key in line_frames:
-                frame_id = line_frames[key]
-            else:
-                frame = _line_frame(functions.get(line.function_id), line.line, mapping_kind, lines)
-                frame_id = line_frames[key] = intern(frame) if frame is not None else None
-            if frame_id is not None:
-                ids.append(frame_id)
-        if not ids:
-            ids.append(intern(Frame("0x%x" % location.address, mapping_kind)))
-        location_frames[location.id] = tuple(reversed(ids))
+        location_frames[location.id] = table.location_frames(location, functions.get,
+                                                              mappings.get(location.mapping_id))
 
     samples: List[StackSample] = []
     append = samples.append
@@ -172,7 +147,50 @@ def load_stacks(profile: Profile, sample_index: int, lines: bool = False) -> Sta
         value = sample.values[sample_index] if sample_index < len(sample.values) else 0
         append(StackSample(tuple(stack), value, sample))
     value_type = profile.sample_type[sample_index]
-    return StackSet(frames, samples, display(value_type.type), display(value_type.unit))
+    return StackSet(table.frames, samples, display(value_type.type), display(value_type.unit))
+
+
+class FrameTable:
+    """Interned frames, and the frames of each pprof location (root first).
+
+    ``load_stacks`` fills one for a whole profile; perf-agent top keeps one
+    for a whole capture and feeds it each location once, as it appears.
+    """
+
+    def __init__(self, lines: bool = False) -> None:
+        self.lines = lines
+        self.frames: List[Frame] = []
+        self._ids: Dict[Frame, int] = {}
+        # A function has many locations (one per sampled address): its frame
+        # (names escaped, kind decided) is made once per line it needs.
+        self._line_frames: Dict[Tuple[int, int, str], Optional[int]] = {}
+
+    def intern(self, frame: Frame) -> int:
+        frame_id = self._ids.get(frame)
+        if frame_id is None:
+            frame_id = self._ids[frame] = len(self.frames)
+            self.frames.append(frame)
+        return frame_id
+
+    def location_frames(self, location: Location, function_of: Callable[[int], Optional[Function]],
+                        mapping: Optional[Mapping]) -> Tuple[int, ...]:
+        """The frame ids of ``location``, root first (pprof lists its lines
+        leaf first); ``function_of(id)``: the Function of a line."""
+        mapping_kind = _mapping_kind(mapping.filename if mapping is not None else "")
+        line_frames = self._line_frames
+        ids = []
+        for line in location.lines:
+            key = (line.function_id, line.line if self.lines else 0, mapping_kind)
+            if key in line_frames:
+                frame_id = line_frames[key]
+            else:
+                frame = _line_frame(function_of(line.function_id), line.line, mapping_kind, self.lines)
+                frame_id = line_frames[key] = self.intern(frame) if frame is not None else None
+            if frame_id is not None:
+                ids.append(frame_id)
+        if not ids:
+            ids.append(self.intern(Frame("0x%x" % location.address, mapping_kind)))
+        return tuple(reversed(ids))
 
 
 def _line_frame(function: Optional[Function], line: int, mapping_kind: str, lines: bool) -> Optional[Frame]:
