@@ -195,30 +195,10 @@ def parse_args(argv: Sequence[str]) -> Options:
     if ns.duration is None:
         opts.duration = None if command else DEFAULT_DURATION
     else:
-        try:
-            opts.duration = parse_duration(ns.duration)
-        except ValueError as exc:
-            raise UsageError("--duration: %s" % exc)
-    try:
-        opts.sample_rate = int(ns.sample_rate)
-    except ValueError:
-        raise UsageError("--sample-rate: not an integer: %r" % ns.sample_rate)
-    if opts.sample_rate <= 0:
-        raise UsageError("--sample-rate: must be a positive number of Hz, got %d" % opts.sample_rate)
-    max_rate = _max_sample_rate()
-    if max_rate and opts.sample_rate > max_rate:
-        raise UsageError("--sample-rate: %d Hz is above the kernel's limit kernel.perf_event_max_sample_rate=%d"
-                         % (opts.sample_rate, max_rate))
-    if ns.unwind not in UNWIND_MODES:
-        raise UsageError("--unwind: unknown mode %r (choose fp, dwarf or auto)" % ns.unwind)
-    opts.unwind = ns.unwind
-    try:
-        opts.stack_size = int(ns.stack_size)
-    except ValueError:
-        raise UsageError("--stack-size: not an integer: %r" % ns.stack_size)
-    if not 0 < opts.stack_size <= MAX_STACK_SIZE or opts.stack_size % 8:
-        raise UsageError("--stack-size: must be a multiple of 8 between 8 and %d, got %d"
-                         % (MAX_STACK_SIZE, opts.stack_size))
+        opts.duration = checked_duration("--duration", ns.duration)
+    opts.sample_rate = checked_sample_rate(ns.sample_rate)
+    opts.unwind = checked_unwind(ns.unwind)
+    opts.stack_size = checked_stack_size(ns.stack_size)
     for tag in ns.tag:
         try:
             opts.tags.append(parse_tag(tag))
@@ -233,6 +213,47 @@ def parse_args(argv: Sequence[str]) -> Options:
             raise UsageError("--offcpu-output: empty path")
         opts.offcpu_output = ns.offcpu_output
     return opts
+
+
+# -- validators shared by the commands that capture (the capture command, top)
+
+def checked_integer(flag: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError("%s: not an integer: %r" % (flag, text)) from None
+
+
+def checked_duration(flag: str, text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise UsageError("%s: %s" % (flag, exc)) from None
+
+
+def checked_sample_rate(text: str) -> int:
+    rate = checked_integer("--sample-rate", text)
+    if rate <= 0:
+        raise UsageError("--sample-rate: must be a positive number of Hz, got %d" % rate)
+    max_rate = _max_sample_rate()
+    if max_rate and rate > max_rate:
+        raise UsageError("--sample-rate: %d Hz is above the kernel's limit kernel.perf_event_max_sample_rate=%d"
+                         % (rate, max_rate))
+    return rate
+
+
+def checked_unwind(text: str) -> str:
+    if text not in UNWIND_MODES:
+        raise UsageError("--unwind: unknown mode %r (choose fp, dwarf or auto)" % text)
+    return text
+
+
+def checked_stack_size(text: str) -> int:
+    size = checked_integer("--stack-size", text)
+    if not 0 < size <= MAX_STACK_SIZE or size % 8:
+        raise UsageError("--stack-size: must be a multiple of 8 between 8 and %d, got %d"
+                         % (MAX_STACK_SIZE, size))
+    return size
 
 
 def _max_sample_rate() -> int:

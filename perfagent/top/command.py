@@ -23,7 +23,8 @@ import time
 from typing import List, Optional, Sequence, Tuple
 
 from perfagent.cli import (
-    DEFAULT_SAMPLE_RATE, DEFAULT_STACK_SIZE, MAX_STACK_SIZE, UNWIND_MODES, _max_sample_rate, parse_duration,
+    DEFAULT_SAMPLE_RATE, DEFAULT_STACK_SIZE, checked_duration, checked_sample_rate,
+    checked_stack_size, checked_unwind,
 )
 from perfagent.errors import CaptureError, PerfAgentError, UsageError
 from perfagent.top.window import (
@@ -142,33 +143,22 @@ def parse_args(argv: Sequence[str]) -> TopOptions:
     opts.children = ns.children
     if opts.children and opts.pid is None:
         raise UsageError("--children goes with --pid (-a already watches every process)")
-    opts.window = _duration("--window", ns.window)
-    opts.interval = _duration("--interval", ns.interval)
+    opts.window = checked_duration("--window", ns.window)
+    opts.interval = checked_duration("--interval", ns.interval)
     if opts.interval < MIN_INTERVAL:
         raise UsageError("--interval: at least %gs, got %gs" % (MIN_INTERVAL, opts.interval))
     if opts.window < opts.interval:
         raise UsageError("--window: %gs is shorter than --interval %gs" % (opts.window, opts.interval))
     if ns.duration is not None:
-        opts.duration = _duration("--duration", ns.duration)
+        opts.duration = checked_duration("--duration", ns.duration)
     if ns.rows is not None and ns.rows <= 0:
         raise UsageError("--rows: must be a positive number of rows, got %d" % ns.rows)
     opts.rows = ns.rows
     opts.native = ns.native
     opts.lines = ns.lines
-    opts.sample_rate = _integer("--sample-rate", ns.sample_rate)
-    if opts.sample_rate <= 0:
-        raise UsageError("--sample-rate: must be a positive number of Hz, got %d" % opts.sample_rate)
-    max_rate = _max_sample_rate()
-    if max_rate and opts.sample_rate > max_rate:
-        raise UsageError("--sample-rate: %d Hz is above the kernel's limit kernel.perf_event_max_sample_rate=%d"
-                         % (opts.sample_rate, max_rate))
-    if ns.unwind not in UNWIND_MODES:
-        raise UsageError("--unwind: unknown mode %r (choose fp, dwarf or auto)" % ns.unwind)
-    opts.unwind = ns.unwind
-    opts.stack_size = _integer("--stack-size", ns.stack_size)
-    if not 0 < opts.stack_size <= MAX_STACK_SIZE or opts.stack_size % 8:
-        raise UsageError("--stack-size: must be a multiple of 8 between 8 and %d, got %d"
-                         % (MAX_STACK_SIZE, opts.stack_size))
+    opts.sample_rate = checked_sample_rate(ns.sample_rate)
+    opts.unwind = checked_unwind(ns.unwind)
+    opts.stack_size = checked_stack_size(ns.stack_size)
     opts.in_kernel = not ns.no_in_kernel
     opts.python_walk = not ns.no_python_walk
     opts.inject_python = ns.inject_python
@@ -178,20 +168,6 @@ def parse_args(argv: Sequence[str]) -> TopOptions:
             raise UsageError("--profile-output: empty path")
         opts.profile_output = ns.profile_output
     return opts
-
-
-def _duration(flag: str, text: str) -> float:
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise UsageError("%s: %s" % (flag, exc)) from None
-
-
-def _integer(flag: str, text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise UsageError("%s: not an integer: %r" % (flag, text)) from None
 
 
 def main(argv: Sequence[str]) -> int:
