@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import pytest
 

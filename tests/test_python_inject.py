@@ -776,3 +776,197 @@ def test_spinning_main_thread_is_reached_between_bytecodes(tmp_path, hook, pytho
         assert t.stderr() == ""
     finally:
         t.close()
+
+
+# ------------------------------------------------------------- PEP 768
+# Debian's python3.14 / python3.15 (stripped, static) in the Debian sid root,
+# run in their own pid and mount namespaces (tests/containers.py): the
+# script goes into the container's own /tmp, the perf map is written under
+# the namespace pid.
+
+def _containers():
+    try:
+        import containers
+    except ImportError:
+        return None
+    return containers if containers.root_built() else None
+
+
+CONTAINERS = _containers()
+needs_debian_root = pytest.mark.skipif(CONTAINERS is None, reason="no Debian root (tools/build_debian_root.sh)")
+VERSIONS_314 = CONTAINERS.VERSIONS if CONTAINERS is not None else ("3.14", "3.15")
+
+
+class _InContainer:
+    """py_target.py run in the Debian root; lines like Target's."""
+
+    def __init__(self, version: str, mode: str, xopts=(), env=None) -> None:
+        python = CONTAINERS.debian_python(version)
+        self.c = CONTAINERS.run_in_container([python, *xopts, "{workdir}/py_target.py", mode], copy=[TARGET],
+                                             env=env)
+        self.pid = self.c.host_pid
+        self.lines = []
+        threading.Thread(target=self._read, daemon=True).start()
+        deadline = time.monotonic() + 20
+        while not any(l.startswith("ready") for _, l in self.lines):
+            assert time.monotonic() < deadline, "no ready line"
+            time.sleep(0.02)
+
+    def _read(self) -> None:
+        while True:
+            line = self.c.readline()
+            if not line:
+                return
+            self.lines.append((time.monotonic(), line.strip()))
+
+    def count(self, prefix: str) -> int:
+        return sum(1 for _, l in list(self.lines) if l.startswith(prefix))
+
+    def perf_map(self) -> List[str]:
+        try:
+            with open("/proc/%d/root/tmp/perf-%d.map" % (self.pid, self.c.ns_pid)) as f:
+                return [l for l in f if " py::" in l and "fresh_" in l]
+        except FileNotFoundError:
+            return []
+
+    def tmp_files(self) -> List[str]:
+        return sorted(os.listdir("/proc/%d/root/tmp" % self.pid))
+
+    def wait(self, cond, timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            v = cond()
+            if v:
+                return v
+            time.sleep(0.02)
+        raise AssertionError("%s: not within %.0fs; stderr %r" % (what, timeout, self.c.stderr_text()))
+
+    def close(self) -> None:
+        self.c.close()
+
+
+@needs_root
+@needs_debian_root
+@pytest.mark.parametrize("version", VERSIONS_314)
+@pytest.mark.parametrize("mode", ["spin", "busy"])
+def test_pep768_runs_the_statement_without_ptrace(hook, version, mode):
+    """Item 7: on 3.14+ a running main thread gets the statement through its
+    own remote-debugger fields (found with _Py_DebugOffsets): no ptrace at
+    all, the script placed in the container's /tmp as the target's user and
+    gone afterwards, the perf map written under the namespace pid."""
+    t = _InContainer(version, mode)
+    try:
+        t.wait(lambda: t.count("main " + mode) or t.count("tick"), 10, "running")
+        points = []
+        hook(points.append)
+        activate(t.pid, timeout=5.0)
+        assert points == ["pep768_submitted", "pep768_taken", "pep768_done"], points
+        t.wait(t.perf_map, 5, "py:: entries")
+        del points[:]
+        deactivate(t.pid, timeout=5.0)
+        assert points == ["pep768_submitted", "pep768_taken", "pep768_done"], points
+        assert [f for f in t.tmp_files() if f.startswith("perfagent-")] == []
+        assert tracer_pid(t.pid) == 0
+        time.sleep(0.3)
+        settled = len(t.perf_map())
+        n = t.count("tick")
+        t.wait(lambda: t.count("tick") >= n + 10, 5, "worker progress")
+        assert len(t.perf_map()) == settled, "perf map still growing after deactivation"
+        assert t.c.stderr_text() == ""
+    finally:
+        t.close()
+
+
+@needs_root
+@needs_debian_root
+@pytest.mark.parametrize("version", VERSIONS_314)
+@pytest.mark.parametrize("how", ["xoption", "env"])
+def test_pep768_disabled_falls_back_to_ptrace(hook, version, how):
+    """Item 7: with remote debugging disabled (-X disable-remote-debug or
+    PYTHON_DISABLE_REMOTE_DEBUG) nothing is written to the target's fields
+    or /tmp, and the ptrace path does the work."""
+    xopts = ("-X", "disable-remote-debug") if how == "xoption" else ()
+    env = {"PYTHON_DISABLE_REMOTE_DEBUG": "1"} if how == "env" else None
+    t = _InContainer(version, "spin", xopts=xopts, env=env)
+    try:
+        t.wait(lambda: t.count("main spin"), 10, "running")
+        points = []
+        hook(points.append)
+        activate(t.pid, timeout=5.0)
+        assert points[0] == "pep768_unavailable" and "pending_queued" in points, points
+        t.wait(t.perf_map, 5, "py:: entries")
+        deactivate(t.pid, timeout=5.0)
+        assert [f for f in t.tmp_files() if f.startswith("perfagent-")] == []
+        assert tracer_pid(t.pid) == 0
+        assert t.c.stderr_text() == ""
+    finally:
+        t.close()
+
+
+@needs_root
+@needs_debian_root
+@pytest.mark.parametrize("version", VERSIONS_314)
+def test_pep768_blocked_main_thread_falls_back_to_ptrace(hook, version):
+    """A main thread asleep in a system call does not reach the eval breaker:
+    the script is withdrawn (removed, the request cleared) and ptrace's
+    direct call runs the statement; the sleep is not cut short."""
+    t = _InContainer(version, "sleep")
+    try:
+        t.wait(lambda: t.count("tick") >= 3, 10, "ticks")
+        since = time.monotonic()
+        points = []
+        hook(points.append)
+        activate(t.pid, timeout=5.0)
+        assert points[:2] == ["pep768_submitted", "pep768_fallback"] and "direct_call" in points, points
+        t.wait(t.perf_map, 5, "py:: entries")
+        deactivate(t.pid, timeout=5.0)
+        assert [f for f in t.tmp_files() if f.startswith("perfagent-")] == []
+        first = t.wait(lambda: [l for w, l in t.lines if w >= since and l.startswith("main sleep")], BLOCK + 8,
+                       "main sleep report")[0]
+        assert float(first.split()[-1]) >= BLOCK - 0.002, first
+        assert tracer_pid(t.pid) == 0
+        assert t.c.stderr_text() == ""
+    finally:
+        t.close()
+
+
+@needs_root
+def test_pep768_script_placement_is_safe(tmp_path):
+    """The one file the agent puts in a target's root: exclusive, owned by
+    the target's user, never through a symlink, never in a directory another
+    user could tamper with (perfagent.target.files.create_in_root)."""
+    import errno
+    from perfagent.target import files
+    p = subprocess.Popen(["sleep", "30"])
+    try:
+        base = tmp_path / "place"
+        base.mkdir()
+        os.chmod(str(base), 0o1777)
+        d = str(base)
+        path = files.create_in_root(p.pid, d, "s.py", b"print(1)\n", 65534, 65534)
+        assert path == d + "/s.py"
+        st = os.stat(path)
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (65534, 65534, 0o600)
+        assert open(path, "rb").read() == b"print(1)\n"
+        with pytest.raises(FileExistsError):
+            files.create_in_root(p.pid, d, "s.py", b"x", 65534, 65534)
+        assert files.exists_in_root(p.pid, d, "s.py", 65534)
+        assert files.remove_in_root(p.pid, d, "s.py", 65534)
+        assert not files.remove_in_root(p.pid, d, "s.py", 65534)
+        # A symlink on the way (it could lead out of a container's root).
+        os.symlink(d, str(tmp_path / "link"))
+        with pytest.raises(OSError) as info:
+            files.create_in_root(p.pid, str(tmp_path / "link"), "s.py", b"x", 65534, 65534)
+        assert info.value.errno in (errno.ELOOP, errno.ENOTDIR)
+        # Writable by others without the sticky bit, or owned by a third user.
+        os.chmod(d, 0o777)
+        with pytest.raises(PermissionError):
+            files.create_in_root(p.pid, d, "s.py", b"x", 65534, 65534)
+        os.chmod(d, 0o1777)
+        os.chown(d, 1234, 1234)
+        with pytest.raises(PermissionError):
+            files.create_in_root(p.pid, d, "s.py", b"x", 65534, 65534)
+        assert os.listdir(d) == []
+    finally:
+        p.kill()
+        p.wait()

@@ -85,6 +85,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import secrets
 import threading
 import time
 from typing import Callable, Dict, List, Optional, Tuple
@@ -98,6 +99,7 @@ from perfagent.ptrace.call import (Gadgets, LeaveCall, RemoteCaller, in_syscall,
                                    temporary_sigmask, waiting_in_syscall)
 from perfagent.ptrace.stack import unwind
 from perfagent.ptrace.thread import PTRACE_EPERM_HINT, PtraceError, TracedThread, tracer_pid
+from perfagent.python import remote_debug
 from perfagent.python.detect import InjectionSkip, PythonTarget, detect
 from perfagent.symbolize.procmaps import AddressSpace
 from perfagent.target import memory, procfs
@@ -356,7 +358,10 @@ class Session:
         """
         if len(code.encode("utf-8")) > S.SLOT_TEXT_MAX:
             raise ValueError("statement too long for the stub")
-        job = _Job(self, code, timeout, timeout if call_timeout is None else call_timeout, finish)
+        call_timeout = timeout if call_timeout is None else call_timeout
+        if self.target.version >= remote_debug.MIN_VERSION and _run_pep768(self, code, call_timeout):
+            return
+        job = _Job(self, code, timeout, call_timeout, finish)
         _in_tracer_thread(job)
 
     def finish(self, timeout: float = 2.0) -> bool:
@@ -622,6 +627,102 @@ class _UnmapJob(_Job):
 def _thread_state(thread: TracedThread) -> str:
     st = procfs.stat(thread.tgid, thread.tid)
     return st.state if st is not None else "?"
+
+
+# ---------------------------------------------------------------- PEP 768
+
+#: Where the script goes inside the target's root, first usable first.
+SCRIPT_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+#: How long a main thread that is not running (blocked in a system call,
+#: maybe for good) is given to take the script before ptrace is used.
+PEP768_BLOCKED_WAIT = 0.1
+#: After withdrawing a script: time for one taken at that instant to show.
+PEP768_CANCEL_GRACE = 0.05
+
+
+def _fs_ids(pid: int) -> Tuple[int, int]:
+    """The process's filesystem uid and gid (what its open() checks)."""
+    fields = procfs.status(pid)
+    try:
+        return int(fields["Uid"].split()[3]), int(fields["Gid"].split()[3])
+    except (KeyError, IndexError, ValueError):
+        raise InjectionSkip("process_gone", "no uid in /proc/%d/status" % pid, pid) from None
+
+
+def _run_pep768(session: Session, code: str, call_timeout: float) -> bool:
+    """Run ``code`` through PEP 768; False when it cannot be used (then
+    nothing was left in the target and ptrace is used instead)."""
+    from perfagent.python.interpreter import InterpreterSkip, find_interpreter
+    from perfagent.target import files
+    pid = session.pid
+    try:
+        interp = find_interpreter(pid)
+        rd = remote_debug.RemoteDebug.locate(pid, interp.runtime, interp.debug_offsets)
+        if rd.pending() != 0:
+            raise remote_debug.Unavailable("busy", "another debugger's script is pending")
+        uid, gid = _fs_ids(pid)
+    except (remote_debug.Unavailable, InterpreterSkip, OSError, CaptureError) as exc:
+        log.debug("pid=%d: no PEP 768 remote exec (%s); using ptrace", pid, exc)
+        _hook("pep768_unavailable")
+        return False
+    name = "perfagent-%d-%s.py" % (pid, secrets.token_hex(8))
+    placed = None
+    for directory in SCRIPT_DIRS:
+        target_path = directory + "/" + name
+        script = "%s\n__import__('os').unlink(%r)\n" % (code, target_path)
+        try:
+            files.create_in_root(pid, directory, name, script.encode("utf-8"), uid, gid)
+        except OSError as exc:
+            log.debug("pid=%d: cannot place a script in %s: %s", pid, directory, exc)
+            continue
+        placed = directory
+        break
+    if placed is None:
+        _hook("pep768_unavailable")
+        return False
+    taken = False
+    try:
+        rd.submit(placed + "/" + name)
+        _hook("pep768_submitted")
+        st = procfs.stat(pid, pid)
+        running = st is not None and st.state == "R"
+        deadline = time.monotonic() + (call_timeout if running else min(PEP768_BLOCKED_WAIT, call_timeout))
+        while time.monotonic() < deadline:
+            if rd.pending() == 0:
+                taken = True
+                break
+            time.sleep(PENDING_POLL)
+        if not taken:
+            rd.cancel()
+            time.sleep(PEP768_CANCEL_GRACE)
+            if not files.exists_in_root(pid, placed, name, uid):
+                taken = True      # taken just before the cancel, and run
+            else:
+                files.remove_in_root(pid, placed, name, uid)
+                log.debug("pid=%d: the main thread did not take the PEP 768 script in time; using ptrace", pid)
+                _hook("pep768_fallback")
+                return False
+        _hook("pep768_taken")
+        # The script unlinks itself last: its file gone means it ran.
+        deadline = time.monotonic() + call_timeout
+        while files.exists_in_root(pid, placed, name, uid):
+            if time.monotonic() >= deadline:
+                files.remove_in_root(pid, placed, name, uid)
+                raise InjectionError("python_error", "the PEP 768 script %s did not complete (the target "
+                                     "printed why on its stderr)" % (placed + "/" + name), pid)
+            time.sleep(PENDING_POLL)
+        _hook("pep768_done")
+        return True
+    except BaseException as exc:
+        if not taken:
+            try:
+                rd.cancel()
+                files.remove_in_root(pid, placed, name, uid)
+            except OSError:
+                pass
+        if isinstance(exc, (InjectionSkip, InjectionError)) or not isinstance(exc, Exception):
+            raise
+        raise as_injection_error(exc, pid) from None
 
 
 def _check_tracer(pid: int) -> None:
