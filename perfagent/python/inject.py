@@ -174,6 +174,8 @@ def as_injection_error(exc: BaseException, pid: int) -> CaptureError:
         return InjectionError("ptrace_failed", "%s: %s" % (type(exc).__name__, exc), pid)
     if isinstance(exc, CaptureError):
         return InjectionError("ptrace_failed", str(exc), pid)
+    # A bug of ours: one line for the user, the traceback for a debug log.
+    log.debug("pid=%d: unexpected error in the injection", pid, exc_info=exc)
     return InjectionError("ptrace_failed", "%s: %s" % (type(exc).__name__, exc), pid)
 
 
