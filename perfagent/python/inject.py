@@ -6,6 +6,15 @@ uses ``__import__`` rather than ``import sys`` because PyRun_SimpleString
 runs in ``__main__``'s namespace and ``import sys`` would bind (or rebind)
 a global there.
 
+**CPython 3.14+** first gets the statement through the interpreter's own
+safe point, PEP 768 (perfagent.python.remote_debug): a script file in the
+target's root, its path and a pending flag written into the main thread's
+``_PyRemoteDebuggerSupport``, the eval-breaker bit set; the interpreter
+runs it between two bytecodes and the script removes its file.  No ptrace.
+When remote debugging is disabled, another debugger's script is pending,
+or the main thread does not take it in time (blocked in a system call),
+the request is withdrawn and ptrace is used as for 3.12 and 3.13.
+
 **How the thread is borrowed** (perfagent.ptrace.call, .stub): the main
 thread is seized (PTRACE_SEIZE) and interrupted; at a safe point (below)
 its state is saved into a signal frame on its own stack, a two-page stub
@@ -635,9 +644,13 @@ def _thread_state(thread: TracedThread) -> str:
 
 #: Where the script goes inside the target's root, first usable first.
 SCRIPT_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
-#: How long a main thread that is not running (blocked in a system call,
-#: maybe for good) is given to take the script before ptrace is used.
+#: How long the main thread is given to take the script before ptrace is
+#: used: one that is not running (blocked in a system call, maybe for good)
+#: checks no eval breaker; one running Python checks it within microseconds
+#: (a build without remote-debug support never takes it; one running long C
+#: code takes it late, and the ptrace path waits for it as well).
 PEP768_BLOCKED_WAIT = 0.1
+PEP768_RUNNING_WAIT = 1.0
 #: After withdrawing a script: time for one taken at that instant to show.
 PEP768_CANCEL_GRACE = 0.05
 
@@ -688,7 +701,7 @@ def _run_pep768(session: Session, code: str, call_timeout: float) -> bool:
         _hook("pep768_submitted")
         st = procfs.stat(pid, pid)
         running = st is not None and st.state == "R"
-        deadline = time.monotonic() + (call_timeout if running else min(PEP768_BLOCKED_WAIT, call_timeout))
+        deadline = time.monotonic() + min(PEP768_RUNNING_WAIT if running else PEP768_BLOCKED_WAIT, call_timeout)
         while time.monotonic() < deadline:
             if rd.pending() == 0:
                 taken = True
