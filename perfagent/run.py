@@ -228,7 +228,9 @@ class PythonInjection:
                     log("deactivation failed: %s" % exc)
         for pid, session in sessions.items():
             try:
-                session.finish()
+                if not session.finish() and session.left_behind:
+                    log("inject-python: pid=%d: the injection stub (2 pages at %#x) stays mapped: "
+                        "a call the agent stopped watching may still use it" % (pid, session.page))
             except Exception as exc:
                 exc = inject.as_injection_error(exc, pid)
                 if exc.reason != "process_gone":

@@ -372,6 +372,9 @@ class Session:
         call_timeout = timeout if call_timeout is None else call_timeout
         if self.target.version >= remote_debug.MIN_VERSION and _run_pep768(self, code, call_timeout):
             return
+        if arch.current().NAME != "x86_64":
+            raise InjectionSkip("unsupported_arch", "remote calls are not implemented on %s"
+                                % arch.current().NAME, self.pid)
         job = _Job(self, code, timeout, call_timeout, finish)
         _in_tracer_thread(job)
 
@@ -823,9 +826,6 @@ def run_statement(target: PythonTarget, code: str, timeout: float,
     Without ``session`` a temporary one is used and its stub unmapped
     afterwards (when no call can still use it).
     """
-    if arch.current().NAME != "x86_64":
-        raise InjectionSkip("unsupported_arch", "remote calls are not implemented on %s"
-                            % arch.current().NAME, target.pid)
     if session is None:
         Session(target).run(code, timeout, call_timeout, finish=True)
     else:
