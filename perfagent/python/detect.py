@@ -113,7 +113,7 @@ PENDING_UNSAFE_SYMBOLS = (
 _LIBPYTHON_RE = re.compile(r"^libpython(\d+)\.(\d+)([a-z]*)\.so(\.[0-9.]*)?$")
 
 REASONS = ("not_python", "python_too_old", "no_perf_trampoline", "no_libpython_symbols",
-           "process_gone", "ptrace_eperm")
+           "process_gone", "ptrace_eperm", "process_stopped", "unsupported_arch")
 
 
 class InjectionSkip(CaptureError):

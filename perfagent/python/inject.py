@@ -46,12 +46,13 @@ point are safe, each with its own way in:
   calls ``PyGILState_Ensure(); PyRun_SimpleString(text);
   PyGILState_Release()`` right there.
 * *pending* -- the thread runs (Python code, or C code such as a long
-  ``sum(range(n))``), or waits for the GIL.  It is interrupted wherever it
-  is, and made to call only ``Py_AddPendingCall(stub_function, slot)``,
-  which touches no Python object (a lock-protected queue and an atomic
-  eval-breaker bit; CPython itself called it from signal handlers up to
-  3.8), unless one of its innermost frames holds the pending-calls lock
-  (``PENDING_UNSAFE_SYMBOLS``).  Its registers are put back at once and
+  ``sum(range(n))``), or is blocked waiting for the GIL.  It is
+  interrupted wherever it is, and made to call only
+  ``Py_AddPendingCall(stub_function, slot)``, which touches no Python
+  object (a lock-protected queue and an atomic eval-breaker bit; CPython
+  itself called it from signal handlers up to 3.8), unless a frame
+  anywhere on its stack holds the pending-calls lock or tears the
+  interpreter down (``PENDING_UNSAFE_SYMBOLS``, checked for both kinds).  Its registers are put back at once and
   the interpreter runs the stub function at its next eval-breaker check --
   between two bytecodes, holding the GIL, where it runs signal handlers:
   the interpreter's own safe point, with no breakpoint and no stop.  A
@@ -376,7 +377,14 @@ class Session:
             raise InjectionSkip("unsupported_arch", "remote calls are not implemented on %s"
                                 % arch.current().NAME, self.pid)
         job = _Job(self, code, timeout, call_timeout, finish)
-        _in_tracer_thread(job)
+        try:
+            _in_tracer_thread(job)
+        finally:
+            if finish and self.page is not None:
+                try:
+                    self.finish()
+                except Exception as exc:  # never hide the statement's own result
+                    log.debug("pid=%d: finish: %s", self.pid, exc)
 
     def finish(self, timeout: float = 2.0) -> bool:
         """Unmap the stub if no call of ours can still use it; True if done
@@ -462,11 +470,6 @@ class _Job:
             return
         if pending_slot and self.error is None:
             self._wait_pending(pending_slot)
-            if self.finish and self.error is None:
-                try:
-                    s.finish()
-                except BaseException as exc:  # never hide the statement's own result
-                    log.debug("pid=%d: finish: %s", s.pid, exc)
 
     def _let_go(self, thread: TracedThread, caller: Optional[RemoteCaller]) -> bool:
         """Restore and detach; False when the thread had to be left to the
@@ -764,7 +767,10 @@ def _check_shadow_stack(pid: int) -> None:
 
 
 def _own_thread(tid: int) -> bool:
-    return os.path.exists("/proc/self/task/%d" % tid)
+    try:
+        return tid in procfs.threads(os.getpid())
+    except ProcessLookupError:
+        return False
 
 
 def _wait_untraced(pid: int, tid: int, tracer: int) -> None:
