@@ -594,7 +594,7 @@ print("not paused", flush=True)
 time.sleep(600)
 """
 
-DIRECT_KILL_POINTS = ("safe_point", "held", "syscall_set", "syscall_exit", "stub_set", "marker",
+DIRECT_KILL_POINTS = ("safe_point", "held", "syscall_set", "syscall_exit", "stub_set", "in_call", "marker",
                       "release_stop", "restored", "released")
 PENDING_KILL_POINTS = ("held", "stub_set", "marker", "restored", "pending_wait")
 
@@ -628,7 +628,7 @@ def test_agent_killed_during_direct_call(tmp_path, point):
         since = time.monotonic()
         _kill_agent_at(tmp_path, t, point)
         assert_released(t.pid)
-        if point in ("stub_set", "marker", "release_stop", "restored", "released"):
+        if point in ("stub_set", "in_call", "marker", "release_stop", "restored", "released"):
             t.wait_for(lambda: [e for e in t.py_entries() if "fresh_" in e], 5, "py:: entries")
         _main_sleep_completes(t, since)
         tick = t.last_tick()
@@ -639,6 +639,29 @@ def test_agent_killed_during_direct_call(tmp_path, point):
         activate(t.pid)   # and the next agent finds it as it was
         deactivate(t.pid)
         assert_released(t.pid)
+    finally:
+        t.close()
+
+
+@needs_root
+@needs_python
+def test_agent_killed_while_the_call_waits_for_the_gil(tmp_path):
+    """Item 3 with item 1: the agent dies while PyGILState_Ensure waits for a
+    GIL another thread holds; once it is free the thread runs the statement,
+    releases the GIL and returns to its sleep by itself."""
+    t = start_target(tmp_path, FIRST, "gilwait")
+    try:
+        t.wait_for(lambda: t.last_tick() >= 2, 10, "worker ticks")
+        n = len(t.find("hold start"))
+        t.wait_for(lambda: len(t.find("hold start")) > n, 5, "a GIL hold starting")
+        since = time.monotonic()
+        _kill_agent_at(tmp_path, t, "in_call")
+        assert_released(t.pid)
+        t.wait_for(lambda: [e for e in t.py_entries() if "fresh_" in e], 8, "py:: entries")
+        _main_sleep_completes(t, since)
+        m = len(t.find("hold end"))
+        t.wait_for(lambda: len(t.find("hold end")) >= m + 2, 10, "GIL holds going on")
+        assert t.proc.poll() is None and t.stderr() == ""
     finally:
         t.close()
 
