@@ -564,6 +564,7 @@ class _Job:
         started = self.pending_started
         watch = self._watch(started)
         while True:
+            _hook("pending_wait")
             try:
                 phase, _, rc = S.parse_slot(memory.read_exact(s.pid, slot, 16))
             except OSError as exc:
@@ -580,7 +581,6 @@ class _Job:
             except LeaveCall:
                 self._leave(slot, S.PHASE_PENDING_DONE, started)
                 return
-            _hook("pending_wait")
             time.sleep(PENDING_POLL)
 
     def _leave(self, slot: int, done: int, started: float) -> None:
