@@ -790,10 +790,13 @@ def test_spinning_main_thread_is_reached_between_bytecodes(tmp_path, hook, pytho
         hook(points.append)
         session = inject.open_session(t.pid)
         activate(t.pid, timeout=5.0, call_timeout=30.0, session=session)
-        assert "pending_queued" in points and "direct_call" not in points
         page = session.page
         t.wait_for(lambda: [e for e in t.py_entries() if "fresh_" in e], 5, "py:: entries")
         deactivate(t.pid, timeout=5.0, call_timeout=30.0, session=session)
+        # Both through the eval breaker (a direct call is possible only if
+        # the thread was caught in the rare write of its progress report).
+        assert points.count("pending_queued") + points.count("direct_call") == 2, points
+        assert points.count("pending_queued") >= 1, points
         assert session.finish(timeout=5.0) and session.page is None
         assert "%x-" % page not in open("/proc/%d/maps" % t.pid).read()
         assert_released(t.pid)
