@@ -24,8 +24,11 @@ back.  Three rules make this safe for the target:
   the value of a sigqueue), to be delivered once the original mask is
   back -- never dequeued by us and re-sent as a copy.  SIGSTOP cannot be
   blocked: it is passed on (the group-stop happens; the call goes on, and
-  the detach re-traps the thread into the stop).  A fault in our code
-  (SIGSEGV, SIGBUS, ...) is reported as ``target_fault`` and suppressed.
+  the detach re-traps the thread into the stop).  The fault signals
+  (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGTRAP, SIGSYS) are not blocked: the
+  kernel would reset the target's handler of a blocked one that a fault
+  raises.  A fault in our code is reported as ``target_fault`` and
+  suppressed; one of those signals sent by a process is passed on.
 * **A call in progress is never cut short.**  Deadlines apply to finding a
   stop, never to :meth:`~RemoteCaller.run`: its ``watch`` callback may
   only decide to *stop watching* (:class:`LeaveCall`).  The thread then
@@ -64,13 +67,17 @@ from perfagent.ptrace.thread import PtraceError, TracedThread, copy_regs, signed
 
 _MASK64 = (1 << 64) - 1
 
-#: Blocked while our code runs: everything (the kernel never blocks
-#: SIGKILL and SIGSTOP, whatever the mask says).
-BLOCK_ALL = _MASK64
-
-#: Signals a fault in our code raises (synchronous, so never blocked).
+#: Signals a fault raises.  They are left unblocked: a fault with its
+#: signal blocked makes the kernel reset the process's handler to SIG_DFL
+#: (force_sig_info_to_task), which would change the target for good.  A
+#: fault in our code is then a signal-delivery-stop we suppress; the same
+#: signal *sent* by someone (si_code <= 0) is passed on, with its siginfo.
 FAULT_SIGNALS = (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGTRAP,
                  signal.SIGSYS)
+
+#: Blocked while our code runs: everything else (the kernel never blocks
+#: SIGKILL and SIGSTOP, whatever the mask says).
+BLOCK_ALL = _MASK64 & ~sum(1 << (int(s) - 1) for s in FAULT_SIGNALS)
 
 #: The longest a thread on its way out of a system call may take to reach
 #: the interrupt stop release() needs (it is microseconds in practice).
@@ -326,13 +333,13 @@ class RemoteCaller:
             if st.is_syscall_stop:
                 return st
             if st.is_signal_delivery:
-                if st.stopsig in FAULT_SIGNALS:
+                if st.stopsig in FAULT_SIGNALS and t.siginfo().si_code > 0:
                     now = t.getregs()
                     raise PtraceError("target_fault", "pid=%d reason=target_fault: %s at %#x while "
                                       "running injected code" % (t.tid, signal.Signals(st.stopsig).name,
                                                                  now.rip))
-                # Only SIGSTOP gets here (everything else is blocked): let
-                # the group-stop happen.
+                # SIGSTOP (the group-stop happens) or a fault signal someone
+                # sent: delivered now, with its siginfo.
                 t.resume(st.stopsig, syscall=True)
                 continue
             # A group-stop (or a stray event stop): keep running our code.

@@ -28,8 +28,8 @@ where it was and re-executes its interrupted system call; what is left
 behind is the stub mapping (two anonymous pages) and, if the statement had
 started, the statement's effect (an active trampoline).  **Signals** sent
 meanwhile stay queued in the kernel with their siginfo (every blockable
-signal is blocked while our code runs) and are delivered once the mask is
-back, exactly once.
+signal but the fault signals is blocked while our code runs) and are
+delivered once the mask is back, exactly once.
 
 **Safe points.**  Our code takes the GIL and runs Python: it must not run
 on top of code that holds a lock it needs or has an object half updated

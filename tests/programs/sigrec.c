@@ -4,6 +4,8 @@
  *   sigrec_install(fd)  installs SA_SIGINFO handlers that write, for each
  *                       signal delivered, one line on fd:
  *                       "siginfo SIGNO PID CODE VALUE TID\n"
+ *                       and a SIGSEGV handler (that exits 11), for tests
+ *                       that check a handler is never reset
  * Built with -DSTANDALONE it is a program that installs them on stdout,
  * prints "ready PID" and sleeps forever (20 ms raw nanosleeps).
  * The handler uses only write(2) (async-signal-safe).
@@ -42,6 +44,12 @@ static void handler(int sig, siginfo_t *info, void *uc)
     write(out_fd, line, p - line);
 }
 
+static void segv(int sig)
+{
+    (void)sig;
+    _exit(11);
+}
+
 int sigrec_install(int fd)
 {
     struct sigaction sa;
@@ -51,6 +59,8 @@ int sigrec_install(int fd)
     sigemptyset(&sa.sa_mask);
     out_fd = fd;
     if (sigaction(SIGUSR1, &sa, 0) || sigaction(SIGRTMIN + 1, &sa, 0))
+        return -1;
+    if (signal(SIGSEGV, segv) == SIG_ERR)
         return -1;
     return SIGRTMIN + 1;
 }
