@@ -6,9 +6,11 @@ pyenv ones) and each target state (sleeping, busy in bytecode, allocating),
 starts tests/programs/py_target.py, then runs ``--rounds`` activate /
 deactivate pairs and prints, per process, the min / median / max of each
 (detection included, as a caller pays it), in milliseconds.  Or measures the
-given ``--pid`` processes instead.
+given ``--pid`` processes instead.  With ``--session`` the rounds share one
+injection session per process, as a capture's activate/deactivate do (the
+stub is mapped once and unmapped at the end, outside the figures).
 
-usage: sudo python3 tools/bench_inject.py [--rounds 20] [--modes sleep,busy,alloc] [--pid N ...]
+usage: sudo python3 tools/bench_inject.py [--rounds 20] [--modes sleep,busy,alloc] [--session] [--pid N ...]
 """
 
 from __future__ import annotations
@@ -40,13 +42,19 @@ def fmt(values: List[float]) -> str:
     return "min %6.2f  med %6.2f  max %6.2f ms" % (min(ms), statistics.median(ms), max(ms))
 
 
-def measure(pid: int, rounds: int, label: str) -> None:
+def measure(pid: int, rounds: int, label: str, session: bool = False) -> None:
     ups: List[float] = []
     downs: List[float] = []
+    kw = {}
     try:
+        if session:
+            from perfagent.python import open_session
+            kw["session"] = open_session(pid)
         for _ in range(rounds):
-            ups.append(activate(pid))
-            downs.append(deactivate(pid))
+            ups.append(activate(pid, **kw))
+            downs.append(deactivate(pid, **kw))
+        if session:
+            kw["session"].finish()
     except (InjectionSkip, InjectionError) as exc:
         print("%-48s %s" % (label, exc))
         return
@@ -59,10 +67,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--modes", default="sleep,busy,alloc")
     ap.add_argument("--pid", type=int, action="append", default=[])
+    ap.add_argument("--session", action="store_true", help="one injection session per process")
     args = ap.parse_args()
     if args.pid:
         for pid in args.pid:
-            measure(pid, args.rounds, "pid=%d" % pid)
+            measure(pid, args.rounds, "pid=%d" % pid, args.session)
         return 0
     for python in PYTHONS:
         if not os.access(python, os.X_OK):
@@ -73,7 +82,8 @@ def main() -> int:
                 p.stdout.readline()  # ready
                 time.sleep(0.3)
                 measure(p.pid, args.rounds, "%s %s pid=%d" % (python.split("/")[-3] if "cache" in python
-                                                              else os.path.basename(python), mode, p.pid))
+                                                              else os.path.basename(python), mode, p.pid),
+                        args.session)
                 if p.poll() is not None:
                     print("  target died: %s" % p.returncode)
             finally:

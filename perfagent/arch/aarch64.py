@@ -17,6 +17,9 @@ SYSCALLS = {
     "tgkill": 131,
     "perf_event_open": 241,
     "process_vm_readv": 270,
+    "process_vm_writev": 271,
+    "rt_sigreturn": 139,
+    "mprotect": 226,
     "bpf": 280,
     "pidfd_open": 434,
 }

@@ -17,6 +17,9 @@ SYSCALLS = {
     "tgkill": 234,
     "perf_event_open": 298,
     "process_vm_readv": 310,
+    "process_vm_writev": 311,
+    "rt_sigreturn": 15,
+    "mprotect": 10,
     "bpf": 321,
     "pidfd_open": 434,
 }

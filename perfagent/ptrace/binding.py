@@ -20,12 +20,19 @@ from perfagent.libc import errno_error, libc
 # enum __ptrace_request (<sys/ptrace.h>, include/uapi/linux/ptrace.h).
 PTRACE_CONT = 7
 PTRACE_DETACH = 17
+PTRACE_SYSCALL = 24
 PTRACE_GETSIGINFO = 0x4202
 PTRACE_GETREGSET = 0x4204
 PTRACE_SETREGSET = 0x4205
 PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
 PTRACE_LISTEN = 0x4208
+# Linux 3.11+: the tracee's blocked-signal mask (addr = sizeof(sigset_t)).
+PTRACE_GETSIGMASK = 0x420a
+PTRACE_SETSIGMASK = 0x420b
+
+#: The kernel's sigset_t is one 64-bit word (_NSIG 64 on x86-64 and aarch64).
+SIGSET_SIZE = 8
 
 # PTRACE_SETOPTIONS / PTRACE_SEIZE option bits.
 PTRACE_O_TRACESYSGOOD = 0x01
@@ -117,19 +124,25 @@ def getsiginfo(pid: int) -> siginfo_t:
     return info
 
 
-def tgkill(tgid: int, tid: int, sig: int) -> None:
-    """Send ``sig`` to one thread (used to hand deferred signals back)."""
-    from perfagent.libc import syscall_number
-    ret = libc().syscall(syscall_number("tgkill"), ctypes.c_long(tgid), ctypes.c_long(tid), ctypes.c_long(sig))
-    if ret < 0:
-        raise errno_error("tgkill(%d, %d, %d)" % (tgid, tid, sig))
+def getsigmask(pid: int) -> int:
+    """PTRACE_GETSIGMASK: the tracee's blocked signals (bit N-1 for signal N)."""
+    mask = ctypes.c_uint64(0)
+    ptrace(PTRACE_GETSIGMASK, pid, SIGSET_SIZE, ctypes.addressof(mask))
+    return mask.value
+
+
+def setsigmask(pid: int, mask: int) -> None:
+    """PTRACE_SETSIGMASK (the kernel drops SIGKILL and SIGSTOP from it)."""
+    value = ctypes.c_uint64(mask & ((1 << 64) - 1))
+    ptrace(PTRACE_SETSIGMASK, pid, SIGSET_SIZE, ctypes.addressof(value))
 
 
 _REQUEST_NAMES = {
-    PTRACE_CONT: "PTRACE_CONT", PTRACE_DETACH: "PTRACE_DETACH",
+    PTRACE_CONT: "PTRACE_CONT", PTRACE_DETACH: "PTRACE_DETACH", PTRACE_SYSCALL: "PTRACE_SYSCALL",
     PTRACE_GETSIGINFO: "PTRACE_GETSIGINFO", PTRACE_GETREGSET: "PTRACE_GETREGSET",
     PTRACE_SETREGSET: "PTRACE_SETREGSET", PTRACE_SEIZE: "PTRACE_SEIZE",
     PTRACE_INTERRUPT: "PTRACE_INTERRUPT", PTRACE_LISTEN: "PTRACE_LISTEN",
+    PTRACE_GETSIGMASK: "PTRACE_GETSIGMASK", PTRACE_SETSIGMASK: "PTRACE_SETSIGMASK",
 }
 
 
@@ -170,6 +183,11 @@ class WaitStatus:
     @property
     def is_group_stop(self) -> bool:
         return self.is_event_stop and self.stopsig in STOP_SIGNALS
+
+    @property
+    def is_syscall_stop(self) -> bool:
+        """A syscall-enter- or -exit-stop (PTRACE_O_TRACESYSGOOD sets bit 7)."""
+        return self.stopped and self.event == 0 and self.stopsig == (signal.SIGTRAP | 0x80)
 
     @property
     def is_signal_delivery(self) -> bool:

@@ -6,20 +6,22 @@ SIGSTOP is sent: the only stop is the one PTRACE_INTERRUPT asks for, and a
 group-stop is told apart from it by the signal in the event stop.  Every
 wait is a WNOHANG poll against a deadline: a thread that never stops (stuck
 in an uninterruptible sleep) or never comes back (a remote call that blocks)
-costs a timeout, never a hung agent.
+costs a timeout, never a hung agent.  Memory goes through
+perfagent.target.memory (process_vm_readv/writev), /proc through
+perfagent.target.procfs.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
-import os
 import time
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 from perfagent import arch
 from perfagent.errors import CaptureError
 from perfagent.ptrace import binding as B
+from perfagent.target import memory, procfs
 
 
 class PtraceError(CaptureError):
@@ -27,7 +29,8 @@ class PtraceError(CaptureError):
 
     Reasons: ``ptrace_eperm`` (not allowed to trace), ``process_gone``
     (the thread exited), ``timeout`` (it did not stop in time),
-    ``ptrace_failed`` (anything else).
+    ``detach_failed`` (it never stopped to be detached: see
+    :meth:`TracedThread.detach`), ``ptrace_failed`` (anything else).
     """
 
     def __init__(self, reason: str, message: str) -> None:
@@ -79,7 +82,17 @@ class TracedThread:
     Use as a context manager or call :meth:`detach` in a ``finally``: a
     thread left traced by a dead tracer is detached by the kernel, but one
     left *stopped* by a live tracer stays stopped.
+
+    ptrace ties a tracee to the tracing *thread*, not process: every
+    request, and the waits, must come from the thread that seized.  When
+    that thread exits, the kernel detaches its tracees itself and cancels a
+    PTRACE_INTERRUPT still pending (``__ptrace_unlink``), which is the last
+    resort :meth:`detach` leaves to its caller (see there).
     """
+
+    #: Options given to PTRACE_SEIZE: syscall stops report SIGTRAP|0x80, so
+    #: they are never confused with a real SIGTRAP.
+    SEIZE_OPTIONS = B.PTRACE_O_TRACESYSGOOD
 
     def __init__(self, tgid: int, tid: Optional[int] = None) -> None:
         self.tgid = tgid
@@ -87,9 +100,6 @@ class TracedThread:
         self.attached = False
         self.stopped = False
         self.last_status: Optional[B.WaitStatus] = None
-        # Signals that arrived while we held the thread, to hand back on detach.
-        self.pending_signals: List[int] = []
-        self._mem_fd: Optional[int] = None
 
     # ------------------------------------------------------------ attach/stop
 
@@ -109,20 +119,28 @@ class TracedThread:
 
     def seize(self) -> None:
         """PTRACE_SEIZE: trace without stopping (and without a SIGSTOP)."""
-        self._ptrace(B.PTRACE_SEIZE, 0, 0)
+        self._ptrace(B.PTRACE_SEIZE, 0, self.SEIZE_OPTIONS)
         self.attached = True
 
-    def interrupt(self, timeout: float, defer_signals: bool = False) -> B.WaitStatus:
+    def interrupt(self, timeout: float) -> B.WaitStatus:
         """PTRACE_INTERRUPT and wait for the resulting stop.
 
-        Signal-delivery-stops met on the way are passed straight on (the
-        thread handles its signal, then the pending interrupt traps it) or,
-        with ``defer_signals`` (the thread is running code of ours), kept
-        in ``pending_signals`` for detach.  The returned status is a
-        PTRACE_EVENT_STOP: the interrupt's, or a group-stop's.
+        Signal-delivery-stops met on the way are passed straight on with
+        the same signal number, which makes the kernel deliver the original
+        siginfo (sender, si_code, queued value): the thread handles its
+        signal, then the pending interrupt traps it.  The returned status is
+        a PTRACE_EVENT_STOP: the interrupt's, or a group-stop's.
         """
         self._ptrace(B.PTRACE_INTERRUPT)
-        deadline = time.monotonic() + timeout
+        return self.wait_event_stop(time.monotonic() + timeout)
+
+    def request_interrupt(self) -> None:
+        """PTRACE_INTERRUPT without waiting: the thread traps at its next
+        chance (for a stopped thread: right after it is resumed)."""
+        self._ptrace(B.PTRACE_INTERRUPT)
+
+    def wait_event_stop(self, deadline: float) -> B.WaitStatus:
+        """Wait for a PTRACE_EVENT_STOP, passing signals on (see interrupt)."""
         while True:
             st = self.wait(deadline)
             if st.is_event_stop:
@@ -131,21 +149,24 @@ class TracedThread:
                 # from: the caller sees which in st.is_group_stop.
                 return st
             if st.is_signal_delivery:
-                if defer_signals:
-                    self.pending_signals.append(st.stopsig)
-                    self.resume(0)
-                else:
-                    self.resume(st.stopsig)
+                self.resume(st.stopsig)
                 continue
             self.resume(0)
 
-    def wait(self, deadline: float) -> B.WaitStatus:
+    #: Polls of waitpid before the first sleep: a stop that is microseconds
+    #: away (a syscall stop in a remote call) is seen without sleeping.
+    SPIN_POLLS = 200
+
+    def wait(self, deadline: Optional[float]) -> B.WaitStatus:
         """The thread's next stop, polling with WNOHANG until ``deadline``.
 
         Raises PtraceError("process_gone") when it exits and
-        PtraceError("timeout") when the deadline passes first.
+        PtraceError("timeout") when the deadline passes first (``None``:
+        one poll round only, for callers that check other things between
+        polls).
         """
-        delay = 0.0001
+        delay = 0.00005
+        spins = self.SPIN_POLLS
         while True:
             try:
                 pid, raw = B.waitpid(self.tid, B.WNOHANG | B.WALL)
@@ -161,71 +182,95 @@ class TracedThread:
                     raise PtraceError("process_gone", "pid=%d reason=process_gone: %r" % (self.tid, st))
                 self.stopped = True
                 return st
+            if spins > 0:
+                spins -= 1
+                continue
             now = time.monotonic()
-            if now >= deadline:
+            if deadline is None or now >= deadline:
                 raise PtraceError("timeout", "pid=%d reason=timeout: thread did not stop" % self.tid)
             time.sleep(min(delay, deadline - now))
-            delay = min(delay * 2, 0.005)
+            delay = min(delay * 2, 0.002)
 
-    def resume(self, sig: int = 0, listen: bool = False) -> None:
-        """PTRACE_CONT (or PTRACE_LISTEN for a group-stop), injecting ``sig``."""
+    def resume(self, sig: int = 0, syscall: bool = False, listen: bool = False) -> None:
+        """PTRACE_CONT, PTRACE_SYSCALL (stop at the next syscall entry or
+        exit) or PTRACE_LISTEN (a group-stop), injecting ``sig``."""
         if listen:
             self._ptrace(B.PTRACE_LISTEN, 0, 0)
         else:
-            self._ptrace(B.PTRACE_CONT, 0, sig)
+            self._ptrace(B.PTRACE_SYSCALL if syscall else B.PTRACE_CONT, 0, sig)
         self.stopped = False
 
-    def detach(self) -> None:
-        """Hand deferred signals back and PTRACE_DETACH; safe to call twice.
+    #: Seconds given to each attempt to stop a running thread for
+    #: PTRACE_DETACH (which needs a stopped tracee), and the attempts.
+    DETACH_ATTEMPTS = (0.2, 0.5, 1.0)
 
-        If the thread is running (a failed remote call), it is interrupted
-        first: PTRACE_DETACH only works on a stopped tracee.  The first
-        deferred signal rides on the detach itself; any others are queued
-        with tgkill while the thread is still stopped, so it handles all of
-        them as soon as it runs.
+    def detach(self, interrupt: bool = True) -> None:
+        """PTRACE_DETACH, retried; safe to call twice.
+
+        A running thread is interrupted first (PTRACE_DETACH only works on
+        a stopped tracee); a signal-delivery-stop met meanwhile hands its
+        signal (with its siginfo) to the detach, which delivers it.  A
+        thread that does not stop in any attempt -- an uninterruptible or
+        killable sleep, e.g. a vfork parent -- cannot be detached by
+        ptrace: PtraceError("detach_failed") is raised and ``attached``
+        stays True.  The caller must then end the thread that traces it
+        (the kernel detaches the tracees of an exiting tracer and cancels
+        the pending interrupt), never leave it traced: once it wakes, it
+        would stop for good.  Never call this on a thread running a remote
+        call (see perfagent.ptrace.call: an interrupt there can cost the
+        interrupted system call its restart state); ``interrupt=False``
+        detaches a thread stopped in it, once, never interrupting.
         """
-        if self._mem_fd is not None:
-            os.close(self._mem_fd)
-            self._mem_fd = None
         if not self.attached:
             return
-        try:
-            if not self.stopped:
-                try:
-                    self.interrupt(2.0)
-                except PtraceError as exc:
-                    if exc.reason == "process_gone":
-                        self.attached = False
-                        return
-                    raise
-            sigs: List[int] = []
-            for sig in self.pending_signals:
-                if sig not in sigs:
-                    sigs.append(sig)
-            # A signal given to PTRACE_DETACH is only reliably delivered from
-            # a signal-delivery-stop (ptrace(2)); from other stops, queue it.
-            ride = None
-            st = self.last_status
-            if sigs and st is not None and st.is_signal_delivery:
-                ride = sigs.pop(0)
-            for sig in sigs:
-                try:
-                    B.tgkill(self.tgid, self.tid, sig)
-                except OSError:
-                    pass
-            self._ptrace(B.PTRACE_DETACH, 0, ride or 0)
-        except PtraceError as exc:
-            if exc.reason != "process_gone":
-                raise
-        finally:
-            self.attached = self.stopped = False
-            self.pending_signals = []
+        last: Optional[PtraceError] = None
+        for slice_ in self.DETACH_ATTEMPTS if interrupt else (0.0,):
+            if not interrupt and not self.stopped:
+                break
+            sig = 0
+            try:
+                if not self.stopped:
+                    self._ptrace(B.PTRACE_INTERRUPT)
+                    st = self.wait(time.monotonic() + slice_)
+                    if st.is_signal_delivery:
+                        sig = st.stopsig
+                elif self.last_status is not None and self.last_status.is_signal_delivery:
+                    sig = self.last_status.stopsig
+                self._ptrace(B.PTRACE_DETACH, 0, sig)
+                self.attached = self.stopped = False
+                return
+            except PtraceError as exc:
+                if exc.reason == "process_gone" and (not self.attached or not _alive(self.tgid, self.tid)):
+                    self.attached = self.stopped = False
+                    return
+                # ESRCH from PTRACE_DETACH also means "not stopped" (it was
+                # resumed by SIGKILL or SIGCONT): try again.
+                self.stopped = False
+                last = exc
+        raise PtraceError("detach_failed", "pid=%d reason=detach_failed: the thread did not stop to be "
+                          "detached in %d attempts (%.1fs; state %s): %s"
+                          % (self.tid, len(self.DETACH_ATTEMPTS), sum(self.DETACH_ATTEMPTS),
+                             _state(self.tgid, self.tid) or "?", last))
 
     def __enter__(self) -> "TracedThread":
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.detach()
+
+    # ---------------------------------------------------------------- signals
+
+    def getsigmask(self) -> int:
+        try:
+            return B.getsigmask(self.tid)
+        except OSError as exc:
+            raise self._fail(exc, "PTRACE_GETSIGMASK") from None
+
+    def setsigmask(self, mask: int) -> None:
+        try:
+            B.setsigmask(self.tid, mask)
+        except OSError as exc:
+            raise self._fail(exc, "PTRACE_SETSIGMASK") from None
 
     # -------------------------------------------------------------- registers
 
@@ -275,54 +320,49 @@ class TracedThread:
 
     # ----------------------------------------------------------------- memory
 
-    def _mem(self) -> int:
-        # /proc/PID/mem writes go through the ptrace access check, which
-        # our attachment satisfies; one pread/pwrite replaces a loop of
-        # word-sized PTRACE_PEEKDATA/POKEDATA calls.
-        if self._mem_fd is None:
-            try:
-                self._mem_fd = os.open("/proc/%d/mem" % self.tid, os.O_RDWR | os.O_CLOEXEC)
-            except OSError as exc:
-                raise self._fail(exc, "open /proc/%d/mem" % self.tid) from None
-        return self._mem_fd
-
     def read(self, addr: int, size: int) -> bytes:
+        """Exactly ``size`` bytes of the thread's memory (process_vm_readv)."""
         try:
-            data = os.pread(self._mem(), size, addr)
+            return memory.read_exact(self.tgid, addr, size)
         except OSError as exc:
             raise self._fail(exc, "read %d bytes at %#x" % (size, addr)) from None
-        if len(data) != size:
-            raise PtraceError("ptrace_failed", "pid=%d reason=ptrace_failed: short read at %#x"
-                              % (self.tid, addr))
-        return data
 
     def write(self, addr: int, data: bytes) -> None:
+        """Write into memory the thread may write itself (process_vm_writev)."""
         try:
-            n = os.pwrite(self._mem(), data, addr)
+            memory.write(self.tgid, addr, data)
         except OSError as exc:
             raise self._fail(exc, "write %d bytes at %#x" % (len(data), addr)) from None
-        if n != len(data):
-            raise PtraceError("ptrace_failed", "pid=%d reason=ptrace_failed: short write at %#x"
-                              % (self.tid, addr))
 
 
-def tracer_pid(pid: int) -> int:
-    """TracerPid from /proc/PID/status (0 when nobody traces it)."""
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("TracerPid:"):
-                return int(line.split()[1])
-    return 0
+def _state(tgid: int, tid: int) -> str:
+    st = procfs.stat(tgid, tid)
+    return st.state if st is not None else ""
+
+
+def _alive(tgid: int, tid: int) -> bool:
+    return _state(tgid, tid) not in ("", "Z", "X")
+
+
+def tracer_pid(pid: int, tid: Optional[int] = None) -> int:
+    """TracerPid of process ``pid`` (or its thread ``tid``): the tracing
+    *thread's* id, 0 when nobody traces it or it is gone."""
+    fields = procfs.status(pid, tid)
+    try:
+        return int(fields.get("TracerPid", "0").split()[0])
+    except (ValueError, IndexError):
+        return 0
 
 
 def thread_states(pid: int) -> Dict[int, str]:
     """tid -> the state letter of /proc/PID/task/TID/stat (R, S, D, t, T ...)."""
     states = {}
-    for name in os.listdir("/proc/%d/task" % pid):
-        try:
-            with open("/proc/%d/task/%s/stat" % (pid, name)) as f:
-                text = f.read()
-        except OSError:
-            continue
-        states[int(name)] = text[text.rindex(")") + 2]
+    try:
+        tids = procfs.threads(pid)
+    except ProcessLookupError:
+        return states
+    for tid in tids:
+        st = procfs.stat(pid, tid)
+        if st is not None:
+            states[tid] = st.state
     return states

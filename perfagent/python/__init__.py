@@ -4,10 +4,12 @@
   the functions to call;
 * :func:`inject.activate` / :func:`inject.deactivate` -- run
   ``sys.activate_stack_trampoline('perf')`` / ``sys.deactivate_stack_trampoline()``
-  in the target through ptrace.
+  in the target through ptrace (a :class:`inject.Session` keeps the
+  injection stub of one process between the two).
 """
 
 from .detect import InjectionSkip, PythonTarget, detect
-from .inject import InjectionError, activate, deactivate
+from .inject import InjectionError, Session, activate, deactivate, open_session
 
-__all__ = ["InjectionError", "InjectionSkip", "PythonTarget", "activate", "deactivate", "detect"]
+__all__ = ["InjectionError", "InjectionSkip", "PythonTarget", "Session", "activate", "deactivate", "detect",
+           "open_session"]

@@ -6,10 +6,11 @@ Everything is read from outside the process, without stopping it:
   mapping (shared build) or, failing that, the executable itself when its
   symbol tables carry the interpreter (static build, e.g. ``python3.13``
   without ``--enable-shared``);
-* the ELF file is opened as the *process* sees it, through
-  ``/proc/PID/root/<path>`` (so an interpreter in another mount namespace,
-  e.g. a container, is found from the host), falling back to
-  ``/proc/PID/map_files/<start>-<end>`` (which also covers a deleted file);
+* the ELF file is the one the *process* maps (perfagent.target.files.
+  open_as_seen: through ``/proc/PID/root/<path>``, so an interpreter in
+  another mount namespace, e.g. a container, is found from the host, then
+  ``/proc/PID/map_files/<start>-<end>``, which also covers a deleted file;
+  either only when its device and inode are the mapping's);
 * the version comes from the SONAME (``libpython3.13.so.1.0``) or else from
   ``Py_Version`` (the PY_VERSION_HEX constant, 3.11+) read out of the
   target's memory at the symbol's run-time address;
@@ -31,6 +32,9 @@ from perfagent.elf import ELFFile
 from perfagent.elf.constants import PT_LOAD
 from perfagent.errors import CaptureError, ELFError
 from perfagent.symbolize.procmaps import MapEntry, read_maps
+from perfagent.target import memory, procfs
+from perfagent.target.files import open_as_seen
+from perfagent.target.memory import MemoryReadError
 
 #: First CPython with sys.activate_stack_trampoline().
 MIN_VERSION = (3, 12)
@@ -51,10 +55,15 @@ TRAMPOLINE_SYMBOLS = ("_Py_trampoline_func_start", "_PyPerfTrampoline_SetCallbac
 
 VERSION_SYMBOL = "Py_Version"
 
-#: The bytecode interpreter loop: a thread whose instruction pointer is in
-#: this function (not in a callee) holds the GIL between C calls, a point
-#: where calling back into the interpreter is safe.
-EVAL_LOOP_SYMBOL = "_PyEval_EvalFrameDefault"
+#: Schedules a function to run in the main thread at its next eval-breaker
+#: check (the point between bytecodes where CPython itself runs signal
+#: handlers): the injection's path into a thread that is running Python.
+PENDING_CALL_SYMBOL = "Py_AddPendingCall"
+
+#: Functions during which the interpreter is being torn down: no call into
+#: it is safe then (PyGILState_Ensure may even end the calling thread).
+FINALIZATION_SYMBOLS = ("Py_FinalizeEx", "Py_Finalize", "_Py_Finalize", "Py_Exit", "Py_EndInterpreter",
+                        "finalize_interp_clear", "finalize_interp_delete", "_PyRuntime_Finalize")
 
 #: Functions that must not be on the stack of a thread we make call into
 #: the interpreter, because they hold or wait for a lock our call takes:
@@ -81,11 +90,30 @@ UNSAFE_FRAME_SYMBOLS = (
     "compile_trampoline", "new_code_arena",
 )
 
+#: A thread with one of these on its stack, blocked in a system call, is
+#: waiting for the GIL: it will be back in the eval loop (and run a pending
+#: call) as soon as it gets it.
+GIL_WAIT_SYMBOLS = ("take_gil", "drop_gil", "PyEval_RestoreThread", "PyEval_AcquireThread",
+                    "_PyThreadState_Attach", "PyEval_AcquireLock", "_PyEval_AcquireLock")
+
+#: Functions that must not be anywhere on the stack of a thread we call
+#: into: they hold (or wait for) the pending-calls lock that
+#: Py_AddPendingCall and the eval breaker take, set the queue up or tear
+#: the interpreter down.  Static ones are in .symtab only; inlined ones are
+#: covered by their callers' ranges.
+PENDING_UNSAFE_SYMBOLS = (
+    "Py_AddPendingCall", "_PyEval_AddPendingCall", "_push_pending_call", "_pop_pending_call",
+    "_next_pending_call", "make_pending_calls", "_make_pending_calls", "_PyEval_MakePendingCalls",
+    "Py_MakePendingCalls", "_Py_FinishPendingCalls", "_PyEval_InitState", "_PyEval_FiniState",
+    "_PyEval_ReInitThreads", "PyOS_AfterFork_Child", "_PyRuntimeState_ReInitThreads",
+    "_PyInterpreterState_ReinitRunningMain",
+) + FINALIZATION_SYMBOLS
+
 #: libpython3.13.so.1.0, libpython3.13t.so.1.0, libpython3.12d.so ...
 _LIBPYTHON_RE = re.compile(r"^libpython(\d+)\.(\d+)([a-z]*)\.so(\.[0-9.]*)?$")
 
 REASONS = ("not_python", "python_too_old", "no_perf_trampoline", "no_libpython_symbols",
-           "process_gone", "ptrace_eperm")
+           "process_gone", "ptrace_eperm", "process_stopped", "unsupported_arch")
 
 
 class InjectionSkip(CaptureError):
@@ -119,10 +147,14 @@ class PythonTarget:
         self.symbols = symbols
         self.shared = shared
         self.abiflags = abiflags
-        #: [start, end) of _PyEval_EvalFrameDefault at run time, if known.
-        self.eval_loop: Optional[Tuple[int, int]] = None
         #: [start, end) of each UNSAFE_FRAME_SYMBOLS function found, at run time.
         self.unsafe_ranges: List[Tuple[int, int]] = []
+        #: The same for PENDING_UNSAFE_SYMBOLS.
+        self.pending_unsafe_ranges: List[Tuple[int, int]] = []
+        #: The same for GIL_WAIT_SYMBOLS.
+        self.gil_wait_ranges: List[Tuple[int, int]] = []
+        #: Run-time address of Py_AddPendingCall, if exported.
+        self.pending_call: Optional[int] = None
 
     def __repr__(self) -> str:
         return "<PythonTarget pid=%d %d.%d%s %s %s>" % (
@@ -151,32 +183,15 @@ def libpython_version(name: str) -> Optional[Tuple[int, int, str]]:
     return int(m.group(1)), int(m.group(2)), m.group(3)
 
 
-def _open_elf(pid: int, entry: MapEntry) -> Tuple[ELFFile, str]:
-    """The mapped file, through the target's root, else its map_files link."""
-    candidates = []
-    if entry.path.startswith("/") and not entry.deleted:
-        candidates.append("/proc/%d/root%s" % (pid, entry.path))
-    candidates.append("/proc/%d/map_files/%x-%x" % (pid, entry.start, entry.end))
-    last: Optional[Exception] = None
-    for cand in candidates:
-        try:
-            elf = ELFFile.from_path(cand)
-        except (OSError, ELFError) as exc:
-            last = exc
-            continue
-        # The same file as mapped? (a container could have replaced it.)
-        try:
-            st = os.stat(cand)
-            if entry.inode and st.st_ino != entry.inode:
-                elf.close()
-                last = OSError(errno.ESTALE, "inode differs from the mapping")
-                continue
-        except OSError:
-            pass
-        return elf, cand
-    if isinstance(last, OSError):
-        raise last
-    raise OSError(errno.ENOENT, "library not found on disk: %s (%s)" % (entry.path, last))
+def _open_elf(pid: int, entry: MapEntry) -> Tuple[ELFFile, str, os.stat_result]:
+    """The mapped file exactly (perfagent.target.files.open_as_seen: through
+    the target's root, else its map_files link, same device and inode)."""
+    seen, why = open_as_seen(pid, entry.path, entry.dev_major, entry.dev_minor, entry.inode,
+                             entry.start, entry.end, entry.deleted)
+    if seen is None:
+        raise OSError(errno.ENOENT, "library not found on disk: %s (%s)" % (entry.path, why))
+    st = seen.st
+    return ELFFile.from_seen(seen), seen.path, st
 
 
 def _symbols(elf: ELFFile, names: Iterable[str], sizes: Optional[Dict[str, int]] = None) -> Dict[str, int]:
@@ -207,22 +222,17 @@ _SYMBOL_CACHE: Dict[Tuple[int, int, int, int], Tuple[Dict[str, int], Dict[str, i
 _SYMBOL_CACHE_MAX = 64
 
 
-def _cached_symbols(elf: ELFFile, opened_as: str, wanted: Iterable[str]):
-    try:
-        st = os.stat(opened_as)
-        key: Optional[Tuple[int, int, int, int]] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    except OSError:
-        key = None
-    hit = _SYMBOL_CACHE.get(key) if key is not None else None
+def _cached_symbols(elf: ELFFile, st: os.stat_result, wanted: Iterable[str]):
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    hit = _SYMBOL_CACHE.get(key)
     if hit is not None:
         return hit
     sizes: Dict[str, int] = {}
     syms = _symbols(elf, wanted, sizes)
     result = (syms, sizes, elf.soname)
-    if key is not None:
-        if len(_SYMBOL_CACHE) >= _SYMBOL_CACHE_MAX:
-            _SYMBOL_CACHE.clear()
-        _SYMBOL_CACHE[key] = result
+    if len(_SYMBOL_CACHE) >= _SYMBOL_CACHE_MAX:
+        _SYMBOL_CACHE.clear()
+    _SYMBOL_CACHE[key] = result
     return result
 
 
@@ -257,12 +267,7 @@ def load_bias(elf: ELFFile, maps: List[MapEntry], entry: MapEntry) -> int:
 
 
 def _exe_entry(pid: int, maps: List[MapEntry]) -> Optional[MapEntry]:
-    try:
-        exe = os.readlink("/proc/%d/exe" % pid)
-    except OSError:
-        exe = ""
-    if exe.endswith(" (deleted)"):
-        exe = exe[:-len(" (deleted)")]
+    exe = procfs.exe_path(pid)
     for m in maps:
         if m.path == exe and m.pgoff == 0:
             return m
@@ -270,12 +275,6 @@ def _exe_entry(pid: int, maps: List[MapEntry]) -> Optional[MapEntry]:
         if m.path.startswith("/"):
             return m
     return None
-
-
-def read_memory(pid: int, addr: int, size: int) -> bytes:
-    with open("/proc/%d/mem" % pid, "rb", buffering=0) as f:
-        f.seek(addr)
-        return f.read(size)
 
 
 def detect(pid: int) -> PythonTarget:
@@ -301,7 +300,9 @@ def detect(pid: int) -> PythonTarget:
             raise _skip(pid, "not_python", "no file mappings")
 
     try:
-        elf, opened_as = _open_elf(pid, entry)
+        elf, opened_as, st = _open_elf(pid, entry)
+    except ELFError as exc:
+        raise _skip(pid, "not_python", "%s: %s" % (entry.path, exc)) from None
     except OSError as exc:
         if exc.errno in (errno.EPERM, errno.EACCES, errno.ESRCH):
             raise _os_skip(pid, exc, entry.path) from None
@@ -310,9 +311,10 @@ def detect(pid: int) -> PythonTarget:
         raise _skip(pid, "not_python", "cannot read executable %s: %s" % (entry.path, exc)) from None
     try:
         wanted = (set(CALL_SYMBOLS) | set(INTERPRETER_SYMBOLS) | set(TRAMPOLINE_SYMBOLS)
-                  | {VERSION_SYMBOL, EVAL_LOOP_SYMBOL} | set(UNSAFE_FRAME_SYMBOLS))
+                  | {VERSION_SYMBOL, PENDING_CALL_SYMBOL} | set(UNSAFE_FRAME_SYMBOLS)
+                  | set(PENDING_UNSAFE_SYMBOLS) | set(GIL_WAIT_SYMBOLS))
         try:
-            syms, sizes, soname = _cached_symbols(elf, opened_as, wanted)
+            syms, sizes, soname = _cached_symbols(elf, st, wanted)
             if name_version is None:
                 if soname:
                     name_version = libpython_version(soname)
@@ -330,11 +332,11 @@ def detect(pid: int) -> PythonTarget:
         abiflags = name_version[2]
     elif VERSION_SYMBOL in syms:
         try:
-            raw = read_memory(pid, syms[VERSION_SYMBOL] + bias, 4)
+            raw = memory.read_exact(pid, syms[VERSION_SYMBOL] + bias, 4)
+        except MemoryReadError:
+            raise _skip(pid, "process_gone", "could not read Py_Version") from None
         except OSError as exc:
-            raise _os_skip(pid, exc, "/proc/%d/mem" % pid) from None
-        if len(raw) != 4:
-            raise _skip(pid, "process_gone", "could not read Py_Version")
+            raise _os_skip(pid, exc, "memory of process %d" % pid) from None
         hexversion = int.from_bytes(raw, "little")
         version = (hexversion >> 24, (hexversion >> 16) & 0xff)
     else:
@@ -351,9 +353,14 @@ def detect(pid: int) -> PythonTarget:
         raise _skip(pid, "no_libpython_symbols", "%s: missing %s" % (entry.path, ", ".join(missing)))
     target = PythonTarget(pid, version, entry.path, opened_as, bias,
                           {s: syms[s] + bias for s in CALL_SYMBOLS}, shared, abiflags)
-    target.unsafe_ranges = sorted((syms[s] + bias, syms[s] + bias + sizes[s])
-                                  for s in UNSAFE_FRAME_SYMBOLS if sizes.get(s))
-    if sizes.get(EVAL_LOOP_SYMBOL):
-        start = syms[EVAL_LOOP_SYMBOL] + bias
-        target.eval_loop = (start, start + sizes[EVAL_LOOP_SYMBOL])
+    target.unsafe_ranges = _ranges(syms, sizes, bias, UNSAFE_FRAME_SYMBOLS)
+    target.pending_unsafe_ranges = _ranges(syms, sizes, bias, PENDING_UNSAFE_SYMBOLS)
+    target.gil_wait_ranges = _ranges(syms, sizes, bias, GIL_WAIT_SYMBOLS)
+    if PENDING_CALL_SYMBOL in syms:
+        target.pending_call = syms[PENDING_CALL_SYMBOL] + bias
     return target
+
+
+def _ranges(syms: Dict[str, int], sizes: Dict[str, int], bias: int,
+            names: Iterable[str]) -> List[Tuple[int, int]]:
+    return sorted((syms[s] + bias, syms[s] + bias + sizes[s]) for s in names if sizes.get(s))

@@ -23,6 +23,11 @@ inside the container), then ``/proc/PID/map_files/START-END`` (the mapped
 file itself, also when deleted or replaced).  A candidate is accepted only
 when its (device, inode) equal the mapping's; there is no fallback to
 "whatever is at that path now".
+
+``create_in_root`` / ``exists_in_root`` / ``remove_in_root``: the one file
+the agent ever puts in a target's root (a PEP 768 script), created
+exclusively, owned by the target's user, in a directory reached without
+following any symlink and that no other user can tamper with.
 """
 
 from __future__ import annotations
@@ -217,3 +222,85 @@ def load_contents(seen: SeenFile, max_bytes: int = MAX_READ_BYTES) -> Union[mmap
         return b"".join(chunks)
     finally:
         os.close(seen.fd)
+
+
+# ------------------------------------------------- files placed in a target
+
+def _open_dir_in_root(pid: int, directory: str, owner_uid: int) -> int:
+    """A descriptor of ``directory`` as process ``pid`` sees it, walked one
+    component at a time from its root with O_NOFOLLOW (a symlink anywhere,
+    which could point outside the root, is refused), and only if nobody but
+    root or ``owner_uid`` can replace what we put there: owned by one of
+    them, and sticky when others may write it."""
+    fd = os.open("/proc/%d/root" % pid, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in [p for p in directory.split("/") if p]:
+            if part in (".", ".."):
+                raise OSError(errno.EINVAL, "%s: '.' and '..' are not allowed" % directory)
+            nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        st = os.fstat(fd)
+        writable_by_others = st.st_mode & (_stat.S_IWGRP | _stat.S_IWOTH)
+        if st.st_uid not in (0, owner_uid) or (writable_by_others and not st.st_mode & _stat.S_ISVTX):
+            raise OSError(errno.EPERM, "%s in process %d's root may be changed by another user" % (directory, pid))
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def create_in_root(pid: int, directory: str, name: str, data: bytes, uid: int, gid: int,
+                   mode: int = 0o600) -> str:
+    """Create the new file ``directory/name`` inside process ``pid``'s root,
+    owned by ``uid``:``gid`` (so that the process can read and remove it),
+    holding ``data``; its path as the process sees it.
+
+    Exclusive (O_EXCL: never an existing file), no symlink followed on the
+    way (see _open_dir_in_root).  For the one thing the agent hands a
+    target: the script of a PEP 768 remote exec.
+    """
+    if "/" in name or name in ("", ".", ".."):
+        raise OSError(errno.EINVAL, "bad file name %r" % name)
+    dfd = _open_dir_in_root(pid, directory, uid)
+    try:
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
+                     dir_fd=dfd)
+        try:
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except BaseException:
+            os.close(fd)
+            os.unlink(name, dir_fd=dfd)
+            raise
+        os.close(fd)
+    finally:
+        os.close(dfd)
+    return directory.rstrip("/") + "/" + name
+
+
+def exists_in_root(pid: int, directory: str, name: str, uid: int) -> bool:
+    """Is ``directory/name`` (made by create_in_root) still there?"""
+    dfd = _open_dir_in_root(pid, directory, uid)
+    try:
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(dfd)
+
+
+def remove_in_root(pid: int, directory: str, name: str, uid: int) -> bool:
+    """Remove ``directory/name`` (made by create_in_root); False if already gone."""
+    dfd = _open_dir_in_root(pid, directory, uid)
+    try:
+        os.unlink(name, dir_fd=dfd)
+        return True
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(dfd)

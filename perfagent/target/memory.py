@@ -1,4 +1,4 @@
-"""Reading a target's memory without stopping it: process_vm_readv(2).
+"""Reading (and, for the injection, writing) a target's memory: process_vm_readv(2).
 
 One system call copies from the target's address space into ours; the
 target is not stopped, traced or written (it needs the same ptrace access
@@ -15,6 +15,17 @@ hostile) data structures.
 
 Kernels without the call (ENOSYS: before 3.2, or seccomp'd) fall back to
 pread on /proc/PID/mem, which has the same semantics for our purposes.
+
+:func:`write` is the one way the agent changes a target's memory (the
+Python injection's call stub, its statement text, a stack frame it
+borrows, PEP 768 fields): process_vm_writev(2), which, unlike a write to
+/proc/PID/mem, respects page protections (no FOLL_FORCE), so only memory
+the target itself could write is ever changed::
+
+    ssize_t process_vm_writev(pid_t pid,
+                              const struct iovec *local_iov, unsigned long liovcnt,
+                              const struct iovec *remote_iov, unsigned long riovcnt,
+                              unsigned long flags);
 """
 
 from __future__ import annotations
@@ -42,6 +53,10 @@ _mem_fds: Dict[int, int] = {}
 
 class MemoryReadError(OSError):
     """A read of target memory failed or came back short."""
+
+
+class MemoryWriteError(OSError):
+    """A write to target memory failed or was short (nothing is retried)."""
 
 
 def _vm_readv(pid: int, local: ctypes.Array, remote: ctypes.Array, count: int) -> int:
@@ -185,3 +200,56 @@ def read_many(pid: int, spans: Sequence[Tuple[int, int]]) -> List[bytes]:
             out.append(read(pid, a, s))  # after the first bad span: each on its own
         off += s
     return out
+
+
+def write(pid: int, addr: int, data: bytes) -> None:
+    """Write ``data`` at ``addr`` in process ``pid``, all of it or raise.
+
+    ProcessLookupError when the process is gone, PermissionError when we
+    may not write it, MemoryWriteError for an unmapped or read-only
+    address or a short write (a write that crosses into such a page has
+    changed the bytes before it: callers write only what they own).
+    """
+    size = len(data)
+    if size == 0:
+        return
+    if addr <= 0 or addr + size > 1 << 64 or size > MAX_READ:
+        raise MemoryWriteError(errno.EFAULT, "bad write of %d bytes at %#x in process %d" % (size, addr, pid))
+    buf = ctypes.create_string_buffer(bytes(data), size)
+    local = (iovec * 1)(iovec(ctypes.addressof(buf), size))
+    remote = (iovec * 1)(iovec(addr, size))
+    nr = _libc.syscall_number("process_vm_writev")
+    ret = _libc.libc().syscall(nr, ctypes.c_long(pid), local, ctypes.c_ulong(1),
+                               remote, ctypes.c_ulong(1), ctypes.c_ulong(0))
+    if ret < 0:
+        err = ctypes.get_errno()
+        if err == errno.ESRCH:
+            raise ProcessLookupError(errno.ESRCH, "process %d is gone" % pid)
+        if err == errno.EPERM:
+            raise PermissionError(errno.EPERM, "not allowed to write the memory of process %d" % pid)
+        if err == errno.ENOSYS:
+            _write_procmem(pid, addr, data)
+            return
+        raise MemoryWriteError(err, "cannot write %d bytes at %#x in process %d: %s"
+                               % (size, addr, pid, os.strerror(err)))
+    if ret != size:
+        raise MemoryWriteError(errno.EFAULT, "short write at %#x in process %d (%d of %d bytes)"
+                               % (addr, pid, ret, size))
+
+
+def _write_procmem(pid: int, addr: int, data: bytes) -> None:
+    # Without process_vm_writev: /proc/PID/mem (which would also write
+    # read-only pages; our callers only write pages the target may write).
+    try:
+        fd = os.open("/proc/%d/mem" % pid, os.O_WRONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ProcessLookupError(errno.ESRCH, "process %d is gone" % pid) from None
+    try:
+        n = os.pwrite(fd, data, addr)
+    except OSError as exc:
+        raise MemoryWriteError(exc.errno or errno.EFAULT, "cannot write at %#x in process %d: %s"
+                               % (addr, pid, exc.strerror)) from None
+    finally:
+        os.close(fd)
+    if n != len(data):
+        raise MemoryWriteError(errno.EFAULT, "short write at %#x in process %d" % (addr, pid))

@@ -15,6 +15,14 @@ and reports on stdout after each round:
   subproc   subprocess.run in a loop         -> "main subproc N"
   pipe      write/read through a pipe        -> "main pipe N"
   gilhog    main sleeps; the worker holds the GIL in C forever
+  gilwait   main sleeps; the worker holds the GIL for 1.5 s at a time, in C
+            (reports "hold start" / "hold end" around each)
+  spin      main spins in pure Python, no system call -> "main spin N" every ~2**22 rounds
+  cspin     main runs sum(range(3*10**7)) in C, over and over -> "main cspin N"
+  sigrec LIB  no worker thread; main loads LIB (tests/programs/sigrec.c),
+            whose handlers print "siginfo ..." lines, and sleeps
+  vfork LIB MS  main calls LIB's hold_in_vfork(MS) (tests/programs/vforker.c)
+            over and over -> "main vfork start N" before, "main vfork N" after
 
 Anything that goes wrong raises, which prints on stderr: the tests require
 stderr to stay empty.
@@ -54,12 +62,30 @@ def hog():
     sum(range(10 ** 15))
 
 
+def gil_waits():
+    import ctypes
+    libc = ctypes.PyDLL(None)  # a PyDLL call keeps the GIL
+    while True:
+        report("hold start")
+        libc.usleep(1500000)
+        report("hold end")
+        time.sleep(0.1)
+
+
 def main():
     mode = sys.argv[1]
     # "ready" first: once the hog runs, no other thread gets the GIL again.
     report("ready", os.getpid())
-    threading.Thread(target=hog if mode == "gilhog" else worker, daemon=True).start()
-    if mode in ("sleep", "gilhog"):
+    if mode != "sigrec":
+        threading.Thread(target=hog if mode == "gilhog" else worker, daemon=True).start()
+    if mode == "gilwait":
+        threading.Thread(target=gil_waits, daemon=True).start()
+    if mode in ("sleep", "gilhog", "gilwait", "sigrec"):
+        if mode == "sigrec":
+            import ctypes
+            if ctypes.CDLL(sys.argv[2]).sigrec_install(1) < 0:
+                raise SystemExit("sigrec_install failed")
+            report("installed")
         while True:
             t = time.monotonic()
             time.sleep(BLOCK)
@@ -129,6 +155,28 @@ def main():
             n += 1
             if n % 500 == 0:
                 report("main pipe", n)
+    elif mode == "spin":
+        n = 0
+        while True:
+            n += 1
+            if not n & 0x3fffff:
+                report("main spin", n)
+    elif mode == "cspin":
+        n = 0
+        while True:
+            sum(range(3 * 10 ** 7))
+            n += 1
+            report("main cspin", n)
+    elif mode == "vfork":
+        import ctypes
+        hold = ctypes.CDLL(sys.argv[2]).hold_in_vfork
+        ms = int(sys.argv[3])
+        n = 0
+        while True:
+            report("main vfork start", n)
+            hold(ms)
+            n += 1
+            report("main vfork", n)
     else:
         raise SystemExit("unknown mode " + mode)
 
