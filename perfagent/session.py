@@ -296,8 +296,8 @@ class Capture:
         state = self.state
         try:
             if opts.inject_python and not opts.command:
-                from perfagent.run import PythonInjection
-                self.injection = PythonInjection(strict=opts.pid is not None)
+                from perfagent.python.injection import PythonInjection
+                self.injection = PythonInjection(strict=opts.pid is not None, log=self.log)
                 try:
                     self.injection.activate([opts.pid] if opts.pid is not None else procfs.pids())
                 except CaptureError as exc:

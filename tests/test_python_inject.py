@@ -739,7 +739,7 @@ def test_error_in_one_process_is_one_skip_reason(tmp_path, hook, capsys):
     """Item 5: an OSError inside one process's injection (and a target that
     dies mid-injection) are logged as pid=N reason=... in -a mode; the other
     targets are activated, no traceback."""
-    from perfagent.run import PythonInjection
+    from perfagent.python.injection import PythonInjection
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     (tmp_path / "c").mkdir()
@@ -755,13 +755,14 @@ def test_error_in_one_process_is_one_skip_reason(tmp_path, hook, capsys):
                 gone.proc.kill()
                 gone.proc.wait()
         hook(fail)
-        inj = PythonInjection(strict=False)
+        lines = []
+        inj = PythonInjection(strict=False, log=lines.append)
         inj.activate([bad.pid, gone.pid, good.pid])
-        err = capsys.readouterr().err
+        err = "\n".join(lines) + capsys.readouterr().err
         assert "pid=%d reason=ptrace_failed: OSError: [Errno 5] Input/output error (test)" % bad.pid in err
         assert "Traceback" not in err
         assert inj.active == [good.pid]
-        assert "activated 1 processes; skipped process_gone=1 ptrace_failed=1" in err
+        assert "activated 1 process; skipped process_gone=1 ptrace_failed=1" in err
         hook(None)
         good.wait_for(lambda: [e for e in good.py_entries() if "fresh_" in e], 5, "py:: entries")
         inj.deactivate()

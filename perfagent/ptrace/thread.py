@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
 import time
 from typing import Dict, Optional
 
@@ -40,6 +41,26 @@ class PtraceError(CaptureError):
 
 PTRACE_EPERM_HINT = ("set kernel.yama.ptrace_scope to 0 or 1, "
                      "or grant CAP_SYS_PTRACE")
+
+
+def eperm_hint(pid: int) -> str:
+    """What refused ptrace, and the fix, for this agent and this target.
+
+    The usual advice (ptrace_scope, CAP_SYS_PTRACE) is wrong for root, whom
+    neither stops: then it is Yama's scope 3 (no attaching at all), another
+    tracer, or a security module.
+    """
+    from perfagent.target import procfs
+    scope = procfs.ptrace_scope()
+    if os.geteuid() != 0:
+        return PTRACE_EPERM_HINT
+    if scope == 3:
+        return ("kernel.yama.ptrace_scope is 3: nobody may attach, root included, until a reboot "
+                "with a lower setting")
+    tracer = procfs.tracer_pid(pid)
+    if tracer:
+        return "already traced by pid %d (a debugger?)" % tracer
+    return "the kernel refused root: a security module (AppArmor, SELinux) or a container's seccomp policy"
 
 
 def _regs_struct() -> type:
@@ -106,7 +127,7 @@ class TracedThread:
     def _fail(self, exc: OSError, what: str) -> PtraceError:
         if exc.errno == errno.EPERM:
             return PtraceError("ptrace_eperm", "pid=%d reason=ptrace_eperm: %s (%s)"
-                               % (self.tid, what, PTRACE_EPERM_HINT))
+                               % (self.tid, what, eperm_hint(self.tgid)))
         if exc.errno == errno.ESRCH:
             return PtraceError("process_gone", "pid=%d reason=process_gone: %s" % (self.tid, what))
         return PtraceError("ptrace_failed", "pid=%d reason=ptrace_failed: %s: %s" % (self.tid, what, exc))

@@ -170,8 +170,8 @@ def _os_skip(pid: int, exc: OSError, what: str) -> InjectionSkip:
     if exc.errno in (errno.ENOENT, errno.ESRCH):
         return _skip(pid, "process_gone", "%s: %s" % (what, exc.strerror))
     if exc.errno in (errno.EPERM, errno.EACCES):
-        return _skip(pid, "ptrace_eperm", "%s: %s (set kernel.yama.ptrace_scope to 0 or 1, "
-                     "or grant CAP_SYS_PTRACE)" % (what, exc.strerror))
+        from perfagent.ptrace.thread import eperm_hint
+        return _skip(pid, "ptrace_eperm", "%s: %s (%s)" % (what, exc.strerror, eperm_hint(pid)))
     return _skip(pid, "not_python", "%s: %s" % (what, exc))
 
 

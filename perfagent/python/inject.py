@@ -108,7 +108,7 @@ from perfagent.ptrace import stub as S
 from perfagent.ptrace.call import (Gadgets, LeaveCall, RemoteCaller, in_syscall, locate_gadgets,
                                    temporary_sigmask, waiting_in_syscall)
 from perfagent.ptrace.stack import unwind
-from perfagent.ptrace.thread import PTRACE_EPERM_HINT, PtraceError, TracedThread, tracer_pid
+from perfagent.ptrace.thread import PtraceError, TracedThread, eperm_hint, tracer_pid
 from perfagent.python import remote_debug
 from perfagent.python.detect import InjectionSkip, PythonTarget, detect
 from perfagent.symbolize.procmaps import AddressSpace
@@ -170,8 +170,7 @@ def as_injection_error(exc: BaseException, pid: int) -> CaptureError:
     if isinstance(exc, PtraceError):
         msg = _strip_prefix(str(exc), pid, exc.reason)
         if exc.reason == "ptrace_eperm":
-            if PTRACE_EPERM_HINT not in msg:
-                msg += " (%s)" % PTRACE_EPERM_HINT
+            # TracedThread's own message already names the cause (eperm_hint).
             return InjectionSkip("ptrace_eperm", msg, pid)
         if exc.reason in ("process_gone", "unsupported_arch"):
             return InjectionSkip(exc.reason, msg, pid)
@@ -180,7 +179,7 @@ def as_injection_error(exc: BaseException, pid: int) -> CaptureError:
         if exc.errno in (errno.ESRCH, errno.ENOENT) or isinstance(exc, ProcessLookupError):
             return InjectionSkip("process_gone", str(exc), pid)
         if exc.errno in (errno.EPERM, errno.EACCES):
-            return InjectionSkip("ptrace_eperm", "%s (%s)" % (exc, PTRACE_EPERM_HINT), pid)
+            return InjectionSkip("ptrace_eperm", "%s (%s)" % (exc, eperm_hint(pid)), pid)
         return InjectionError("ptrace_failed", "%s: %s" % (type(exc).__name__, exc), pid)
     if isinstance(exc, CaptureError):
         return InjectionError("ptrace_failed", str(exc), pid)

@@ -338,3 +338,11 @@ def syscall_regs(pid: int, tid: int) -> Optional[SyscallRegs]:
     """
     return parse_syscall(read_bounded(proc_path(pid, "task", str(tid), "syscall"), 512)
                          .decode("ascii", "replace"))
+
+
+def ptrace_scope() -> int:
+    """kernel.yama.ptrace_scope (0-3), or -1 without Yama."""
+    try:
+        return int(read_bounded("/proc/sys/kernel/yama/ptrace_scope", 16).strip() or b"-1")
+    except (OSError, ValueError):
+        return -1
