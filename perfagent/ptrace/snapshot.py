@@ -41,7 +41,6 @@ test can send signals into either window.
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import time
@@ -194,59 +193,23 @@ def interrupt(t: TracedThread, timeout: float) -> B.WaitStatus:
     """
     masked = _block(_SIGCHLD_SET)  # sigtimedwait takes it only while it is blocked
     try:
-        try:
-            B.ptrace(B.PTRACE_INTERRUPT, t.tid)
-        except OSError as exc:
-            raise _ptrace_error(t.tid, exc, "PTRACE_INTERRUPT") from None
-        deadline = time.monotonic() + timeout
-        while True:
-            st = _wait_stop(t, deadline)
-            if st.is_event_stop:
-                return st
-            t.resume(st.stopsig if st.is_signal_delivery else 0)
+        t.request_interrupt()
+        return t.wait_event_stop(time.monotonic() + timeout, _sleep_until_child_event)
     finally:
         _restore_signals(masked)
 
 
-def _wait_stop(t: TracedThread, deadline: float) -> B.WaitStatus:
+def _sleep_until_child_event(seconds: float) -> None:
     # A stop of a tracee sends its tracer SIGCHLD (do_notify_parent_cldstop),
     # which the caller keeps blocked: sigtimedwait sleeps until then.  The
     # WAIT_SLICE cap covers a SIGCHLD that was already pending, merged with
     # ours, or taken by another thread of a program that embeds the agent
-    # (then this is a 250 µs poll).
-    while True:
-        try:
-            pid, raw = B.waitpid(t.tid, B.WNOHANG | B.WALL)
-        except OSError as exc:
-            t.attached = t.stopped = False
-            raise _ptrace_error(t.tid, exc, "waitpid") from None
-        if pid == t.tid:
-            st = B.WaitStatus(raw)
-            t.last_status = st
-            if st.exited:
-                t.attached = t.stopped = False
-                raise PtraceError("process_gone", "pid=%d reason=process_gone: %r" % (t.tid, st))
-            t.stopped = True
-            return st
-        now = time.monotonic()
-        if now >= deadline:
-            raise PtraceError("timeout", "pid=%d reason=timeout: thread did not stop" % t.tid)
-        _sleep_until_child_event(min(WAIT_SLICE, deadline - now))
-
-
-def _sleep_until_child_event(seconds: float) -> None:
+    # (then this is a WAIT_SLICE poll).
+    seconds = min(seconds, WAIT_SLICE)
     if _HAS_SIGTIMEDWAIT:
         signal.sigtimedwait(_SIGCHLD_SET, seconds)
     else:
         time.sleep(min(seconds, 50e-6))
-
-
-def _ptrace_error(tid: int, exc: OSError, what: str) -> PtraceError:
-    if exc.errno in (errno.ESRCH, errno.ECHILD):
-        return PtraceError("process_gone", "pid=%d reason=process_gone: %s" % (tid, what))
-    if exc.errno == errno.EPERM:
-        return PtraceError("ptrace_eperm", "pid=%d reason=ptrace_eperm: %s" % (tid, what))
-    return PtraceError("ptrace_failed", "pid=%d reason=ptrace_failed: %s: %s" % (tid, what, exc))
 
 
 def _detach_quietly(t: TracedThread) -> None:

@@ -17,7 +17,7 @@ import ctypes
 import errno
 import os
 import time
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 from perfagent import arch
 from perfagent.errors import CaptureError
@@ -160,10 +160,11 @@ class TracedThread:
         chance (for a stopped thread: right after it is resumed)."""
         self._ptrace(B.PTRACE_INTERRUPT)
 
-    def wait_event_stop(self, deadline: float) -> B.WaitStatus:
+    def wait_event_stop(self, deadline: float,
+                        sleep: Optional[Callable[[float], None]] = None) -> B.WaitStatus:
         """Wait for a PTRACE_EVENT_STOP, passing signals on (see interrupt)."""
         while True:
-            st = self.wait(deadline)
+            st = self.wait(deadline, sleep)
             if st.is_event_stop:
                 # The interrupt trap, or a group-stop (someone sent SIGSTOP)
                 # which, under PTRACE_SEIZE, is just as good a stop to work
@@ -178,16 +179,19 @@ class TracedThread:
     #: away (a syscall stop in a remote call) is seen without sleeping.
     SPIN_POLLS = 200
 
-    def wait(self, deadline: Optional[float]) -> B.WaitStatus:
+    def wait(self, deadline: Optional[float],
+             sleep: Optional[Callable[[float], None]] = None) -> B.WaitStatus:
         """The thread's next stop, polling with WNOHANG until ``deadline``.
 
         Raises PtraceError("process_gone") when it exits and
         PtraceError("timeout") when the deadline passes first (``None``:
         one poll round only, for callers that check other things between
-        polls).
+        polls).  Between polls it spins briefly, then sleeps with a growing
+        back-off; ``sleep(seconds)`` replaces both for a caller that can
+        sleep until the stop's SIGCHLD instead (perfagent.ptrace.snapshot).
         """
         delay = 0.00005
-        spins = self.SPIN_POLLS
+        spins = self.SPIN_POLLS if sleep is None else 0
         while True:
             try:
                 pid, raw = B.waitpid(self.tid, B.WNOHANG | B.WALL)
@@ -209,6 +213,9 @@ class TracedThread:
             now = time.monotonic()
             if deadline is None or now >= deadline:
                 raise PtraceError("timeout", "pid=%d reason=timeout: thread did not stop" % self.tid)
+            if sleep is not None:
+                sleep(deadline - now)
+                continue
             time.sleep(min(delay, deadline - now))
             delay = min(delay * 2, 0.002)
 
