@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine.  Installs what the tests need
 # (gcc and binutils for test programs and readelf, Debian's golang-go for
-# `go tool pprof`, pytest) when missing, builds the cached test interpreters
-# and the Debian sid root when missing, then runs pytest as root, which the
+# `go tool pprof`, pytest, a virtual environment with flask and gunicorn)
+# when missing, builds the cached test interpreters and the Debian sid root
+# when missing, then runs pytest as root, which the
 # integration tests need for perf_event_open, ptrace, bpf and namespaces.
 # Extra arguments go to pytest:  tools/test.sh -k capture
 set -euo pipefail
@@ -47,6 +48,14 @@ if [ -x tools/build_debian_root.sh ]; then
     else
         echo "tools/test.sh: warning: building the Debian sid root failed; container tests are skipped" >&2
     fi
+fi
+
+# Flask and gunicorn in a virtual environment, for the test that profiles a
+# web service as a user would (cached outside the repository).
+if bash tools/build_web_venv.sh "$PY" >&2; then
+    export PERFAGENT_REQUIRE_WEB_VENV=1
+else
+    echo "tools/test.sh: warning: installing flask and gunicorn failed; the web-service test is skipped" >&2
 fi
 
 # Go's pprof must accept every profile the tests write: its absence is a failure here.
