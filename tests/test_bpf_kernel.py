@@ -298,9 +298,10 @@ import os, time
 end = time.monotonic() + 1.0
 x = 0
 while time.monotonic() < end:
-    for i in range(2000):
+    for i in range(200):
         x += i * i
-    os.stat("/")
+    os.stat("/")  # a syscall in every short round: kernel stacks are common, not luck
+    os.stat("/proc/self/status")
 """
 
 

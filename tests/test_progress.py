@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pty
+import re
 import subprocess
 import sys
 
@@ -39,7 +40,7 @@ def test_progress_line_on_a_terminal(tmp_path):
     assert rc == 0, tty
     assert out == b""  # nothing on stdout
     assert "\r\x1b[Kperf-agent: 1s/2s" in tty or "\r\x1b[Kperf-agent: 2s/2s" in tty or "/2s  " in tty, tty
-    assert "samples" in tty and "lost" in tty
+    assert re.search(r"\d+ samples?", tty) and "lost" in tty
     assert "wrote " in tty.splitlines()[-1] or any("wrote " in l for l in tty.splitlines())
 
 
@@ -51,4 +52,5 @@ def test_quiet_and_pipes_have_no_progress(tmp_path):
                         "--profile-output", str(tmp_path / "r.pb.gz")], cwd=str(tmp_path), env=agent_env(),
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
     assert r.returncode == 0 and "\r" not in r.stderr and r.stdout == ""
-    assert "wrote " in r.stderr and "samples" in r.stderr
+    # An idle machine may give a 1.5 s -a capture a single sample ("1 sample").
+    assert "wrote " in r.stderr and re.search(r"\d+ samples?, \d+ lost", r.stderr), r.stderr
