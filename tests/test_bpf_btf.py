@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import os
 import struct
-import time
 from typing import List
 
 import pytest
@@ -171,13 +170,11 @@ needs_vmlinux = pytest.mark.skipif(not os.path.exists(B.VMLINUX_PATH),
 
 
 @needs_vmlinux
-def test_vmlinux_parse_is_fast():
-    t0 = time.perf_counter()
+def test_vmlinux_parse_and_index():
+    # (Its speed is a benchmark figure, not an assertion: tools/bench_capture.py.)
     t = BTF.load_vmlinux()
-    t.find("task_struct", B.BTF_KIND_STRUCT)   # builds the name index
-    elapsed = time.perf_counter() - t0
+    assert t.find("task_struct", B.BTF_KIND_STRUCT)   # builds the name index
     assert len(t) > 10000
-    assert elapsed < 2.0, "parsing vmlinux BTF took %.2fs" % elapsed
 
 
 @needs_vmlinux

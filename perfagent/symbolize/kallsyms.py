@@ -32,6 +32,7 @@ one letter is malformed: skipped and counted in ``skipped``.
 from __future__ import annotations
 
 import bisect
+import operator
 from typing import Dict, List, Optional, Tuple
 
 KALLSYMS_PATH = "/proc/kallsyms"
@@ -65,6 +66,7 @@ REASON_UNREADABLE = "cannot read %s (%s); kernel frames stay as addresses"
 
 # One parsed symbol: (address, rank, name or None for an end marker, module).
 _Symbol = Tuple[int, int, Optional[str], Optional[str]]
+_SORT_KEY = operator.itemgetter(0, 1)  # (address, rank), in C
 
 
 def _is_end_marker(name: str) -> bool:
@@ -136,18 +138,22 @@ class KernelSymbols:
         An end marker sharing an address with a function loses to it.
         """
         # Stable, and already sorted in the common case (sort() is then O(n)).
-        symbols.sort(key=lambda s: (s[0], s[1]))
+        symbols.sort(key=_SORT_KEY)
         starts, names, modules = self._starts, self._names, self._modules
         prev_addr = -1
+        prev_module: object = ()  # equal to no module
         for addr, _rank_key, name, module in symbols:
             if addr == prev_addr:
                 continue  # the preferred alias at this address came first
-            if starts:
+            # Only a module change can cap the previous symbol (see
+            # _close_previous): test it here rather than call per symbol.
+            if starts and module != prev_module:
                 _close_previous(starts, names, modules, addr, module)
             starts.append(addr)
             names.append(name)
             modules.append(module)
             prev_addr = addr
+            prev_module = module
         _close_previous(starts, names, modules, None, None)
 
     def __len__(self) -> int:
