@@ -169,7 +169,7 @@ def test_sigint_and_sigterm_still_write(chain_bin, tmp_path):
             agent = subprocess.Popen([sys.executable, "-m", "perfagent", "--profile", "--pid",
                                       str(target.pid), "--duration", "60s", "--profile-output", str(out)],
                                      env=env, stderr=subprocess.PIPE, text=True)
-            time.sleep(2.0)
+            time.sleep(3.0)  # start-up on a loaded machine can take a second
             agent.send_signal(sig)
             _, err = agent.communicate(timeout=30)
             assert agent.returncode == 0, err
@@ -312,7 +312,7 @@ def test_process_started_and_exited_during_capture_symbolizes(chain_bin, tmp_pat
     assert agent.returncode == 0, err
     stacks = sample_stacks(read_profile(str(out)))
     mine = [s for s in stacks if s[1]["pid"] == pid]
-    assert sum(v[0] for _, _, v in mine) >= 80, err
+    assert sum(v[0] for _, _, v in mine) >= 50, err  # ~150 when the machine is idle (1.5 s at 99 Hz)
     assert all(s[1]["process"] == "chain" for s in mine), sorted({s[1]["process"] for s in mine})
     assert chain_share(stacks, pid) >= 0.9
 

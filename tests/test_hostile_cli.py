@@ -184,7 +184,8 @@ def test_second_signal_after_cancel_exits_at_once(tmp_path, stripped_chain):
     finally:
         stop(target)
     assert "Traceback" not in stderr
-    assert agent.returncode in (0, 128 + signal.SIGINT), stderr
+    # 130, or killed by the SIGINT itself when it lands after the handlers are gone (exit path)
+    assert agent.returncode in (0, 128 + signal.SIGINT, -signal.SIGINT), stderr
     with open("/proc/%d/status" % os.getpid()):
         pass
 

@@ -43,7 +43,7 @@ from perfagent.python import layouts
 from perfagent.python.interpreter import Interpreter, InterpreterSkip, find_interpreter
 from perfagent.python.layout import INTERPRETER_FRAME, LINETABLE_310, LNOTAB, LOCATIONS, layout_for
 from perfagent.python.linetable import line_for
-from perfagent.python.reader import FRAME_ENTRY, Reader, ReaderError
+from perfagent.python.reader import FRAME_ENTRY, RawFrame, Reader, ReaderError
 from perfagent.target import procfs
 
 sys.path.insert(0, os.path.join(REPO, "tools"))
@@ -737,6 +737,13 @@ def test_code_object_address_reuse_is_detected(spec, tmp_path):
         second = reader.code(addr)
         assert second.name == "f%s" % answer.split()[1] and reader.code_decodes == 2
         assert second.fingerprint != first.fingerprint
+        # A cached code object whose memory reads short now (freed, or the pid
+        # is another process) is gone: None and an unknown frame, no struct.error.
+        unmapped = 0x20000
+        reader._codes[unmapped] = first
+        assert reader.code(unmapped) is None and unmapped not in reader._codes
+        reader._codes[unmapped] = first
+        assert reader.frame(RawFrame(0, unmapped, 0, 0, 0)).filename == "?"
         t.send("\n")
 
 

@@ -121,4 +121,5 @@ def test_reused_jit_address_keeps_both_names(special_bin, tmp_path):
     with open(str(out), "rb") as f:
         prof = decode_profile(f.read())
     first, second = leaf_share(prof, "jit_spin_loop"), leaf_share(prof, "jit_second")
-    assert first > 0.3 and second > 0.3, (first, second)
+    # Each phase lasts about half the capture; a loaded machine shifts the split.
+    assert first > 0.1 and second > 0.1 and first + second > 0.9, (first, second)

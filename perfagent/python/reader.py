@@ -424,8 +424,8 @@ class Reader:
             del self._codes[addr]
         else:
             head = self._read(addr, self._code_span)
-            if len(head) < self._code_span:
-                return None
+        if len(head) < self._code_span:
+            return None  # unreadable now (freed, or the pid is another process)
         code = self._decode_code(head)
         if code is not None:
             if len(self._codes) > 1 << 16:
@@ -517,10 +517,15 @@ class Reader:
         return line if line is not None and line > 0 else 0
 
     def frame(self, raw: RawFrame) -> Frame:
-        code = self.code(raw.code)
-        if code is None:
-            return Frame("<unknown code %#x>" % raw.code, "?", 0, 0, raw)
-        return Frame(code.qualname, code.filename, self.line(code, raw), code.firstlineno, raw)
+        """``raw`` named; a code object that cannot be read or decoded (short
+        read, hostile contents) gives an unknown frame, never an exception."""
+        try:
+            code = self.code(raw.code)
+            if code is not None:
+                return Frame(code.qualname, code.filename, self.line(code, raw), code.firstlineno, raw)
+        except struct.error:
+            pass  # memory the target controls: a short or odd read is a bad pointer
+        return Frame("<unknown code %#x>" % raw.code, "?", 0, 0, raw)
 
     def snapshot(self) -> None:
         """From now on each code object is validated once (then trusted)

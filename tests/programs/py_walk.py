@@ -22,7 +22,7 @@ def spin(units):
     x = 0
     while time.thread_time() < end:  # @spin-loop
         x += 1  # @spin-body
-    return x
+    return x  # @spin-return
 
 
 def fn1():
