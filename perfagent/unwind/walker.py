@@ -38,6 +38,7 @@ from __future__ import annotations
 import bisect
 import os
 import struct
+from array import array
 from typing import Dict, List, Optional, Tuple
 
 from perfagent.arch import x86_64 as X
@@ -47,8 +48,10 @@ from perfagent.dwarf.rules import (
     RULE_SAME_VALUE, RULE_UNDEFINED, RULE_VAL_EXPRESSION, RULE_VAL_OFFSET,
 )
 from perfagent.dwarf.cfi import CallFrameInfo, EHFrameHdr
-from perfagent.dwarf.rules import cie_initial_state, fde_rows
-from perfagent.dwarf.table import CFITable, load_eh_frame_hdr
+from perfagent.dwarf.rules import SPAN_BYTES, cie_initial_state, fde_rows
+from perfagent.dwarf.pointers import DWARFError
+from perfagent.dwarf.table import elf_sources, load_eh_frame_hdr
+from perfagent.elf.constants import EM_X86_64
 from perfagent.elf import ELFFile, LoadMap
 from perfagent.errors import ParseError
 
@@ -78,60 +81,202 @@ _TRAMPOLINE_STATES = ((0, 0, 8), (4, 8, 16), (6, 8, 16), (10, 0, 8))
 
 
 class LazyEhFrame:
-    """Rows decoded one FDE at a time through .eh_frame_hdr's search table.
+    """Rows decoded one FDE at a time, found without decoding the others.
 
-    A profile touches a few hundred of libpython's ten thousand FDEs, so
-    decoding only those (found by the header's binary search) costs
-    milliseconds where compiling the whole table costs a fifth of a second
-    per large binary.  A pc no .eh_frame FDE covers falls back to the full
-    table, which also holds .debug_frame.  Each FDE is decoded under its own
-    :class:`~perfagent.budget.Budget`; a malformed or over-budget FDE costs
-    only its own range.
+    A profile touches a few hundred of libpython's ten thousand FDEs (and of
+    libLLVM's hundred thousand), so decoding only those costs milliseconds
+    where compiling the whole table costs a fifth of a second per large
+    binary, and 5-18 s and 300 MB for libLLVM.  The FDE of a pc is found by
+    .eh_frame_hdr's binary search, or, without a header, in a sorted index
+    of FDE ranges (start, end, offset: three array slots per FDE, no rows).
+
+    A pc in a gap between .eh_frame FDEs (padding, code without CFI) is
+    answered "no CFI" from that same search; only when the binary (or its
+    debug file) has a .debug_frame is that section consulted, the same way
+    (its FDEs that touch no .eh_frame range, as the merged table would).
+    Nothing here ever decodes a whole section's rows.  Each FDE is decoded
+    under its own :class:`~perfagent.budget.Budget`; a malformed or
+    over-budget FDE costs only its own range.
+
+    The counters say what it holds: ``fdes_decoded``, ``rows_built`` (row
+    spans decoded), ``gap_lookups`` (pcs no .eh_frame FDE covers) and
+    :meth:`nbytes` (an estimate of the memory held, section bytes included).
     """
 
-    __slots__ = ("_cfi", "_hdr", "_full", "_fdes", "_initial")
+    __slots__ = ("_cfi", "_hdr", "_fallback", "_fdes", "_initial", "_shared", "_ranges",
+                 "fdes_decoded", "rows_built", "gap_lookups", "_rows_bytes")
 
-    def __init__(self, cfi: CallFrameInfo, hdr: EHFrameHdr, full: CFITable) -> None:
+    def __init__(self, cfi: CallFrameInfo, hdr: Optional[EHFrameHdr] = None, full=None,
+                 fallback: Optional[List[CallFrameInfo]] = None) -> None:
+        """``cfi``: the .eh_frame; ``hdr``: its .eh_frame_hdr (None or empty:
+        an index of FDE ranges is built on first use); ``fallback``: other
+        sections (.debug_frame) for pcs .eh_frame does not cover, else those
+        of ``full`` (a :class:`CFITable` of the same binary), whose rows are
+        never compiled here."""
         self._cfi = cfi
-        self._hdr = hdr
-        self._full = full
-        # FDE initial_location -> (row starts, row spans); per pc, the walker's
-        # own cache sits in front of this.
-        self._fdes: Dict[int, Tuple[List[int], list]] = {}
-        self._initial: Dict[int, object] = {}  # CIE offset -> initial rule state
+        self._hdr = hdr if hdr is not None and len(hdr) else None
+        if fallback is None:
+            fallback = [src for src in (full.sources if full is not None else ()) if not src.is_eh_frame]
+        self._fallback = fallback
+        # (source, FDE offset) -> (row starts, row spans); per pc, the
+        # walker's own cache sits in front of this.
+        self._fdes: Dict[Tuple[int, int], Tuple[List[int], list]] = {}
+        self._initial: Dict[Tuple[int, int], object] = {}  # (source, CIE offset) -> initial state
+        self._shared: Dict[tuple, tuple] = {}  # identical rows of different FDEs: one tuple
+        self._ranges: Dict[int, _FDERanges] = {}  # source -> FDE range index (no header)
+        self.fdes_decoded = 0
+        self.rows_built = 0
+        self.gap_lookups = 0
+        self._rows_bytes = 0
 
     def lookup(self, pc: int):
-        try:
-            fde = self._cfi.find_fde(pc, self._hdr)
-        except ParseError:
-            fde = None
+        fde = self._find(0, self._cfi, pc)
+        source, cfi = 0, self._cfi
         if fde is None:
-            return self._full.lookup(pc)
-        decoded = self._fdes.get(fde.initial_location)
+            self.gap_lookups += 1
+            fde = None
+            for source, cfi in enumerate(self._fallback, 1):
+                fde = self._find(source, cfi, pc)
+                if fde is not None:
+                    if self._covered_by_eh_frame(fde.initial_location, fde.pc_end):
+                        return None  # the merged table would have dropped this FDE
+                    break
+            if fde is None:
+                return None
+        key = (source, fde.offset)
+        decoded = self._fdes.get(key)
         if decoded is None:
             try:
-                decoded = self._decode(fde)
+                decoded = self._decode(source, cfi, fde)
             except Cancelled:
                 return None  # the capture is stopping: no row, and nothing cached
-            self._fdes[fde.initial_location] = decoded
+            self._fdes[key] = decoded
         starts, spans = decoded
         i = bisect.bisect_right(starts, pc) - 1
         if i >= 0 and pc < spans[i][1]:
             return spans[i][2]
         return None
 
-    def _decode(self, fde) -> Tuple[List[int], list]:
-        budget = Budget("%s FDE at %#x" % (self._cfi.name, fde.offset), LAZY_FDE_SECONDS, LAZY_FDE_BYTES)
+    def nbytes(self) -> int:
+        """Memory held (estimate): section bytes, search arrays, decoded rows."""
+        total = len(self._cfi.data) + sum(len(src.data) for src in self._fallback)
+        if self._hdr is not None:
+            total += self._hdr.nbytes()
+        total += sum(r.nbytes() for r in self._ranges.values())
+        return total + self._rows_bytes
+
+    def _find(self, source: int, cfi: CallFrameInfo, pc: int):
+        """The FDE of ``cfi`` covering ``pc`` (one FDE decoded), or None."""
+        if source == 0 and self._hdr is not None:
+            try:
+                return cfi.find_fde(pc, self._hdr)
+            except ParseError:
+                return None
+        offset = self._index(source, cfi).find(pc)
+        if offset is None:
+            return None
         try:
-            initial = self._initial.get(fde.cie.offset)
+            return cfi.fde_at(offset)
+        except ParseError:
+            return None
+
+    def _index(self, source: int, cfi: CallFrameInfo) -> "_FDERanges":
+        ranges = self._ranges.get(source)
+        if ranges is None:
+            ranges = self._ranges[source] = _FDERanges(cfi)
+        return ranges
+
+    def _covered_by_eh_frame(self, lo: int, hi: int) -> bool:
+        """Does [lo, hi) meet an .eh_frame FDE?  (Decodes at most one FDE.)"""
+        if self._hdr is None:
+            return self._index(0, self._cfi).overlaps(lo, hi)
+        locations = self._hdr.initial_locations
+        i = bisect.bisect_left(locations, hi) - 1  # the last FDE starting before hi
+        if i < 0:
+            return False
+        if locations[i] >= lo:
+            return True
+        try:
+            fde = self._cfi.fde_at(self._hdr.fde_addresses[i] - self._cfi.section_addr)
+        except ParseError:
+            return False
+        return fde.pc_end > lo
+
+    def _decode(self, source: int, cfi: CallFrameInfo, fde) -> Tuple[List[int], list]:
+        budget = Budget("%s FDE at %#x" % (cfi.name, fde.offset), LAZY_FDE_SECONDS, LAZY_FDE_BYTES)
+        try:
+            key = (source, fde.cie.offset)
+            initial = self._initial.get(key)
             if initial is None:
-                initial = self._initial[fde.cie.offset] = cie_initial_state(self._cfi, fde.cie, budget)
-            spans = fde_rows(self._cfi, fde, initial, budget)
+                initial = self._initial[key] = cie_initial_state(cfi, fde.cie, budget)
+            spans = fde_rows(cfi, fde, initial, budget, self._shared)
         except Cancelled:
             raise
         except ParseError:
             spans = []  # a malformed FDE costs only its own range
+        self.fdes_decoded += 1
+        self.rows_built += len(spans)
+        self._rows_bytes += SPAN_BYTES * len(spans) + _FDE_ENTRY_BYTES
         return [span[0] for span in spans], spans
+
+
+# What one decoded FDE costs besides its spans: the dict entry, key and lists.
+_FDE_ENTRY_BYTES = 200
+
+
+class _FDERanges:
+    """Every FDE's [start, end) and section offset, sorted, for a section
+    without a search table (.debug_frame, .eh_frame without a header).
+
+    Built on first use by walking the section's entry headers once under a
+    Budget; holds three array slots per FDE and no rows.  Where FDEs
+    overlap, the one starting last before a pc is the one found.
+    """
+
+    __slots__ = ("_cfi", "starts", "ends", "offsets", "_ends_max")
+
+    def __init__(self, cfi: CallFrameInfo) -> None:
+        self._cfi = cfi
+        self.starts = self.ends = self.offsets = self._ends_max = None
+
+    def _build(self) -> None:
+        entries = []
+        try:
+            for fde in self._cfi.iter_fdes(budget=Budget("%s FDE index" % self._cfi.name)):
+                if fde.address_range:
+                    entries.append((fde.initial_location, fde.pc_end, fde.offset))
+        except Cancelled:
+            raise
+        except ParseError:
+            pass  # what was indexed before the budget ran out stays usable
+        entries.sort()
+        self.starts = array("Q", [e[0] for e in entries])
+        self.ends = array("Q", [e[1] for e in entries])
+        self.offsets = array("Q", [e[2] for e in entries])
+        ends_max, best = array("Q"), 0
+        for end in self.ends:
+            best = end if end > best else best
+            ends_max.append(best)
+        self._ends_max = ends_max
+
+    def find(self, pc: int) -> Optional[int]:
+        """The section offset of the FDE covering ``pc``, or None."""
+        if self.starts is None:
+            self._build()
+        i = bisect.bisect_right(self.starts, pc) - 1
+        if i >= 0 and pc < self.ends[i]:
+            return self.offsets[i]
+        return None
+
+    def overlaps(self, lo: int, hi: int) -> bool:
+        """Does [lo, hi) meet any indexed FDE?"""
+        if self.starts is None:
+            self._build()
+        i = bisect.bisect_left(self.starts, hi) - 1
+        return i >= 0 and self._ends_max[i] > lo
+
+    def nbytes(self) -> int:
+        return 0 if self.starts is None else 32 * len(self.starts)
 
 
 class BinaryCFI:
@@ -213,26 +358,36 @@ class CFICache:
                     debug = self.binaries.find_debug_file(elf, path, build_id, pid)
                 debug_elf = debug[1] if debug is not None else None
                 try:
-                    # copies the section bytes; decodes on first use
-                    full = CFITable.from_elf(elf, debug_elf)
-                    has_cfi = (elf.section(".eh_frame") is not None or elf.section(".debug_frame") is not None
-                               or (debug_elf is not None and debug_elf.section(".debug_frame") is not None))
+                    # Section bytes are read once (copied out of the file);
+                    # nothing is decoded until a pc asks.
+                    table = _lazy_table(elf, debug_elf)
                 finally:
                     if debug_elf is not None:
                         debug_elf.close()
+                has_cfi = table is not None
                 load_map = LoadMap(elf.segments)
-                table = full
-                hdr = load_eh_frame_hdr(elf)
-                # The table's own .eh_frame (one copy of the section bytes, not two).
-                eh = [src for src in full.sources if src.is_eh_frame] if hdr is not None and len(hdr) else []
-                if eh:
-                    table = LazyEhFrame(eh[0], hdr, full)
         except (OSError, ParseError) as exc:
             return self._failed(path, exc)
         cfi = BinaryCFI(table, load_map, has_cfi)
         if build_id:
             self._by_build_id[build_id] = cfi
         return cfi
+
+
+def _lazy_table(elf: ELFFile, debug_elf: Optional[ELFFile]) -> Optional[LazyEhFrame]:
+    """The binary's :class:`LazyEhFrame`: its .eh_frame (and .eh_frame_hdr),
+    with .debug_frame (from the debug file when there is one) for what
+    .eh_frame does not cover; None when it has no CFI at all."""
+    if elf.e_machine != EM_X86_64:
+        raise DWARFError("%s: CFI tables support x86-64 only (e_machine %d)"
+                         % (elf.path or "<bytes>", elf.e_machine))
+    eh = elf_sources(elf, None, ".eh_frame")
+    debug = elf_sources(debug_elf if debug_elf is not None else elf, None, ".debug_frame")
+    if eh:
+        return LazyEhFrame(eh[0], load_eh_frame_hdr(elf), fallback=debug)
+    if debug:
+        return LazyEhFrame(debug[0], None)
+    return None
 
 
 class Walker:
