@@ -39,6 +39,7 @@ import bisect
 import os
 import struct
 from array import array
+from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
 from perfagent.arch import x86_64 as X
@@ -56,6 +57,10 @@ from perfagent.elf import ELFFile, LoadMap
 from perfagent.errors import ParseError
 
 MAX_FRAMES = 256
+
+#: Bytes of CFI (section bytes, search tables, decoded rows) the cache keeps
+#: for binaries no longer in use before it forgets the least recently used.
+DEFAULT_CACHE_BYTES = 64 << 20
 
 # One FDE decoded lazily may take this long and produce this much; its rows
 # are capped by perfagent.dwarf.rules.MAX_ROWS_PER_FDE anyway, and real
@@ -301,13 +306,17 @@ class CFICache:
     build a symbol table.
     """
 
-    def __init__(self, binaries=None) -> None:
+    def __init__(self, binaries=None, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         if binaries is None:
             from perfagent.symbolize.native import BinaryCache
             binaries = BinaryCache()
         self.binaries = binaries
-        self._by_inode: Dict[tuple, BinaryCFI] = {}
+        # Least recently used first; bounded by max_bytes (what the tables
+        # hold, section bytes and decoded rows), checked as binaries load.
+        self._by_inode: "OrderedDict[tuple, BinaryCFI]" = OrderedDict()
         self._by_build_id: Dict[str, BinaryCFI] = {}
+        self.max_bytes = max_bytes
+        self.evicted = 0
         self.errors: List[str] = []
 
     def get(self, m) -> BinaryCFI:
@@ -317,7 +326,38 @@ class CFICache:
         cfi = self._by_inode.get(key)
         if cfi is None:
             cfi = self._by_inode[key] = self._load_mapped(m)
+            self._evict()
+        else:
+            self._by_inode.move_to_end(key)
         return cfi
+
+    def binaries_held(self) -> int:
+        return len({id(cfi) for cfi in self._by_inode.values()})
+
+    def bytes_held(self) -> int:
+        """What the cached tables hold (section bytes and decoded rows)."""
+        seen = {}
+        for cfi in self._by_inode.values():
+            seen[id(cfi)] = cfi.table.nbytes() if cfi.table is not None else 0
+        return sum(seen.values())
+
+    def _evict(self) -> None:
+        """Drop least recently used binaries while over ``max_bytes`` (never
+        the one just loaded).  A process still unwinding through an evicted
+        binary keeps it through its own per-pc cache until its mappings
+        change; a later miss loads it again."""
+        if len(self._by_inode) < 2:
+            return
+        total = self.bytes_held()
+        while total > self.max_bytes and len(self._by_inode) > 1:
+            key, cfi = self._by_inode.popitem(last=False)
+            if any(other is cfi for other in self._by_inode.values()):
+                continue  # another inode shares it (one build at two paths)
+            total -= cfi.table.nbytes() if cfi.table is not None else 0
+            self.evicted += 1
+            for build_id, other in list(self._by_build_id.items()):
+                if other is cfi:
+                    del self._by_build_id[build_id]
 
     def get_vdso(self) -> BinaryCFI:
         """The vDSO's CFI, from the agent's own image (the same kernel's)."""
@@ -397,7 +437,7 @@ class Walker:
         self.mode = mode
         self.cache = cfi_cache or CFICache()
         self.outcomes = [0, 0, 0, 0]
-        self._trampolines: Dict[Tuple[int, int], int] = {}  # (pid, pc) -> state index or -1
+        self._trampolines: Dict[int, Dict[int, int]] = {}  # pid -> pc -> state index or -1
 
     # The frame step needs: the mapping lookup, the per-binary table, the
     # trampoline check.  ``proc`` supplies ``space.find`` and ``pid``;
@@ -622,11 +662,17 @@ class Walker:
 
     def _trampoline_state(self, pid: int, pc: int, entry) -> int:
         """Which trampoline instruction ``pc`` is at, or -1 when not in one."""
-        key = (pid, pc)
-        state = self._trampolines.get(key)
+        known = self._trampolines.get(pid)
+        if known is None:
+            known = self._trampolines[pid] = {}
+        state = known.get(pc)
         if state is None:
-            state = self._trampolines[key] = _match_trampoline(pid, pc)
+            state = known[pc] = _match_trampoline(pid, pc)
         return state
+
+    def forget(self, pid: int) -> None:
+        """Drop what was learnt about process ``pid`` (it exited)."""
+        self._trampolines.pop(pid, None)
 
     def summary(self) -> str:
         total = sum(self.outcomes)
