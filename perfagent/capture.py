@@ -480,6 +480,7 @@ class CaptureState:
             "cfi_binaries": cfi.binaries_held() if cfi is not None else 0,
             "cfi_bytes": cfi.bytes_held() if cfi is not None else 0,
             "mappings": len(self.mappings),
+            "distinct_stacks": len(self.stacks) + len(self.offcpu_stacks),
             "released_processes": self.released_processes,
         }
 
@@ -663,8 +664,18 @@ class CaptureState:
         if entry is None:
             return (-1, addr)
         kind = mapping_kind(entry)
-        key = (kind, entry.start, entry.end, entry.pgoff, entry.path, entry.inode,
-               proc.pid if kind == KIND_JIT else 0)
+        shared = kind == KIND_FILE or kind == KIND_VDSO
+        if shared:
+            # One record per file segment (and one vDSO: the same image in
+            # every process), whichever process maps it where:
+            # the address moves into the first mapping's range (same file
+            # offset, so the same name), and the profile holds one Mapping
+            # and one Location per segment and offset, not per process.
+            key = (kind, entry.end - entry.start, entry.pgoff, entry.path, entry.dev_major,
+                   entry.dev_minor, entry.inode)
+        else:
+            key = (kind, entry.start, entry.end, entry.pgoff, entry.path, entry.inode,
+                   proc.pid if kind == KIND_JIT else 0)
         index = self._mapping_index.get(key)
         if index is None:
             index = self._mapping_index[key] = len(self.mappings)
@@ -673,6 +684,8 @@ class CaptureState:
                 # Named at the end of the capture: keep the file open now,
                 # while the process that maps it is alive.
                 self.symbolizer.binaries.pin(mapped_file(proc.pid, entry))
+        if shared:
+            return (index, addr - entry.start + self.mappings[index].start)
         if kind == KIND_JIT and self.symbolizer is not None:
             if not proc.view_loaded:
                 self.load_view(proc)

@@ -67,6 +67,10 @@ def test_three_hundred_processes_come_and_go(churn_programs):
     assert held["unwind_cache_entries"] + held["frame_cache_entries"] <= 2000, held
     assert held["thread_names"] <= len(state.sampled_tids) + 5, held
     assert held["forked_tids"] <= 3, held
+    # One mapping record per file segment, not per (process, library): the
+    # children's executable, libc, ld.so, the 40 libraries, the vDSO, and
+    # the spawner's own.
+    assert held["mappings"] <= 4 * LIBRARIES + 60, held
     cache = state.walker.cache
     assert cache.evicted >= LIBRARIES, (cache.evicted, held)
     # The bound holds, but for the binary just loaded (never evicted itself).
