@@ -551,6 +551,16 @@ class CaptureState:
                 proc.frame_cache.clear()
 
     def _walk_pending(self) -> None:
+        limited = hasattr(self.walker, "new_cycle")
+        if limited:
+            self.walker.new_cycle()  # bounds one-time table work per drain cycle
+        try:
+            self._walk_all()
+        finally:
+            if limited:
+                self.walker.new_cycle(None)
+
+    def _walk_all(self) -> None:
         walks, self._pending_walks = self._pending_walks, []
         walk = self.walker.walk
         pending = self._pending

@@ -132,3 +132,37 @@ def test_chains_through_libllvm_complete(llvmcall, tmp_path, unwind):
     assert share >= 0.9, (share, [user_part(n) for n, _, _ in stacks[:5]])
     m = re.search(r"unwound (\d+) user stacks: (\d+) complete", r.stderr)
     assert m and int(m.group(2)) >= 0.9 * int(m.group(1)), r.stderr
+
+
+def test_an_index_without_search_table_is_spread_over_drain_cycles():
+    """libLLVM's .eh_frame without its .eh_frame_hdr (as a .debug_frame is
+    reached): the FDE range index is built in slices of the drain cycle's
+    allowance; until it is complete a lookup answers a provisional "no CFI"
+    (which the walker does not cache), then the same rows as the header path."""
+    from perfagent.dwarf.table import elf_sources, load_eh_frame_hdr
+    from perfagent.elf import ELFFile
+    from perfagent.unwind.walker import INDEX_CYCLE_SECONDS, Walker
+    with ELFFile.from_path(LIBLLVM) as elf:
+        eh = elf_sources(elf, None, ".eh_frame")[0]
+        hdr = load_eh_frame_hdr(elf)
+    with_hdr = LazyEhFrame(eh, hdr)
+    without = LazyEhFrame(eh, None)
+    pcs = [hdr.initial_locations[i] + 1 for i in range(0, len(hdr), 9973)]
+    cycles = 0
+    try:
+        while True:
+            Walker.new_cycle()
+            cycles += 1
+            row = without.lookup(pcs[0])
+            if not without.provisional:
+                break
+            assert row is None
+            assert cycles < 1000
+        ranges = without._ranges[0]
+        assert ranges.steps == cycles >= 3, (ranges.steps, cycles)  # one slice per cycle
+        assert ranges.pending_lookups == cycles - 1
+        for pc in pcs:
+            assert without.lookup(pc) == with_hdr.lookup(pc) is not None
+    finally:
+        Walker.new_cycle(None)
+    assert INDEX_CYCLE_SECONDS <= 0.05

@@ -38,6 +38,7 @@ from __future__ import annotations
 import bisect
 import os
 import struct
+import time
 from array import array
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
@@ -109,7 +110,7 @@ class LazyEhFrame:
     """
 
     __slots__ = ("_cfi", "_hdr", "_fallback", "_fdes", "_initial", "_shared", "_ranges",
-                 "fdes_decoded", "rows_built", "gap_lookups", "_rows_bytes")
+                 "fdes_decoded", "rows_built", "gap_lookups", "_rows_bytes", "provisional")
 
     def __init__(self, cfi: CallFrameInfo, hdr: Optional[EHFrameHdr] = None, full=None,
                  fallback: Optional[List[CallFrameInfo]] = None) -> None:
@@ -133,8 +134,12 @@ class LazyEhFrame:
         self.rows_built = 0
         self.gap_lookups = 0
         self._rows_bytes = 0
+        # The last lookup's "no CFI" may change: an FDE index was still
+        # being built (the walker does not cache such an answer).
+        self.provisional = False
 
     def lookup(self, pc: int):
+        self.provisional = False
         fde = self._find(0, self._cfi, pc)
         source, cfi = 0, self._cfi
         if fde is None:
@@ -177,7 +182,11 @@ class LazyEhFrame:
                 return cfi.find_fde(pc, self._hdr)
             except ParseError:
                 return None
-        offset = self._index(source, cfi).find(pc)
+        ranges = self._index(source, cfi)
+        if not ranges.ready():
+            self.provisional = True
+            return None
+        offset = ranges.find(pc)
         if offset is None:
             return None
         try:
@@ -194,7 +203,11 @@ class LazyEhFrame:
     def _covered_by_eh_frame(self, lo: int, hi: int) -> bool:
         """Does [lo, hi) meet an .eh_frame FDE?  (Decodes at most one FDE.)"""
         if self._hdr is None:
-            return self._index(0, self._cfi).overlaps(lo, hi)
+            ranges = self._index(0, self._cfi)
+            if not ranges.ready():
+                self.provisional = True
+                return True
+            return ranges.overlaps(lo, hi)
         locations = self._hdr.initial_locations
         i = bisect.bisect_left(locations, hi) - 1  # the last FDE starting before hi
         if i < 0:
@@ -228,32 +241,69 @@ class LazyEhFrame:
 # What one decoded FDE costs besides its spans: the dict entry, key and lists.
 _FDE_ENTRY_BYTES = 200
 
+# Indexing a section without a search table: at most this long per lookup
+# that needs the index (one drain cycle is 100 ms), FDEs between clock
+# reads, and the whole walk's deadline (it is spread over drain cycles).
+INDEX_STEP_SECONDS = 0.02
+_INDEX_CHECK_FDES = 256
+INDEX_SECONDS = 120.0
+# Indexing time allowed per drain cycle, all binaries together (see
+# Walker.new_cycle); None outside a capture's drain loop: no limit.
+INDEX_CYCLE_SECONDS = 0.03
+_index_allowance: List[Optional[float]] = [None]
+
 
 class _FDERanges:
     """Every FDE's [start, end) and section offset, sorted, for a section
     without a search table (.debug_frame, .eh_frame without a header).
 
-    Built on first use by walking the section's entry headers once under a
-    Budget; holds three array slots per FDE and no rows.  Where FDEs
-    overlap, the one starting last before a pc is the one found.
+    Holds three array slots per FDE and no rows.  Built by walking the
+    section's entries once, a slice of at most :data:`INDEX_STEP_SECONDS`
+    per lookup that needs it: a debug file with a hundred thousand FDEs
+    spreads its indexing over several drain cycles instead of holding one
+    (until it is complete such a lookup answers "no CFI", counted in
+    ``pending_lookups``).  Where FDEs overlap, the one starting last before
+    a pc is the one found.
     """
 
-    __slots__ = ("_cfi", "starts", "ends", "offsets", "_ends_max")
+    __slots__ = ("_cfi", "starts", "ends", "offsets", "_ends_max", "_walk", "_entries",
+                 "pending_lookups", "steps")
 
     def __init__(self, cfi: CallFrameInfo) -> None:
         self._cfi = cfi
         self.starts = self.ends = self.offsets = self._ends_max = None
+        self._walk = None
+        self._entries: list = []
+        self.pending_lookups = 0
+        self.steps = 0
 
-    def _build(self) -> None:
-        entries = []
+    def _build(self, seconds: float) -> bool:
+        """One slice of the walk, about ``seconds`` long; True once the
+        index is complete."""
+        if self._walk is None:
+            # A generous deadline: the walk is spread over drain cycles, and
+            # each slice is bounded on its own.
+            self._walk = self._cfi.iter_fdes(budget=Budget("%s FDE index" % self._cfi.name,
+                                                           INDEX_SECONDS))
+        self.steps += 1
+        entries = self._entries
+        deadline = time.monotonic() + seconds
         try:
-            for fde in self._cfi.iter_fdes(budget=Budget("%s FDE index" % self._cfi.name)):
+            for n, fde in enumerate(self._walk, 1):
                 if fde.address_range:
                     entries.append((fde.initial_location, fde.pc_end, fde.offset))
+                if not n % _INDEX_CHECK_FDES and time.monotonic() > deadline:
+                    return False
         except Cancelled:
+            self._walk = None  # the capture is stopping: start over if asked again
+            self._entries = []
             raise
         except ParseError:
             pass  # what was indexed before the budget ran out stays usable
+        self._finish(entries)
+        return True
+
+    def _finish(self, entries: list) -> None:
         entries.sort()
         self.starts = array("Q", [e[0] for e in entries])
         self.ends = array("Q", [e[1] for e in entries])
@@ -263,25 +313,46 @@ class _FDERanges:
             best = end if end > best else best
             ends_max.append(best)
         self._ends_max = ends_max
+        self._walk = None
+        self._entries = []
+
+    def ready(self) -> bool:
+        """Is the index complete (after one more slice of work, when the
+        drain cycle's allowance has time left)?"""
+        if self.starts is not None:
+            return True
+        left = _index_allowance[0]
+        if left is not None and left <= 0:
+            self.pending_lookups += 1
+            return False
+        started = time.monotonic()
+        done = self._build(INDEX_STEP_SECONDS if left is None else min(INDEX_STEP_SECONDS, left))
+        if left is not None:
+            _index_allowance[0] = left - (time.monotonic() - started)
+        if not done:
+            self.pending_lookups += 1
+        return done
 
     def find(self, pc: int) -> Optional[int]:
         """The section offset of the FDE covering ``pc``, or None."""
-        if self.starts is None:
-            self._build()
+        if not self.ready():
+            return None
         i = bisect.bisect_right(self.starts, pc) - 1
         if i >= 0 and pc < self.ends[i]:
             return self.offsets[i]
         return None
 
     def overlaps(self, lo: int, hi: int) -> bool:
-        """Does [lo, hi) meet any indexed FDE?"""
-        if self.starts is None:
-            self._build()
+        """Does [lo, hi) meet any indexed FDE?  (True while the index is
+        incomplete: nothing is claimed for .debug_frame before it is known
+        that .eh_frame does not cover it.)"""
+        if not self.ready():
+            return True
         i = bisect.bisect_left(self.starts, hi) - 1
         return i >= 0 and self._ends_max[i] > lo
 
     def nbytes(self) -> int:
-        return 0 if self.starts is None else 32 * len(self.starts)
+        return 40 * len(self._entries) if self.starts is None else 32 * len(self.starts)
 
 
 class BinaryCFI:
@@ -484,7 +555,7 @@ class Walker:
         # its mappings change).  The leaf's pc is exact.
         hit = cache.get(pc)
         if hit is None:
-            hit = cache[pc] = self._step_info(find, binary_for, pc)
+            hit = self._step_info(find, binary_for, pc, cache)
         outcome = OUTCOME_TRUNCATED  # if MAX_FRAMES runs out
         first = True
         for _ in range(MAX_FRAMES):
@@ -631,7 +702,7 @@ class Walker:
             lookup = ra if signal else ra - 1
             hit = cache.get(lookup)
             if hit is None:
-                hit = cache[lookup] = self._step_info(find, binary_for, lookup)
+                hit = self._step_info(find, binary_for, lookup, cache)
             if hit[0] is None:
                 outcome = OUTCOME_BAD
                 break
@@ -648,17 +719,23 @@ class Walker:
         return tuple(ips)
 
     @staticmethod
-    def _step_info(find, binary_for, lookup: int) -> tuple:
+    def _step_info(find, binary_for, lookup: int, cache: dict) -> tuple:
+        """(mapping, binary CFI, row) of a pc, stored in the process's
+        ``cache`` unless the table's answer is provisional."""
         entry = find(lookup)
         if entry is None or not entry.is_exec:
-            return (None, None, None)
+            hit = cache[lookup] = (None, None, None)
+            return hit
         binary = binary_for(entry)
         row = None
         if binary is not None and binary.has_cfi:
             vaddr = binary.load_map.offset_to_vaddr(lookup - entry.start + entry.pgoff)
             if vaddr is not None:
                 row = binary.table.lookup(vaddr)
-        return (entry, binary, row)
+                if row is None and getattr(binary.table, "provisional", False):
+                    return (entry, binary, row)
+        hit = cache[lookup] = (entry, binary, row)
+        return hit
 
     def _trampoline_state(self, pid: int, pc: int, entry) -> int:
         """Which trampoline instruction ``pc`` is at, or -1 when not in one."""
@@ -669,6 +746,13 @@ class Walker:
         if state is None:
             state = known[pc] = _match_trampoline(pid, pc)
         return state
+
+    @staticmethod
+    def new_cycle(seconds: Optional[float] = INDEX_CYCLE_SECONDS) -> None:
+        """A drain cycle's walks start: FDE indexes of sections without a
+        search table may take ``seconds`` of it, all binaries together
+        (None: no limit, outside the drain loop)."""
+        _index_allowance[0] = seconds
 
     def forget(self, pid: int) -> None:
         """Drop what was learnt about process ``pid`` (it exited)."""
