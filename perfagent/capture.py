@@ -37,6 +37,10 @@ KERNEL_LIMIT = 0xFFFFFFFFFFFFFFFF
 
 PROT_EXEC = 4
 
+# Drains an exited process waits for in-kernel count sources to collect on
+# their own before they are asked to (about a second).
+EXIT_COLLECT_DRAINS = 10
+
 
 class MappingRecord:
     """One mapping as the profile will show it (a pprof Mapping)."""
@@ -91,7 +95,7 @@ class ProcessInfo:
     """
 
     __slots__ = ("pid", "comm", "space", "uid", "frame_cache", "unwind_cache", "exited", "maps_known",
-                 "start", "ns_pid", "container_id", "pod_uid", "view_loaded")
+                 "start", "ns_pid", "container_id", "pod_uid", "view_loaded", "released")
 
     def __init__(self, pid: int, comm: str = "") -> None:
         self.pid = pid
@@ -108,6 +112,15 @@ class ProcessInfo:
         self.container_id = ""
         self.pod_uid = ""
         self.view_loaded = False
+        self.released = False  # exited, and its mappings and caches let go
+
+    def release(self) -> None:
+        """Keep only the profile's labels of an exited process (pid, start,
+        comm, namespace pid, container): its mappings and caches go."""
+        self.space = AddressSpace()
+        self.frame_cache = {}
+        self.unwind_cache = {}
+        self.released = True
 
     def apply_view(self, view: "target_process.ProcessView") -> None:
         self.start = view.identity.start
@@ -170,7 +183,6 @@ class CaptureState:
         # samples taken while it was current).
         self.symbolizer = symbolizer  # a perfagent.unwind.walker.Walker for --unwind dwarf/auto
         self._pending_walks: List[tuple] = []
-        self._binary_cfi: Dict[tuple, object] = {}
         self._binary_for: Dict[int, object] = {}
         self.processes: Dict[int, ProcessInfo] = {}
         self.thread_comm: Dict[int, str] = {}
@@ -196,6 +208,15 @@ class CaptureState:
         self.python_rechecks: List[int] = []  # pids that exec'd or mapped a libpython
         self.new_processes: List[Tuple[int, int]] = []  # (pid, parent pid) from FORK records
         self.gone_processes: List[int] = []  # pids from EXIT records (since last taken)
+        # Threads whose EXIT came: (drain number, pid, tid), released once
+        # their samples are resolved (see _release_exited).
+        self._exited: List[Tuple[int, int, int]] = []
+        self._drain_no = 0
+        # Sources that count stacks in the kernel (their samples of a gone
+        # process arrive when they collect) -> drain of their last collection.
+        self._holders: Dict[str, int] = {}
+        self.sampled_tids: set = set()  # tids with samples: their names label the profile
+        self.released_processes = 0
 
     def take_increments(self) -> Dict[Tuple[int, int, Tuple[Frame, ...]], List[int]]:
         """The on-CPU counts added since the previous call (the first call
@@ -315,6 +336,7 @@ class CaptureState:
                     self.thread_comm[tid] = name
         elif kind == "exit":
             _, pid, _ppid, tid, _ptid, _time = ev
+            self._exited.append((self._drain_no, pid, tid))
             if pid == tid:
                 self.gone_processes.append(pid)
                 if pid in self.processes:
@@ -372,6 +394,95 @@ class CaptureState:
             self.samples += count
             if pid not in self.pids_seen:
                 self._first_seen(pid)
+            if tid not in self.sampled_tids:
+                self.sampled_tids.add(tid)
+        self._release_exited()
+
+    # -- process lifetime --------------------------------------------------
+    def hold_counts(self, holder: str) -> None:
+        """A source that counts stacks in the kernel: exited processes are
+        released only after it collected (:meth:`counts_collected`)."""
+        self._holders[holder] = -1
+
+    def counts_collected(self, holder: str) -> None:
+        """``holder`` collected everything it counted so far."""
+        self._holders[holder] = self._drain_no
+
+    def exits_waiting(self, drains: int = EXIT_COLLECT_DRAINS) -> bool:
+        """Has an exited process waited ``drains`` drains for the in-kernel
+        counts to be collected?  (Such sources then collect early.)"""
+        return bool(self._exited) and self._exited[0][0] <= self._drain_no - drains
+
+    def _release_exited(self) -> None:
+        """Forget what threads and processes that exited held, once their
+        samples are resolved: one drain after their EXIT (samples still in
+        other CPUs' rings are in by then), and after every in-kernel count
+        source collected: a long system-wide run holds what its live
+        processes need, not everything it ever saw.
+
+        A process with samples keeps a shell (pid, start, comm, namespace
+        pid, container: its profile labels) without mappings or caches;
+        one without samples is dropped.  Its perf map, unwind closure and
+        the walker's per-process memo go; names of threads without samples
+        go.  Nothing a resolved stack refers to is released: frames hold
+        mapping indexes, and MappingRecords stay.
+        """
+        current = self._drain_no
+        self._drain_no += 1
+        # An exit seen in drain d: released from drain d + 1 on, and only
+        # once every count source collected in drain d or later.
+        collected = min(self._holders.values()) if self._holders else current
+        exited = self._exited
+        n = 0
+        while n < len(exited) and exited[n][0] < current and exited[n][0] <= collected:
+            _, pid, tid = exited[n]
+            n += 1
+            if tid not in self.sampled_tids:
+                self.thread_comm.pop(tid, None)
+            self.forked_tids.discard(tid)
+            if pid == tid:
+                self._release_process(pid)
+        if n:
+            del exited[:n]
+
+    def _release_process(self, pid: int) -> None:
+        proc = self.processes.get(pid)
+        if proc is None or not proc.exited:
+            return  # a new process has the pid now
+        self._binary_for.pop(pid, None)
+        for walker in (self.walker, self.offcpu_walker):
+            if walker is not None and hasattr(walker, "forget"):
+                walker.forget(pid)
+        if self.symbolizer is not None:
+            self.symbolizer.forget_perf_map(pid, proc.start)
+        self.released_processes += 1
+        if pid in self.pids_seen:
+            proc.release()
+        else:
+            del self.processes[pid]
+
+    def bookkeeping(self) -> Dict[str, int]:
+        """What the capture holds, in counts (tests and benchmarks of long
+        runs assert on these, not on time)."""
+        live = [p for p in self.processes.values() if not p.released]
+        cache = (self.walker or self.offcpu_walker)
+        cfi = cache.cache if cache is not None else None
+        return {
+            "processes": len(self.processes),
+            "processes_with_mappings": len(live),
+            "mapping_entries": sum(len(p.space) for p in live),
+            "frame_cache_entries": sum(len(p.frame_cache) for p in self.processes.values()),
+            "unwind_cache_entries": sum(len(p.unwind_cache) for p in self.processes.values()),
+            "unwind_closures": len(self._binary_for),
+            "thread_names": len(self.thread_comm),
+            "forked_tids": len(self.forked_tids),
+            "perf_maps": self.symbolizer.perf_maps_held() if self.symbolizer is not None else 0,
+            "cfi_binaries": cfi.binaries_held() if cfi is not None else 0,
+            "cfi_bytes": cfi.bytes_held() if cfi is not None else 0,
+            "mappings": len(self.mappings),
+            "distinct_stacks": len(self.stacks) + len(self.offcpu_stacks),
+            "released_processes": self.released_processes,
+        }
 
     def add_counted(self, pid: int, tid: int, kernel_ips: tuple, user_ips: tuple,
                     samples: int, period_ns: int, python=None) -> None:
@@ -394,6 +505,7 @@ class CaptureState:
         self.samples += samples
         if pid not in self.pids_seen:
             self._first_seen(pid)
+        self.sampled_tids.add(tid)
 
     def add_offcpu(self, pid: int, tid: int, kernel_ips: tuple, user_ips: tuple,
                    blocks: int, nanoseconds: int, copy=None, python=None) -> None:
@@ -417,6 +529,7 @@ class CaptureState:
         self.offcpu_samples += blocks
         if pid not in self.pids_seen:
             self._first_seen(pid)
+        self.sampled_tids.add(tid)
 
     def _first_seen(self, pid: int) -> None:
         """A process's first samples: read its labels (namespace pid,
@@ -438,6 +551,16 @@ class CaptureState:
                 proc.frame_cache.clear()
 
     def _walk_pending(self) -> None:
+        limited = hasattr(self.walker, "new_cycle")
+        if limited:
+            self.walker.new_cycle()  # bounds one-time table work per drain cycle
+        try:
+            self._walk_all()
+        finally:
+            if limited:
+                self.walker.new_cycle(None)
+
+    def _walk_all(self) -> None:
         walks, self._pending_walks = self._pending_walks, []
         walk = self.walker.walk
         pending = self._pending
@@ -502,22 +625,21 @@ class CaptureState:
         return tuple(out)
 
     def _binary_cfi_for(self, proc: ProcessInfo):
-        """``binary_for(entry)`` for the walker: the CFI of a mapping's file, or None."""
-        cache = self._binary_cfi
+        """``binary_for(entry)`` for the walker: the CFI of a mapping's file, or None.
+
+        Asks the CFI cache every time (only on a per-process cache miss:
+        once per distinct pc) rather than keeping the tables here too, so
+        the cache's LRU bound is what holds them."""
         cfi_cache = (self.walker or self.offcpu_walker).cache
         pid = proc.pid
 
         def binary_for(entry: MapEntry):
-            key = (entry.dev_major, entry.dev_minor, entry.inode, entry.path)
-            binary = cache.get(key)
-            if binary is None and key not in cache:
-                kind = mapping_kind(entry)
-                if kind == KIND_FILE:
-                    binary = cfi_cache.get(mapped_file(pid, entry))
-                elif kind == KIND_VDSO:
-                    binary = cfi_cache.get_vdso()
-                cache[key] = binary
-            return binary
+            kind = mapping_kind(entry)
+            if kind == KIND_FILE:
+                return cfi_cache.get(mapped_file(pid, entry))
+            if kind == KIND_VDSO:
+                return cfi_cache.get_vdso()
+            return None
         return binary_for
 
     def _resolve(self, pid: int, kernel_ips: tuple, user_ips: tuple, python: tuple = ()) -> Tuple[Frame, ...]:
@@ -552,8 +674,18 @@ class CaptureState:
         if entry is None:
             return (-1, addr)
         kind = mapping_kind(entry)
-        key = (kind, entry.start, entry.end, entry.pgoff, entry.path, entry.inode,
-               proc.pid if kind == KIND_JIT else 0)
+        shared = kind == KIND_FILE or kind == KIND_VDSO
+        if shared:
+            # One record per file segment (and one vDSO: the same image in
+            # every process), whichever process maps it where:
+            # the address moves into the first mapping's range (same file
+            # offset, so the same name), and the profile holds one Mapping
+            # and one Location per segment and offset, not per process.
+            key = (kind, entry.end - entry.start, entry.pgoff, entry.path, entry.dev_major,
+                   entry.dev_minor, entry.inode)
+        else:
+            key = (kind, entry.start, entry.end, entry.pgoff, entry.path, entry.inode,
+                   proc.pid if kind == KIND_JIT else 0)
         index = self._mapping_index.get(key)
         if index is None:
             index = self._mapping_index[key] = len(self.mappings)
@@ -562,6 +694,8 @@ class CaptureState:
                 # Named at the end of the capture: keep the file open now,
                 # while the process that maps it is alive.
                 self.symbolizer.binaries.pin(mapped_file(proc.pid, entry))
+        if shared:
+            return (index, addr - entry.start + self.mappings[index].start)
         if kind == KIND_JIT and self.symbolizer is not None:
             if not proc.view_loaded:
                 self.load_view(proc)

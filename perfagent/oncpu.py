@@ -146,8 +146,8 @@ class LocationTable:
         known = self._interpreter_mappings.get(rec.index)
         if known is None:
             info = self._binary(rec)
-            names = info.symbols.names if info.symbols is not None else ()
-            known = self._interpreter_mappings[rec.index] = INTERPRETER_MARKER in names
+            known = self._interpreter_mappings[rec.index] = (
+                info.symbols is not None and info.symbols.contains_name(INTERPRETER_MARKER))
         return known
 
     def _name(self, rec: MappingRecord, addr: int) -> Tuple[Optional[str], str]:

@@ -178,9 +178,15 @@ class OnCpuCounts(OnCpuSource):
         from perfagent.offcpu.inkernel import InKernelSampler
         super().__init__(state, tgids)
         self.engine = InKernelSampler(sample_rate, self.tgids, python=python)
+        state.hold_counts("oncpu")
 
     def feed(self) -> None:
-        self._add(self.engine.collect_if_full())
+        if self.state.exits_waiting():
+            # Exited processes are released once their counts are in.
+            self._add(self.engine.collect_if_full(0.0))
+            self.state.counts_collected("oncpu")
+        else:
+            self._add(self.engine.collect_if_full())
 
     def stop(self) -> None:
         self.engine.stop()
@@ -240,6 +246,7 @@ class OffCpu(Source):
         self.log = log
         self.engine = self._collector(self.stack_size)
         self._next = 0.0
+        state.hold_counts("offcpu")
 
     def _collector(self, copy_stack: int):
         from perfagent.offcpu.collector import OffCpuCollector
@@ -273,6 +280,7 @@ class OffCpu(Source):
             return
         self._next = now + self.COLLECT_INTERVAL
         self._add(self.engine.collect())
+        self.state.counts_collected("offcpu")
 
     def stop(self) -> None:
         self.engine.stop()

@@ -724,7 +724,7 @@ def test_synthetic_eh_frame_hdr():
     generic = bytes([1, DW_EH_PE_udata8, DW_EH_PE_udata4, DW_EH_PE_udata8]) + struct.pack("<QI", 0x9000, 3)
     for loc, fde in entries:
         generic += struct.pack("<QQ", loc, fde)
-    assert EHFrameHdr(generic, hdr_addr).fde_addresses == [0x9100, 0x9200, 0x9300]
+    assert list(EHFrameHdr(generic, hdr_addr).fde_addresses) == [0x9100, 0x9200, 0x9300]
     with pytest.raises(DWARFError):
         EHFrameHdr(bytes([2]) + data[1:], hdr_addr)
     with pytest.raises(DWARFError):

@@ -861,7 +861,7 @@ class PerfMapExercise:
             f.write(data[half:])
         pm.refresh()
         assert pm.trusted and pm.skipped >= 0
-        for addr in _probes(pm._raw_starts):
+        for addr in _probes(pm._starts):
             pm.lookup(addr)
         os.unlink(self.path)
 

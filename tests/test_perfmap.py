@@ -65,6 +65,23 @@ def test_later_wins_matches_brute_force(map_path):
         assert pm.lookup(addr) == brute_force(entries, addr), hex(addr)
 
 
+def test_reused_addresses_update_in_place(map_path):
+    """A JIT that recompiles into the same few addresses: each entry is laid
+    over the view (no rebuild from every entry read, which was quadratic),
+    the view holds what is current, and nothing grows with the history."""
+    entries = [(0x1000 + 0x100 * (i % 16), 0x80 + (i % 3) * 0x40, "gen%d" % i) for i in range(20000)]
+    map_path.write_text("".join("%x %x %s\n" % entries[i] for i in range(10000)))
+    pm = PerfMap(str(map_path), ME)
+    with map_path.open("a") as f:
+        f.write("".join("%x %x %s\n" % entries[i] for i in range(10000, 20000)))
+    assert pm.refresh()
+    assert len(pm) == 20000
+    assert pm.pieces() <= 32, pm.pieces()
+    tail = entries[-64:]
+    for addr in range(0x1000, 0x2100, 0x10):
+        assert pm.lookup(addr) == brute_force(tail, addr), hex(addr)
+
+
 def test_missing_file_is_not_an_error(map_path):
     pm = PerfMap(str(map_path), ME)
     assert not pm.exists and pm.lookup(0x1000) is None

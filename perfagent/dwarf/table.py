@@ -283,6 +283,10 @@ def _elf_sources(elf, read_pointer, *names: str) -> List[CallFrameInfo]:
     return sources
 
 
+#: The sections of a binary as CallFrameInfo (the walker's lazy tables use them directly).
+elf_sources = _elf_sources
+
+
 def load_eh_frame_hdr(elf) -> Optional[EHFrameHdr]:
     """The parsed .eh_frame_hdr of ``elf``, or None if absent or malformed."""
     sec, data = _section_bytes(elf, ".eh_frame_hdr")

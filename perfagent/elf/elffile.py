@@ -66,6 +66,9 @@ _INFLATE_CHUNK = 1 << 20
 #: in the budget's memory fails instead of being decoded).
 SYMBOL_COST = 160
 
+#: Bytes charged per raw symbol row (a 6-int tuple) by ELFFile.raw_symbols.
+RAW_SYMBOL_COST = 100
+
 #: Symbols decoded between two budget checks.
 _SYMBOLS_PER_CHECK = 4096
 
@@ -221,6 +224,25 @@ class _StringTable:
         # Symbol and section names are display strings: one odd byte must not
         # make a whole table unreadable, nor leak surrogates into the profile.
         return self._slice(offset).decode("utf-8", "replace")
+
+
+def symbol_name(strings: bytes, offset: int) -> Optional[str]:
+    """The name at ``offset`` of a string table copied by
+    :meth:`ELFFile.raw_symbols`: cut at :data:`MAX_NAME_BYTES`, odd bytes
+    replaced; None when the offset is outside the table or the string has
+    no terminating NUL (a malformed entry costs that symbol only)."""
+    if offset == 0:
+        return ""
+    end = len(strings)
+    if offset >= end:
+        return None
+    limit = offset + MAX_NAME_BYTES
+    nul = strings.find(b"\0", offset, min(limit, end))
+    if nul < 0:
+        if limit >= end:
+            return None
+        nul = limit
+    return strings[offset:nul].decode("utf-8", "replace")
 
 
 class ELFFile:
@@ -617,6 +639,44 @@ class ELFFile:
                 info = row[i_info]
                 yield Symbol(name_of(row[i_name]), row[i_value], row[i_size],
                              info & 0xF, info >> 4, row[i_shndx], row[i_other])
+
+    def raw_symbols(self, section_name: str, budget: Optional[Budget] = None) -> Tuple[list, bytes]:
+        """(rows, strings) of ``.symtab`` or ``.dynsym``, decoded in bulk.
+
+        ``rows`` are the raw entries as tuples in the spec's field order
+        (st_name, st_info, st_other, st_shndx, st_value, st_size), unpacked
+        by one ``iter_unpack`` over the section (no per-symbol Python work:
+        callers filter on st_info/st_shndx in a comprehension); ``strings``
+        is a copy of the linked string table, for names decoded later with
+        :func:`symbol_name` only where they are needed.  A missing or
+        SHT_NOBITS table gives ([], b"").  Charged to ``budget`` like
+        :meth:`iter_symbols`.
+        """
+        sec = self.section(section_name)
+        if sec is None or sec.sh_type == SHT_NOBITS:
+            return [], b""
+        work = budget if budget is not None else self.budget
+        with self._parsing():
+            if sec.sh_type not in (SHT_SYMTAB, SHT_DYNSYM):
+                raise self._error("section %r is not a symbol table (sh_type %d)" % (sec.name, sec.sh_type))
+            strtab = self._string_table_at(self._linked_section(sec), "string table of %s" % sec.name)
+            data = self.section_data(sec, work)
+            Sym = self._layouts.Sym
+            entsize = sec.sh_entsize or Sym.size
+            if entsize < Sym.size:
+                raise self._error("symbol entry size %d is smaller than %d" % (entsize, Sym.size))
+            count = len(data) // entsize
+            work.charge(count * RAW_SYMBOL_COST + (strtab._end - strtab._base))
+            work.check()
+            if entsize == Sym.size:
+                rows = list(Sym.iter_unpack(data[:count * entsize]))
+            else:
+                rows = [Sym.unpack_from(data, i * entsize) for i in range(count)]
+            if self._layouts.sym_order != tuple(range(6)):
+                order = self._layouts.sym_order
+                rows = [tuple(row[i] for i in order) for row in rows]
+            work.check()
+            return rows, bytes(strtab._buf[strtab._base:strtab._end])
 
     # ------------------------------------------------------------------ notes
 

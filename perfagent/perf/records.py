@@ -89,7 +89,9 @@ LOST_BODY = struct.Struct("<QQ")
 # Sample tuples:
 #   (pid, tid, time, cpu, period, ip, kernel_ips, user_ips, user_regs, user_stack)
 # where kernel_ips / user_ips are tuples leaf-first with context markers removed,
-# user_regs a tuple (or None) and user_stack a bytes copy trimmed to dyn_size (or None).
+# user_regs a tuple (or None) and user_stack a read-only memoryview of the
+# chunk parsed, trimmed to dyn_size (or None): no copy per sample; keep
+# bytes(user_stack) to hold it past the chunk's life.
 
 
 # Sample fields before PERF_SAMPLE_CALLCHAIN: one u64 each (TID and CPU are
@@ -114,7 +116,31 @@ def sample_id_trailer_size(sample_type: int) -> int:
 
 
 def split_callchain(ips: Tuple[int, ...]) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
-    """Split a raw callchain into (kernel ips, user ips) at the context markers."""
+    """Split a raw callchain into (kernel ips, user ips) at the context markers.
+
+    Per-sample hot path.  The kernel writes [KERNEL, k..., USER, u...] (either
+    part may be missing), so the markers are found with tuple.index (a C
+    scan) and the parts are two slices; max() over each part (C again)
+    confirms no other marker hides in it.  Any other shape (guest and
+    hypervisor contexts, repeated markers) takes the general loop.
+    """
+    n = len(ips)
+    if not n:
+        return (), ()
+    start = 1 if ips[0] == PERF_CONTEXT_KERNEL else 0
+    try:
+        u = ips.index(PERF_CONTEXT_USER, start)
+    except ValueError:
+        u = n
+    kernel = ips[start:u]
+    user = ips[u + 1:]
+    if (not kernel or max(kernel) < PERF_CONTEXT_MAX) and (not user or max(user) < PERF_CONTEXT_MAX):
+        return kernel, user
+    return _split_callchain_loop(ips)
+
+
+def _split_callchain_loop(ips: Tuple[int, ...]) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """The general split: every marker switches the context."""
     kernel: List[int] = []
     user: List[int] = []
     current = kernel
@@ -177,7 +203,7 @@ class RecordParser:
         so that can only mean a corrupted buffer, never a split record.
         """
         time_from_end = self._time_from_end
-        view = memoryview(data)
+        view = memoryview(data).toreadonly()  # samples' stack views must not be writable
         end = len(data)
         off = 0
         unpack_header = PERF_EVENT_HEADER.unpack_from
@@ -267,7 +293,9 @@ class RecordParser:
                 if size > end - off - 8:
                     raise ValueError("user stack of %d bytes past the end of the record" % size)
                 dyn_size = u64(view, off + size)[0]
-                stack = bytes(view[off: off + min(size, dyn_size)])
+                # A view into the drained chunk, not a copy: the walker
+                # reads it with unpack_from before the drain ends.
+                stack = view[off: off + min(size, dyn_size)]
                 off += size + 8
         if off > end:
             raise ValueError("sample longer than its record")

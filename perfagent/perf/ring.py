@@ -55,7 +55,8 @@ class RingBuffer:
         return _U64.unpack_from(self._mm, DATA_HEAD_OFFSET)[0] - self._tail
 
     def read(self) -> bytes:
-        """Copy out every complete record the kernel has published, and release them."""
+        """Copy out every complete record the kernel has published, and release them
+        (bytes, or a bytearray when the range wrapped: one copy either way)."""
         head = _U64.unpack_from(self._mm, DATA_HEAD_OFFSET)[0]
         tail = self._tail
         if head == tail:
@@ -71,7 +72,13 @@ class RingBuffer:
             data = self._mm[base + start: base + start + n]
         else:  # the range wraps: the second part is at the beginning of the data area
             first = size - start
-            data = self._mm[base + start: base + size] + self._mm[base: base + n - first]
+            # One copy straight into the result (slicing both parts and
+            # concatenating them copied every byte twice).
+            out = bytearray(n)
+            with memoryview(self._mm) as mm:
+                out[:first] = mm[base + start: base + size]
+                out[first:] = mm[base: base + n - first]
+            data = out
         _U64.pack_into(self._mm, DATA_TAIL_OFFSET, head)
         self._tail = head
         self.bytes_read += n

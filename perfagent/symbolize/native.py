@@ -14,13 +14,17 @@ many processes map it and under whatever path.
 
 from __future__ import annotations
 
+import itertools
+import operator
 import os
 import threading
 import zlib
+from collections import Counter
 from bisect import bisect_right
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 from ..elf import ELFFile, LoadMap
+from ..elf.elffile import symbol_name
 from ..elf.constants import (
     EM_ARM, SHF_EXECINSTR, SHN_LORESERVE, SHN_UNDEF, SHT_NOBITS, STB_GLOBAL,
     STB_GNU_UNIQUE, STB_WEAK, STT_FUNC, STT_GNU_IFUNC, STT_NOTYPE,
@@ -43,17 +47,6 @@ _LOCAL_RANK = 2
 _CRC_CHUNK = 1 << 20
 
 
-class _Candidate(NamedTuple):
-    start: int
-    size: int
-    name: str
-    # (kind, bind rank, leading underscores, source rank, name): the
-    # deterministic order in which aliases at one address are preferred;
-    # kind 0 is STT_FUNC/STT_GNU_IFUNC, 1 is an STT_NOTYPE code label.
-    rank: tuple
-    section_end: Optional[int]
-
-
 class SymbolTable:
     """Function address ranges of one binary, searchable by link-time address.
 
@@ -65,24 +58,34 @@ class SymbolTable:
     extends to the next symbol, but not past its section or a function
     that encloses it.  Unreadable symbol sections are skipped and described
     in :attr:`errors`; construction never raises ELFError.
+
+    Built in bulk (libLLVM has 45k function symbols): the entries are
+    unpacked with one ``iter_unpack`` per table and filtered on st_info and
+    st_shndx in comprehensions; names are decoded only where aliases at one
+    address must be ranked, and otherwise on the first :meth:`lookup` that
+    returns them (``names`` holds an int key into the kept string tables
+    until then).
     """
 
-    __slots__ = ("starts", "ends", "names", "errors", "_count")
+    __slots__ = ("starts", "ends", "names", "errors", "_count", "_strings")
 
     def __init__(self, sources: Iterable[ELFFile] = (), work: Optional[budget.Budget] = None) -> None:
         self.errors: List[str] = []
+        self._strings: List[bytes] = []  # string tables the lazy names point into
         candidates = []
         work = work or budget.default()
         for source_rank, elf in enumerate(sources):
             candidates.extend(self._candidates(elf, source_rank, work))
-        entries = _pick_aliases(candidates)
+        entries = _pick_aliases(candidates, self._name)
         self._count = len(entries)
         # Parallel arrays rather than objects: lookup is per sampled frame,
         # and bisect on a list of ints is the cheapest search Python offers.
         self.starts: List[int] = []
         self.ends: List[int] = []
-        self.names: List[str] = []
+        self.names: list = []
         self._flatten(entries)
+        if not any(isinstance(name, int) for name in self.names):
+            self._strings = []
 
     def __len__(self) -> int:
         """The number of distinct function addresses."""
@@ -97,28 +100,72 @@ class SymbolTable:
         # are disjoint (see _flatten), so the last start <= vaddr decides.
         i = bisect_right(self.starts, vaddr) - 1
         if i >= 0 and vaddr < self.ends[i]:
-            return self.names[i]
+            name = self.names[i]
+            if name.__class__ is int:  # not decoded yet
+                name = self.names[i] = self._name(name)
+            return name
         return None
+
+    def contains_name(self, name: str) -> bool:
+        """Is ``name`` one of the table's function names?  (Decodes the
+        names only when the string tables hold it at all.)"""
+        # Every name, decoded or not, starts after a NUL of a kept table
+        # (or at its start): one C-level search rules most binaries out.
+        needle = name.encode()
+        if self._strings and not any(strings.startswith(needle) or b"\0" + needle in strings
+                                     for strings in self._strings):
+            return False
+        names = self.names
+        for i, n in enumerate(names):
+            if n.__class__ is int:
+                n = names[i] = self._name(n)
+            if n == name:
+                return True
+        return False
+
+    def _name(self, key: int) -> str:
+        """The function name of a lazy key: (string table << 32) | st_name."""
+        raw = symbol_name(self._strings[key >> 32], key & 0xFFFFFFFF) or ""
+        # Versioned definitions keep their version in .symtab ("memcpy@@GLIBC_2.14");
+        # the profile wants the function's name.
+        return raw.split("@", 1)[0] or raw
 
     # ------------------------------------------------------------- building
 
-    def _candidates(self, elf: ELFFile, source_rank: int, work: budget.Budget) -> List[_Candidate]:
+    def _candidates(self, elf: ELFFile, source_rank: int, work: budget.Budget) -> List[tuple]:
+        """(start, kind, bind rank, source rank, size, section end, name key)
+        of the function-like symbols of ``elf``'s tables, without names."""
         sections = elf.sections
         thumb = elf.e_machine == EM_ARM
-        out: List[_Candidate] = []
+        n_sections = min(len(sections), SHN_LORESERVE)
+        exec_sections = {i for i, sec in enumerate(sections[:n_sections]) if sec.sh_flags & SHF_EXECINSTR}
+        section_ends = [sec.sh_addr + sec.sh_size for sec in sections[:n_sections]]
+        out: List[tuple] = []
         for table_rank, table in enumerate(_SYMBOL_SECTIONS):
             try:
-                # The ELF reader charges and checks ``work`` per batch of
-                # symbols: a hostile table cannot hold the capture (or a
-                # signal) for long.
-                symbols = list(elf.iter_symbols(table, budget=work))
+                # Charged to ``work`` and checked: a hostile table cannot
+                # hold the capture (or a signal) for long.
+                rows, strings = elf.raw_symbols(table, budget=work)
             except ELFError as exc:  # BudgetExceeded is not one: it ends the whole parse
                 self.errors.append(str(exc))
                 continue
-            for sym in symbols:
-                candidate = _candidate(sym, sections, thumb, source_rank * 2 + table_rank)
-                if candidate is not None:
-                    out.append(candidate)
+            if not rows:
+                continue
+            table_id = len(self._strings)
+            self._strings.append(strings)
+            n_strings = len(strings)
+            # Hot loop, in comprehensions: (st_name, st_info, st_other,
+            # st_shndx, st_value, st_size).  A named, defined function, or
+            # a code label (STT_NOTYPE in an executable section).
+            kept = [(r, 0 if r[1] & 0xF in _FUNCTION_TYPES else 1) for r in rows
+                    if r[3] != SHN_UNDEF and 0 < r[0] < n_strings and strings[r[0]]
+                    and (r[1] & 0xF in _FUNCTION_TYPES or (r[1] & 0xF == STT_NOTYPE and r[3] in exec_sections))]
+            rank = source_rank * 2 + table_rank
+            key = table_id << 32
+            mask = ~1 if thumb else ~0  # the Thumb bit is not an address bit
+            out.extend((r[4] & mask, kind, _BIND_RANK.get(r[1] >> 4, _LOCAL_RANK), rank, r[5],
+                        section_ends[r[3]] if r[3] < n_sections else None, key | r[0])
+                       for r, kind in kept)
         return out
 
     def _flatten(self, entries: List[Tuple[int, int, str, int, Optional[int]]]) -> None:
@@ -129,6 +176,8 @@ class SymbolTable:
         outer function again, so a "resume" piece is emitted for it; that
         keeps lookup a single bisect.
         """
+        if self._flatten_disjoint(entries):
+            return
         starts, ends, names = self.starts, self.ends, self.names
         open_ranges: List[Tuple[int, str]] = []  # (end, name), innermost last
 
@@ -161,6 +210,29 @@ class SymbolTable:
             open_ranges.append((end, name))
         resume_until(float("inf"))
 
+    def _flatten_disjoint(self, entries: list) -> bool:
+        """The common case in bulk: no range reaches past the next start
+        (nothing nested), so every range is its own piece.  False (nothing
+        done) when some range does: :meth:`_flatten` then does it in order."""
+        n = len(entries)
+        if not n:
+            return True
+        # Each end as _end_of computes it with nothing open: the size, or
+        # up to the next symbol (the last: its section's end), then clipped
+        # to the section.
+        nexts = [e[0] for e in entries[1:]]
+        nexts.append(None)
+        ends = [(start + size if size else (nxt if nxt is not None else (sec_end or start)))
+                for (start, size, _name, _kind, sec_end), nxt in zip(entries, nexts)]
+        ends = [min(end, e[4]) if e[4] is not None and e[4] > e[0] else end for end, e in zip(ends, entries)]
+        if any(map(operator.gt, ends, nexts[:-1])):
+            return False
+        keep = [i for i in range(n) if ends[i] > entries[i][0]]
+        self.starts = [entries[i][0] for i in keep]
+        self.ends = [ends[i] for i in keep]
+        self.names = [entries[i][2] for i in keep]
+        return True
+
     @staticmethod
     def _end_of(entries, index: int, start: int, size: int, section_end: Optional[int],
                 open_ranges: List[Tuple[int, str]]) -> int:
@@ -175,53 +247,59 @@ class SymbolTable:
         return end
 
 
-def _candidate(sym, sections, thumb: bool, source_rank: int) -> Optional[_Candidate]:
-    if not sym.name or sym.st_shndx == SHN_UNDEF:
-        return None
-    section = sections[sym.st_shndx] if sym.st_shndx < min(len(sections), SHN_LORESERVE) else None
-    if sym.st_type in _FUNCTION_TYPES:
-        kind = 0
-    elif sym.st_type == STT_NOTYPE and section is not None and section.sh_flags & SHF_EXECINSTR:
-        kind = 1
-    else:
-        return None
-    start = sym.st_value & ~1 if thumb else sym.st_value  # Thumb bit is not an address bit
-    section_end = section.sh_addr + section.sh_size if section is not None else None
-    # Versioned definitions keep their version in .symtab ("memcpy@@GLIBC_2.14");
-    # the profile wants the function's name.
-    name = sym.name.split("@", 1)[0] or sym.name
-    rank = (kind, _BIND_RANK.get(sym.st_bind, _LOCAL_RANK),
-            len(name) - len(name.lstrip("_")), source_rank, name)
-    return _Candidate(start, sym.st_size, name, rank, section_end)
-
-
-def _pick_aliases(candidates: List[_Candidate]) -> List[Tuple[int, int, str, int, Optional[int]]]:
+def _pick_aliases(candidates: List[tuple], name_of) -> List[Tuple[int, int, object, int, Optional[int]]]:
     """One entry per address, sorted: (start, size, name, kind, section_end).
 
-    The preferred alias names the address; the size is the largest any
-    alias claims (a zero-size alias must not shrink a sized function).
-    STT_NOTYPE labels inside a function are dropped: they would split it.
+    The preferred alias names the address, in a deterministic order:
+    (kind, bind rank, leading underscores, source rank, name), kind 0 for
+    STT_FUNC/STT_GNU_IFUNC and 1 for an STT_NOTYPE code label; the names of
+    aliases (``name_of(key)``) are decoded only where an address has more
+    than one, and the entry of a lone symbol keeps its lazy key.  The size
+    is the largest any alias of the same kind claims (a zero-size alias must
+    not shrink a sized function).  STT_NOTYPE labels inside a function are
+    dropped: they would split it.
     """
-    best: Dict[int, _Candidate] = {}
-    sizes: Dict[Tuple[int, int], int] = {}  # (start, kind) -> largest size
-    for c in candidates:
-        current = best.get(c.start)
-        if current is None or c.rank < current.rank:
-            best[c.start] = c
-        key = (c.start, c.rank[0])
-        sizes[key] = max(sizes.get(key, 0), c.size)
+    candidates.sort(key=_start_of)
+    # Addresses with one symbol (most of them) go through in bulk; only
+    # those with aliases are ranked one by one.
+    counts = Counter(c[0] for c in candidates)
     entries = []
-    function_end = -1
-    for start in sorted(best):
-        c = best[start]
-        kind = c.rank[0]
-        if kind == 1 and start < function_end:
-            continue
-        size = sizes[(start, kind)]
-        if kind == 0 and size:
-            function_end = max(function_end, start + size)
-        entries.append((start, size, c.name, kind, c.section_end))
-    return entries
+    i, n = 0, len(candidates)
+    while i < n:
+        c = candidates[i]
+        aliases = counts[c[0]]
+        if aliases == 1:
+            entries.append((c[0], c[4], c[6], c[1], c[5]))
+        else:
+            best, name, size = _best_alias(candidates[i:i + aliases], name_of)
+            entries.append((c[0], size, name, best[1], best[5]))
+        i += aliases
+    if not any(e[3] for e in entries):
+        return entries
+    # Labels inside a sized function (its end, as a running maximum over
+    # the functions before) are dropped.
+    function_ends = list(itertools.accumulate(
+        ((e[0] + e[1]) if not e[3] and e[1] else -1 for e in entries), max))
+    return [e for e, end in zip(entries, [-1] + function_ends[:-1]) if not (e[3] and e[0] < end)]
+
+
+def _start_of(candidate: tuple) -> int:
+    return candidate[0]
+
+
+def _best_alias(aliases: List[tuple], name_of) -> tuple:
+    """(candidate, decoded name, size) of the preferred alias at one address."""
+    ranked = []
+    for c in aliases:
+        name = name_of(c[6])
+        ranked.append(((c[1], c[2], len(name) - len(name.lstrip("_")), c[3], name), c, name))
+    rank, best, name = min(ranked, key=_rank_of)
+    size = max(c[4] for c in aliases if c[1] == best[1])
+    return best, name, size
+
+
+def _rank_of(item: tuple) -> tuple:
+    return item[0]
 
 
 # ----------------------------------------------------------------- per binary

@@ -76,8 +76,7 @@ class PerfMap:
     """
 
     __slots__ = ("path", "expected_uid", "exists", "trusted", "reason", "skipped",
-                 "_ident", "_offset", "_partial", "_discarding",
-                 "_raw_starts", "_raw_ends", "_raw_names", "_built",
+                 "_ident", "_offset", "_partial", "_discarding", "_count",
                  "_starts", "_ends", "_names")
 
     def __init__(self, path: str, expected_uid: int) -> None:
@@ -96,13 +95,10 @@ class PerfMap:
         self._offset = 0          # bytes consumed, including self._partial
         self._partial = b""       # an unterminated last line, for next time
         self._discarding = False  # inside an over-long line, until its newline
-        # Every entry in file order (index = age, later wins) ...
-        self._raw_starts: List[int] = []
-        self._raw_ends: List[int] = []
-        self._raw_names: List[str] = []
-        # ... and the flattened, non-overlapping view lookups bisect, built
-        # from the first self._built raw entries.
-        self._built = 0
+        self._count = 0           # entries read (overlapped ones included)
+        # The flattened, non-overlapping view lookups bisect, updated entry
+        # by entry as lines are read (a later entry wins over the addresses
+        # it covers); the raw entries are not kept.
         self._starts: List[int] = []
         self._ends: List[int] = []
         self._names: List[str] = []
@@ -184,10 +180,10 @@ class PerfMap:
                 self.skipped += 1
             self._partial = b""
             self._discarding = True
-        before = len(self._raw_starts)
+        before = self._count
         for line in lines:
             self._parse_line(line)
-        return len(self._raw_starts) > before
+        return self._count > before
 
     def _parse_line(self, line: bytes) -> None:
         fields = line.split(None, _FIELDS_BEFORE_NAME)
@@ -205,59 +201,66 @@ class PerfMap:
         if not (0 <= start < _U64_LIMIT and 0 <= size < _U64_LIMIT) or not name:
             self.skipped += 1
         elif size:  # an empty range covers no address: nothing to keep
-            self._raw_starts.append(start)
-            self._raw_ends.append(start + size)
-            self._raw_names.append(name)
+            self._count += 1
+            self._add(start, start + size, name)
 
     # ---- lookups -----------------------------------------------------------
 
     def __len__(self) -> int:
         """Entries read (overlapped ones included)."""
-        return len(self._raw_starts)
+        return self._count
+
+    def pieces(self) -> int:
+        """Disjoint ranges held (what the map costs in memory)."""
+        return len(self._starts)
 
     def lookup(self, addr: int) -> Optional[str]:
-        """The JIT symbol containing ``addr``, or None (per-frame hot path).
-
-        Parallel sorted arrays + bisect, rebuilt only when a refresh added
-        entries since the last lookup, so a lookup creates no objects.
-        """
-        if self._built != len(self._raw_starts):
-            self._flatten()
+        """The JIT symbol containing ``addr``, or None (per-frame hot path:
+        parallel sorted arrays + bisect, no object created)."""
         i = bisect.bisect_right(self._starts, addr) - 1
         if i >= 0 and addr < self._ends[i]:
             return self._names[i]
         return None
 
-    def _flatten(self) -> None:
-        """Bring the lookup arrays up to date with the raw entries.
+    def _add(self, start: int, end: int, name: str) -> None:
+        """Lay one new entry over the view: it wins over what it overlaps.
 
-        Runtimes mostly emit code at increasing addresses, so new entries
-        that all lie above what we have are appended; anything else (an
-        overlap, an entry below) rebuilds the whole view.
+        Runtimes mostly emit code at increasing addresses: such an entry is
+        appended.  Otherwise the pieces it overlaps are replaced by it (and
+        the uncovered ends of the first and last), in one slice assignment
+        per array: a JIT that reuses addresses costs a bisect and a memmove
+        per entry, not a rebuild of the whole map (which was quadratic).
         """
-        if not self._append_new():
-            self._starts, self._ends, self._names = _flatten_later_wins(
-                self._raw_starts, self._raw_ends, self._raw_names)
-        self._built = len(self._raw_starts)
-
-    def _append_new(self) -> bool:
-        """Append the new entries if each starts at or after the previous end."""
-        lo, n = self._built, len(self._raw_starts)
-        prev_end = self._ends[-1] if self._ends else -1
-        for i in range(lo, n):
-            if self._raw_starts[i] < prev_end:
-                return False
-            prev_end = self._raw_ends[i]
-        self._starts.extend(self._raw_starts[lo:n])
-        self._ends.extend(self._raw_ends[lo:n])
-        self._names.extend(self._raw_names[lo:n])
-        return True
+        starts, ends, names = self._starts, self._ends, self._names
+        if not ends or start >= ends[-1]:
+            starts.append(start)
+            ends.append(end)
+            names.append(name)
+            return
+        lo = bisect.bisect_right(starts, start) - 1
+        if lo < 0 or ends[lo] <= start:
+            lo += 1
+        hi = bisect.bisect_left(starts, end)  # pieces [lo, hi) start before end
+        new_s, new_e, new_n = [start], [end], [name]
+        if lo < hi:
+            if starts[lo] < start:  # the left end of the first piece stays
+                new_s.insert(0, starts[lo])
+                new_e.insert(0, start)
+                new_n.insert(0, names[lo])
+            if ends[hi - 1] > end:  # the right end of the last piece stays
+                new_s.append(end)
+                new_e.append(ends[hi - 1])
+                new_n.append(names[hi - 1])
+        starts[lo:hi] = new_s
+        ends[lo:hi] = new_e
+        names[lo:hi] = new_n
 
 
 def _flatten_later_wins(starts: List[int], ends: List[int], names: List[str]
                         ) -> Tuple[List[int], List[int], List[str]]:
     """Disjoint (starts, ends, names) where each address shows the latest
-    entry covering it; the entries' list index is their age.
+    entry covering it; the entries' list index is their age.  (The
+    reference for :meth:`PerfMap._add`, which tests compare it with.)
 
     A sweep over the sorted boundaries with a heap of the entries open at
     each point, newest on top (expired ones are dropped lazily when they

@@ -91,6 +91,14 @@ class Symbolizer:
         """((pid, start), PerfMap) of every perf map opened so far."""
         return list(self._perf_maps.items())
 
+    def forget_perf_map(self, pid: int, start: int) -> None:
+        """Drop the perf map of a process that exited (its samples named);
+        building the profile reads it again if a frame still needs it."""
+        self._perf_maps.pop((pid, start), None)
+
+    def perf_maps_held(self) -> int:
+        return len(self._perf_maps)
+
     def jit_name(self, proc, addr: int) -> Optional[str]:
         return self.perf_map(proc).lookup(addr)
 

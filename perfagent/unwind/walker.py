@@ -38,6 +38,9 @@ from __future__ import annotations
 import bisect
 import os
 import struct
+import time
+from array import array
+from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
 from perfagent.arch import x86_64 as X
@@ -47,12 +50,18 @@ from perfagent.dwarf.rules import (
     RULE_SAME_VALUE, RULE_UNDEFINED, RULE_VAL_EXPRESSION, RULE_VAL_OFFSET,
 )
 from perfagent.dwarf.cfi import CallFrameInfo, EHFrameHdr
-from perfagent.dwarf.rules import cie_initial_state, fde_rows
-from perfagent.dwarf.table import CFITable, load_eh_frame_hdr
+from perfagent.dwarf.rules import SPAN_BYTES, cie_initial_state, fde_rows
+from perfagent.dwarf.pointers import DWARFError
+from perfagent.dwarf.table import elf_sources, load_eh_frame_hdr
+from perfagent.elf.constants import EM_X86_64
 from perfagent.elf import ELFFile, LoadMap
 from perfagent.errors import ParseError
 
 MAX_FRAMES = 256
+
+#: Bytes of CFI (section bytes, search tables, decoded rows) the cache keeps
+#: for binaries no longer in use before it forgets the least recently used.
+DEFAULT_CACHE_BYTES = 64 << 20
 
 # One FDE decoded lazily may take this long and produce this much; its rows
 # are capped by perfagent.dwarf.rules.MAX_ROWS_PER_FDE anyway, and real
@@ -78,60 +87,272 @@ _TRAMPOLINE_STATES = ((0, 0, 8), (4, 8, 16), (6, 8, 16), (10, 0, 8))
 
 
 class LazyEhFrame:
-    """Rows decoded one FDE at a time through .eh_frame_hdr's search table.
+    """Rows decoded one FDE at a time, found without decoding the others.
 
-    A profile touches a few hundred of libpython's ten thousand FDEs, so
-    decoding only those (found by the header's binary search) costs
-    milliseconds where compiling the whole table costs a fifth of a second
-    per large binary.  A pc no .eh_frame FDE covers falls back to the full
-    table, which also holds .debug_frame.  Each FDE is decoded under its own
-    :class:`~perfagent.budget.Budget`; a malformed or over-budget FDE costs
-    only its own range.
+    A profile touches a few hundred of libpython's ten thousand FDEs (and of
+    libLLVM's hundred thousand), so decoding only those costs milliseconds
+    where compiling the whole table costs a fifth of a second per large
+    binary, and 5-18 s and 300 MB for libLLVM.  The FDE of a pc is found by
+    .eh_frame_hdr's binary search, or, without a header, in a sorted index
+    of FDE ranges (start, end, offset: three array slots per FDE, no rows).
+
+    A pc in a gap between .eh_frame FDEs (padding, code without CFI) is
+    answered "no CFI" from that same search; only when the binary (or its
+    debug file) has a .debug_frame is that section consulted, the same way
+    (its FDEs that touch no .eh_frame range, as the merged table would).
+    Nothing here ever decodes a whole section's rows.  Each FDE is decoded
+    under its own :class:`~perfagent.budget.Budget`; a malformed or
+    over-budget FDE costs only its own range.
+
+    The counters say what it holds: ``fdes_decoded``, ``rows_built`` (row
+    spans decoded), ``gap_lookups`` (pcs no .eh_frame FDE covers) and
+    :meth:`nbytes` (an estimate of the memory held, section bytes included).
     """
 
-    __slots__ = ("_cfi", "_hdr", "_full", "_fdes", "_initial")
+    __slots__ = ("_cfi", "_hdr", "_fallback", "_fdes", "_initial", "_shared", "_ranges",
+                 "fdes_decoded", "rows_built", "gap_lookups", "_rows_bytes", "provisional")
 
-    def __init__(self, cfi: CallFrameInfo, hdr: EHFrameHdr, full: CFITable) -> None:
+    def __init__(self, cfi: CallFrameInfo, hdr: Optional[EHFrameHdr] = None, full=None,
+                 fallback: Optional[List[CallFrameInfo]] = None) -> None:
+        """``cfi``: the .eh_frame; ``hdr``: its .eh_frame_hdr (None or empty:
+        an index of FDE ranges is built on first use); ``fallback``: other
+        sections (.debug_frame) for pcs .eh_frame does not cover, else those
+        of ``full`` (a :class:`CFITable` of the same binary), whose rows are
+        never compiled here."""
         self._cfi = cfi
-        self._hdr = hdr
-        self._full = full
-        # FDE initial_location -> (row starts, row spans); per pc, the walker's
-        # own cache sits in front of this.
-        self._fdes: Dict[int, Tuple[List[int], list]] = {}
-        self._initial: Dict[int, object] = {}  # CIE offset -> initial rule state
+        self._hdr = hdr if hdr is not None and len(hdr) else None
+        if fallback is None:
+            fallback = [src for src in (full.sources if full is not None else ()) if not src.is_eh_frame]
+        self._fallback = fallback
+        # (source, FDE offset) -> (row starts, row spans); per pc, the
+        # walker's own cache sits in front of this.
+        self._fdes: Dict[Tuple[int, int], Tuple[List[int], list]] = {}
+        self._initial: Dict[Tuple[int, int], object] = {}  # (source, CIE offset) -> initial state
+        self._shared: Dict[tuple, tuple] = {}  # identical rows of different FDEs: one tuple
+        self._ranges: Dict[int, _FDERanges] = {}  # source -> FDE range index (no header)
+        self.fdes_decoded = 0
+        self.rows_built = 0
+        self.gap_lookups = 0
+        self._rows_bytes = 0
+        # The last lookup's "no CFI" may change: an FDE index was still
+        # being built (the walker does not cache such an answer).
+        self.provisional = False
 
     def lookup(self, pc: int):
-        try:
-            fde = self._cfi.find_fde(pc, self._hdr)
-        except ParseError:
-            fde = None
+        self.provisional = False
+        fde = self._find(0, self._cfi, pc)
+        source, cfi = 0, self._cfi
         if fde is None:
-            return self._full.lookup(pc)
-        decoded = self._fdes.get(fde.initial_location)
+            self.gap_lookups += 1
+            fde = None
+            for source, cfi in enumerate(self._fallback, 1):
+                fde = self._find(source, cfi, pc)
+                if fde is not None:
+                    if self._covered_by_eh_frame(fde.initial_location, fde.pc_end):
+                        return None  # the merged table would have dropped this FDE
+                    break
+            if fde is None:
+                return None
+        key = (source, fde.offset)
+        decoded = self._fdes.get(key)
         if decoded is None:
             try:
-                decoded = self._decode(fde)
+                decoded = self._decode(source, cfi, fde)
             except Cancelled:
                 return None  # the capture is stopping: no row, and nothing cached
-            self._fdes[fde.initial_location] = decoded
+            self._fdes[key] = decoded
         starts, spans = decoded
         i = bisect.bisect_right(starts, pc) - 1
         if i >= 0 and pc < spans[i][1]:
             return spans[i][2]
         return None
 
-    def _decode(self, fde) -> Tuple[List[int], list]:
-        budget = Budget("%s FDE at %#x" % (self._cfi.name, fde.offset), LAZY_FDE_SECONDS, LAZY_FDE_BYTES)
+    def nbytes(self) -> int:
+        """Memory held (estimate): section bytes, search arrays, decoded rows."""
+        total = len(self._cfi.data) + sum(len(src.data) for src in self._fallback)
+        if self._hdr is not None:
+            total += self._hdr.nbytes()
+        total += sum(r.nbytes() for r in self._ranges.values())
+        return total + self._rows_bytes
+
+    def _find(self, source: int, cfi: CallFrameInfo, pc: int):
+        """The FDE of ``cfi`` covering ``pc`` (one FDE decoded), or None."""
+        if source == 0 and self._hdr is not None:
+            try:
+                return cfi.find_fde(pc, self._hdr)
+            except ParseError:
+                return None
+        ranges = self._index(source, cfi)
+        if not ranges.ready():
+            self.provisional = True
+            return None
+        offset = ranges.find(pc)
+        if offset is None:
+            return None
         try:
-            initial = self._initial.get(fde.cie.offset)
+            return cfi.fde_at(offset)
+        except ParseError:
+            return None
+
+    def _index(self, source: int, cfi: CallFrameInfo) -> "_FDERanges":
+        ranges = self._ranges.get(source)
+        if ranges is None:
+            ranges = self._ranges[source] = _FDERanges(cfi)
+        return ranges
+
+    def _covered_by_eh_frame(self, lo: int, hi: int) -> bool:
+        """Does [lo, hi) meet an .eh_frame FDE?  (Decodes at most one FDE.)"""
+        if self._hdr is None:
+            ranges = self._index(0, self._cfi)
+            if not ranges.ready():
+                self.provisional = True
+                return True
+            return ranges.overlaps(lo, hi)
+        locations = self._hdr.initial_locations
+        i = bisect.bisect_left(locations, hi) - 1  # the last FDE starting before hi
+        if i < 0:
+            return False
+        if locations[i] >= lo:
+            return True
+        try:
+            fde = self._cfi.fde_at(self._hdr.fde_addresses[i] - self._cfi.section_addr)
+        except ParseError:
+            return False
+        return fde.pc_end > lo
+
+    def _decode(self, source: int, cfi: CallFrameInfo, fde) -> Tuple[List[int], list]:
+        budget = Budget("%s FDE at %#x" % (cfi.name, fde.offset), LAZY_FDE_SECONDS, LAZY_FDE_BYTES)
+        try:
+            key = (source, fde.cie.offset)
+            initial = self._initial.get(key)
             if initial is None:
-                initial = self._initial[fde.cie.offset] = cie_initial_state(self._cfi, fde.cie, budget)
-            spans = fde_rows(self._cfi, fde, initial, budget)
+                initial = self._initial[key] = cie_initial_state(cfi, fde.cie, budget)
+            spans = fde_rows(cfi, fde, initial, budget, self._shared)
         except Cancelled:
             raise
         except ParseError:
             spans = []  # a malformed FDE costs only its own range
+        self.fdes_decoded += 1
+        self.rows_built += len(spans)
+        self._rows_bytes += SPAN_BYTES * len(spans) + _FDE_ENTRY_BYTES
         return [span[0] for span in spans], spans
+
+
+# What one decoded FDE costs besides its spans: the dict entry, key and lists.
+_FDE_ENTRY_BYTES = 200
+
+# Indexing a section without a search table: at most this long per lookup
+# that needs the index (one drain cycle is 100 ms), FDEs between clock
+# reads, and the whole walk's deadline (it is spread over drain cycles).
+INDEX_STEP_SECONDS = 0.02
+_INDEX_CHECK_FDES = 256
+INDEX_SECONDS = 120.0
+# Indexing time allowed per drain cycle, all binaries together (see
+# Walker.new_cycle); None outside a capture's drain loop: no limit.
+INDEX_CYCLE_SECONDS = 0.03
+_index_allowance: List[Optional[float]] = [None]
+
+
+class _FDERanges:
+    """Every FDE's [start, end) and section offset, sorted, for a section
+    without a search table (.debug_frame, .eh_frame without a header).
+
+    Holds three array slots per FDE and no rows.  Built by walking the
+    section's entries once, a slice of at most :data:`INDEX_STEP_SECONDS`
+    per lookup that needs it: a debug file with a hundred thousand FDEs
+    spreads its indexing over several drain cycles instead of holding one
+    (until it is complete such a lookup answers "no CFI", counted in
+    ``pending_lookups``).  Where FDEs overlap, the one starting last before
+    a pc is the one found.
+    """
+
+    __slots__ = ("_cfi", "starts", "ends", "offsets", "_ends_max", "_walk", "_entries",
+                 "pending_lookups", "steps")
+
+    def __init__(self, cfi: CallFrameInfo) -> None:
+        self._cfi = cfi
+        self.starts = self.ends = self.offsets = self._ends_max = None
+        self._walk = None
+        self._entries: list = []
+        self.pending_lookups = 0
+        self.steps = 0
+
+    def _build(self, seconds: float) -> bool:
+        """One slice of the walk, about ``seconds`` long; True once the
+        index is complete."""
+        if self._walk is None:
+            # A generous deadline: the walk is spread over drain cycles, and
+            # each slice is bounded on its own.
+            self._walk = self._cfi.iter_fdes(budget=Budget("%s FDE index" % self._cfi.name,
+                                                           INDEX_SECONDS))
+        self.steps += 1
+        entries = self._entries
+        deadline = time.monotonic() + seconds
+        try:
+            for n, fde in enumerate(self._walk, 1):
+                if fde.address_range:
+                    entries.append((fde.initial_location, fde.pc_end, fde.offset))
+                if not n % _INDEX_CHECK_FDES and time.monotonic() > deadline:
+                    return False
+        except Cancelled:
+            self._walk = None  # the capture is stopping: start over if asked again
+            self._entries = []
+            raise
+        except ParseError:
+            pass  # what was indexed before the budget ran out stays usable
+        self._finish(entries)
+        return True
+
+    def _finish(self, entries: list) -> None:
+        entries.sort()
+        self.starts = array("Q", [e[0] for e in entries])
+        self.ends = array("Q", [e[1] for e in entries])
+        self.offsets = array("Q", [e[2] for e in entries])
+        ends_max, best = array("Q"), 0
+        for end in self.ends:
+            best = end if end > best else best
+            ends_max.append(best)
+        self._ends_max = ends_max
+        self._walk = None
+        self._entries = []
+
+    def ready(self) -> bool:
+        """Is the index complete (after one more slice of work, when the
+        drain cycle's allowance has time left)?"""
+        if self.starts is not None:
+            return True
+        left = _index_allowance[0]
+        if left is not None and left <= 0:
+            self.pending_lookups += 1
+            return False
+        started = time.monotonic()
+        done = self._build(INDEX_STEP_SECONDS if left is None else min(INDEX_STEP_SECONDS, left))
+        if left is not None:
+            _index_allowance[0] = left - (time.monotonic() - started)
+        if not done:
+            self.pending_lookups += 1
+        return done
+
+    def find(self, pc: int) -> Optional[int]:
+        """The section offset of the FDE covering ``pc``, or None."""
+        if not self.ready():
+            return None
+        i = bisect.bisect_right(self.starts, pc) - 1
+        if i >= 0 and pc < self.ends[i]:
+            return self.offsets[i]
+        return None
+
+    def overlaps(self, lo: int, hi: int) -> bool:
+        """Does [lo, hi) meet any indexed FDE?  (True while the index is
+        incomplete: nothing is claimed for .debug_frame before it is known
+        that .eh_frame does not cover it.)"""
+        if not self.ready():
+            return True
+        i = bisect.bisect_left(self.starts, hi) - 1
+        return i >= 0 and self._ends_max[i] > lo
+
+    def nbytes(self) -> int:
+        return 40 * len(self._entries) if self.starts is None else 32 * len(self.starts)
 
 
 class BinaryCFI:
@@ -156,13 +377,17 @@ class CFICache:
     build a symbol table.
     """
 
-    def __init__(self, binaries=None) -> None:
+    def __init__(self, binaries=None, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         if binaries is None:
             from perfagent.symbolize.native import BinaryCache
             binaries = BinaryCache()
         self.binaries = binaries
-        self._by_inode: Dict[tuple, BinaryCFI] = {}
+        # Least recently used first; bounded by max_bytes (what the tables
+        # hold, section bytes and decoded rows), checked as binaries load.
+        self._by_inode: "OrderedDict[tuple, BinaryCFI]" = OrderedDict()
         self._by_build_id: Dict[str, BinaryCFI] = {}
+        self.max_bytes = max_bytes
+        self.evicted = 0
         self.errors: List[str] = []
 
     def get(self, m) -> BinaryCFI:
@@ -172,7 +397,38 @@ class CFICache:
         cfi = self._by_inode.get(key)
         if cfi is None:
             cfi = self._by_inode[key] = self._load_mapped(m)
+            self._evict()
+        else:
+            self._by_inode.move_to_end(key)
         return cfi
+
+    def binaries_held(self) -> int:
+        return len({id(cfi) for cfi in self._by_inode.values()})
+
+    def bytes_held(self) -> int:
+        """What the cached tables hold (section bytes and decoded rows)."""
+        seen = {}
+        for cfi in self._by_inode.values():
+            seen[id(cfi)] = cfi.table.nbytes() if cfi.table is not None else 0
+        return sum(seen.values())
+
+    def _evict(self) -> None:
+        """Drop least recently used binaries while over ``max_bytes`` (never
+        the one just loaded).  A process still unwinding through an evicted
+        binary keeps it through its own per-pc cache until its mappings
+        change; a later miss loads it again."""
+        if len(self._by_inode) < 2:
+            return
+        total = self.bytes_held()
+        while total > self.max_bytes and len(self._by_inode) > 1:
+            key, cfi = self._by_inode.popitem(last=False)
+            if any(other is cfi for other in self._by_inode.values()):
+                continue  # another inode shares it (one build at two paths)
+            total -= cfi.table.nbytes() if cfi.table is not None else 0
+            self.evicted += 1
+            for build_id, other in list(self._by_build_id.items()):
+                if other is cfi:
+                    del self._by_build_id[build_id]
 
     def get_vdso(self) -> BinaryCFI:
         """The vDSO's CFI, from the agent's own image (the same kernel's)."""
@@ -213,26 +469,36 @@ class CFICache:
                     debug = self.binaries.find_debug_file(elf, path, build_id, pid)
                 debug_elf = debug[1] if debug is not None else None
                 try:
-                    # copies the section bytes; decodes on first use
-                    full = CFITable.from_elf(elf, debug_elf)
-                    has_cfi = (elf.section(".eh_frame") is not None or elf.section(".debug_frame") is not None
-                               or (debug_elf is not None and debug_elf.section(".debug_frame") is not None))
+                    # Section bytes are read once (copied out of the file);
+                    # nothing is decoded until a pc asks.
+                    table = _lazy_table(elf, debug_elf)
                 finally:
                     if debug_elf is not None:
                         debug_elf.close()
+                has_cfi = table is not None
                 load_map = LoadMap(elf.segments)
-                table = full
-                hdr = load_eh_frame_hdr(elf)
-                # The table's own .eh_frame (one copy of the section bytes, not two).
-                eh = [src for src in full.sources if src.is_eh_frame] if hdr is not None and len(hdr) else []
-                if eh:
-                    table = LazyEhFrame(eh[0], hdr, full)
         except (OSError, ParseError) as exc:
             return self._failed(path, exc)
         cfi = BinaryCFI(table, load_map, has_cfi)
         if build_id:
             self._by_build_id[build_id] = cfi
         return cfi
+
+
+def _lazy_table(elf: ELFFile, debug_elf: Optional[ELFFile]) -> Optional[LazyEhFrame]:
+    """The binary's :class:`LazyEhFrame`: its .eh_frame (and .eh_frame_hdr),
+    with .debug_frame (from the debug file when there is one) for what
+    .eh_frame does not cover; None when it has no CFI at all."""
+    if elf.e_machine != EM_X86_64:
+        raise DWARFError("%s: CFI tables support x86-64 only (e_machine %d)"
+                         % (elf.path or "<bytes>", elf.e_machine))
+    eh = elf_sources(elf, None, ".eh_frame")
+    debug = elf_sources(debug_elf if debug_elf is not None else elf, None, ".debug_frame")
+    if eh:
+        return LazyEhFrame(eh[0], load_eh_frame_hdr(elf), fallback=debug)
+    if debug:
+        return LazyEhFrame(debug[0], None)
+    return None
 
 
 class Walker:
@@ -242,7 +508,7 @@ class Walker:
         self.mode = mode
         self.cache = cfi_cache or CFICache()
         self.outcomes = [0, 0, 0, 0]
-        self._trampolines: Dict[Tuple[int, int], int] = {}  # (pid, pc) -> state index or -1
+        self._trampolines: Dict[int, Dict[int, int]] = {}  # pid -> pc -> state index or -1
 
     # The frame step needs: the mapping lookup, the per-binary table, the
     # trampoline check.  ``proc`` supplies ``space.find`` and ``pid``;
@@ -289,7 +555,7 @@ class Walker:
         # its mappings change).  The leaf's pc is exact.
         hit = cache.get(pc)
         if hit is None:
-            hit = cache[pc] = self._step_info(find, binary_for, pc)
+            hit = self._step_info(find, binary_for, pc, cache)
         outcome = OUTCOME_TRUNCATED  # if MAX_FRAMES runs out
         first = True
         for _ in range(MAX_FRAMES):
@@ -436,7 +702,7 @@ class Walker:
             lookup = ra if signal else ra - 1
             hit = cache.get(lookup)
             if hit is None:
-                hit = cache[lookup] = self._step_info(find, binary_for, lookup)
+                hit = self._step_info(find, binary_for, lookup, cache)
             if hit[0] is None:
                 outcome = OUTCOME_BAD
                 break
@@ -453,25 +719,44 @@ class Walker:
         return tuple(ips)
 
     @staticmethod
-    def _step_info(find, binary_for, lookup: int) -> tuple:
+    def _step_info(find, binary_for, lookup: int, cache: dict) -> tuple:
+        """(mapping, binary CFI, row) of a pc, stored in the process's
+        ``cache`` unless the table's answer is provisional."""
         entry = find(lookup)
         if entry is None or not entry.is_exec:
-            return (None, None, None)
+            hit = cache[lookup] = (None, None, None)
+            return hit
         binary = binary_for(entry)
         row = None
         if binary is not None and binary.has_cfi:
             vaddr = binary.load_map.offset_to_vaddr(lookup - entry.start + entry.pgoff)
             if vaddr is not None:
                 row = binary.table.lookup(vaddr)
-        return (entry, binary, row)
+                if row is None and getattr(binary.table, "provisional", False):
+                    return (entry, binary, row)
+        hit = cache[lookup] = (entry, binary, row)
+        return hit
 
     def _trampoline_state(self, pid: int, pc: int, entry) -> int:
         """Which trampoline instruction ``pc`` is at, or -1 when not in one."""
-        key = (pid, pc)
-        state = self._trampolines.get(key)
+        known = self._trampolines.get(pid)
+        if known is None:
+            known = self._trampolines[pid] = {}
+        state = known.get(pc)
         if state is None:
-            state = self._trampolines[key] = _match_trampoline(pid, pc)
+            state = known[pc] = _match_trampoline(pid, pc)
         return state
+
+    @staticmethod
+    def new_cycle(seconds: Optional[float] = INDEX_CYCLE_SECONDS) -> None:
+        """A drain cycle's walks start: FDE indexes of sections without a
+        search table may take ``seconds`` of it, all binaries together
+        (None: no limit, outside the drain loop)."""
+        _index_allowance[0] = seconds
+
+    def forget(self, pid: int) -> None:
+        """Drop what was learnt about process ``pid`` (it exited)."""
+        self._trampolines.pop(pid, None)
 
     def summary(self) -> str:
         total = sum(self.outcomes)

@@ -1,0 +1,92 @@
+"""Bounded memory for unbounded runs (issue 14): many short-lived processes,
+each mapping a different library, captured with DWARF unwinding.
+
+Asserts on the capture's own bookkeeping counts (processes held, their
+mappings and caches, thread names, perf maps, CFI cache bytes), not on
+time: after 300 processes came and went, what is held is what the live
+ones need plus a compact shell (labels) per process that had samples.
+tools/bench_churn.py measures RSS and drain latency over minutes.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+
+import pytest
+
+from churn import build, spawner
+from perfagent.oncpu import build_profile
+from perfagent.pprof.decode import decode_profile
+from perfagent.session import Capture, CaptureOptions, DRAIN_INTERVAL
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="integration tests need root")
+
+PROCESSES = 300
+LIBRARIES = 40
+CFI_BOUND = 256 << 10  # small, so that the LRU must evict during the run
+
+
+@pytest.fixture(scope="module")
+def churn_programs(tmp_path_factory):
+    return build(str(tmp_path_factory.mktemp("churn")), LIBRARIES)
+
+
+def test_three_hundred_processes_come_and_go(churn_programs):
+    child, libs = churn_programs
+    spawn = spawner(child, libs, every=0.02, ms=15, count=PROCESSES)
+    session = Capture(CaptureOptions(pid=spawn.pid, unwind="dwarf", sample_rate=999), lambda line: None)
+    try:
+        session.start()
+        state = session.state
+        state.walker.cache.max_bytes = CFI_BOUND
+        done = False
+        deadline = time.monotonic() + 120
+        while not done and time.monotonic() < deadline:
+            session.poll(DRAIN_INTERVAL)
+            if select.select([spawn.stdout], [], [], 0)[0]:
+                done = spawn.stdout.readline().startswith("done")
+        assert done
+        for _ in range(3):  # exits of the last children are released a drain later
+            session.poll(DRAIN_INTERVAL)
+        held = state.bookkeeping()
+        children = len(state.pids_seen) - 1
+    finally:
+        spawn.stdin.close()
+        spawn.wait()
+        session.stop()
+    assert children >= 0.8 * PROCESSES, (children, held)
+    assert held["released_processes"] >= 0.8 * PROCESSES, held
+    # Live: the spawner (and at most a child or two not yet released).
+    assert held["processes_with_mappings"] <= 3, held
+    assert held["unwind_closures"] <= 3 and held["perf_maps"] <= 3, held
+    # Exited processes without samples are gone; those with samples keep a shell.
+    assert held["processes"] <= len(state.pids_seen) + 3, held
+    assert held["mapping_entries"] <= 60, held  # the spawner's executable mappings
+    assert held["unwind_cache_entries"] + held["frame_cache_entries"] <= 2000, held
+    assert held["thread_names"] <= len(state.sampled_tids) + 5, held
+    assert held["forked_tids"] <= 3, held
+    # One mapping record per file segment, not per (process, library): the
+    # children's executable, libc, ld.so, the 40 libraries, the vDSO, and
+    # the spawner's own.
+    assert held["mappings"] <= 4 * LIBRARIES + 60, held
+    cache = state.walker.cache
+    assert cache.evicted >= LIBRARIES, (cache.evicted, held)
+    # The bound holds, but for the binary just loaded (never evicted itself).
+    assert held["cfi_bytes"] <= CFI_BOUND + max_binary_cfi_bytes(cache), held
+    # The profile keeps every sampled process's labels (its shell): one
+    # pid label per child with samples, with the child's comm.
+    builder, _table = build_profile(state, session.symbolizer, 999, 0, 1)
+    prof = decode_profile(builder.encode())
+    pids, comms = set(), set()
+    for s in prof.samples:
+        labels = {label.key: (label.str or label.num) for label in s.labels}
+        pids.add(labels["pid"])
+        comms.add(labels["process"])
+    assert len(pids) == len(state.pids_seen), (len(pids), len(state.pids_seen))
+    assert "churn_child" in comms, comms
+
+
+def max_binary_cfi_bytes(cache) -> int:
+    return max((cfi.table.nbytes() for cfi in cache._by_inode.values() if cfi.table is not None), default=0)
