@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import re
+import struct
 from typing import List, Optional
 
 from perfagent import libc as _libc
@@ -62,12 +63,64 @@ def _rejection(name: str, err: int, log: str) -> VerifierError:
     return VerifierError(message, err, log, insn)
 
 
+# struct btf_type for the function records below (uapi linux/btf.h):
+# { __u32 name_off; __u32 info (kind << 24 | vlen); __u32 size_or_type; }
+# struct btf_param { __u32 name_off; __u32 type; }
+# struct bpf_func_info { __u32 insn_off; __u32 type_id; }
+_BTF_HEADER = struct.Struct("<HBBIIIII")
+_BTF_TYPE = struct.Struct("<III")
+_BTF_PARAM = struct.Struct("<II")
+_FUNC_INFO = struct.Struct("<II")
+_KIND_INT, _KIND_PTR, _KIND_FUNC, _KIND_FUNC_PROTO = 1, 2, 12, 13
+
+
+def func_btf(functions) -> "tuple":
+    """(BTF blob, func_info bytes) naming ``functions`` -- (insn offset,
+    name, number of pointer arguments) in program order -- each
+    ``int f(void *, ...)`` with static linkage: what the verifier needs to
+    check a program that has subprograms (a bpf_loop callback)."""
+    strings = bytearray(b"\0")
+
+    def name(text: str) -> int:
+        off = len(strings)
+        strings.extend(text.encode() + b"\0")
+        return off
+
+    types = bytearray()
+    types += _BTF_TYPE.pack(name("int"), _KIND_INT << 24, 4) + struct.pack("<I", (1 << 24) | 32)  # 1: int
+    types += _BTF_TYPE.pack(0, _KIND_PTR << 24, 0)                                                # 2: void *
+    next_id = 3
+    info = bytearray()
+    for insn_off, fname, nargs in functions:
+        types += _BTF_TYPE.pack(0, (_KIND_FUNC_PROTO << 24) | nargs, 1)
+        for i in range(nargs):
+            types += _BTF_PARAM.pack(name("a%d" % i), 2)
+        types += _BTF_TYPE.pack(name(fname), _KIND_FUNC << 24, next_id)
+        info += _FUNC_INFO.pack(insn_off, next_id + 1)
+        next_id += 2
+    header = _BTF_HEADER.pack(0xEB9F, 1, 0, _BTF_HEADER.size, 0, len(types), len(types), len(strings))
+    return header + bytes(types) + bytes(strings), bytes(info)
+
+
 def load_program(prog_type: int, insns: bytes, license: str = "GPL",
                  expected_attach_type: int = 0, attach_btf_id: int = 0,
-                 name: str = "") -> int:
-    """BPF_PROG_LOAD with the verifier log captured on rejection; returns the fd."""
+                 name: str = "", functions=None) -> int:
+    """BPF_PROG_LOAD with the verifier log captured on rejection; returns the fd.
+    ``functions``: see :func:`func_btf` (None: a program without subprograms)."""
     kw = dict(license=license, expected_attach_type=expected_attach_type,
               attach_btf_id=attach_btf_id, prog_name=name)
+    btf_fd = None
+    if functions:
+        blob, kw["func_info"] = func_btf(functions)
+        btf_fd = kw["prog_btf_fd"] = sc.btf_load(blob)
+    try:
+        return _load_program(prog_type, insns, name, kw)
+    finally:
+        if btf_fd is not None:
+            sc.close_fd(btf_fd)   # the program holds its own reference
+
+
+def _load_program(prog_type: int, insns: bytes, name: str, kw: dict) -> int:
     try:
         return sc.prog_load(prog_type, insns, **kw)
     except BPFError as exc:
@@ -111,14 +164,14 @@ class Prog(sc.OwnedFD):
 
     def __init__(self, prog_type: int, insns: bytes, license: str = "GPL",
                  expected_attach_type: int = 0, attach_btf_id: int = 0,
-                 name: str = "", maps: Optional[List[object]] = None) -> None:
+                 name: str = "", maps: Optional[List[object]] = None, functions=None) -> None:
         self._fd = None
         self.prog_type = prog_type
         self.expected_attach_type = expected_attach_type
         self.name = name
         self.maps = list(maps or ())
         super().__init__(load_program(prog_type, insns, license, expected_attach_type,
-                                      attach_btf_id, name))
+                                      attach_btf_id, name, functions))
 
     @property
     def id(self) -> int:

@@ -31,6 +31,7 @@ from perfagent.stackprog.accounting import (
     STAT_COPY_DROPS, STAT_STORE_DROPS, ParentOffsets, Stats, emit_accumulate, emit_bump, emit_tgid_filter,
 )
 from perfagent.stackprog import capture as C
+from perfagent.stackprog import kunwind as KU
 from perfagent.stackprog.layout import (
     H_CPU, H_KIND, H_PERIOD, H_TGID, H_TID, H_TIME, KERNEL_OFF, PY_MAX_FRAMES, PYTHON_OFF,
     RECORD_END, RECORD_SAMPLE, RECORD_STACK, STACK_N_OFF, USER_OFF,
@@ -82,6 +83,9 @@ assert OFF_BLOCKED + BLOCKED.size <= OFF_TID and OFF_END + EPISODE_END.size <= O
 
 AGGREGATE = "aggregate"
 RECORD = "record"
+# The user stack walked in the kernel (perfagent.stackprog.kunwind) and
+# aggregated; a walk left to user space is sent as a record.
+KUNWIND = "kunwind"
 
 
 class Maps(NamedTuple):
@@ -95,6 +99,7 @@ class Maps(NamedTuple):
     python: Optional[HashMap]         # Python stack store
     ring: Optional[RingBuf]           # record mode
     follow: Optional[ParentOffsets] = None   # children of followed processes join the filter
+    kunwind: Optional[object] = None         # KUNWIND mode: perfagent.stackprog.kunwind.KUnwindMaps
 
 
 def _drop(p: Program, stats: Stats, slot: int):
@@ -164,6 +169,27 @@ def build_oncpu(mode: str, maps: Maps, period_off: int, copy: Optional[C.CopySpe
         p.st(DW, FP, OFF_SUMS + 0, 1)                               # one sample
         p.copy_mem(DW, FP, OFF_SUMS + 8, C.CTX, period_off)         # ctx->sample_period
         emit_accumulate(p, maps.counts, OFF_KEY, OFF_SUMS, maps.stats.map, OFF_SLOT, "count")
+    elif mode == KUNWIND:
+        emit_walked_capture(p, maps, copy, python_walk, "cap")
+        p.ldx(W, R1, FP, KU.OFF_UW + KU.W_STATUS)
+        p.jeq(R1, KU.UW_STATUS_FALLBACK, "record")
+        emit_hash_and_store(p, maps, True, True, python_walk is not None, "agg")
+        p.st(DW, FP, OFF_SUMS + 0, 1)
+        p.copy_mem(DW, FP, OFF_SUMS + 8, C.CTX, period_off)
+        emit_accumulate(p, maps.counts, OFF_KEY, OFF_SUMS, maps.stats.map, OFF_SLOT, "count")
+        p.ja("out")
+        p.label("record")                          # the user-space walker's: the whole capture
+        p.st(W, C.BUF, H_KIND, RECORD_SAMPLE)
+        p.copy_mem(W, C.BUF, H_TID, FP, KEY_TID)
+        p.copy_mem(W, C.BUF, H_TGID, FP, KEY_TGID)
+        p.call("get_smp_processor_id")
+        p.stx(W, C.BUF, R0, H_CPU)
+        p.call("ktime_get_ns")
+        p.stx(DW, C.BUF, R0, H_TIME)
+        p.copy_mem(DW, C.BUF, H_PERIOD, C.CTX, period_off)
+        C.emit_stack_copy(p, copy, "fallback_copy")
+        C.emit_record_size(p, R8, copy.pages * C.PAGE_SIZE)
+        C.emit_ringbuf_output(p, maps.ring, R8, _drop(p, maps.stats, STAT_COPY_DROPS))
     else:
         p.st(W, C.BUF, H_KIND, RECORD_SAMPLE)
         p.copy_mem(W, C.BUF, H_TID, FP, KEY_TID)
@@ -178,7 +204,22 @@ def build_oncpu(mode: str, maps: Maps, period_off: int, copy: Optional[C.CopySpe
     p.label("out")
     p.mov(R0, 0)                                   # 0: perf writes no sample record
     p.exit()
+    if mode == KUNWIND:
+        KU.emit_step_callback(p, maps.kunwind, maps.scratch)
     return p
+
+
+def emit_walked_capture(p: Program, maps: Maps, copy: C.CopySpec, python_walk, tag: str) -> None:
+    """The capture of KUNWIND mode: kernel stack, user registers, the user
+    stack walked in the kernel into buf->user, the Python stack.  The
+    walk's outcome is at fp+OFF_UW+W_STATUS."""
+    C.emit_get_stack(p, KERNEL_OFF, 0)
+    C.emit_user_regs_and_copy(p, copy, False, tag + "_regs")
+    KU.emit_kernel_walk(p, maps.kunwind, KEY_TGID, maps.stats.map, tag + "_walk")
+    if python_walk is not None:
+        python_walk(p, tag + "_py")
+    else:
+        C.emit_empty_python(p)
 
 
 # include/linux/sched.h: the task states the off-CPU program tests.
