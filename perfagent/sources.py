@@ -219,6 +219,117 @@ class OnCpuRecords(OnCpuSource):
                        regs, s.stack if regs else None, s.python))
 
 
+class OnCpuKernelWalk(OnCpuSource):
+    """``--unwind dwarf|auto`` walked in the kernel (``--unwind-in``): the
+    stack program walks user stacks with the binaries' CFI tables and
+    counts them like ``--unwind fp``; a stack it leaves to user space
+    (a process not loaded yet, a binary refused) arrives as a record for
+    the state's walker, and names the process whose tables to load
+    (perfagent.unwind.kernel)."""
+
+    REFRESH_INTERVAL = 1.0   # loaded processes' mappings are compared this often
+
+    def __init__(self, state: CaptureState, tgids: Optional[Set[int]], sample_rate: int,
+                 stack_size: int, auto: bool, python=None) -> None:
+        from perfagent.unwind.kernel import KUnwindSampler
+        super().__init__(state, tgids)
+        self.engine = KUnwindSampler(sample_rate, self.tgids, stack_size, auto, python=python)
+        self.tables = None
+        self._next_refresh = 0.0
+        self._waiting: Set[int] = set()   # processes to load (their samples fell back)
+
+    def start(self) -> None:
+        from perfagent.unwind.kernel import KernelTables
+        self.engine.start()
+        self.tables = KernelTables(self.engine.kmaps, self.state.walker.cache)
+
+    def follow(self, new: List[tuple], gone: List[int]) -> None:
+        super().follow(new, gone)
+        for pid in gone:
+            self._waiting.discard(pid)
+            if self.tables is not None:
+                self.tables.forget(pid)
+
+    def feed(self) -> None:
+        self._records(self.engine.drain())
+        self._add(self.engine.collect_counts())
+        self._load()
+
+    def stop(self) -> None:
+        self.engine.stop()
+        self._records(self.engine.collect())
+        self._add(self.engine.collect_counts(False))
+
+    def _load(self) -> None:
+        """Load the processes whose stacks fell back, within this cycle's
+        share of time; now and then, reload the loaded ones whose mappings changed."""
+        from perfagent.unwind.kernel import LOAD_SECONDS_PER_CYCLE
+        now = time.monotonic()
+        pids = set(self._waiting)
+        if now >= self._next_refresh:
+            self._next_refresh = now + self.REFRESH_INTERVAL
+            pids.update(self.tables.loaded_pids())
+        self.tables.refresh(self.state, sorted(pids), now + LOAD_SECONDS_PER_CYCLE)
+        self._waiting = {pid for pid in self._waiting if not self.tables.loaded(pid)}
+
+    def _records(self, samples) -> None:
+        on_sample = self.state.on_sample
+        for s in samples:
+            regs = s.regs
+            if regs:
+                self._waiting.add(s.tgid)
+            ip = regs[3] if regs else (s.kernel_ips[0] if s.kernel_ips else 0)
+            on_sample((s.tgid, s.tid, s.time, s.cpu, s.period, ip, s.kernel_ips, (),
+                       regs, s.stack if regs else None, s.python))
+
+    def _add(self, stacks) -> None:
+        for st in stacks or ():
+            self.state.add_counted(st.tgid, st.tid, tuple(st.kernel_ips), tuple(st.user_ips),
+                                   st.samples, st.period_ns, st.python)
+
+    def summary(self) -> str:
+        from perfagent.stackprog.kunwind import STATUS_NAMES, UW_STATUS_FALLBACK, UW_STATUS_RUNNING
+        counts = self.engine.outcomes()
+        walked = sum(counts[1:UW_STATUS_FALLBACK])
+        parts = ", ".join("%d %s" % (counts[i], STATUS_NAMES[i])
+                          for i in range(1, UW_STATUS_FALLBACK))
+        line = ("unwound %d user stacks in the kernel: %s; %d fell back to user space"
+                % (walked, parts, counts[UW_STATUS_FALLBACK]))
+        if counts[UW_STATUS_RUNNING]:
+            line += "; %d without a user stack" % counts[UW_STATUS_RUNNING]
+        t = self.tables
+        if t is not None:
+            line += "; tables: %d binaries, %d rows, loaded in %.2f s" % (
+                t.binaries_loaded, t.rows_loaded, t.load_seconds)
+            if t.refused:
+                line += "; %d refused (%s)" % (len(t.refused), "; ".join(
+                    "%s: %s" % kv for kv in sorted(t.refused.items())[:3]))
+        return line
+
+
+def dwarf_oncpu_source(state: CaptureState, tgids: Optional[Set[int]], opts, python,
+                       notes: List[str]) -> OnCpuSource:
+    """The on-CPU source of ``--unwind dwarf|auto``: walked in the kernel when
+    ``opts.unwind_in`` allows it and the kernel can (bpf_loop), else stack
+    copies for the user-space walker (with a note saying why, under auto).
+    ``--unwind-in kernel`` on a kernel that cannot is an error."""
+    if opts.unwind_in != "user":
+        from perfagent.bpf.syscall import BPFError
+        from perfagent.errors import CaptureError
+        from perfagent.unwind.kernel import kernel_walk_supported
+        try:
+            why = kernel_walk_supported()
+        except (BPFError, OSError) as exc:
+            why = str(exc)
+        if why is None:
+            return OnCpuKernelWalk(state, tgids, opts.sample_rate, opts.stack_size,
+                                   opts.unwind == "auto", python)
+        if opts.unwind_in == "kernel":
+            raise CaptureError("--unwind-in kernel: %s; use --unwind-in user" % why)
+        notes.append("user stacks are walked in user space: %s" % why)
+    return OnCpuRecords(state, tgids, opts.sample_rate, opts.stack_size, python)
+
+
 class OffCpu(Source):
     """``--offcpu``: the sched_switch collector.
 

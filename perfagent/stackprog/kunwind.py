@@ -47,6 +47,8 @@ from perfagent.stackprog.layout import (
 )
 from perfagent.unwind import compact as K
 
+UW_PROC_KEY = struct.Struct("<I")   # tgid
+UW_INDEX = struct.Struct("<I")      # an array map's key
 UW_PROC = struct.Struct("<II")
 UW_MAPPING = struct.Struct("<QQQII")
 UW_TABLE = struct.Struct("<II")

@@ -1,0 +1,274 @@
+"""User space's half of the in-kernel DWARF walk (perfagent.stackprog.kunwind).
+
+:class:`KernelTables` fills the walk's maps: a process is loaded lazily,
+the first time the kernel could not walk one of its stacks (the walk falls
+back, the sample arrives as a record, and its pid is handed to
+:meth:`KernelTables.refresh`), and reloaded when its executable mappings
+changed.  Loading a process compiles the compact table
+(perfagent.unwind.compact) of each binary it maps that is not loaded yet --
+once per binary for the whole capture, shared by every process (the same
+CFICache the user-space walker uses) -- and writes the process's sorted
+mapping list.  What cannot be loaded (tables full, a binary refused) is
+marked so the kernel hands its samples to the user-space walker.
+
+:class:`KUnwindSampler` is the on-CPU engine: the KUNWIND stack program on
+every CPU's cpu-clock event; its counts and stores drain like
+InKernelSampler's and its fallback records like RecordSampler's.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Dict, Iterable, List, Optional, Set, Tuple
+
+from perfagent.bpf import syscall as sc
+from perfagent.bpf.asm import R0, R1, R2, R3, R4, Program
+from perfagent.bpf.maps import ArrayMap, HashMap, possible_cpus
+from perfagent.offcpu.common import Stats, close_all, make_tgid_map
+from perfagent.offcpu.inkernel import RecordSampler, sample_period_offset
+from perfagent.perf.sampler import raise_fd_limit
+from perfagent.stackprog import kunwind as KU
+from perfagent.stackprog import layout as L
+from perfagent.stackprog import store as S
+from perfagent.stackprog.accounting import STAT_KUNWIND
+from perfagent.stackprog.program import COUNT_KEY, KUNWIND, SUMS, Maps, build_oncpu
+from perfagent.unwind import compact as K
+
+# Work one drain cycle may spend loading processes (the rest waits for the
+# next cycle; their samples meanwhile go to the user-space walker).
+LOAD_SECONDS_PER_CYCLE = 0.25
+
+REFUSED = -1
+
+
+def kernel_walk_supported() -> Optional[str]:
+    """None when this kernel can run the walk, else why not (bpf_loop is
+    5.17+; the verifier is the judge)."""
+    p = Program("uw_probe")
+    p.mov(R1, 1)
+    p.ld_func(R2, "cb")
+    p.mov(R3, 0).mov(R4, 0)
+    p.call("loop")
+    p.mov(R0, 0).exit()
+    p.label("cb").mov(R0, 1).exit()
+    try:
+        p.load(sc.BPF_PROG_TYPE_PERF_EVENT).close()
+    except sc.BPFError as exc:
+        return "bpf_loop unavailable (%s)" % str(exc).splitlines()[0]
+    return None
+
+
+class KernelTables:
+    """The walk's tables (see the module docstring)."""
+
+    def __init__(self, maps: KU.KUnwindMaps, cfi_cache, max_procs: int = KU.MAX_PROCS) -> None:
+        self.maps = maps
+        self.cfi = cfi_cache
+        self.max_rows = maps.rows.max_entries
+        self._next_row = 0
+        self._next_table = 0
+        # binary key -> (table id, base) or (REFUSED, reason)
+        self._tables: Dict[tuple, Tuple[int, object]] = {}
+        self._free_slots = list(range(max_procs - 1, -1, -1))
+        self._procs: Dict[int, Tuple[int, tuple]] = {}   # pid -> (slot, mapping signature)
+        self.refused: Dict[str, str] = {}                # path -> why (for the summary)
+        self.load_seconds = 0.0
+
+    @property
+    def rows_loaded(self) -> int:
+        return self._next_row
+
+    @property
+    def binaries_loaded(self) -> int:
+        return sum(1 for t, _ in self._tables.values() if t != REFUSED)
+
+    # -- processes ---------------------------------------------------------------
+    def refresh(self, state, pids: Iterable[int], deadline: Optional[float] = None) -> None:
+        """(Re)load the processes in ``pids`` whose mappings are not loaded
+        as they are now; stops at ``deadline`` (time.monotonic)."""
+        for pid in pids:
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            proc = state.processes.get(pid)
+            if proc is None or not proc.maps_known:
+                proc = state.load_from_proc(pid)
+            if proc is None or proc.exited:
+                continue
+            entries = [e for e in proc.space.entries() if e.is_exec]
+            signature = tuple((e.start, e.end, e.pgoff, e.inode) for e in entries)
+            known = self._procs.get(pid)
+            if known is not None and known[1] == signature:
+                continue
+            t0 = time.monotonic()
+            try:
+                self._load(pid, entries, signature)
+            finally:
+                self.load_seconds += time.monotonic() - t0
+
+    def loaded(self, pid: int) -> bool:
+        return pid in self._procs
+
+    def loaded_pids(self) -> List[int]:
+        return list(self._procs)
+
+    def forget(self, pid: int) -> None:
+        known = self._procs.pop(pid, None)
+        if known is not None:
+            self.maps.procs.delete(KU.UW_PROC_KEY.pack(pid))
+            self._free_slots.append(known[0])
+
+    def _load(self, pid: int, entries, signature: tuple) -> None:
+        known = self._procs.get(pid)
+        if known is not None:
+            # Unpublished while rewritten: its samples fall back meanwhile.
+            self.maps.procs.delete(KU.UW_PROC_KEY.pack(pid))
+            slot = known[0]
+        elif self._free_slots:
+            slot = self._free_slots.pop()
+        else:
+            return                                      # no room: this process stays in user space
+        entries = sorted(entries, key=lambda e: e.start)[:KU.MAX_MAPPINGS]
+        first = slot * KU.MAX_MAPPINGS
+        for i, e in enumerate(entries):
+            kind, table, bias = self._mapping(pid, e)
+            self.maps.mappings.update(KU.UW_INDEX.pack(first + i),
+                                      KU.UW_MAPPING.pack(e.start, e.end, bias & (2 ** 64 - 1), table, kind))
+        self.maps.procs.update(KU.UW_PROC_KEY.pack(pid), KU.UW_PROC.pack(first, len(entries)))
+        self._procs[pid] = (slot, signature)
+
+    # -- mappings and binaries -----------------------------------------------------
+    def _mapping(self, pid: int, e) -> Tuple[int, int, int]:
+        """(kind, table, bias) of one executable mapping, as the walker would treat it."""
+        from perfagent.capture import KIND_FILE, KIND_JIT, KIND_VDSO, mapped_file, mapping_kind
+        kind = mapping_kind(e)
+        if kind == KIND_FILE:
+            binary = self.cfi.get(mapped_file(pid, e))
+            key = (e.dev_major, e.dev_minor, e.inode, e.path)
+        elif kind == KIND_VDSO:
+            binary = self.cfi.get_vdso()
+            key = ("[vdso]",)
+        elif kind == KIND_JIT and os.path.exists("/tmp/perf-%d.map" % pid):
+            # CPython's perf trampolines: the user-space walker knows their shape.
+            return KU.UW_MAP_FALLBACK, 0, 0
+        else:
+            return KU.UW_MAP_FP, 0, 0                     # anonymous code, [vsyscall]: frame pointers
+        if binary is None or binary.table is None or not binary.has_cfi:
+            return KU.UW_MAP_FP, 0, 0
+        vaddr = binary.load_map.offset_to_vaddr(e.pgoff) if binary.load_map is not None else None
+        if vaddr is None:
+            return KU.UW_MAP_FALLBACK, 0, 0
+        table, base = self._table(key, binary, e.path)
+        if table == REFUSED:
+            return KU.UW_MAP_FALLBACK, 0, 0
+        return KU.UW_MAP_TABLE, table, e.start - vaddr + base
+
+    def _table(self, key: tuple, binary, path: str) -> Tuple[int, int]:
+        got = self._tables.get(key)
+        if got is not None:
+            return got[0], (got[1] if got[0] != REFUSED else 0)
+        full = getattr(binary.table, "_full", binary.table)   # LazyEhFrame keeps the whole table there
+        try:
+            if self._next_table >= self.maps.tables.max_entries:
+                raise K.TableRefused("%d tables loaded already" % self._next_table)
+            compiled = K.compile_rows(full, self.max_rows - self._next_row)
+        except K.TableRefused as exc:
+            self.refused[path] = str(exc)
+            self._tables[key] = (REFUSED, str(exc))
+            return REFUSED, 0
+        first = self._next_row
+        rows = self.maps.rows
+        for i, r in enumerate(compiled.rows):
+            rows.update(KU.UW_INDEX.pack(first + i), K.UNWIND_ROW.pack(*r))
+        table = self._next_table
+        self.maps.tables.update(KU.UW_INDEX.pack(table), KU.UW_TABLE.pack(first, len(compiled.rows)))
+        self._next_row += len(compiled.rows)
+        self._next_table += 1
+        self._tables[key] = (table, compiled.base)
+        return table, compiled.base
+
+
+class KUnwindSampler(RecordSampler):
+    """cpu-clock sampling with the user stack walked in the kernel (the
+    KUNWIND program): counts and stacks as InKernelSampler drains them,
+    fallback records as RecordSampler's.  ``tables`` (a KernelTables) must
+    be filled by the caller as fallback records name processes."""
+
+    def __init__(self, sample_rate: int, tgids: Optional[Set[int]], copy_stack: int, auto: bool,
+                 python=None) -> None:
+        super().__init__(sample_rate, tgids, copy_stack, python=python)
+        self.auto = auto
+        self.kmaps: Optional[KU.KUnwindMaps] = None
+
+    def start(self) -> None:
+        if self._running:
+            return
+        from perfagent.bpf.maps import RingBuf
+        from perfagent.offcpu.collector import copy_spec
+        try:
+            raise_fd_limit()
+            copy = copy_spec(self.copy_stack)
+            self.kmaps = KU.make_maps(self.auto)
+            self._tgids = make_tgid_map(self._initial_tgids, self.max_tgids)
+            self._counts = HashMap(COUNT_KEY.size, SUMS.size, self.max_entries, name="oncpu_counts")
+            self._native = S.native_store(self.stack_entries, "oncpu_stacks")
+            if self.python is not None:
+                self._pystore = S.python_store(self.stack_entries, "oncpu_pystacks")
+            self._scratch = ArrayMap(L.scratch_size(self.copy_stack, copy.pages), possible_cpus(),
+                                     name="oncpu_scratch")
+            self._stats = Stats()
+            self._ring = RingBuf(self.ring_bytes, name="oncpu_samples")
+            maps = Maps(self._scratch, self._stats, self._tgids, self._counts, self._native,
+                        self._pystore, self._ring, self._follow(), self.kmaps)
+            prog = build_oncpu(KUNWIND, maps, sample_period_offset(), copy, python_walk=self._walk())
+            self._prog = prog.load(sc.BPF_PROG_TYPE_PERF_EVENT)
+            self._open_events()
+        except BaseException:
+            self._close()
+            raise
+        self._running = True
+
+    def outcomes(self) -> List[int]:
+        """Walks per UW_STATUS_* so far."""
+        if self._stats is not None:
+            self._outcomes = [self._stats.read(STAT_KUNWIND + i) for i in range(len(KU.STATUS_NAMES))]
+        return list(getattr(self, "_outcomes", [0] * len(KU.STATUS_NAMES)))
+
+    @property
+    def dropped(self) -> int:
+        from perfagent.offcpu.common import STAT_COPY_DROPS, STAT_DROPS
+        if self._stats is not None:
+            self._drops = self._stats.read(STAT_COPY_DROPS) + self._stats.read(STAT_DROPS)
+        return self._drops
+
+    def collect_counts(self, if_full: bool = True):
+        """The counted stacks (drained when the count map is half full, or
+        always with ``if_full`` False)."""
+        from perfagent.offcpu.inkernel import InKernelSampler
+        if not self._running:
+            out, self._pending = self._pending, []
+            return out
+        if if_full:
+            return InKernelSampler.collect_if_full(self)
+        return self._gather()
+
+    def stop(self) -> None:
+        if not self._running:
+            self._close()
+            return
+        try:
+            close_all(self._events)
+            self._events = []
+            self._pending_samples = self.drain()
+            self._pending.extend(self._gather())
+            self.dropped  # noqa: B018 - read the counters before the map closes
+            self.outcomes()
+        finally:
+            self._running = False
+            self._close()
+
+    def _close(self) -> None:
+        kmaps, self.kmaps = self.kmaps, None
+        super()._close()
+        if kmaps is not None:
+            close_all([kmaps.procs, kmaps.mappings, kmaps.tables, kmaps.rows])
