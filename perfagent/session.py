@@ -381,7 +381,7 @@ class Capture:
                 self.sources.append(oncpu)
         if opts.offcpu:
             self.offcpu = OffCpu(self.state, tgids, opts.stack_size, self.symbolizer.kernel.lookup,
-                                 self.log, python)
+                                 self.log, python, opts.unwind_in, opts.unwind == "auto")
             self.offcpu.start()
             self.sources.append(self.offcpu)
         return self._sampler(opts.profile and oncpu is None)

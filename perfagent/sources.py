@@ -231,53 +231,45 @@ class OnCpuKernelWalk(OnCpuSource):
 
     def __init__(self, state: CaptureState, tgids: Optional[Set[int]], sample_rate: int,
                  stack_size: int, auto: bool, python=None) -> None:
-        from perfagent.unwind.kernel import KUnwindSampler
+        from perfagent.unwind.kernel import KUnwindSampler, shared_tables
         super().__init__(state, tgids)
-        self.engine = KUnwindSampler(sample_rate, self.tgids, stack_size, auto, python=python)
-        self.tables = None
-        self._next_refresh = 0.0
-        self._waiting: Set[int] = set()   # processes to load (their samples fell back)
+        self.loader = TableLoader(shared_tables(state, auto).acquire(), state)
+        self.engine = KUnwindSampler(sample_rate, self.tgids, stack_size, self.loader.tables.maps,
+                                     python=python)
 
-    def start(self) -> None:
-        from perfagent.unwind.kernel import KernelTables
-        self.engine.start()
-        self.tables = KernelTables(self.engine.kmaps, self.state.walker.cache)
+    @property
+    def tables(self):
+        return self.loader.tables
 
     def follow(self, new: List[tuple], gone: List[int]) -> None:
         super().follow(new, gone)
-        for pid in gone:
-            self._waiting.discard(pid)
-            if self.tables is not None:
-                self.tables.forget(pid)
+        self.loader.gone(gone)
 
     def feed(self) -> None:
         self._records(self.engine.drain())
         self._add(self.engine.collect_counts())
-        self._load()
+        self.loader.load()
 
     def stop(self) -> None:
-        self.engine.stop()
-        self._records(self.engine.collect())
-        self._add(self.engine.collect_counts(False))
+        try:
+            self.engine.stop()
+            self._records(self.engine.collect())
+            self._add(self.engine.collect_counts(False))
+        finally:
+            self.loader.release()
 
-    def _load(self) -> None:
-        """Load the processes whose stacks fell back, within this cycle's
-        share of time; now and then, reload the loaded ones whose mappings changed."""
-        from perfagent.unwind.kernel import LOAD_SECONDS_PER_CYCLE
-        now = time.monotonic()
-        pids = set(self._waiting)
-        if now >= self._next_refresh:
-            self._next_refresh = now + self.REFRESH_INTERVAL
-            pids.update(self.tables.loaded_pids())
-        self.tables.refresh(self.state, sorted(pids), now + LOAD_SECONDS_PER_CYCLE)
-        self._waiting = {pid for pid in self._waiting if not self.tables.loaded(pid)}
+    def close(self) -> None:
+        try:
+            self.engine.stop()
+        finally:
+            self.loader.release()
 
     def _records(self, samples) -> None:
         on_sample = self.state.on_sample
         for s in samples:
             regs = s.regs
             if regs:
-                self._waiting.add(s.tgid)
+                self.loader.waiting.add(s.tgid)
             ip = regs[3] if regs else (s.kernel_ips[0] if s.kernel_ips else 0)
             on_sample((s.tgid, s.tid, s.time, s.cpu, s.period, ip, s.kernel_ips, (),
                        regs, s.stack if regs else None, s.python))
@@ -288,23 +280,61 @@ class OnCpuKernelWalk(OnCpuSource):
                                    st.samples, st.period_ns, st.python)
 
     def summary(self) -> str:
-        from perfagent.stackprog.kunwind import STATUS_NAMES, UW_STATUS_FALLBACK, UW_STATUS_RUNNING
-        counts = self.engine.outcomes()
-        walked = sum(counts[1:UW_STATUS_FALLBACK])
-        parts = ", ".join("%d %s" % (counts[i], STATUS_NAMES[i])
-                          for i in range(1, UW_STATUS_FALLBACK))
-        line = ("unwound %d user stacks in the kernel: %s; %d fell back to user space"
-                % (walked, parts, counts[UW_STATUS_FALLBACK]))
-        if counts[UW_STATUS_RUNNING]:
-            line += "; %d without a user stack" % counts[UW_STATUS_RUNNING]
-        t = self.tables
-        if t is not None:
-            line += "; tables: %d binaries, %d rows, loaded in %.2f s" % (
-                t.binaries_loaded, t.rows_loaded, t.load_seconds)
-            if t.refused:
-                line += "; %d refused (%s)" % (len(t.refused), "; ".join(
-                    "%s: %s" % kv for kv in sorted(t.refused.items())[:3]))
-        return line
+        return kernel_walk_summary(self.engine.outcomes(), self.tables, "")
+
+
+class TableLoader:
+    """A source's share of the capture's KernelTables: the processes whose
+    walks fell back are loaded, within each cycle's share of time; now and
+    then the loaded ones whose mappings changed are reloaded."""
+
+    REFRESH_INTERVAL = 1.0
+
+    def __init__(self, tables, state: CaptureState) -> None:
+        self.tables = tables
+        self.state = state
+        self.waiting: Set[int] = set()
+        self._next_refresh = 0.0
+        self._released = False
+
+    def gone(self, pids: List[int]) -> None:
+        for pid in pids:
+            self.waiting.discard(pid)
+            self.tables.forget(pid)
+
+    def load(self) -> None:
+        from perfagent.unwind.kernel import LOAD_SECONDS_PER_CYCLE
+        now = time.monotonic()
+        pids = set(self.waiting)
+        if now >= self._next_refresh:
+            self._next_refresh = now + self.REFRESH_INTERVAL
+            pids.update(self.tables.loaded_pids())
+        self.tables.refresh(self.state, sorted(pids), now + LOAD_SECONDS_PER_CYCLE)
+        self.waiting = {pid for pid in self.waiting if not self.tables.loaded(pid)}
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.tables.release()
+
+
+def kernel_walk_summary(counts: List[int], t, prefix: str) -> str:
+    """The end-of-run line of the in-kernel walk (``counts`` per UW_STATUS_*)."""
+    from perfagent.stackprog.kunwind import STATUS_NAMES, UW_STATUS_FALLBACK, UW_STATUS_RUNNING
+    walked = sum(counts[1:UW_STATUS_FALLBACK])
+    parts = ", ".join("%d %s" % (counts[i], STATUS_NAMES[i])
+                      for i in range(1, UW_STATUS_FALLBACK))
+    line = ("%sunwound %d user stacks in the kernel: %s; %d fell back to user space"
+            % (prefix, walked, parts, counts[UW_STATUS_FALLBACK]))
+    if counts[UW_STATUS_RUNNING]:
+        line += "; %d without a user stack" % counts[UW_STATUS_RUNNING]
+    if t is not None:
+        line += "; tables: %d binaries, %d rows, loaded in %.2f s" % (
+            t.binaries_loaded, t.rows_loaded, t.load_seconds)
+        if t.refused:
+            line += "; %d refused (%s)" % (len(t.refused), "; ".join(
+                "%s: %s" % kv for kv in sorted(t.refused.items())[:3]))
+    return line
 
 
 def dwarf_oncpu_source(state: CaptureState, tgids: Optional[Set[int]], opts, python,
@@ -343,20 +373,48 @@ class OffCpu(Source):
     COLLECT_INTERVAL = 1.0
 
     def __init__(self, state: CaptureState, tgids: Optional[Set[int]], stack_size: int,
-                 kernel_lookup, log, python=None) -> None:
+                 kernel_lookup, log, python=None, unwind_in: str = "user", auto: bool = False) -> None:
         super().__init__(state, tgids)
         self.python = python
         self.stack_size = stack_size if state.offcpu_walker is not None else 0
         self.kernel_lookup = kernel_lookup
         self.log = log
+        # --unwind-in: the walk in the kernel too (copies only for what it leaves).
+        self.loader: Optional[TableLoader] = None
+        if self.stack_size and unwind_in != "user":
+            from perfagent.unwind.kernel import kernel_walk_supported, shared_tables
+            why = kernel_walk_supported()
+            if why is None:
+                self.loader = TableLoader(shared_tables(state, auto).acquire(), state)
+            elif unwind_in == "kernel":
+                from perfagent.errors import CaptureError
+                raise CaptureError("--unwind-in kernel: %s; use --unwind-in user" % why)
         self.engine = self._collector(self.stack_size)
         self._next = 0.0
 
     def _collector(self, copy_stack: int):
         from perfagent.offcpu.collector import OffCpuCollector
         return OffCpuCollector(set(self.tgids) if self.tgids is not None else None,
-                               copy_stack=copy_stack, on_copy=self.state.unwind_copy,
-                               python=self.python)
+                               copy_stack=copy_stack, on_copy=self._on_copy,
+                               python=self.python,
+                               kunwind=self.loader.tables.maps if self.loader and copy_stack else None)
+
+    def _on_copy(self, tgid: int, copy) -> None:
+        if self.loader is not None:
+            self.loader.waiting.add(tgid)      # its walk fell back: load its tables
+        self.state.unwind_copy(tgid, copy)
+
+    def follow(self, new: List[tuple], gone: List[int]) -> None:
+        super().follow(new, gone)
+        if self.loader is not None:
+            self.loader.gone(gone)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if self.loader is not None:
+                self.loader.release()
 
     def start(self) -> None:
         import errno
@@ -381,19 +439,27 @@ class OffCpu(Source):
         now = time.monotonic()
         if now < self._next:
             self._add(self.engine.drain_copies())
-            return
-        self._next = now + self.COLLECT_INTERVAL
-        self._add(self.engine.collect())
+        else:
+            self._next = now + self.COLLECT_INTERVAL
+            self._add(self.engine.collect())
+        if self.loader is not None:
+            self.loader.load()
 
     def stop(self) -> None:
-        self.engine.stop()
-        self._add(self.engine.collect())  # intervals still open are closed now
+        try:
+            self.engine.stop()
+            self._add(self.engine.collect())  # intervals still open are closed now
+        finally:
+            if self.loader is not None:
+                self.loader.release()
 
     def summary(self) -> str:
         """The off-CPU unwinding line, or "" without stack copies."""
         if not self.stack_size or self.state.offcpu_walker is None:
             return ""
         line = "off-CPU: " + self.state.offcpu_walker.summary()
+        if self.engine.kunwind is not None:
+            line += "; " + kernel_walk_summary(self.engine.kunwind_outcomes(), None, "")
         dropped = self.engine.copies_dropped
         if dropped:
             line += "; %d episodes kept frame-pointer stacks (stack copy ring full)" % dropped

@@ -62,10 +62,11 @@ def kernel_walk_supported() -> Optional[str]:
 class KernelTables:
     """The walk's tables (see the module docstring)."""
 
-    def __init__(self, maps: KU.KUnwindMaps, cfi_cache, max_procs: int = KU.MAX_PROCS) -> None:
-        self.maps = maps
+    def __init__(self, cfi_cache, auto: bool, max_procs: int = KU.MAX_PROCS) -> None:
+        self.maps = KU.make_maps(auto, max_procs=max_procs)
         self.cfi = cfi_cache
-        self.max_rows = maps.rows.max_entries
+        self._users = 0
+        self.max_rows = self.maps.rows.max_entries
         self._next_row = 0
         self._next_table = 0
         # binary key -> (table id, base) or (REFUSED, reason)
@@ -74,6 +75,16 @@ class KernelTables:
         self._procs: Dict[int, Tuple[int, tuple]] = {}   # pid -> (slot, mapping signature)
         self.refused: Dict[str, str] = {}                # path -> why (for the summary)
         self.load_seconds = 0.0
+
+    def acquire(self) -> "KernelTables":
+        self._users += 1
+        return self
+
+    def release(self) -> None:
+        """One user (a source) is done; the last one closes the maps."""
+        self._users -= 1
+        if self._users <= 0:
+            close_all([self.maps.procs, self.maps.mappings, self.maps.tables, self.maps.rows])
 
     @property
     def rows_loaded(self) -> int:
@@ -188,17 +199,25 @@ class KernelTables:
         return table, compiled.base
 
 
+def shared_tables(state, auto: bool) -> KernelTables:
+    """The capture's one KernelTables (the on-CPU and off-CPU programs walk
+    with the same maps), made on first use; ``acquire`` it."""
+    tables = getattr(state, "kernel_tables", None)
+    if tables is None or tables._users <= 0:
+        tables = state.kernel_tables = KernelTables((state.walker or state.offcpu_walker).cache, auto)
+    return tables
+
+
 class KUnwindSampler(RecordSampler):
     """cpu-clock sampling with the user stack walked in the kernel (the
     KUNWIND program): counts and stacks as InKernelSampler drains them,
     fallback records as RecordSampler's.  ``tables`` (a KernelTables) must
     be filled by the caller as fallback records name processes."""
 
-    def __init__(self, sample_rate: int, tgids: Optional[Set[int]], copy_stack: int, auto: bool,
-                 python=None) -> None:
+    def __init__(self, sample_rate: int, tgids: Optional[Set[int]], copy_stack: int,
+                 kmaps: KU.KUnwindMaps, python=None) -> None:
         super().__init__(sample_rate, tgids, copy_stack, python=python)
-        self.auto = auto
-        self.kmaps: Optional[KU.KUnwindMaps] = None
+        self.kmaps = kmaps          # not ours: KernelTables owns them
 
     def start(self) -> None:
         if self._running:
@@ -208,7 +227,6 @@ class KUnwindSampler(RecordSampler):
         try:
             raise_fd_limit()
             copy = copy_spec(self.copy_stack)
-            self.kmaps = KU.make_maps(self.auto)
             self._tgids = make_tgid_map(self._initial_tgids, self.max_tgids)
             self._counts = HashMap(COUNT_KEY.size, SUMS.size, self.max_entries, name="oncpu_counts")
             self._native = S.native_store(self.stack_entries, "oncpu_stacks")
@@ -267,8 +285,3 @@ class KUnwindSampler(RecordSampler):
             self._running = False
             self._close()
 
-    def _close(self) -> None:
-        kmaps, self.kmaps = self.kmaps, None
-        super()._close()
-        if kmaps is not None:
-            close_all([kmaps.procs, kmaps.mappings, kmaps.tables, kmaps.rows])
