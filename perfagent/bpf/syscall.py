@@ -284,6 +284,18 @@ def map_get_next_key(map_fd: int, key: Optional[bytes], key_size: int) -> Option
 MAP_BATCH_ATTR = struct.Struct("<QQQQIIQQ")
 
 
+BPF_MAP_UPDATE_BATCH = 26
+
+
+def map_update_batch(map_fd: int, keys: bytes, values: bytes, count: int) -> int:
+    """BPF_MAP_UPDATE_BATCH (Linux 5.6+): ``count`` packed keys and values
+    in one call; returns how many the kernel wrote (all, unless it raised)."""
+    k, v = _Buf(keys), _Buf(values)
+    attr = bytearray(MAP_BATCH_ATTR.pack(0, 0, k.addr, v.addr, count, map_fd, 0, 0))
+    bpf(BPF_MAP_UPDATE_BATCH, attr, "BPF_MAP_UPDATE_BATCH")
+    return MAP_BATCH_ATTR.unpack(attr)[4]
+
+
 def map_batch(cmd: int, map_fd: int, in_batch: Optional[bytes], batch_size: int,
               key_size: int, value_size: int, count: int
               ) -> Tuple[bytes, bytes, int, Optional[bytes]]:

@@ -104,14 +104,14 @@ class KUnwindMaps(NamedTuple):
     auto: bool              # --unwind auto: a pc without CFI tries the frame pointer
 
 
-def make_maps(auto: bool, max_rows: int = MAX_ROWS, max_procs: int = MAX_PROCS) -> KUnwindMaps:
+def make_maps(auto: bool, max_rows: int = 0, max_procs: int = MAX_PROCS) -> KUnwindMaps:
     from perfagent.offcpu.common import close_all
     made = []
     try:
         made.append(HashMap(4, UW_PROC.size, max_procs, name="uw_procs"))
         made.append(ArrayMap(UW_MAPPING.size, max_procs * MAX_MAPPINGS, name="uw_mappings"))
         made.append(ArrayMap(UW_TABLE.size, MAX_TABLES, name="uw_tables"))
-        made.append(ArrayMap(K.UNWIND_ROW.size, max_rows, name="uw_rows"))
+        made.append(ArrayMap(K.UNWIND_ROW.size, max_rows or MAX_ROWS, name="uw_rows"))
     except BaseException:
         close_all(made)
         raise
