@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 import re
 import struct
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from perfagent import libc as _libc
 from perfagent.bpf import syscall as sc
@@ -143,6 +143,12 @@ def _load_program(prog_type: int, insns: bytes, name: str, kw: dict) -> int:
             raise _rejection(name, exc.errno, log) from None
 
 
+# struct bpf_prog_info { ... __u64 run_time_ns; __u64 run_cnt; ... } (uapi bpf.h):
+# the two counters sit at byte 192, after prog_tags.
+PROG_INFO_RUN_OFF = 192
+PROG_INFO_RUN = struct.Struct("<QQ")
+
+
 class Link(sc.OwnedFD):
     """An attachment; the program stays attached until this is closed."""
 
@@ -177,6 +183,15 @@ class Prog(sc.OwnedFD):
     def id(self) -> int:
         """The kernel-wide program id (BPF_OBJ_GET_INFO_BY_FD)."""
         return sc.obj_id(self.fd)
+
+    def run_stats(self) -> Tuple[int, int]:
+        """(run_time_ns, run_cnt): the time the program ran and how often,
+        counted only while kernel.bpf_stats_enabled is 1 (0, 0 on kernels
+        whose bpf_prog_info is shorter)."""
+        info = sc.obj_get_info_by_fd(self.fd)
+        if len(info) < PROG_INFO_RUN_OFF + PROG_INFO_RUN.size:
+            return 0, 0
+        return PROG_INFO_RUN.unpack_from(info, PROG_INFO_RUN_OFF)
 
     def attach_raw_tracepoint(self, name: str) -> Link:
         """BPF_RAW_TRACEPOINT_OPEN for a BPF_PROG_TYPE_RAW_TRACEPOINT program.
