@@ -22,7 +22,7 @@ fallback for on-CPU samples when BPF is not available.
 from __future__ import annotations
 
 import time
-from typing import List, Optional, Set
+from typing import Dict, List, Optional, Set
 
 from perfagent.capture import CaptureState
 
@@ -269,7 +269,7 @@ class OnCpuKernelWalk(OnCpuSource):
         for s in samples:
             regs = s.regs
             if regs:
-                self.loader.waiting.add(s.tgid)
+                self.loader.fell_back(s.tgid)
             ip = regs[3] if regs else (s.kernel_ips[0] if s.kernel_ips else 0)
             on_sample((s.tgid, s.tid, s.time, s.cpu, s.period, ip, s.kernel_ips, (),
                        regs, s.stack if regs else None, s.python))
@@ -293,24 +293,36 @@ class TableLoader:
     def __init__(self, tables, state: CaptureState) -> None:
         self.tables = tables
         self.state = state
-        self.waiting: Set[int] = set()
+        self.waiting: Dict[int, int] = {}   # pid -> stacks that fell back since it was (re)loaded
         self._next_refresh = 0.0
         self._released = False
 
+    def fell_back(self, pid: int) -> None:
+        self.waiting[pid] = self.waiting.get(pid, 0) + 1
+
     def gone(self, pids: List[int]) -> None:
         for pid in pids:
-            self.waiting.discard(pid)
+            self.waiting.pop(pid, None)
             self.tables.forget(pid)
 
     def load(self) -> None:
-        from perfagent.unwind.kernel import LOAD_SECONDS_PER_CYCLE
+        """The busiest processes first (on a whole machine, hundreds wait at
+        the start; the ones sampled most are worth loading first), until
+        this cycle's share of time is spent."""
+        from perfagent.unwind.kernel import LOAD_AFTER_FALLBACKS, LOAD_SECONDS_PER_CYCLE
         now = time.monotonic()
-        pids = set(self.waiting)
+        # A process sampled a few times (short-lived ones) stays with the
+        # user-space walker, unless its binaries are compiled already.
+        pids = sorted((pid for pid, n in self.waiting.items()
+                       if n >= LOAD_AFTER_FALLBACKS or self.tables.ready(self.state, pid)),
+                      key=lambda pid: -self.waiting[pid])
         if now >= self._next_refresh:
             self._next_refresh = now + self.REFRESH_INTERVAL
-            pids.update(self.tables.loaded_pids())
-        self.tables.refresh(self.state, sorted(pids), now + LOAD_SECONDS_PER_CYCLE)
-        self.waiting = {pid for pid in self.waiting if not self.tables.loaded(pid)}
+            pids += [pid for pid in self.tables.loaded_pids() if pid not in self.waiting]
+        self.tables.refresh(self.state, pids, now + LOAD_SECONDS_PER_CYCLE)
+        for pid in list(self.waiting):
+            if self.tables.loaded(pid):
+                del self.waiting[pid]
 
     def release(self) -> None:
         if not self._released:
@@ -401,7 +413,7 @@ class OffCpu(Source):
 
     def _on_copy(self, tgid: int, copy) -> None:
         if self.loader is not None:
-            self.loader.waiting.add(tgid)      # its walk fell back: load its tables
+            self.loader.fell_back(tgid)        # its walk fell back: load its tables
         self.state.unwind_copy(tgid, copy)
 
     def follow(self, new: List[tuple], gone: List[int]) -> None:

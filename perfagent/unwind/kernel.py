@@ -37,7 +37,14 @@ from perfagent.unwind import compact as K
 
 # Work one drain cycle may spend loading processes (the rest waits for the
 # next cycle; their samples meanwhile go to the user-space walker).
-LOAD_SECONDS_PER_CYCLE = 0.25
+LOAD_SECONDS_PER_CYCLE = 0.1
+# A process is loaded once this many of its stacks fell back (or at once
+# when every binary it maps is compiled already): a process sampled less
+# is not worth compiling tables for.
+LOAD_AFTER_FALLBACKS = 8
+# The fallback ring holds this many times RecordSampler's half second: it
+# must outlast a drain cycle that compiles one large binary's tables.
+FALLBACK_RING_FACTOR = 4
 
 REFUSED = -1
 
@@ -57,6 +64,10 @@ def kernel_walk_supported() -> Optional[str]:
     except sc.BPFError as exc:
         return "bpf_loop unavailable (%s)" % str(exc).splitlines()[0]
     return None
+
+
+class _OutOfTime(Exception):
+    """This cycle's share of loading is spent: the rest waits for the next."""
 
 
 class KernelTables:
@@ -113,9 +124,28 @@ class KernelTables:
                 continue
             t0 = time.monotonic()
             try:
-                self._load(pid, entries, signature)
+                self._load(pid, entries, signature, deadline)
+            except _OutOfTime:
+                return
             finally:
                 self.load_seconds += time.monotonic() - t0
+
+    def ready(self, state, pid: int) -> bool:
+        """Whether loading ``pid`` needs no compiling (every binary it maps
+        is loaded or refused already)."""
+        from perfagent.capture import KIND_FILE, KIND_VDSO, mapping_kind
+        proc = state.processes.get(pid)
+        if proc is None or not proc.maps_known:
+            return False
+        for e in proc.space.entries():
+            if not e.is_exec:
+                continue
+            kind = mapping_kind(e)
+            if kind == KIND_FILE and (e.dev_major, e.dev_minor, e.inode, e.path) not in self._tables:
+                return False
+            if kind == KIND_VDSO and ("[vdso]",) not in self._tables:
+                return False
+        return True
 
     def loaded(self, pid: int) -> bool:
         return pid in self._procs
@@ -129,7 +159,13 @@ class KernelTables:
             self.maps.procs.delete(KU.UW_PROC_KEY.pack(pid))
             self._free_slots.append(known[0])
 
-    def _load(self, pid: int, entries, signature: tuple) -> None:
+    def _load(self, pid: int, entries, signature: tuple, deadline: Optional[float]) -> None:
+        entries = sorted(entries, key=lambda e: e.start)[:KU.MAX_MAPPINGS]
+        # Compile first (each binary once, checking the time between
+        # binaries), then publish: a process is never half loaded.
+        mappings = []
+        for e in entries:
+            mappings.append(self._mapping(pid, e, deadline))
         known = self._procs.get(pid)
         if known is not None:
             # Unpublished while rewritten: its samples fall back meanwhile.
@@ -139,17 +175,16 @@ class KernelTables:
             slot = self._free_slots.pop()
         else:
             return                                      # no room: this process stays in user space
-        entries = sorted(entries, key=lambda e: e.start)[:KU.MAX_MAPPINGS]
         first = slot * KU.MAX_MAPPINGS
         for i, e in enumerate(entries):
-            kind, table, bias = self._mapping(pid, e)
+            kind, table, bias = mappings[i]
             self.maps.mappings.update(KU.UW_INDEX.pack(first + i),
                                       KU.UW_MAPPING.pack(e.start, e.end, bias & (2 ** 64 - 1), table, kind))
         self.maps.procs.update(KU.UW_PROC_KEY.pack(pid), KU.UW_PROC.pack(first, len(entries)))
         self._procs[pid] = (slot, signature)
 
     # -- mappings and binaries -----------------------------------------------------
-    def _mapping(self, pid: int, e) -> Tuple[int, int, int]:
+    def _mapping(self, pid: int, e, deadline: Optional[float] = None) -> Tuple[int, int, int]:
         """(kind, table, bias) of one executable mapping, as the walker would treat it."""
         from perfagent.capture import KIND_FILE, KIND_JIT, KIND_VDSO, mapped_file, mapping_kind
         kind = mapping_kind(e)
@@ -169,6 +204,8 @@ class KernelTables:
         vaddr = binary.load_map.offset_to_vaddr(e.pgoff) if binary.load_map is not None else None
         if vaddr is None:
             return KU.UW_MAP_FALLBACK, 0, 0
+        if key not in self._tables and deadline is not None and time.monotonic() >= deadline:
+            raise _OutOfTime()
         table, base = self._table(key, binary, e.path)
         if table == REFUSED:
             return KU.UW_MAP_FALLBACK, 0, 0
@@ -238,7 +275,11 @@ class KUnwindSampler(RecordSampler):
 
     def __init__(self, sample_rate: int, tgids: Optional[Set[int]], copy_stack: int,
                  kmaps: KU.KUnwindMaps, python=None) -> None:
-        super().__init__(sample_rate, tgids, copy_stack, python=python)
+        from perfagent.offcpu.inkernel import MAX_RING_BYTES, ring_bytes_for
+        from perfagent.perf.sampler import online_cpus
+        ring = min(MAX_RING_BYTES, FALLBACK_RING_FACTOR * ring_bytes_for(copy_stack, sample_rate,
+                                                                          len(online_cpus())))
+        super().__init__(sample_rate, tgids, copy_stack, ring_bytes=ring, python=python)
         self.kmaps = kmaps          # not ours: KernelTables owns them
 
     def start(self) -> None:
