@@ -341,8 +341,8 @@ def kernel_walk_summary(counts: List[int], t, prefix: str) -> str:
     if counts[UW_STATUS_RUNNING]:
         line += "; %d without a user stack" % counts[UW_STATUS_RUNNING]
     if t is not None:
-        line += "; tables: %d binaries, %d rows, loaded in %.2f s" % (
-            t.binaries_loaded, t.rows_loaded, t.load_seconds)
+        line += "; tables: %d binaries, %d rows (%d rebuilds as FDEs were decoded), loaded in %.2f s" % (
+            t.binaries_loaded, t.rows_loaded, t.rebuilds, t.load_seconds)
         if t.refused:
             line += "; %d refused (%s)" % (len(t.refused), "; ".join(
                 "%s: %s" % kv for kv in sorted(t.refused.items())[:3]))

@@ -212,6 +212,43 @@ def compile_rows(table, max_rows: int = 1 << 20) -> CompactTable:
     return CompactTable(base, compact, sum(1 for r in compact if r.cfa_kind == UW_CFA_FALLBACK))
 
 
+def compile_spans(spans, gap: tuple = FALLBACK_ROW, max_rows: int = 1 << 20) -> CompactTable:
+    """The compact rows of part of a binary's CFI: ``spans`` are (start, end,
+    UnwindRow) of the FDEs decoded so far (the user-space walker decodes
+    them lazily), in any order; what lies between and around them is
+    ``gap`` -- UW_CFA_FALLBACK: not known yet, so the kernel hands such a pc
+    to the user-space walker, which decodes its FDE, and the next rebuild
+    has it.  Rows start at pc 0 (base 0: the row pc is the link-time
+    address); TableRefused as for :func:`compile_rows`."""
+    spans = sorted(spans, key=lambda sp: sp[0])
+    if spans and spans[-1][1] >= U32_LIMIT:
+        raise TableRefused("code at %#x, beyond 4 GiB" % spans[-1][1])
+    fields_of: dict = {}
+    out: List[Tuple[int, tuple]] = [(0, gap)]
+    last_end = 0
+    for start, end, row in spans:
+        if start < last_end:           # overlapping FDEs: the first one wins, as in CFITable
+            start = last_end
+            if start >= end:
+                continue
+        if start > last_end and out[-1][1] != gap:
+            out.append((last_end, gap))
+        fields = fields_of.get(id(row))
+        if fields is None:
+            fields = fields_of[id(row)] = compact_fields(row)
+        if out[-1][0] == start:
+            out[-1] = (start, fields)
+        elif out[-1][1] != fields:
+            out.append((start, fields))
+        last_end = end
+    if out[-1][1] != gap:
+        out.append((last_end, gap))
+    if len(out) > max_rows:
+        raise TableRefused("%d rows, more than the %d the kernel tables hold" % (len(out), max_rows))
+    compact = [CompactRow(pc, *f) for pc, f in out]
+    return CompactTable(0, compact, sum(1 for r in compact if r.cfa_kind == UW_CFA_FALLBACK))
+
+
 def describe(row: CompactRow) -> str:
     """A row as text, close to readelf's frames-interp columns (for tests)."""
     k = row.cfa_kind

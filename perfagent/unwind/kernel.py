@@ -70,8 +70,49 @@ class _OutOfTime(Exception):
     """This cycle's share of loading is spent: the rest waits for the next."""
 
 
+class _Binary:
+    """One binary's table in the kernel, and the mappings that use it."""
+
+    __slots__ = ("table", "base", "cfi", "decoded", "refs", "complete", "path")
+
+    def __init__(self, table: int, base: int, cfi, decoded: int, complete: bool, path: str) -> None:
+        self.path = path
+        self.table = table          # index into unwind_tables
+        self.base = base            # link-time address of row pc 0
+        self.cfi = cfi              # the walker's BinaryCFI (its lazily decoded FDEs)
+        self.decoded = decoded      # FDEs in the table (partial tables grow)
+        self.complete = complete    # every FDE is in (no UW_CFA_FALLBACK gaps to fill)
+        self.refs: Dict[int, tuple] = {}   # mapping index -> (start, end, vaddr of start)
+
+
+def _lazy_spans(cfi) -> Optional[list]:
+    """The rows of the FDEs the user-space walker decoded so far, when
+    ``cfi``'s table decodes lazily (perfagent.unwind.walker.LazyEhFrame,
+    whose FDE cache is read, not changed); None when it is a whole table
+    (or its whole table was built: then all of it is known)."""
+    table = cfi.table
+    fdes = getattr(table, "_fdes", None)
+    full = getattr(table, "_full", None)
+    if fdes is None or full is None or getattr(full, "_builder", None) is None:
+        return None
+    spans = []
+    for _starts, fde_spans in list(fdes.values()):
+        spans.extend(fde_spans)
+    return spans
+
+
 class KernelTables:
-    """The walk's tables (see the module docstring)."""
+    """The walk's tables (see the module docstring).
+
+    A binary whose CFI the walker decodes lazily (through .eh_frame_hdr) is
+    loaded the same way: its table holds the FDEs the user-space walker has
+    decoded -- the ones the fallback samples needed -- and UW_CFA_FALLBACK
+    between them, and is rebuilt (new rows, a new table id, its mappings
+    pointed at it) when more were decoded.  A whole machine's binaries are
+    thus never compiled whole; the fallbacks teach the kernel the hot code.
+    """
+
+    REBUILD_INTERVAL = 0.5   # seconds between two rebuilds of one binary's table
 
     def __init__(self, cfi_cache, auto: bool, max_procs: int = KU.MAX_PROCS) -> None:
         self.maps = KU.make_maps(auto, max_procs=max_procs)
@@ -80,12 +121,15 @@ class KernelTables:
         self.max_rows = self.maps.rows.max_entries
         self._next_row = 0
         self._next_table = 0
-        # binary key -> (table id, base) or (REFUSED, reason)
-        self._tables: Dict[tuple, Tuple[int, object]] = {}
+        self._binaries: Dict[tuple, _Binary] = {}
+        self._refused: Dict[tuple, str] = {}
         self._free_slots = list(range(max_procs - 1, -1, -1))
-        self._procs: Dict[int, Tuple[int, tuple]] = {}   # pid -> (slot, mapping signature)
+        # pid -> (slot, mapping signature, binary keys its mappings use)
+        self._procs: Dict[int, Tuple[int, tuple, list]] = {}
         self.refused: Dict[str, str] = {}                # path -> why (for the summary)
         self.load_seconds = 0.0
+        self.rebuilds = 0
+        self._next_rebuild = 0.0
 
     def acquire(self) -> "KernelTables":
         self._users += 1
@@ -103,32 +147,35 @@ class KernelTables:
 
     @property
     def binaries_loaded(self) -> int:
-        return sum(1 for t, _ in self._tables.values() if t != REFUSED)
+        return len(self._binaries)
 
     # -- processes ---------------------------------------------------------------
     def refresh(self, state, pids: Iterable[int], deadline: Optional[float] = None) -> None:
         """(Re)load the processes in ``pids`` whose mappings are not loaded
-        as they are now; stops at ``deadline`` (time.monotonic)."""
-        for pid in pids:
-            if deadline is not None and time.monotonic() >= deadline:
-                return
-            proc = state.processes.get(pid)
-            if proc is None or not proc.maps_known:
-                proc = state.load_from_proc(pid)
-            if proc is None or proc.exited:
-                continue
-            entries = [e for e in proc.space.entries() if e.is_exec]
-            signature = tuple((e.start, e.end, e.pgoff, e.inode) for e in entries)
-            known = self._procs.get(pid)
-            if known is not None and known[1] == signature:
-                continue
-            t0 = time.monotonic()
-            try:
-                self._load(pid, entries, signature, deadline)
-            except _OutOfTime:
-                return
-            finally:
-                self.load_seconds += time.monotonic() - t0
+        as they are now, then grow the partial tables; stops at ``deadline``
+        (time.monotonic)."""
+        t0 = time.monotonic()
+        try:
+            for pid in pids:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return
+                proc = state.processes.get(pid)
+                if proc is None or not proc.maps_known:
+                    proc = state.load_from_proc(pid)
+                if proc is None or proc.exited:
+                    continue
+                entries = [e for e in proc.space.entries() if e.is_exec]
+                signature = tuple((e.start, e.end, e.pgoff, e.inode) for e in entries)
+                known = self._procs.get(pid)
+                if known is not None and known[1] == signature:
+                    continue
+                try:
+                    self._load(pid, entries, signature, deadline)
+                except _OutOfTime:
+                    return
+            self._grow(deadline)
+        finally:
+            self.load_seconds += time.monotonic() - t0
 
     def ready(self, state, pid: int) -> bool:
         """Whether loading ``pid`` needs no compiling (every binary it maps
@@ -141,9 +188,13 @@ class KernelTables:
             if not e.is_exec:
                 continue
             kind = mapping_kind(e)
-            if kind == KIND_FILE and (e.dev_major, e.dev_minor, e.inode, e.path) not in self._tables:
-                return False
-            if kind == KIND_VDSO and ("[vdso]",) not in self._tables:
+            if kind == KIND_FILE:
+                key = (e.dev_major, e.dev_minor, e.inode, e.path)
+            elif kind == KIND_VDSO:
+                key = ("[vdso]",)
+            else:
+                continue
+            if key not in self._binaries and key not in self._refused:
                 return False
         return True
 
@@ -157,81 +208,141 @@ class KernelTables:
         known = self._procs.pop(pid, None)
         if known is not None:
             self.maps.procs.delete(KU.UW_PROC_KEY.pack(pid))
+            self._drop_refs(known)
             self._free_slots.append(known[0])
+
+    def _drop_refs(self, known) -> None:
+        slot, _sig, keys = known
+        first = slot * KU.MAX_MAPPINGS
+        for i, key in enumerate(keys):
+            b = self._binaries.get(key) if key is not None else None
+            if b is not None:
+                b.refs.pop(first + i, None)
 
     def _load(self, pid: int, entries, signature: tuple, deadline: Optional[float]) -> None:
         entries = sorted(entries, key=lambda e: e.start)[:KU.MAX_MAPPINGS]
         # Compile first (each binary once, checking the time between
         # binaries), then publish: a process is never half loaded.
-        mappings = []
-        for e in entries:
-            mappings.append(self._mapping(pid, e, deadline))
+        mappings = [self._mapping(pid, e, deadline) for e in entries]
         known = self._procs.get(pid)
         if known is not None:
             # Unpublished while rewritten: its samples fall back meanwhile.
             self.maps.procs.delete(KU.UW_PROC_KEY.pack(pid))
+            self._drop_refs(known)
             slot = known[0]
         elif self._free_slots:
             slot = self._free_slots.pop()
         else:
             return                                      # no room: this process stays in user space
         first = slot * KU.MAX_MAPPINGS
+        keys = []
         for i, e in enumerate(entries):
-            kind, table, bias = mappings[i]
+            kind, key, vaddr = mappings[i]
+            b = self._binaries.get(key) if key is not None else None
+            table = bias = 0
+            if b is not None:
+                b.refs[first + i] = (e.start, e.end, vaddr)
+                table, bias = b.table, e.start - vaddr + b.base
+            keys.append(key if b is not None else None)
             self.maps.mappings.update(KU.UW_INDEX.pack(first + i),
                                       KU.UW_MAPPING.pack(e.start, e.end, bias & (2 ** 64 - 1), table, kind))
         self.maps.procs.update(KU.UW_PROC_KEY.pack(pid), KU.UW_PROC.pack(first, len(entries)))
-        self._procs[pid] = (slot, signature)
+        self._procs[pid] = (slot, signature, keys)
 
     # -- mappings and binaries -----------------------------------------------------
-    def _mapping(self, pid: int, e, deadline: Optional[float] = None) -> Tuple[int, int, int]:
-        """(kind, table, bias) of one executable mapping, as the walker would treat it."""
+    def _mapping(self, pid: int, e, deadline: Optional[float] = None) -> Tuple[int, Optional[tuple], int]:
+        """(kind, binary key, vaddr of its start) of one executable mapping,
+        as the walker would treat it; the binary's table made if needed."""
         from perfagent.capture import KIND_FILE, KIND_JIT, KIND_VDSO, mapped_file, mapping_kind
         kind = mapping_kind(e)
         if kind == KIND_FILE:
-            binary = self.cfi.get(mapped_file(pid, e))
             key = (e.dev_major, e.dev_minor, e.inode, e.path)
         elif kind == KIND_VDSO:
-            binary = self.cfi.get_vdso()
             key = ("[vdso]",)
         elif kind == KIND_JIT and os.path.exists("/tmp/perf-%d.map" % pid):
             # CPython's perf trampolines: the user-space walker knows their shape.
-            return KU.UW_MAP_FALLBACK, 0, 0
+            return KU.UW_MAP_FALLBACK, None, 0
         else:
-            return KU.UW_MAP_FP, 0, 0                     # anonymous code, [vsyscall]: frame pointers
+            return KU.UW_MAP_FP, None, 0                  # anonymous code, [vsyscall]: frame pointers
+        if key in self._refused:
+            return KU.UW_MAP_FALLBACK, None, 0
+        binary = self.cfi.get(mapped_file(pid, e)) if kind == KIND_FILE else self.cfi.get_vdso()
         if binary is None or binary.table is None or not binary.has_cfi:
-            return KU.UW_MAP_FP, 0, 0
+            return KU.UW_MAP_FP, None, 0
         vaddr = binary.load_map.offset_to_vaddr(e.pgoff) if binary.load_map is not None else None
         if vaddr is None:
-            return KU.UW_MAP_FALLBACK, 0, 0
-        if key not in self._tables and deadline is not None and time.monotonic() >= deadline:
-            raise _OutOfTime()
-        table, base = self._table(key, binary, e.path)
-        if table == REFUSED:
-            return KU.UW_MAP_FALLBACK, 0, 0
-        return KU.UW_MAP_TABLE, table, e.start - vaddr + base
+            return KU.UW_MAP_FALLBACK, None, 0
+        if key not in self._binaries:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise _OutOfTime()
+            if not self._new_binary(key, binary, e.path):
+                return KU.UW_MAP_FALLBACK, None, 0
+        return KU.UW_MAP_TABLE, key, vaddr
 
-    def _table(self, key: tuple, binary, path: str) -> Tuple[int, int]:
-        got = self._tables.get(key)
-        if got is not None:
-            return got[0], (got[1] if got[0] != REFUSED else 0)
-        full = getattr(binary.table, "_full", binary.table)   # LazyEhFrame keeps the whole table there
-        try:
-            if self._next_table >= self.maps.tables.max_entries:
-                raise K.TableRefused("%d tables loaded already" % self._next_table)
-            compiled = K.compile_rows(full, self.max_rows - self._next_row)
-        except K.TableRefused as exc:
-            self.refused[path] = str(exc)
-            self._tables[key] = (REFUSED, str(exc))
-            return REFUSED, 0
+    def _compile(self, cfi) -> Tuple["K.CompactTable", int, bool]:
+        """(rows, FDEs decoded, complete) of a binary's table as known now."""
+        room = self.max_rows - self._next_row
+        spans = _lazy_spans(cfi)
+        if spans is None:
+            full = getattr(cfi.table, "_full", cfi.table)
+            return K.compile_rows(full, room), 0, True
+        return K.compile_spans(spans, K.FALLBACK_ROW, room), len(cfi.table._fdes), False
+
+    def _publish(self, compiled: "K.CompactTable") -> int:
+        """Write a table's rows and range; returns its (new) table id."""
+        if self._next_table >= self.maps.tables.max_entries:
+            raise K.TableRefused("%d tables written already" % self._next_table)
         first = self._next_row
         _write_rows(self.maps.rows, first, compiled)
         table = self._next_table
         self.maps.tables.update(KU.UW_INDEX.pack(table), KU.UW_TABLE.pack(first, len(compiled.rows)))
         self._next_row += len(compiled.rows)
         self._next_table += 1
-        self._tables[key] = (table, compiled.base)
-        return table, compiled.base
+        return table
+
+    def _new_binary(self, key: tuple, cfi, path: str) -> bool:
+        try:
+            compiled, decoded, complete = self._compile(cfi)
+            table = self._publish(compiled)
+        except K.TableRefused as exc:
+            self.refused[path] = str(exc)
+            self._refused[key] = str(exc)
+            return False
+        self._binaries[key] = _Binary(table, compiled.base, cfi, decoded, complete, path)
+        return True
+
+    def _grow(self, deadline: Optional[float]) -> None:
+        """Rebuild the partial tables whose binaries had more FDEs decoded
+        since (each at most every REBUILD_INTERVAL).  The new rows go to a
+        new range under a new table id, and only then are the mappings
+        pointed at it: a program running meanwhile reads the old table or
+        the new one, never a mix."""
+        now = time.monotonic()
+        if now < self._next_rebuild:
+            return
+        self._next_rebuild = now + self.REBUILD_INTERVAL
+        for key, b in list(self._binaries.items()):
+            if b.complete or not b.refs:
+                continue
+            fdes = getattr(b.cfi.table, "_fdes", None)
+            full = getattr(b.cfi.table, "_full", None)
+            whole = full is not None and getattr(full, "_builder", 1) is None
+            if not whole and (fdes is None or len(fdes) == b.decoded):
+                continue
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            try:
+                compiled, decoded, complete = self._compile(b.cfi)
+                table = self._publish(compiled)
+            except K.TableRefused as exc:
+                b.complete = True           # no room to grow: its gaps stay with user space
+                self.refused[b.path] = str(exc)
+                continue
+            b.table, b.base, b.decoded, b.complete = table, compiled.base, decoded, complete
+            self.rebuilds += 1
+            for index, (start, end, vaddr) in b.refs.items():
+                self.maps.mappings.update(KU.UW_INDEX.pack(index), KU.UW_MAPPING.pack(
+                    start, end, (start - vaddr + b.base) & (2 ** 64 - 1), table, KU.UW_MAP_TABLE))
 
 
 # Rows written per BPF_MAP_UPDATE_BATCH call.
