@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="user stack unwinding: fp (the kernel's frame-pointer callchain), dwarf "
                         "(the binaries' DWARF CFI over a sampled stack copy), or auto (CFI where a "
                         "binary has it, frame pointers where it does not) (default: auto)")
+    o.add_argument("--unwind-in", default="auto", metavar="WHERE",
+                   help="with --unwind dwarf/auto, where user stacks are walked: kernel (in the BPF "
+                        "program, from CFI tables loaded into maps; only program counters reach the "
+                        "agent), user (stack copies walked by the agent), or auto (the kernel when it "
+                        "can run the walk: Linux 5.17+ with BPF) (default: auto)")
     o.add_argument("--no-in-kernel", action="store_true",
                    help="with --unwind fp: write every sample to the ring buffer instead of counting "
                         "stacks in the kernel with eBPF (default: count in the kernel when BPF is available)")
@@ -148,6 +153,7 @@ class Options:
         self.duration: Optional[float] = DEFAULT_DURATION
         self.sample_rate = DEFAULT_SAMPLE_RATE
         self.unwind = "auto"
+        self.unwind_in = "auto"
         self.stack_size = DEFAULT_STACK_SIZE
         self.profile_output: Optional[str] = None
         self.offcpu = False
@@ -198,6 +204,9 @@ def parse_args(argv: Sequence[str]) -> Options:
         opts.duration = checked_duration("--duration", ns.duration)
     opts.sample_rate = checked_sample_rate(ns.sample_rate)
     opts.unwind = checked_unwind(ns.unwind)
+    if ns.unwind_in not in ("kernel", "user", "auto"):
+        raise UsageError("--unwind-in: unknown place %r (choose kernel, user or auto)" % ns.unwind_in)
+    opts.unwind_in = ns.unwind_in
     opts.stack_size = checked_stack_size(ns.stack_size)
     for tag in ns.tag:
         try:

@@ -262,6 +262,7 @@ def capture_options(opts: Options, comm: Optional[str]) -> CaptureOptions:
     return CaptureOptions(
         pid=opts.pid, command=tuple(opts.command), all=opts.all, children=opts.children,
         profile=opts.profile, offcpu=opts.offcpu, sample_rate=opts.sample_rate, unwind=opts.unwind,
+        unwind_in=opts.unwind_in,
         stack_size=opts.stack_size, in_kernel=opts.in_kernel, python_walk=opts.python_walk,
         inject_python=opts.inject_python, keep_native_frames=opts.keep_native_frames,
         comm=comm or "")

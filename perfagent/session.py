@@ -29,7 +29,9 @@ from perfagent.capture import CaptureState
 from perfagent.errors import CaptureError
 from perfagent.oncpu import build_profile
 from perfagent.perf.sampler import Sampler, list_threads
-from perfagent.sources import OffCpu, OnCpuCounts, OnCpuRecords, OnCpuSource, PythonWalk, Source
+from perfagent.sources import (
+    OffCpu, OnCpuCounts, OnCpuRecords, OnCpuSource, PythonWalk, Source, dwarf_oncpu_source,
+)
 from perfagent.symbolize.native import BinaryCache
 from perfagent.symbolize.symbolizer import Symbolizer
 from perfagent.target import procfs
@@ -49,6 +51,7 @@ class CaptureOptions(NamedTuple):
     offcpu: bool = False              # off-CPU time
     sample_rate: int = 99
     unwind: str = "auto"              # fp, dwarf, auto
+    unwind_in: str = "auto"           # dwarf/auto: kernel, user, auto (where stacks are walked)
     stack_size: int = 32768
     in_kernel: bool = True            # BPF sources (False: the perf ring buffer)
     python_walk: bool = True          # Python stacks from the interpreter's memory
@@ -249,6 +252,8 @@ class Capture:
             raise CaptureError("give exactly one target: a pid, a command, or all processes")
         if opts.unwind not in ("fp", "dwarf", "auto"):
             raise CaptureError("unwind must be fp, dwarf or auto, not %r" % (opts.unwind,))
+        if opts.unwind_in not in ("kernel", "user", "auto"):
+            raise CaptureError("unwind_in must be kernel, user or auto, not %r" % (opts.unwind_in,))
         if not (opts.profile or opts.offcpu):
             raise CaptureError("nothing to capture: ask for on-CPU samples, off-CPU time or both")
         if opts.unwind != "fp" and current().UNWIND_REGS_MASK is None:
@@ -376,7 +381,7 @@ class Capture:
                 self.sources.append(oncpu)
         if opts.offcpu:
             self.offcpu = OffCpu(self.state, tgids, opts.stack_size, self.symbolizer.kernel.lookup,
-                                 self.log, python)
+                                 self.log, python, opts.unwind_in, opts.unwind == "auto")
             self.offcpu.start()
             self.sources.append(self.offcpu)
         return self._sampler(opts.profile and oncpu is None)
@@ -421,7 +426,7 @@ class Capture:
         if opts.unwind == "fp":
             source: OnCpuSource = OnCpuCounts(self.state, tgids, opts.sample_rate, python)
         else:
-            source = OnCpuRecords(self.state, tgids, opts.sample_rate, opts.stack_size, python)
+            source = dwarf_oncpu_source(self.state, tgids, opts, python, self.notes)
         try:
             source.start()
         except (BPFError, OSError) as exc:

@@ -22,7 +22,7 @@ fallback for on-CPU samples when BPF is not available.
 from __future__ import annotations
 
 import time
-from typing import List, Optional, Set
+from typing import Dict, List, Optional, Set
 
 from perfagent.capture import CaptureState
 
@@ -225,6 +225,165 @@ class OnCpuRecords(OnCpuSource):
                        regs, s.stack if regs else None, s.python))
 
 
+class OnCpuKernelWalk(OnCpuSource):
+    """``--unwind dwarf|auto`` walked in the kernel (``--unwind-in``): the
+    stack program walks user stacks with the binaries' CFI tables and
+    counts them like ``--unwind fp``; a stack it leaves to user space
+    (a process not loaded yet, a binary refused) arrives as a record for
+    the state's walker, and names the process whose tables to load
+    (perfagent.unwind.kernel)."""
+
+    REFRESH_INTERVAL = 1.0   # loaded processes' mappings are compared this often
+
+    def __init__(self, state: CaptureState, tgids: Optional[Set[int]], sample_rate: int,
+                 stack_size: int, auto: bool, python=None) -> None:
+        from perfagent.unwind.kernel import KUnwindSampler, shared_tables
+        super().__init__(state, tgids)
+        self.loader = TableLoader(shared_tables(state, auto).acquire(), state)
+        self.engine = KUnwindSampler(sample_rate, self.tgids, stack_size, self.loader.tables.maps,
+                                     python=python)
+        state.hold_counts("oncpu")
+
+    @property
+    def tables(self):
+        return self.loader.tables
+
+    def follow(self, new: List[tuple], gone: List[int]) -> None:
+        super().follow(new, gone)
+        self.loader.gone(gone)
+
+    def feed(self) -> None:
+        self._records(self.engine.drain())
+        if self.state.exits_waiting():
+            # Exited processes are released once their counts are in.
+            self._add(self.engine.collect_counts(False))
+            self.state.counts_collected("oncpu")
+        else:
+            self._add(self.engine.collect_counts())
+        self.loader.load()
+
+    def stop(self) -> None:
+        try:
+            self.engine.stop()
+            self._records(self.engine.collect())
+            self._add(self.engine.collect_counts(False))
+        finally:
+            self.loader.release()
+
+    def close(self) -> None:
+        try:
+            self.engine.stop()
+        finally:
+            self.loader.release()
+
+    def _records(self, samples) -> None:
+        on_sample = self.state.on_sample
+        for s in samples:
+            regs = s.regs
+            if regs:
+                self.loader.fell_back(s.tgid)
+            ip = regs[3] if regs else (s.kernel_ips[0] if s.kernel_ips else 0)
+            on_sample((s.tgid, s.tid, s.time, s.cpu, s.period, ip, s.kernel_ips, (),
+                       regs, s.stack if regs else None, s.python))
+
+    def _add(self, stacks) -> None:
+        for st in stacks or ():
+            self.state.add_counted(st.tgid, st.tid, tuple(st.kernel_ips), tuple(st.user_ips),
+                                   st.samples, st.period_ns, st.python)
+
+    def summary(self) -> str:
+        return kernel_walk_summary(self.engine.outcomes(), self.tables, "")
+
+
+class TableLoader:
+    """A source's share of the capture's KernelTables: the processes whose
+    walks fell back are loaded, within each cycle's share of time; now and
+    then the loaded ones whose mappings changed are reloaded."""
+
+    REFRESH_INTERVAL = 1.0
+
+    def __init__(self, tables, state: CaptureState) -> None:
+        self.tables = tables
+        self.state = state
+        self.waiting: Dict[int, int] = {}   # pid -> stacks that fell back since it was (re)loaded
+        self._next_refresh = 0.0
+        self._released = False
+
+    def fell_back(self, pid: int) -> None:
+        self.waiting[pid] = self.waiting.get(pid, 0) + 1
+
+    def gone(self, pids: List[int]) -> None:
+        for pid in pids:
+            self.waiting.pop(pid, None)
+            self.tables.forget(pid)
+
+    def load(self) -> None:
+        """The busiest processes first (on a whole machine, hundreds wait at
+        the start; the ones sampled most are worth loading first), until
+        this cycle's share of time is spent."""
+        from perfagent.unwind.kernel import LOAD_AFTER_FALLBACKS, LOAD_SECONDS_PER_CYCLE
+        now = time.monotonic()
+        # A process sampled a few times (short-lived ones) stays with the
+        # user-space walker, unless its binaries are compiled already.
+        pids = sorted((pid for pid, n in self.waiting.items()
+                       if n >= LOAD_AFTER_FALLBACKS or self.tables.ready(self.state, pid)),
+                      key=lambda pid: -self.waiting[pid])
+        if now >= self._next_refresh:
+            self._next_refresh = now + self.REFRESH_INTERVAL
+            pids += [pid for pid in self.tables.loaded_pids() if pid not in self.waiting]
+        self.tables.refresh(self.state, pids, now + LOAD_SECONDS_PER_CYCLE)
+        for pid in list(self.waiting):
+            if self.tables.loaded(pid):
+                del self.waiting[pid]
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.tables.release()
+
+
+def kernel_walk_summary(counts: List[int], t, prefix: str) -> str:
+    """The end-of-run line of the in-kernel walk (``counts`` per UW_STATUS_*)."""
+    from perfagent.stackprog.kunwind import STATUS_NAMES, UW_STATUS_FALLBACK, UW_STATUS_RUNNING
+    walked = sum(counts[1:UW_STATUS_FALLBACK])
+    parts = ", ".join("%d %s" % (counts[i], STATUS_NAMES[i])
+                      for i in range(1, UW_STATUS_FALLBACK))
+    line = ("%sunwound %d user stacks in the kernel: %s; %d fell back to user space"
+            % (prefix, walked, parts, counts[UW_STATUS_FALLBACK]))
+    if counts[UW_STATUS_RUNNING]:
+        line += "; %d without a user stack" % counts[UW_STATUS_RUNNING]
+    if t is not None:
+        line += "; tables: %d binaries, %d rows (%d rebuilds as FDEs were decoded), loaded in %.2f s" % (
+            t.binaries_loaded, t.rows_loaded, t.rebuilds, t.load_seconds)
+        if t.refused:
+            line += "; %d refused (%s)" % (len(t.refused), "; ".join(
+                "%s: %s" % kv for kv in sorted(t.refused.items())[:3]))
+    return line
+
+
+def dwarf_oncpu_source(state: CaptureState, tgids: Optional[Set[int]], opts, python,
+                       notes: List[str]) -> OnCpuSource:
+    """The on-CPU source of ``--unwind dwarf|auto``: walked in the kernel when
+    ``opts.unwind_in`` allows it and the kernel can (bpf_loop), else stack
+    copies for the user-space walker (with a note saying why, under auto).
+    ``--unwind-in kernel`` on a kernel that cannot is an error."""
+    if opts.unwind_in != "user":
+        from perfagent.bpf.syscall import BPFError
+        from perfagent.errors import CaptureError
+        from perfagent.unwind.kernel import kernel_walk_supported
+        try:
+            why = kernel_walk_supported()
+        except (BPFError, OSError) as exc:
+            why = str(exc)
+        if why is None:
+            return OnCpuKernelWalk(state, tgids, opts.sample_rate, opts.stack_size,
+                                   opts.unwind == "auto", python)
+        if opts.unwind_in == "kernel":
+            raise CaptureError("--unwind-in kernel: %s; use --unwind-in user" % why)
+        notes.append("user stacks are walked in user space: %s" % why)
+    return OnCpuRecords(state, tgids, opts.sample_rate, opts.stack_size, python)
+
+
 class OffCpu(Source):
     """``--offcpu``: the sched_switch collector.
 
@@ -238,12 +397,22 @@ class OffCpu(Source):
     COLLECT_INTERVAL = 1.0
 
     def __init__(self, state: CaptureState, tgids: Optional[Set[int]], stack_size: int,
-                 kernel_lookup, log, python=None) -> None:
+                 kernel_lookup, log, python=None, unwind_in: str = "user", auto: bool = False) -> None:
         super().__init__(state, tgids)
         self.python = python
         self.stack_size = stack_size if state.offcpu_walker is not None else 0
         self.kernel_lookup = kernel_lookup
         self.log = log
+        # --unwind-in: the walk in the kernel too (copies only for what it leaves).
+        self.loader: Optional[TableLoader] = None
+        if self.stack_size and unwind_in != "user":
+            from perfagent.unwind.kernel import kernel_walk_supported, shared_tables
+            why = kernel_walk_supported()
+            if why is None:
+                self.loader = TableLoader(shared_tables(state, auto).acquire(), state)
+            elif unwind_in == "kernel":
+                from perfagent.errors import CaptureError
+                raise CaptureError("--unwind-in kernel: %s; use --unwind-in user" % why)
         self.engine = self._collector(self.stack_size)
         self._next = 0.0
         state.hold_counts("offcpu")
@@ -251,8 +420,26 @@ class OffCpu(Source):
     def _collector(self, copy_stack: int):
         from perfagent.offcpu.collector import OffCpuCollector
         return OffCpuCollector(set(self.tgids) if self.tgids is not None else None,
-                               copy_stack=copy_stack, on_copy=self.state.unwind_copy,
-                               python=self.python)
+                               copy_stack=copy_stack, on_copy=self._on_copy,
+                               python=self.python,
+                               kunwind=self.loader.tables.maps if self.loader and copy_stack else None)
+
+    def _on_copy(self, tgid: int, copy) -> None:
+        if self.loader is not None:
+            self.loader.fell_back(tgid)        # its walk fell back: load its tables
+        self.state.unwind_copy(tgid, copy)
+
+    def follow(self, new: List[tuple], gone: List[int]) -> None:
+        super().follow(new, gone)
+        if self.loader is not None:
+            self.loader.gone(gone)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if self.loader is not None:
+                self.loader.release()
 
     def start(self) -> None:
         import errno
@@ -277,20 +464,28 @@ class OffCpu(Source):
         now = time.monotonic()
         if now < self._next:
             self._add(self.engine.drain_copies())
-            return
-        self._next = now + self.COLLECT_INTERVAL
-        self._add(self.engine.collect())
-        self.state.counts_collected("offcpu")
+        else:
+            self._next = now + self.COLLECT_INTERVAL
+            self._add(self.engine.collect())
+            self.state.counts_collected("offcpu")
+        if self.loader is not None:
+            self.loader.load()
 
     def stop(self) -> None:
-        self.engine.stop()
-        self._add(self.engine.collect())  # intervals still open are closed now
+        try:
+            self.engine.stop()
+            self._add(self.engine.collect())  # intervals still open are closed now
+        finally:
+            if self.loader is not None:
+                self.loader.release()
 
     def summary(self) -> str:
         """The off-CPU unwinding line, or "" without stack copies."""
         if not self.stack_size or self.state.offcpu_walker is None:
             return ""
         line = "off-CPU: " + self.state.offcpu_walker.summary()
+        if self.engine.kunwind is not None:
+            line += "; " + kernel_walk_summary(self.engine.kunwind_outcomes(), None, "")
         dropped = self.engine.copies_dropped
         if dropped:
             line += "; %d episodes kept frame-pointer stacks (stack copy ring full)" % dropped

@@ -94,6 +94,9 @@ BPF_JSLE = 0xD0
 
 # src_reg of the first LD_IMM64 slot: imm is a map fd to relocate.
 BPF_PSEUDO_MAP_FD = 1
+# ... imm is the offset (in insns, from the next one) of a subprogram: a
+# callback for bpf_loop (the verifier checks it as a function of its own).
+BPF_PSEUDO_FUNC = 4
 
 # Short names for sizes, as the verifier log and filter.h read them.
 B, H, W, DW = BPF_B, BPF_H, BPF_W, BPF_DW
@@ -121,6 +124,7 @@ HELPERS: Dict[str, int] = {
     "ringbuf_discard": 133,
     "get_current_task_btf": 158,
     "task_pt_regs": 175,
+    "loop": 181,
 }
 
 # struct bpf_insn {
@@ -193,13 +197,14 @@ def _signed32(v: int) -> int:
 class _Slot:
     """One instruction slot before label and map resolution."""
 
-    __slots__ = ("code", "dst", "src", "off", "imm", "target", "map")
+    __slots__ = ("code", "dst", "src", "off", "imm", "target", "map", "func")
 
     def __init__(self, code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0,
-                 target: Optional[str] = None, map: object = None) -> None:
+                 target: Optional[str] = None, map: object = None, func: bool = False) -> None:
         self.code, self.dst, self.src, self.off, self.imm = code, dst, src, off, imm
         self.target = target
         self.map = map
+        self.func = func  # target is a subprogram: its offset goes in imm, not off
 
 
 class Program:
@@ -286,6 +291,14 @@ class Program:
         """
         d = _check_reg(dst)
         self._emit(_Slot(BPF_LD | BPF_DW | BPF_IMM, d, BPF_PSEUDO_MAP_FD, map=map))
+        return self._emit(_Slot(0))
+
+    def ld_func(self, dst: Reg, label: str) -> "Program":
+        """BPF_LD_IMM64 with BPF_PSEUDO_FUNC: ``dst`` = the subprogram at
+        ``label`` (a bpf_loop callback).  The subprogram must follow the
+        main program's last exit; it gets r1, r2 as arguments and returns r0."""
+        d = _check_reg(dst)
+        self._emit(_Slot(BPF_LD | BPF_DW | BPF_IMM, d, BPF_PSEUDO_FUNC, target=label, func=True))
         return self._emit(_Slot(0))
 
     # -- memory ---------------------------------------------------------------
@@ -389,6 +402,9 @@ class Program:
                 if s.target not in self._labels:
                     raise AsmError("undefined label %r (jump at insn %d)" % (s.target, pc))
                 rel = self._labels[s.target] - (pc + 1)
+                if s.func:
+                    out.append(Insn(s.code, s.dst, s.src, 0, rel))
+                    continue
                 if not S16[0] <= rel <= S16[1]:
                     raise AsmError("jump at insn %d to %r is %d insns away, beyond the s16 offset"
                                    % (pc, s.target, rel))
@@ -413,4 +429,9 @@ class Program:
         kwargs.setdefault("name", self.name)
         kwargs.setdefault("maps", [s.map for s in self._slots
                                    if s.map is not None and not isinstance(s.map, int)])
+        subprograms = sorted({s.target for s in self._slots if s.func}, key=lambda t: self._labels[t])
+        if subprograms:
+            # The verifier wants every function named in BTF once there are several.
+            kwargs.setdefault("functions", [(0, self.name or "prog", 1)]
+                              + [(self._labels[t], t, 2) for t in subprograms])
         return Prog(prog_type, self.assemble(), **kwargs)

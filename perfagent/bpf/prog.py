@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import errno
 import re
-from typing import List, Optional
+import struct
+from typing import List, Optional, Tuple
 
 from perfagent import libc as _libc
 from perfagent.bpf import syscall as sc
@@ -62,12 +63,64 @@ def _rejection(name: str, err: int, log: str) -> VerifierError:
     return VerifierError(message, err, log, insn)
 
 
+# struct btf_type for the function records below (uapi linux/btf.h):
+# { __u32 name_off; __u32 info (kind << 24 | vlen); __u32 size_or_type; }
+# struct btf_param { __u32 name_off; __u32 type; }
+# struct bpf_func_info { __u32 insn_off; __u32 type_id; }
+_BTF_HEADER = struct.Struct("<HBBIIIII")
+_BTF_TYPE = struct.Struct("<III")
+_BTF_PARAM = struct.Struct("<II")
+_FUNC_INFO = struct.Struct("<II")
+_KIND_INT, _KIND_PTR, _KIND_FUNC, _KIND_FUNC_PROTO = 1, 2, 12, 13
+
+
+def func_btf(functions) -> "tuple":
+    """(BTF blob, func_info bytes) naming ``functions`` -- (insn offset,
+    name, number of pointer arguments) in program order -- each
+    ``int f(void *, ...)`` with static linkage: what the verifier needs to
+    check a program that has subprograms (a bpf_loop callback)."""
+    strings = bytearray(b"\0")
+
+    def name(text: str) -> int:
+        off = len(strings)
+        strings.extend(text.encode() + b"\0")
+        return off
+
+    types = bytearray()
+    types += _BTF_TYPE.pack(name("int"), _KIND_INT << 24, 4) + struct.pack("<I", (1 << 24) | 32)  # 1: int
+    types += _BTF_TYPE.pack(0, _KIND_PTR << 24, 0)                                                # 2: void *
+    next_id = 3
+    info = bytearray()
+    for insn_off, fname, nargs in functions:
+        types += _BTF_TYPE.pack(0, (_KIND_FUNC_PROTO << 24) | nargs, 1)
+        for i in range(nargs):
+            types += _BTF_PARAM.pack(name("a%d" % i), 2)
+        types += _BTF_TYPE.pack(name(fname), _KIND_FUNC << 24, next_id)
+        info += _FUNC_INFO.pack(insn_off, next_id + 1)
+        next_id += 2
+    header = _BTF_HEADER.pack(0xEB9F, 1, 0, _BTF_HEADER.size, 0, len(types), len(types), len(strings))
+    return header + bytes(types) + bytes(strings), bytes(info)
+
+
 def load_program(prog_type: int, insns: bytes, license: str = "GPL",
                  expected_attach_type: int = 0, attach_btf_id: int = 0,
-                 name: str = "") -> int:
-    """BPF_PROG_LOAD with the verifier log captured on rejection; returns the fd."""
+                 name: str = "", functions=None) -> int:
+    """BPF_PROG_LOAD with the verifier log captured on rejection; returns the fd.
+    ``functions``: see :func:`func_btf` (None: a program without subprograms)."""
     kw = dict(license=license, expected_attach_type=expected_attach_type,
               attach_btf_id=attach_btf_id, prog_name=name)
+    btf_fd = None
+    if functions:
+        blob, kw["func_info"] = func_btf(functions)
+        btf_fd = kw["prog_btf_fd"] = sc.btf_load(blob)
+    try:
+        return _load_program(prog_type, insns, name, kw)
+    finally:
+        if btf_fd is not None:
+            sc.close_fd(btf_fd)   # the program holds its own reference
+
+
+def _load_program(prog_type: int, insns: bytes, name: str, kw: dict) -> int:
     try:
         return sc.prog_load(prog_type, insns, **kw)
     except BPFError as exc:
@@ -88,6 +141,12 @@ def load_program(prog_type: int, insns: bytes, license: str = "GPL",
             if not log.strip():
                 raise first from None
             raise _rejection(name, exc.errno, log) from None
+
+
+# struct bpf_prog_info { ... __u64 run_time_ns; __u64 run_cnt; ... } (uapi bpf.h):
+# the two counters sit at byte 192, after prog_tags.
+PROG_INFO_RUN_OFF = 192
+PROG_INFO_RUN = struct.Struct("<QQ")
 
 
 class Link(sc.OwnedFD):
@@ -111,19 +170,28 @@ class Prog(sc.OwnedFD):
 
     def __init__(self, prog_type: int, insns: bytes, license: str = "GPL",
                  expected_attach_type: int = 0, attach_btf_id: int = 0,
-                 name: str = "", maps: Optional[List[object]] = None) -> None:
+                 name: str = "", maps: Optional[List[object]] = None, functions=None) -> None:
         self._fd = None
         self.prog_type = prog_type
         self.expected_attach_type = expected_attach_type
         self.name = name
         self.maps = list(maps or ())
         super().__init__(load_program(prog_type, insns, license, expected_attach_type,
-                                      attach_btf_id, name))
+                                      attach_btf_id, name, functions))
 
     @property
     def id(self) -> int:
         """The kernel-wide program id (BPF_OBJ_GET_INFO_BY_FD)."""
         return sc.obj_id(self.fd)
+
+    def run_stats(self) -> Tuple[int, int]:
+        """(run_time_ns, run_cnt): the time the program ran and how often,
+        counted only while kernel.bpf_stats_enabled is 1 (0, 0 on kernels
+        whose bpf_prog_info is shorter)."""
+        info = sc.obj_get_info_by_fd(self.fd)
+        if len(info) < PROG_INFO_RUN_OFF + PROG_INFO_RUN.size:
+            return 0, 0
+        return PROG_INFO_RUN.unpack_from(info, PROG_INFO_RUN_OFF)
 
     def attach_raw_tracepoint(self, name: str) -> Link:
         """BPF_RAW_TRACEPOINT_OPEN for a BPF_PROG_TYPE_RAW_TRACEPOINT program.

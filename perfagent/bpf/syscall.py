@@ -284,6 +284,18 @@ def map_get_next_key(map_fd: int, key: Optional[bytes], key_size: int) -> Option
 MAP_BATCH_ATTR = struct.Struct("<QQQQIIQQ")
 
 
+BPF_MAP_UPDATE_BATCH = 26
+
+
+def map_update_batch(map_fd: int, keys: bytes, values: bytes, count: int) -> int:
+    """BPF_MAP_UPDATE_BATCH (Linux 5.6+): ``count`` packed keys and values
+    in one call; returns how many the kernel wrote (all, unless it raised)."""
+    k, v = _Buf(keys), _Buf(values)
+    attr = bytearray(MAP_BATCH_ATTR.pack(0, 0, k.addr, v.addr, count, map_fd, 0, 0))
+    bpf(BPF_MAP_UPDATE_BATCH, attr, "BPF_MAP_UPDATE_BATCH")
+    return MAP_BATCH_ATTR.unpack(attr)[4]
+
+
 def map_batch(cmd: int, map_fd: int, in_batch: Optional[bytes], batch_size: int,
               key_size: int, value_size: int, count: int
               ) -> Tuple[bytes, bytes, int, Optional[bytes]]:
@@ -341,15 +353,21 @@ PROG_LOAD_ATTR = struct.Struct("<IIQQIIQII16sIIIIQIIQIII4x")
 def prog_load(prog_type: int, insns: bytes, license: str = "GPL",
               log_level: int = 0, log_buf: Optional[_Buf] = None,
               expected_attach_type: int = 0, attach_btf_id: int = 0,
-              prog_name: str = "", kern_version: int = 0) -> int:
-    """BPF_PROG_LOAD; returns the program fd.  ``log_buf`` receives the verifier log."""
+              prog_name: str = "", kern_version: int = 0, prog_btf_fd: int = 0,
+              func_info: bytes = b"") -> int:
+    """BPF_PROG_LOAD; returns the program fd.  ``log_buf`` receives the verifier log.
+    ``func_info``: struct bpf_func_info records (8 bytes each) naming the
+    program's functions in the BTF object ``prog_btf_fd`` (needed by
+    programs with callbacks)."""
     lic = _Buf(license.encode() + b"\0")
     code = _Buf(insns)
+    fi = _Buf(func_info) if func_info else None
     attr = bytearray(PROG_LOAD_ATTR.pack(
         prog_type, len(insns) // 8, code.addr, lic.addr,
         log_level, len(log_buf.raw) if log_buf else 0, log_buf.addr if log_buf else 0,
         kern_version, 0, prog_name.encode()[:BPF_OBJ_NAME_LEN - 1], 0,
-        expected_attach_type, 0, 0, 0, 0, 0, 0, 0, attach_btf_id, 0))
+        expected_attach_type, prog_btf_fd, 8 if fi else 0, fi.addr if fi else 0,
+        len(func_info) // 8, 0, 0, 0, attach_btf_id, 0))
     return bpf(BPF_PROG_LOAD, attr, prog_name)
 
 

@@ -75,7 +75,7 @@ from perfagent.stackprog import capture as C
 from perfagent.stackprog import layout as L
 from perfagent.stackprog import store as S
 from perfagent.stackprog.program import (
-    AGGREGATE, BLOCKED, COUNT_KEY, EPISODE_END, RECORD, SUMS, TID_KEY, Maps, SchedSwitchArgs,
+    AGGREGATE, BLOCKED, COUNT_KEY, EPISODE_END, KUNWIND, RECORD, SUMS, TID_KEY, Maps, SchedSwitchArgs,
     build_offcpu,
 )
 
@@ -237,7 +237,11 @@ class OffCpuCollector(FollowsTgids):
                  copy_stack: int = 0,
                  ring_bytes: int = DEFAULT_RING_BYTES,
                  on_copy: Optional[Callable[[int, "StackCopy"], None]] = None,
-                 python=None) -> None:
+                 python=None, kunwind=None) -> None:
+        # kunwind: perfagent.stackprog.kunwind.KUnwindMaps, to walk user
+        # stacks in the kernel (with copy_stack > 0: the copies are only
+        # the walks the kernel left to user space).
+        self.kunwind = kunwind
         # python: perfagent.stackprog.python.PyWalkMaps (Python stacks of the
         # processes registered there, at every switch-out).
         self.python = python
@@ -296,9 +300,9 @@ class OffCpuCollector(FollowsTgids):
                 self._pystore = S.python_store(self.stack_entries, "offcpu_pystacks")
                 walk = emit_python_walk(self.python, KEY_TGID)
             maps = Maps(self._scratch, self._stats, self._tgids, self._counts, self._native,
-                        self._pystore, self._ring, self._follow())
-            prog = build_offcpu(RECORD if copy is not None else AGGREGATE, maps, self._blocked,
-                                args, copy, python_walk=walk)
+                        self._pystore, self._ring, self._follow(), self.kunwind)
+            mode = AGGREGATE if copy is None else (KUNWIND if self.kunwind is not None else RECORD)
+            prog = build_offcpu(mode, maps, self._blocked, args, copy, python_walk=walk)
             self._prog = prog.load(sc.BPF_PROG_TYPE_TRACING,
                                    expected_attach_type=sc.BPF_TRACE_RAW_TP,
                                    attach_btf_id=args.attach_btf_id)
@@ -323,7 +327,17 @@ class OffCpuCollector(FollowsTgids):
             self._running = False
             self._close()
 
+    def kunwind_outcomes(self) -> List[int]:
+        """Walks per perfagent.stackprog.kunwind.UW_STATUS_* so far (kunwind mode)."""
+        from perfagent.stackprog.accounting import STAT_KUNWIND
+        from perfagent.stackprog.kunwind import STATUS_NAMES
+        if self._stats is not None:
+            self._kunwind_outcomes = [self._stats.read(STAT_KUNWIND + i) for i in range(len(STATUS_NAMES))]
+        return list(getattr(self, "_kunwind_outcomes", [0] * len(STATUS_NAMES)))
+
     def _close(self) -> None:
+        if self._stats is not None and self.kunwind is not None:
+            self.kunwind_outcomes()
         objs = [self._link, self._prog, self._counts, self._blocked, self._native, self._pystore,
                 self._tgids, self._stats, self._ring, self._scratch]
         if self._stats is not None:

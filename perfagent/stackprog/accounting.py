@@ -26,7 +26,10 @@ STAT_INSERTS = 0     # new keys inserted into the count map (ever)
 STAT_DROPS = 1       # events dropped because the count map was full
 STAT_COPY_DROPS = 2  # captures (or episode ends) the full ring refused
 STAT_STORE_DROPS = 3  # stacks a full stack store refused (their counts lose that stack)
-STATS_SLOTS = 4
+# The in-kernel DWARF walk's outcomes (perfagent.stackprog.kunwind), one slot
+# per UW_STATUS_* from STAT_KUNWIND on.
+STAT_KUNWIND = 4
+STATS_SLOTS = 9
 U64 = struct.Struct("<Q")
 
 

@@ -167,6 +167,27 @@ def emit_user_regs_and_copy(p: Program, copy: CopySpec, with_copy: bool, tag: st
         p.label(done)
         return
     p.ldx(DW, sp, regs, copy.regs_off[2])          # regs dead from here: size reuses r8
+    _emit_copy_from(p, copy, sp, tag, done)
+    p.label(done)
+
+
+def emit_stack_copy(p: Program, copy: CopySpec, tag: str) -> None:
+    """The stack bytes from the sp already in the header's registers (a
+    capture that first tried without them: the in-kernel walk's fallback).
+    Nothing without CAPTURE_USER.  Uses r8, r9."""
+    done = tag + "_done"
+    p.st(W, BUF, H_STACK_SIZE, 0)
+    p.ldx(W, R1, BUF, H_FLAGS)
+    p.jset(R1, CAPTURE_USER, tag + "_user")
+    p.ja(done)
+    p.label(tag + "_user")
+    p.ldx(DW, R9, BUF, H_REGS + 8 * 2)
+    _emit_copy_from(p, copy, R9, tag, done)
+    p.label(done)
+
+
+def _emit_copy_from(p: Program, copy: CopySpec, sp: Reg, tag: str, done: str) -> None:
+    size = R8
     p.mov(R1, sp).and_(R1, PAGE_SIZE - 1)
     p.mov(size, PAGE_SIZE).sub(size, R1)           # 1..PAGE_SIZE: the rest of sp's page
     p.mov(R1, BUF).add(R1, STACK_OFF)
@@ -183,7 +204,6 @@ def emit_user_regs_and_copy(p: Program, copy: CopySpec, with_copy: bool, tag: st
         p.add(size, PAGE_SIZE)
     p.label(tag + "_copied")
     p.stx(W, BUF, size, H_STACK_SIZE)
-    p.label(done)
 
 
 def emit_empty_python(p: Program) -> None:
@@ -214,5 +234,5 @@ def emit_ringbuf_output(p: Program, ring, size: Reg, dropped) -> None:
 
 
 __all__ = ["CTX", "BUF", "CopySpec", "copy_pages", "emit_scratch", "emit_get_stack", "emit_hash_words",
-           "emit_store", "emit_native_hash", "emit_python_hash", "emit_user_regs_and_copy",
+           "emit_store", "emit_native_hash", "emit_python_hash", "emit_user_regs_and_copy", "emit_stack_copy",
            "emit_empty_python", "emit_record_size", "emit_ringbuf_output", "KERNEL_OFF", "USER_OFF"]

@@ -31,6 +31,7 @@ from perfagent.stackprog.accounting import (
     STAT_COPY_DROPS, STAT_STORE_DROPS, ParentOffsets, Stats, emit_accumulate, emit_bump, emit_tgid_filter,
 )
 from perfagent.stackprog import capture as C
+from perfagent.stackprog import kunwind as KU
 from perfagent.stackprog.layout import (
     H_CPU, H_KIND, H_PERIOD, H_TGID, H_TID, H_TIME, KERNEL_OFF, PY_MAX_FRAMES, PYTHON_OFF,
     RECORD_END, RECORD_SAMPLE, RECORD_STACK, STACK_N_OFF, USER_OFF,
@@ -82,6 +83,9 @@ assert OFF_BLOCKED + BLOCKED.size <= OFF_TID and OFF_END + EPISODE_END.size <= O
 
 AGGREGATE = "aggregate"
 RECORD = "record"
+# The user stack walked in the kernel (perfagent.stackprog.kunwind) and
+# aggregated; a walk left to user space is sent as a record.
+KUNWIND = "kunwind"
 
 
 class Maps(NamedTuple):
@@ -95,6 +99,7 @@ class Maps(NamedTuple):
     python: Optional[HashMap]         # Python stack store
     ring: Optional[RingBuf]           # record mode
     follow: Optional[ParentOffsets] = None   # children of followed processes join the filter
+    kunwind: Optional[object] = None         # KUNWIND mode: perfagent.stackprog.kunwind.KUnwindMaps
 
 
 def _drop(p: Program, stats: Stats, slot: int):
@@ -164,6 +169,27 @@ def build_oncpu(mode: str, maps: Maps, period_off: int, copy: Optional[C.CopySpe
         p.st(DW, FP, OFF_SUMS + 0, 1)                               # one sample
         p.copy_mem(DW, FP, OFF_SUMS + 8, C.CTX, period_off)         # ctx->sample_period
         emit_accumulate(p, maps.counts, OFF_KEY, OFF_SUMS, maps.stats.map, OFF_SLOT, "count")
+    elif mode == KUNWIND:
+        emit_walked_capture(p, maps, copy, python_walk, "cap")
+        p.ldx(W, R1, FP, KU.OFF_UW + KU.W_STATUS)
+        p.jeq(R1, KU.UW_STATUS_FALLBACK, "record")
+        emit_hash_and_store(p, maps, True, True, python_walk is not None, "agg")
+        p.st(DW, FP, OFF_SUMS + 0, 1)
+        p.copy_mem(DW, FP, OFF_SUMS + 8, C.CTX, period_off)
+        emit_accumulate(p, maps.counts, OFF_KEY, OFF_SUMS, maps.stats.map, OFF_SLOT, "count")
+        p.ja("out")
+        p.label("record")                          # the user-space walker's: the whole capture
+        p.st(W, C.BUF, H_KIND, RECORD_SAMPLE)
+        p.copy_mem(W, C.BUF, H_TID, FP, KEY_TID)
+        p.copy_mem(W, C.BUF, H_TGID, FP, KEY_TGID)
+        p.call("get_smp_processor_id")
+        p.stx(W, C.BUF, R0, H_CPU)
+        p.call("ktime_get_ns")
+        p.stx(DW, C.BUF, R0, H_TIME)
+        p.copy_mem(DW, C.BUF, H_PERIOD, C.CTX, period_off)
+        C.emit_stack_copy(p, copy, "fallback_copy")
+        C.emit_record_size(p, R8, copy.pages * C.PAGE_SIZE)
+        C.emit_ringbuf_output(p, maps.ring, R8, _drop(p, maps.stats, STAT_COPY_DROPS))
     else:
         p.st(W, C.BUF, H_KIND, RECORD_SAMPLE)
         p.copy_mem(W, C.BUF, H_TID, FP, KEY_TID)
@@ -178,7 +204,22 @@ def build_oncpu(mode: str, maps: Maps, period_off: int, copy: Optional[C.CopySpe
     p.label("out")
     p.mov(R0, 0)                                   # 0: perf writes no sample record
     p.exit()
+    if mode == KUNWIND:
+        KU.emit_step_callback(p, maps.kunwind, maps.scratch)
     return p
+
+
+def emit_walked_capture(p: Program, maps: Maps, copy: C.CopySpec, python_walk, tag: str) -> None:
+    """The capture of KUNWIND mode: kernel stack, user registers, the user
+    stack walked in the kernel into buf->user, the Python stack.  The
+    walk's outcome is at fp+OFF_UW+W_STATUS."""
+    C.emit_get_stack(p, KERNEL_OFF, 0)
+    C.emit_user_regs_and_copy(p, copy, False, tag + "_regs")
+    KU.emit_kernel_walk(p, maps.kunwind, KEY_TGID, maps.stats.map, tag + "_walk")
+    if python_walk is not None:
+        python_walk(p, tag + "_py")
+    else:
+        C.emit_empty_python(p)
 
 
 # include/linux/sched.h: the task states the off-CPU program tests.
@@ -203,7 +244,7 @@ def build_offcpu(mode: str, maps: Maps, blocked: HashMap, args: SchedSwitchArgs,
                  copy: Optional[C.CopySpec] = None, python_walk=None) -> Program:
     """The sched_switch program (see the module docstring)."""
     p = Program("offcpu_" + mode[:3])
-    task, entry, delta, copied = R8, R8, R9, R8
+    task = R8
     p.mov(C.CTX, R1)                               # ctx: u64 args[] of the tracepoint
 
     # -- prev switches out: did it block? ----------------------------------
@@ -229,30 +270,25 @@ def build_offcpu(mode: str, maps: Maps, blocked: HashMap, args: SchedSwitchArgs,
     if mode == AGGREGATE:
         emit_capture(p, maps, True, None, python_walk, "cap")
         emit_hash_and_store(p, maps, True, True, python_walk is not None, "out")
+    elif mode == KUNWIND:
+        # Walked in the kernel: stored and counted; a walk left to user
+        # space goes to the ring as record mode's capture does.
+        emit_walked_capture(p, maps, copy, python_walk, "cap")
+        p.ldx(W, R1, FP, KU.OFF_UW + KU.W_STATUS)
+        p.jne(R1, KU.UW_STATUS_FALLBACK, "walked")
+        p.call("get_smp_processor_id")             # OFF_SLOT was reused by the walk's bumps
+        p.stx(W, FP, R0, OFF_SLOT)
+        _emit_record_header(p)
+        C.emit_stack_copy(p, copy, "fallback_copy")
+        _emit_offcpu_record(p, maps, copy, python_walk)
+        p.ja("hashed")
+        p.label("walked")
+        emit_hash_and_store(p, maps, True, True, python_walk is not None, "out")
+        p.label("hashed")
     else:
-        p.st(W, C.BUF, H_KIND, RECORD_STACK)
-        p.copy_mem(W, C.BUF, H_TID, FP, KEY_TID)
-        p.copy_mem(W, C.BUF, H_TGID, FP, KEY_TGID)
-        p.copy_mem(W, C.BUF, H_CPU, FP, OFF_SLOT)
-        p.copy_mem(DW, C.BUF, H_TIME, FP, OFF_BLOCKED + 0)
-        p.st(DW, C.BUF, H_PERIOD, 0)
+        _emit_record_header(p)
         emit_capture(p, maps, False, copy, python_walk, "cap")
-        C.emit_record_size(p, R9, copy.pages * C.PAGE_SIZE if copy else 0)
-        p.ld_map_fd(R1, maps.ring)
-        p.mov(R2, C.BUF)
-        p.mov(R3, R9)
-        p.mov(R4, sc.BPF_RB_NO_WAKEUP)
-        p.call("ringbuf_output")
-        p.jne(R0, 0, "copy_dropped")
-        p.st(W, FP, OFF_BLOCKED + 12, 1)           # blocked.copied = 1
-        # The kernel stack is in the record; the hashes stay 0.
-        for off in (16, 24, 32):
-            p.st(DW, FP, OFF_BLOCKED + off, 0)
-        p.ja("remember")
-        p.label("copy_dropped")                    # the ring is full: frame-pointer stacks instead
-        emit_bump(p, maps.stats.map, STAT_COPY_DROPS, OFF_SLOT, "copy_dropped")
-        C.emit_get_stack(p, USER_OFF, sc.BPF_F_USER_STACK)
-        emit_hash_and_store(p, maps, True, True, python_walk is not None, "fb")
+        _emit_offcpu_record(p, maps, copy, python_walk)
     for off, slot in ((16, KEY_KHASH), (24, KEY_UHASH), (32, KEY_PYHASH)):
         p.copy_mem(DW, FP, OFF_BLOCKED + off, FP, slot)
     p.label("remember")
@@ -261,8 +297,47 @@ def build_offcpu(mode: str, maps: Maps, blocked: HashMap, args: SchedSwitchArgs,
     p.mov(R3, FP).add(R3, OFF_BLOCKED)
     p.mov(R4, sc.BPF_ANY)
     p.call("map_update_elem")                      # blocked[tid] = the open interval
+    _emit_switch_in(p, mode, maps, blocked, args)
+    if mode == KUNWIND:
+        KU.emit_step_callback(p, maps.kunwind, maps.scratch)
+    return p
 
-    # -- next switches in: was it blocked? ---------------------------------
+
+def _emit_record_header(p: Program) -> None:
+    """The RECORD_STACK header of the episode being opened."""
+    p.st(W, C.BUF, H_KIND, RECORD_STACK)
+    p.copy_mem(W, C.BUF, H_TID, FP, KEY_TID)
+    p.copy_mem(W, C.BUF, H_TGID, FP, KEY_TGID)
+    p.copy_mem(W, C.BUF, H_CPU, FP, OFF_SLOT)
+    p.copy_mem(DW, C.BUF, H_TIME, FP, OFF_BLOCKED + 0)
+    p.st(DW, C.BUF, H_PERIOD, 0)
+
+
+def _emit_offcpu_record(p: Program, maps: Maps, copy, python_walk) -> None:
+    """Send the capture in this CPU's slot as the episode's record (then
+    ``goto remember``); when the ring is full, fall through with
+    frame-pointer stacks stored instead."""
+    C.emit_record_size(p, R9, copy.pages * C.PAGE_SIZE if copy else 0)
+    p.ld_map_fd(R1, maps.ring)
+    p.mov(R2, C.BUF)
+    p.mov(R3, R9)
+    p.mov(R4, sc.BPF_RB_NO_WAKEUP)
+    p.call("ringbuf_output")
+    p.jne(R0, 0, "copy_dropped")
+    p.st(W, FP, OFF_BLOCKED + 12, 1)               # blocked.copied = 1
+    # The kernel stack is in the record; the hashes stay 0.
+    for off in (16, 24, 32):
+        p.st(DW, FP, OFF_BLOCKED + off, 0)
+    p.ja("remember")
+    p.label("copy_dropped")                        # the ring is full: frame-pointer stacks instead
+    emit_bump(p, maps.stats.map, STAT_COPY_DROPS, OFF_SLOT, "copy_dropped")
+    C.emit_get_stack(p, USER_OFF, sc.BPF_F_USER_STACK)
+    emit_hash_and_store(p, maps, True, True, python_walk is not None, "fb")
+
+
+def _emit_switch_in(p: Program, mode: str, maps: Maps, blocked: HashMap, args: SchedSwitchArgs) -> None:
+    """The second half: the thread switching in ends its episode."""
+    entry, delta, copied = R8, R9, R8
     p.label("switch_in")
     p.ldx(DW, R1, C.CTX, 8 * args.next)
     p.copy_mem(W, FP, OFF_TID, R1, args.pid_off, via=R2)   # tid = next->pid (BTF pointer: direct load)
@@ -284,7 +359,7 @@ def build_offcpu(mode: str, maps: Maps, blocked: HashMap, args: SchedSwitchArgs,
     p.copy_mem(DW, FP, KEY_KHASH, entry, 16)
     p.copy_mem(DW, FP, KEY_UHASH, entry, 24)
     p.copy_mem(DW, FP, KEY_PYHASH, entry, 32)
-    if mode == RECORD:
+    if mode in (RECORD, KUNWIND):
         p.st(W, FP, OFF_END + 0, RECORD_END)
         p.copy_mem(W, FP, OFF_END + 4, FP, OFF_TID)
         p.copy_mem(W, FP, OFF_END + 8, entry, 8)
@@ -296,7 +371,7 @@ def build_offcpu(mode: str, maps: Maps, blocked: HashMap, args: SchedSwitchArgs,
     p.mov(R2, FP).add(R2, OFF_TID)
     p.call("map_delete_elem")                      # the interval is closed
     p.jsle(delta, 0, "out")                        # cannot happen; never add a negative
-    if mode == RECORD:
+    if mode in (RECORD, KUNWIND):
         p.jeq(copied, 0, "aggregate")
         p.ld_map_fd(R1, maps.ring)
         p.mov(R2, FP).add(R2, OFF_END)
@@ -310,4 +385,3 @@ def build_offcpu(mode: str, maps: Maps, blocked: HashMap, args: SchedSwitchArgs,
     p.label("out")
     p.mov(R0, 0)
     p.exit()
-    return p

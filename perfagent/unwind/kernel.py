@@ -1,0 +1,461 @@
+"""User space's half of the in-kernel DWARF walk (perfagent.stackprog.kunwind).
+
+:class:`KernelTables` fills the walk's maps: a process is loaded lazily,
+the first time the kernel could not walk one of its stacks (the walk falls
+back, the sample arrives as a record, and its pid is handed to
+:meth:`KernelTables.refresh`), and reloaded when its executable mappings
+changed.  Loading a process compiles the compact table
+(perfagent.unwind.compact) of each binary it maps that is not loaded yet --
+once per binary for the whole capture, shared by every process (the same
+CFICache the user-space walker uses) -- and writes the process's sorted
+mapping list.  What cannot be loaded (tables full, a binary refused) is
+marked so the kernel hands its samples to the user-space walker.
+
+:class:`KUnwindSampler` is the on-CPU engine: the KUNWIND stack program on
+every CPU's cpu-clock event; its counts and stores drain like
+InKernelSampler's and its fallback records like RecordSampler's.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Dict, Iterable, List, Optional, Set, Tuple
+
+from perfagent.bpf import syscall as sc
+from perfagent.bpf.asm import R0, R1, R2, R3, R4, Program
+from perfagent.bpf.maps import ArrayMap, HashMap, possible_cpus
+from perfagent.offcpu.common import Stats, close_all, make_tgid_map
+from perfagent.offcpu.inkernel import RecordSampler, sample_period_offset
+from perfagent.perf.sampler import raise_fd_limit
+from perfagent.stackprog import kunwind as KU
+from perfagent.stackprog import layout as L
+from perfagent.stackprog import store as S
+from perfagent.stackprog.accounting import STAT_KUNWIND
+from perfagent.stackprog.program import COUNT_KEY, KUNWIND, SUMS, Maps, build_oncpu
+from perfagent.unwind import compact as K
+
+# Work one drain cycle may spend loading processes (the rest waits for the
+# next cycle; their samples meanwhile go to the user-space walker).
+LOAD_SECONDS_PER_CYCLE = 0.1
+# A process is loaded once this many of its stacks fell back (or at once
+# when every binary it maps is compiled already): a process sampled less
+# is not worth compiling tables for.
+LOAD_AFTER_FALLBACKS = 8
+# The fallback ring holds this many times RecordSampler's half second: it
+# must outlast a drain cycle that compiles one large binary's tables.
+FALLBACK_RING_FACTOR = 4
+
+REFUSED = -1
+
+
+def kernel_walk_supported() -> Optional[str]:
+    """None when this kernel can run the walk, else why not (bpf_loop is
+    5.17+; the verifier is the judge)."""
+    p = Program("uw_probe")
+    p.mov(R1, 1)
+    p.ld_func(R2, "cb")
+    p.mov(R3, 0).mov(R4, 0)
+    p.call("loop")
+    p.mov(R0, 0).exit()
+    p.label("cb").mov(R0, 1).exit()
+    try:
+        p.load(sc.BPF_PROG_TYPE_PERF_EVENT).close()
+    except sc.BPFError as exc:
+        return "bpf_loop unavailable (%s)" % str(exc).splitlines()[0]
+    return None
+
+
+class _OutOfTime(Exception):
+    """This cycle's share of loading is spent: the rest waits for the next."""
+
+
+class _Binary:
+    """One binary's table in the kernel, and the mappings that use it."""
+
+    __slots__ = ("table", "base", "cfi", "decoded", "refs", "complete", "path")
+
+    def __init__(self, table: int, base: int, cfi, decoded: int, complete: bool, path: str) -> None:
+        self.path = path
+        self.table = table          # index into unwind_tables
+        self.base = base            # link-time address of row pc 0
+        self.cfi = cfi              # the walker's BinaryCFI (its lazily decoded FDEs)
+        self.decoded = decoded      # FDEs in the table (partial tables grow)
+        self.complete = complete    # every FDE is in (no UW_CFA_FALLBACK gaps to fill)
+        self.refs: Dict[int, tuple] = {}   # mapping index -> (start, end, vaddr of start)
+
+
+def _lazy_spans(cfi) -> Optional[list]:
+    """The rows of the FDEs the user-space walker decoded so far, when
+    ``cfi``'s table decodes lazily (perfagent.unwind.walker.LazyEhFrame,
+    whose FDE cache is read, not changed); None when it is a whole table
+    (or its whole table was built: then all of it is known)."""
+    table = cfi.table
+    fdes = getattr(table, "_fdes", None)
+    full = getattr(table, "_full", None)
+    if fdes is None or full is None or getattr(full, "_builder", None) is None:
+        return None
+    spans = []
+    for _starts, fde_spans in list(fdes.values()):
+        spans.extend(fde_spans)
+    return spans
+
+
+class KernelTables:
+    """The walk's tables (see the module docstring).
+
+    A binary whose CFI the walker decodes lazily (through .eh_frame_hdr) is
+    loaded the same way: its table holds the FDEs the user-space walker has
+    decoded -- the ones the fallback samples needed -- and UW_CFA_FALLBACK
+    between them, and is rebuilt (new rows, a new table id, its mappings
+    pointed at it) when more were decoded.  A whole machine's binaries are
+    thus never compiled whole; the fallbacks teach the kernel the hot code.
+    """
+
+    REBUILD_INTERVAL = 0.5   # seconds between two rebuilds of one binary's table
+
+    def __init__(self, cfi_cache, auto: bool, max_procs: int = KU.MAX_PROCS) -> None:
+        self.maps = KU.make_maps(auto, max_procs=max_procs)
+        self.cfi = cfi_cache
+        self._users = 0
+        self.max_rows = self.maps.rows.max_entries
+        self._next_row = 0
+        self._next_table = 0
+        self._binaries: Dict[tuple, _Binary] = {}
+        self._refused: Dict[tuple, str] = {}
+        self._free_slots = list(range(max_procs - 1, -1, -1))
+        # pid -> (slot, mapping signature, binary keys its mappings use)
+        self._procs: Dict[int, Tuple[int, tuple, list]] = {}
+        self.refused: Dict[str, str] = {}                # path -> why (for the summary)
+        self.load_seconds = 0.0
+        self.rebuilds = 0
+        self._next_rebuild = 0.0
+
+    def acquire(self) -> "KernelTables":
+        self._users += 1
+        return self
+
+    def release(self) -> None:
+        """One user (a source) is done; the last one closes the maps."""
+        self._users -= 1
+        if self._users <= 0:
+            close_all([self.maps.procs, self.maps.mappings, self.maps.tables, self.maps.rows])
+
+    @property
+    def rows_loaded(self) -> int:
+        return self._next_row
+
+    @property
+    def binaries_loaded(self) -> int:
+        return len(self._binaries)
+
+    # -- processes ---------------------------------------------------------------
+    def refresh(self, state, pids: Iterable[int], deadline: Optional[float] = None) -> None:
+        """(Re)load the processes in ``pids`` whose mappings are not loaded
+        as they are now, then grow the partial tables; stops at ``deadline``
+        (time.monotonic)."""
+        t0 = time.monotonic()
+        try:
+            for pid in pids:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return
+                proc = state.processes.get(pid)
+                if proc is None or not proc.maps_known:
+                    proc = state.load_from_proc(pid)
+                if proc is None or proc.exited:
+                    continue
+                entries = [e for e in proc.space.entries() if e.is_exec]
+                signature = tuple((e.start, e.end, e.pgoff, e.inode) for e in entries)
+                known = self._procs.get(pid)
+                if known is not None and known[1] == signature:
+                    continue
+                try:
+                    self._load(pid, entries, signature, deadline)
+                except _OutOfTime:
+                    return
+            self._grow(deadline)
+        finally:
+            self.load_seconds += time.monotonic() - t0
+
+    def ready(self, state, pid: int) -> bool:
+        """Whether loading ``pid`` needs no compiling (every binary it maps
+        is loaded or refused already)."""
+        from perfagent.capture import KIND_FILE, KIND_VDSO, mapping_kind
+        proc = state.processes.get(pid)
+        if proc is None or not proc.maps_known:
+            return False
+        for e in proc.space.entries():
+            if not e.is_exec:
+                continue
+            kind = mapping_kind(e)
+            if kind == KIND_FILE:
+                key = (e.dev_major, e.dev_minor, e.inode, e.path)
+            elif kind == KIND_VDSO:
+                key = ("[vdso]",)
+            else:
+                continue
+            if key not in self._binaries and key not in self._refused:
+                return False
+        return True
+
+    def loaded(self, pid: int) -> bool:
+        return pid in self._procs
+
+    def loaded_pids(self) -> List[int]:
+        return list(self._procs)
+
+    def forget(self, pid: int) -> None:
+        known = self._procs.pop(pid, None)
+        if known is not None:
+            self.maps.procs.delete(KU.UW_PROC_KEY.pack(pid))
+            self._drop_refs(known)
+            self._free_slots.append(known[0])
+
+    def _drop_refs(self, known) -> None:
+        slot, _sig, keys = known
+        first = slot * KU.MAX_MAPPINGS
+        for i, key in enumerate(keys):
+            b = self._binaries.get(key) if key is not None else None
+            if b is not None:
+                b.refs.pop(first + i, None)
+
+    def _load(self, pid: int, entries, signature: tuple, deadline: Optional[float]) -> None:
+        entries = sorted(entries, key=lambda e: e.start)[:KU.MAX_MAPPINGS]
+        # Compile first (each binary once, checking the time between
+        # binaries), then publish: a process is never half loaded.
+        mappings = [self._mapping(pid, e, deadline) for e in entries]
+        known = self._procs.get(pid)
+        if known is not None:
+            # Unpublished while rewritten: its samples fall back meanwhile.
+            self.maps.procs.delete(KU.UW_PROC_KEY.pack(pid))
+            self._drop_refs(known)
+            slot = known[0]
+        elif self._free_slots:
+            slot = self._free_slots.pop()
+        else:
+            return                                      # no room: this process stays in user space
+        first = slot * KU.MAX_MAPPINGS
+        keys = []
+        for i, e in enumerate(entries):
+            kind, key, vaddr = mappings[i]
+            b = self._binaries.get(key) if key is not None else None
+            table = bias = 0
+            if b is not None:
+                b.refs[first + i] = (e.start, e.end, vaddr)
+                table, bias = b.table, e.start - vaddr + b.base
+            keys.append(key if b is not None else None)
+            self.maps.mappings.update(KU.UW_INDEX.pack(first + i),
+                                      KU.UW_MAPPING.pack(e.start, e.end, bias & (2 ** 64 - 1), table, kind))
+        self.maps.procs.update(KU.UW_PROC_KEY.pack(pid), KU.UW_PROC.pack(first, len(entries)))
+        self._procs[pid] = (slot, signature, keys)
+
+    # -- mappings and binaries -----------------------------------------------------
+    def _mapping(self, pid: int, e, deadline: Optional[float] = None) -> Tuple[int, Optional[tuple], int]:
+        """(kind, binary key, vaddr of its start) of one executable mapping,
+        as the walker would treat it; the binary's table made if needed."""
+        from perfagent.capture import KIND_FILE, KIND_JIT, KIND_VDSO, mapped_file, mapping_kind
+        kind = mapping_kind(e)
+        if kind == KIND_FILE:
+            key = (e.dev_major, e.dev_minor, e.inode, e.path)
+        elif kind == KIND_VDSO:
+            key = ("[vdso]",)
+        elif kind == KIND_JIT and os.path.exists("/tmp/perf-%d.map" % pid):
+            # CPython's perf trampolines: the user-space walker knows their shape.
+            return KU.UW_MAP_FALLBACK, None, 0
+        else:
+            return KU.UW_MAP_FP, None, 0                  # anonymous code, [vsyscall]: frame pointers
+        if key in self._refused:
+            return KU.UW_MAP_FALLBACK, None, 0
+        binary = self.cfi.get(mapped_file(pid, e)) if kind == KIND_FILE else self.cfi.get_vdso()
+        if binary is None or binary.table is None or not binary.has_cfi:
+            return KU.UW_MAP_FP, None, 0
+        vaddr = binary.load_map.offset_to_vaddr(e.pgoff) if binary.load_map is not None else None
+        if vaddr is None:
+            return KU.UW_MAP_FALLBACK, None, 0
+        if key not in self._binaries:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise _OutOfTime()
+            if not self._new_binary(key, binary, e.path):
+                return KU.UW_MAP_FALLBACK, None, 0
+        return KU.UW_MAP_TABLE, key, vaddr
+
+    def _compile(self, cfi) -> Tuple["K.CompactTable", int, bool]:
+        """(rows, FDEs decoded, complete) of a binary's table as known now."""
+        room = self.max_rows - self._next_row
+        spans = _lazy_spans(cfi)
+        if spans is None:
+            full = getattr(cfi.table, "_full", cfi.table)
+            return K.compile_rows(full, room), 0, True
+        return K.compile_spans(spans, K.FALLBACK_ROW, room), len(cfi.table._fdes), False
+
+    def _publish(self, compiled: "K.CompactTable") -> int:
+        """Write a table's rows and range; returns its (new) table id."""
+        if self._next_table >= self.maps.tables.max_entries:
+            raise K.TableRefused("%d tables written already" % self._next_table)
+        first = self._next_row
+        _write_rows(self.maps.rows, first, compiled)
+        table = self._next_table
+        self.maps.tables.update(KU.UW_INDEX.pack(table), KU.UW_TABLE.pack(first, len(compiled.rows)))
+        self._next_row += len(compiled.rows)
+        self._next_table += 1
+        return table
+
+    def _new_binary(self, key: tuple, cfi, path: str) -> bool:
+        try:
+            compiled, decoded, complete = self._compile(cfi)
+            table = self._publish(compiled)
+        except K.TableRefused as exc:
+            self.refused[path] = str(exc)
+            self._refused[key] = str(exc)
+            return False
+        self._binaries[key] = _Binary(table, compiled.base, cfi, decoded, complete, path)
+        return True
+
+    def _grow(self, deadline: Optional[float]) -> None:
+        """Rebuild the partial tables whose binaries had more FDEs decoded
+        since (each at most every REBUILD_INTERVAL).  The new rows go to a
+        new range under a new table id, and only then are the mappings
+        pointed at it: a program running meanwhile reads the old table or
+        the new one, never a mix."""
+        now = time.monotonic()
+        if now < self._next_rebuild:
+            return
+        self._next_rebuild = now + self.REBUILD_INTERVAL
+        for key, b in list(self._binaries.items()):
+            if b.complete or not b.refs:
+                continue
+            fdes = getattr(b.cfi.table, "_fdes", None)
+            full = getattr(b.cfi.table, "_full", None)
+            whole = full is not None and getattr(full, "_builder", 1) is None
+            if not whole and (fdes is None or len(fdes) == b.decoded):
+                continue
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            try:
+                compiled, decoded, complete = self._compile(b.cfi)
+                table = self._publish(compiled)
+            except K.TableRefused as exc:
+                b.complete = True           # no room to grow: its gaps stay with user space
+                self.refused[b.path] = str(exc)
+                continue
+            b.table, b.base, b.decoded, b.complete = table, compiled.base, decoded, complete
+            self.rebuilds += 1
+            for index, (start, end, vaddr) in b.refs.items():
+                self.maps.mappings.update(KU.UW_INDEX.pack(index), KU.UW_MAPPING.pack(
+                    start, end, (start - vaddr + b.base) & (2 ** 64 - 1), table, KU.UW_MAP_TABLE))
+
+
+# Rows written per BPF_MAP_UPDATE_BATCH call.
+ROWS_PER_BATCH = 8192
+
+
+def _write_rows(rows_map, first: int, compiled: "K.CompactTable") -> None:
+    """rows[first:] = the table's rows: batched (one syscall per
+    ROWS_PER_BATCH rows: a per-row update costs 20 us of Python and syscall,
+    a second for a large library), one by one where batches are refused."""
+    import array
+    packed = compiled.pack()
+    n = len(compiled.rows)
+    size = K.UNWIND_ROW.size
+    done = 0
+    try:
+        while done < n:
+            count = min(ROWS_PER_BATCH, n - done)
+            keys = array.array("I", range(first + done, first + done + count)).tobytes()
+            sc.map_update_batch(rows_map.fd, keys, packed[done * size:(done + count) * size], count)
+            done += count
+    except sc.BPFError:
+        for i in range(done, n):
+            rows_map.update(KU.UW_INDEX.pack(first + i), packed[i * size:(i + 1) * size])
+
+
+def shared_tables(state, auto: bool) -> KernelTables:
+    """The capture's one KernelTables (the on-CPU and off-CPU programs walk
+    with the same maps), made on first use; ``acquire`` it."""
+    tables = getattr(state, "kernel_tables", None)
+    if tables is None or tables._users <= 0:
+        tables = state.kernel_tables = KernelTables((state.walker or state.offcpu_walker).cache, auto)
+    return tables
+
+
+class KUnwindSampler(RecordSampler):
+    """cpu-clock sampling with the user stack walked in the kernel (the
+    KUNWIND program): counts and stacks as InKernelSampler drains them,
+    fallback records as RecordSampler's.  ``tables`` (a KernelTables) must
+    be filled by the caller as fallback records name processes."""
+
+    def __init__(self, sample_rate: int, tgids: Optional[Set[int]], copy_stack: int,
+                 kmaps: KU.KUnwindMaps, python=None) -> None:
+        from perfagent.offcpu.inkernel import MAX_RING_BYTES, ring_bytes_for
+        from perfagent.perf.sampler import online_cpus
+        ring = min(MAX_RING_BYTES, FALLBACK_RING_FACTOR * ring_bytes_for(copy_stack, sample_rate,
+                                                                          len(online_cpus())))
+        super().__init__(sample_rate, tgids, copy_stack, ring_bytes=ring, python=python)
+        self.kmaps = kmaps          # not ours: KernelTables owns them
+
+    def start(self) -> None:
+        if self._running:
+            return
+        from perfagent.bpf.maps import RingBuf
+        from perfagent.offcpu.collector import copy_spec
+        try:
+            raise_fd_limit()
+            copy = copy_spec(self.copy_stack)
+            self._tgids = make_tgid_map(self._initial_tgids, self.max_tgids)
+            self._counts = HashMap(COUNT_KEY.size, SUMS.size, self.max_entries, name="oncpu_counts")
+            self._native = S.native_store(self.stack_entries, "oncpu_stacks")
+            if self.python is not None:
+                self._pystore = S.python_store(self.stack_entries, "oncpu_pystacks")
+            self._scratch = ArrayMap(L.scratch_size(self.copy_stack, copy.pages), possible_cpus(),
+                                     name="oncpu_scratch")
+            self._stats = Stats()
+            self._ring = RingBuf(self.ring_bytes, name="oncpu_samples")
+            maps = Maps(self._scratch, self._stats, self._tgids, self._counts, self._native,
+                        self._pystore, self._ring, self._follow(), self.kmaps)
+            prog = build_oncpu(KUNWIND, maps, sample_period_offset(), copy, python_walk=self._walk())
+            self._prog = prog.load(sc.BPF_PROG_TYPE_PERF_EVENT)
+            self._open_events()
+        except BaseException:
+            self._close()
+            raise
+        self._running = True
+
+    def outcomes(self) -> List[int]:
+        """Walks per UW_STATUS_* so far."""
+        if self._stats is not None:
+            self._outcomes = [self._stats.read(STAT_KUNWIND + i) for i in range(len(KU.STATUS_NAMES))]
+        return list(getattr(self, "_outcomes", [0] * len(KU.STATUS_NAMES)))
+
+    @property
+    def dropped(self) -> int:
+        from perfagent.offcpu.common import STAT_COPY_DROPS, STAT_DROPS
+        if self._stats is not None:
+            self._drops = self._stats.read(STAT_COPY_DROPS) + self._stats.read(STAT_DROPS)
+        return self._drops
+
+    def collect_counts(self, if_full: bool = True):
+        """The counted stacks (drained when the count map is half full, or
+        always with ``if_full`` False)."""
+        from perfagent.offcpu.inkernel import InKernelSampler
+        if not self._running:
+            out, self._pending = self._pending, []
+            return out
+        if if_full:
+            return InKernelSampler.collect_if_full(self)
+        return self._gather()
+
+    def stop(self) -> None:
+        if not self._running:
+            self._close()
+            return
+        try:
+            close_all(self._events)
+            self._events = []
+            self._pending_samples = self.drain()
+            self._pending.extend(self._gather())
+            self.dropped  # noqa: B018 - read the counters before the map closes
+            self.outcomes()
+        finally:
+            self._running = False
+            self._close()
+

@@ -1,0 +1,370 @@
+"""In-kernel DWARF unwinding: the compact tables, the BPF walk, and its
+agreement with the user-space walker (the reference)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from perfagent.dwarf.rules import (
+    CFA_DEREF, CFA_PLT, CFA_REG_OFFSET, CFA_UNSUPPORTED, RULE_EXPRESSION, RULE_OFFSET, RULE_REGISTER,
+    RULE_SAME_VALUE, RULE_UNDEFINED,
+)
+from perfagent.dwarf.table import CFITable
+from perfagent.elf import ELFFile
+from perfagent.unwind import compact as K
+
+LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
+
+
+def row(cfa=(CFA_REG_OFFSET, 7, 16, 0), signal=0, ra=(RULE_OFFSET, -8, 0), rbp=(RULE_SAME_VALUE, 0, 0)):
+    rest = (RULE_SAME_VALUE, 0, 0) * 5
+    return tuple(cfa) + (signal,) + tuple(ra) + tuple(rbp) + rest
+
+
+# -- the table compiler -----------------------------------------------------------
+
+def test_rows_the_kernel_can_follow():
+    assert K.compact_fields(row()) == (K.UW_CFA_RSP, K.UW_RBP_SAME, 0, 0, 16, -8, 0)
+    assert K.compact_fields(row(cfa=(CFA_REG_OFFSET, 6, 16, 0), rbp=(RULE_OFFSET, -16, 0))) == \
+        (K.UW_CFA_RBP, K.UW_RBP_OFFSET, 0, 0, 16, -8, -16)
+    assert K.compact_fields(row(cfa=(CFA_PLT, 7, 8, 11))) == (K.UW_CFA_PLT, K.UW_RBP_SAME, 0, 11, 8, -8, 0)
+    # glibc's __restore_rt: CFA = *(rsp + 160), rip and rbp saved in the ucontext
+    sig = row(cfa=(CFA_DEREF, 7, 160, 0), signal=1, ra=(RULE_EXPRESSION, 168, 7),
+              rbp=(RULE_EXPRESSION, 120, 7))
+    assert K.compact_fields(sig) == (K.UW_CFA_DEREF_RSP, K.UW_RBP_EXPR_RSP,
+                                     K.UW_ROW_SIGNAL | K.UW_ROW_RA_RSP, 0, 160, 168, 120)
+    # _start: the return address is undefined
+    assert K.compact_fields(row(ra=(RULE_UNDEFINED, 0, 0)))[0] == K.UW_CFA_END
+
+
+def test_rows_the_kernel_refuses_or_leaves_to_the_frame_pointer():
+    # What the walker has no row for (an unsupported CFA expression): "no CFI here".
+    assert K.compact_fields(row(cfa=(CFA_UNSUPPORTED, 7, 8, 0))) == K.NONE_ROW
+    refused = [
+        row(cfa=(CFA_REG_OFFSET, 10, 8, 0)),                  # CFA on r10 (stack realignment)
+        row(cfa=(CFA_DEREF, 3, 8, 0)),                        # *(rbx + 8)
+        row(ra=(RULE_REGISTER, 0, 0)),                        # return address in a register
+        row(ra=(RULE_EXPRESSION, 8, 3)),                      # ... saved relative to rbx
+        row(rbp=(RULE_REGISTER, 12, 0)),                      # rbp kept in r12
+        row(cfa=(CFA_REG_OFFSET, 7, 1 << 40, 0)),             # offsets beyond the fields
+        row(rbp=(RULE_OFFSET, -(1 << 20), 0)),
+    ]
+    for r in refused:
+        assert K.compact_fields(r) == K.FALLBACK_ROW, r
+
+
+def test_gaps_merges_and_the_end_are_explicit():
+    a = row()
+    b = row(cfa=(CFA_REG_OFFSET, 7, 24, 0))
+    c = b[:11] + (RULE_OFFSET, -24, 0) + (RULE_SAME_VALUE, 0, 0) * 4  # b, and rbx saved
+    table = CFITable.from_spans([(0x1000, 0x1004, a), (0x1004, 0x1010, b), (0x1010, 0x1020, c),
+                                 (0x1040, 0x1050, a)])
+    t = K.compile_rows(table)
+    assert t.base == 0x1000
+    got = [(r.pc, r.cfa_kind, r.cfa_off) for r in t.rows]
+    # b and c differ only in rbx: one compact row; the gap and the end are NONE rows.
+    assert got == [(0, K.UW_CFA_RSP, 16), (4, K.UW_CFA_RSP, 24), (0x20, K.UW_CFA_NONE, 0),
+                   (0x40, K.UW_CFA_RSP, 16), (0x50, K.UW_CFA_NONE, 0)]
+    assert t.lookup(0x1030).cfa_kind == K.UW_CFA_NONE and t.lookup(0x100).cfa_kind == K.UW_CFA_NONE
+    assert len(t.pack()) == 16 * len(t.rows)
+    with pytest.raises(K.TableRefused):
+        K.compile_rows(table, max_rows=3)
+    with pytest.raises(K.TableRefused):
+        K.compile_rows(CFITable.from_spans([(0x1000, 0x1004, a), (0x1000 + (1 << 33), 0x1001 + (1 << 33), a)]))
+
+
+_FDE = re.compile(r"^[0-9a-f]+ [0-9a-f]+ [0-9a-f]+ FDE cie=[0-9a-f]+ pc=([0-9a-f]+)\.\.([0-9a-f]+)")
+
+
+def readelf_rows(path):
+    """(loc, cfa text, {column: rule text}) of every row readelf interprets."""
+    out = subprocess.run(["readelf", "--debug-dump=frames-interp", path], stdout=subprocess.PIPE,
+                         text=True).stdout  # exit status 1 on notes it cannot decode
+    rows, columns, in_fde = [], None, False
+    for line in out.splitlines():
+        if " CIE " in line or _FDE.match(line):
+            columns, in_fde = None, " FDE " in line
+            continue
+        parts = line.split()
+        if parts[:2] == ["LOC", "CFA"] and in_fde:
+            columns = parts[2:]
+            continue
+        if columns and len(parts) == len(columns) + 2 and re.fullmatch(r"[0-9a-f]{16}", parts[0]):
+            rows.append((int(parts[0], 16), parts[1], dict(zip(columns, parts[2:]))))
+        elif not parts:
+            columns = None
+    return rows
+
+
+@pytest.mark.parametrize("path", [LIBC, "/usr/bin/python3.11"])
+def test_compiler_matches_readelf_frames_interp(path):
+    if not os.path.exists(path):
+        pytest.skip("no " + path)
+    with ELFFile.from_path(path) as elf:
+        table = CFITable.from_elf(elf)
+        t = K.compile_rows(table)
+    rows = readelf_rows(path)
+    assert len(rows) > 1000
+    checked = 0
+    for loc, cfa, regs in rows:
+        r = t.lookup(loc)
+        m = re.fullmatch(r"(rsp|rbp)\+(\d+)", cfa)
+        if re.fullmatch(r"r(ax|bx|cx|dx|si|di|[0-9]+)[+-]\d+", cfa):   # CFA on another register
+            assert r.cfa_kind == K.UW_CFA_FALLBACK, (hex(loc), cfa, r)
+            continue
+        if m is None:
+            assert cfa == "exp" and r.cfa_kind in (K.UW_CFA_PLT, K.UW_CFA_DEREF_RSP, K.UW_CFA_NONE,
+                                                   K.UW_CFA_FALLBACK), (hex(loc), cfa, r)
+            continue
+        ra = regs.get("ra")
+        if ra == "u":
+            assert r.cfa_kind in (K.UW_CFA_END, K.UW_CFA_FALLBACK), (hex(loc), r)
+            continue
+        want_kind = K.UW_CFA_RSP if m.group(1) == "rsp" else K.UW_CFA_RBP
+        assert (r.cfa_kind, r.cfa_off) == (want_kind, int(m.group(2))), (hex(loc), cfa, r)
+        assert ra == "c%+d" % r.ra_off, (hex(loc), regs, r)
+        rbp = regs.get("rbp", "u")
+        if rbp == "u":
+            assert r.rbp_kind == K.UW_RBP_SAME, (hex(loc), regs, r)
+        elif rbp.startswith("c"):
+            assert (r.rbp_kind, "c%+d" % r.rbp_off) == (K.UW_RBP_OFFSET, rbp), (hex(loc), regs, r)
+        checked += 1
+    assert checked > 0.9 * len(rows), (checked, len(rows))
+    assert t.fallback_rows < 0.01 * len(t.rows), (t.fallback_rows, len(t.rows))
+
+
+# -- the BPF programs -----------------------------------------------------------------
+
+root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (BPF, perf events)")
+
+
+@root
+@pytest.mark.parametrize("auto", [False, True], ids=["dwarf", "auto"])
+@pytest.mark.parametrize("python", [False, True], ids=["native", "python"])
+@pytest.mark.parametrize("which", ["oncpu", "offcpu"])
+def test_verifier_accepts_every_variant(which, python, auto):
+    """The walking program in each form the agent loads: on-CPU and off-CPU,
+    with and without the Python walk, --unwind dwarf and auto."""
+    from perfagent.bpf import syscall as sc
+    from perfagent.bpf.maps import ArrayMap, HashMap, RingBuf, possible_cpus
+    from perfagent.offcpu.collector import _sched_switch_args, copy_spec
+    from perfagent.offcpu.common import close_all
+    from perfagent.offcpu.inkernel import sample_period_offset
+    from perfagent.stackprog import kunwind as KU, layout as L, store as S
+    from perfagent.stackprog import python as pywalk
+    from perfagent.stackprog.accounting import Stats
+    from perfagent.stackprog.program import (
+        BLOCKED, COUNT_KEY, KEY_TGID, KUNWIND, SUMS, TID_KEY, Maps, build_offcpu, build_oncpu,
+    )
+    from perfagent.unwind.kernel import kernel_walk_supported
+    why = kernel_walk_supported()
+    if why is not None:
+        pytest.skip(why)
+    copy = copy_spec(32768)
+    ku = KU.make_maps(auto)
+    stats = Stats()
+    objs = [ku.procs, ku.mappings, ku.tables, ku.rows, stats]
+    try:
+        scratch = ArrayMap(L.scratch_size(32768, copy.pages), possible_cpus(), name="t_scratch")
+        counts = HashMap(COUNT_KEY.size, SUMS.size, 1024, name="t_counts")
+        native, ring = S.native_store(1024), RingBuf(1 << 20, name="t_ring")
+        objs += [scratch, counts, native, ring]
+        walk = None
+        py = None
+        if python:
+            py = pywalk.make_maps(pywalk.fsbase_offset())
+            objs += [py.procs, py.threads]
+            walk = pywalk.emit_python_walk(py, KEY_TGID)
+            objs.append(S.python_store(1024))
+        maps = Maps(scratch, stats, None, counts, native, objs[-1] if python else None, ring, None, ku)
+        if which == "oncpu":
+            prog = build_oncpu(KUNWIND, maps, sample_period_offset(), copy, python_walk=walk)
+            loaded = prog.load(sc.BPF_PROG_TYPE_PERF_EVENT)
+        else:
+            args = _sched_switch_args()
+            blocked = HashMap(TID_KEY.size, BLOCKED.size, 1024, name="t_blocked")
+            objs.append(blocked)
+            prog = build_offcpu(KUNWIND, maps, blocked, args, copy, python_walk=walk)
+            loaded = prog.load(sc.BPF_PROG_TYPE_TRACING, expected_attach_type=sc.BPF_TRACE_RAW_TP,
+                               attach_btf_id=args.attach_btf_id)
+        objs.append(loaded)
+        assert loaded.fd >= 0
+    finally:
+        close_all(objs)
+
+
+# -- agreement with the user-space walker ----------------------------------------------
+
+NOFP = ["-O2", "-g", "-fomit-frame-pointer"]
+KERNEL_LINE = re.compile(r"unwound (\d+) user stacks in the kernel: (\d+) complete, (\d+) truncated, "
+                         r"(\d+) stopped; (\d+) fell back to user space")
+
+
+@pytest.fixture(scope="module")
+def unwind_bin(programs_dir):
+    from conftest import PROGRAMS
+    lib = os.path.join(programs_dir, "libunwhop.so")
+    subprocess.run(["gcc", *NOFP, "-shared", "-fPIC", "-o", lib, os.path.join(PROGRAMS, "unwhop.c")], check=True)
+    out = os.path.join(programs_dir, "unwind")
+    subprocess.run(["gcc", *NOFP, "-o", out, os.path.join(PROGRAMS, "unwind.c"), "-L", programs_dir,
+                    "-lunwhop", "-Wl,-rpath," + programs_dir], check=True)
+    return out
+
+
+def user_chain(names):
+    out = []
+    for n in names:
+        if n.startswith("asm_") or n.startswith("entry_SYSCALL"):
+            break
+        out.append(n)
+    return tuple(out)
+
+
+def chains(path):
+    from collections import Counter
+    from conftest import sample_stacks
+    from perfagent.pprof.decode import read_profile
+    c = Counter()
+    for names, _labels, values in sample_stacks(read_profile(str(path))):
+        c[user_chain(names)] += values[0]
+    return c
+
+
+def profile_pid(pid, where, tmp_path, unwind="dwarf", duration="3s", extra=()):
+    from conftest import run_agent
+    out = tmp_path / ("%s-%s.pb.gz" % (where, unwind))
+    r = run_agent(["--profile", "--pid", str(pid), "--duration", duration, "--unwind", unwind,
+                   "--unwind-in", where, "--profile-output", str(out), *extra], cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    return chains(out), r.stderr
+
+
+def agree(kernel, user, share=0.95):
+    """Each mode's samples fall on chains the other mode also found."""
+    for a, b in ((kernel, user), (user, kernel)):
+        total = sum(a.values())
+        assert total >= 50, a
+        same = sum(n for chain, n in a.items() if chain in b)
+        assert same >= share * total, (same, total, a.most_common(4), b.most_common(4))
+
+
+def walked_in_kernel(stderr):
+    m = KERNEL_LINE.search(stderr)
+    assert m, stderr
+    return [int(x) for x in m.groups()]
+
+
+@root
+@pytest.mark.parametrize("mode", ["chain", "qsort"])
+@pytest.mark.parametrize("unwind", ["dwarf", "auto"])
+def test_kernel_and_user_walks_agree_on_fp_less_chains(unwind_bin, tmp_path, mode, unwind):
+    """alloca (CFA on rbp), a PLT call into a library and back, qsort's
+    callback out of libc: the same chains from both walkers, and most
+    stacks walked in the kernel once the tables are loaded."""
+    proc = subprocess.Popen([unwind_bin, mode, "60"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("ready")
+        kernel, err = profile_pid(proc.pid, "kernel", tmp_path, unwind)
+        user, _ = profile_pid(proc.pid, "user", tmp_path, unwind)
+    finally:
+        proc.kill()
+        proc.wait()
+    agree(kernel, user)
+    walked, complete, truncated, stopped, fell_back = walked_in_kernel(err)
+    assert walked >= 0.5 * (walked + fell_back), err
+    assert complete >= 0.98 * walked, err
+    top = kernel.most_common(1)[0][0]
+    assert top[-1] == "leaf" and ("c" in top or "compare" in top), top
+
+
+@root
+def test_kernel_and_user_walks_agree_through_a_signal_frame(programs_dir, tmp_path):
+    """glibc's __restore_rt (a CFA read from the ucontext, rip and rbp saved
+    there) and on into the interrupted function at its exact pc."""
+    from conftest import PROGRAMS, run_agent
+    exe = os.path.join(programs_dir, "sigframe")
+    if not os.path.exists(exe):
+        subprocess.run(["gcc", *NOFP, "-o", exe, os.path.join(PROGRAMS, "sigframe.c")], check=True)
+    got = {}
+    for where in ("kernel", "user"):
+        out = tmp_path / ("sig-%s.pb.gz" % where)
+        r = run_agent(["--profile", "--unwind", "dwarf", "--unwind-in", where, "--sample-rate", "299",
+                       "--profile-output", str(out), "--", exe], cwd=str(tmp_path))
+        assert r.returncode == 0, r.stderr
+        got[where] = (chains(out), r.stderr)
+    kernel = {c: n for c, n in got["kernel"][0].items() if "on_alarm" in c}
+    user = {c: n for c, n in got["user"][0].items() if "on_alarm" in c}
+    from collections import Counter
+    agree(Counter(kernel), Counter(user))
+    through = sum(n for c, n in kernel.items() if "__restore_rt" in c and "interrupted" in c and "main" in c)
+    assert through >= 0.95 * sum(kernel.values()), kernel
+    walked, *_rest, fell_back = walked_in_kernel(got["kernel"][1])
+    assert walked > 0, got["kernel"][1]
+
+
+@root
+def test_kernel_and_user_walks_agree_on_cpython(tmp_path):
+    python = "/usr/bin/python3.11"
+    if not os.path.exists(python):
+        pytest.skip("no /usr/bin/python3.11")
+    loop = "def f(n):\n    return sum(i * i for i in range(n))\nwhile True:\n    f(10000)\n"
+    proc = subprocess.Popen([python, "-c", "print('ready', flush=True)\n" + loop], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().startswith("ready")
+        extra = ("--no-python-walk",)   # native frames only: the interpreter's own chain
+        kernel, err = profile_pid(proc.pid, "kernel", tmp_path, extra=extra)
+        user, _ = profile_pid(proc.pid, "user", tmp_path, extra=extra)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert sum(n for c, n in kernel.items() if "Py_RunMain" in c) >= 0.9 * sum(kernel.values())
+    # The interpreter's leaves are many and each is sampled a few times:
+    # compare the chains from the root to the innermost eval loop, and
+    # the leaf functions as a set.
+    agree(_to_eval(kernel), _to_eval(user), 0.95)
+    leaves_k = {c[-1] for c in kernel}
+    leaves_u = {c[-1] for c in user}
+    assert len(leaves_k & leaves_u) >= 0.5 * min(len(leaves_k), len(leaves_u)), (leaves_k, leaves_u)
+
+
+def _to_eval(counter):
+    from collections import Counter
+    out = Counter()
+    for chain, n in counter.items():
+        cut = max((i for i, f in enumerate(chain) if f == "_PyEval_EvalFrameDefault"), default=len(chain) - 1)
+        out[chain[:cut + 1]] += n
+    return out
+    walked, *_rest, fell_back = walked_in_kernel(err)
+    assert walked >= 0.5 * (walked + fell_back), err
+
+
+@root
+def test_refused_table_falls_back_to_the_user_space_walker(unwind_bin, tmp_path):
+    """Tables that do not fit are refused: the processes' stacks fall back
+    to the user-space walker and still come out whole."""
+    from conftest import agent_env
+    proc = subprocess.Popen([unwind_bin, "chain", "60"], stdout=subprocess.PIPE, text=True)
+    out = tmp_path / "refused.pb.gz"
+    code = ("import sys; import perfagent.stackprog.kunwind as K; K.MAX_ROWS = 2; "
+            "from perfagent.cli import main; sys.exit(main(sys.argv[1:]))")
+    try:
+        assert proc.stdout.readline().startswith("ready")
+        r = subprocess.run([sys.executable, "-c", code, "--profile", "--pid", str(proc.pid), "--duration", "2s",
+                            "--unwind", "dwarf", "--unwind-in", "kernel", "--profile-output", str(out)],
+                           cwd=str(tmp_path), env=agent_env(), stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"\d+ refused \(.*(libc\.so\.6|unwind): .*rows", r.stderr), r.stderr
+    walked, *_rest, fell_back = walked_in_kernel(r.stderr)
+    assert fell_back >= 0.9 * (walked + fell_back), r.stderr
+    got = chains(out)
+    whole = sum(n for c, n in got.items() if c[-6:] == ("main", "a", "b", "c", "d", "leaf"))
+    assert whole >= 0.95 * sum(got.values()), got.most_common(3)
