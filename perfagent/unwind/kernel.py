@@ -88,12 +88,11 @@ class _Binary:
 def _lazy_spans(cfi) -> Optional[list]:
     """The rows of the FDEs the user-space walker decoded so far, when
     ``cfi``'s table decodes lazily (perfagent.unwind.walker.LazyEhFrame,
-    whose FDE cache is read, not changed); None when it is a whole table
-    (or its whole table was built: then all of it is known)."""
-    table = cfi.table
-    fdes = getattr(table, "_fdes", None)
-    full = getattr(table, "_full", None)
-    if fdes is None or full is None or getattr(full, "_builder", None) is None:
+    whose FDE cache is read, not changed: every binary's table, since a
+    whole table is never compiled for the walker); None for a whole
+    CFITable."""
+    fdes = getattr(cfi.table, "_fdes", None)
+    if fdes is None:
         return None
     spans = []
     for _starts, fde_spans in list(fdes.values()):
@@ -284,8 +283,7 @@ class KernelTables:
         room = self.max_rows - self._next_row
         spans = _lazy_spans(cfi)
         if spans is None:
-            full = getattr(cfi.table, "_full", cfi.table)
-            return K.compile_rows(full, room), 0, True
+            return K.compile_rows(cfi.table, room), 0, True
         return K.compile_spans(spans, K.FALLBACK_ROW, room), len(cfi.table._fdes), False
 
     def _publish(self, compiled: "K.CompactTable") -> int:
@@ -325,9 +323,7 @@ class KernelTables:
             if b.complete or not b.refs:
                 continue
             fdes = getattr(b.cfi.table, "_fdes", None)
-            full = getattr(b.cfi.table, "_full", None)
-            whole = full is not None and getattr(full, "_builder", 1) is None
-            if not whole and (fdes is None or len(fdes) == b.decoded):
+            if fdes is None or len(fdes) == b.decoded:
                 continue
             if deadline is not None and time.monotonic() >= deadline:
                 return
