@@ -306,27 +306,34 @@ class TableLoader:
         self.tables = tables
         self.state = state
         self.waiting: Dict[int, int] = {}   # pid -> stacks that fell back since it was (re)loaded
+        self.since: Dict[int, float] = {}   # pid -> when its first stack fell back
         self._next_refresh = 0.0
         self._released = False
 
     def fell_back(self, pid: int) -> None:
-        self.waiting[pid] = self.waiting.get(pid, 0) + 1
+        n = self.waiting.get(pid, 0)
+        if not n and pid not in self.since:
+            self.since[pid] = time.monotonic()
+        self.waiting[pid] = n + 1
 
     def gone(self, pids: List[int]) -> None:
         for pid in pids:
             self.waiting.pop(pid, None)
+            self.since.pop(pid, None)
             self.tables.forget(pid)
 
     def load(self) -> None:
         """The busiest processes first (on a whole machine, hundreds wait at
         the start; the ones sampled most are worth loading first), until
         this cycle's share of time is spent."""
-        from perfagent.unwind.kernel import LOAD_AFTER_FALLBACKS, LOAD_SECONDS_PER_CYCLE
+        from perfagent.unwind.kernel import LOAD_AFTER_FALLBACKS, LOAD_MIN_AGE, LOAD_SECONDS_PER_CYCLE
         now = time.monotonic()
-        # A process sampled a few times (short-lived ones) stays with the
+        # A process sampled a few times, or short-lived, stays with the
         # user-space walker, unless its binaries are compiled already.
+        old = now - LOAD_MIN_AGE
         pids = sorted((pid for pid, n in self.waiting.items()
-                       if n >= LOAD_AFTER_FALLBACKS or self.tables.ready(self.state, pid)),
+                       if (n >= LOAD_AFTER_FALLBACKS and self.since.get(pid, now) <= old)
+                       or self.tables.ready(self.state, pid)),
                       key=lambda pid: -self.waiting[pid])
         if now >= self._next_refresh:
             self._next_refresh = now + self.REFRESH_INTERVAL

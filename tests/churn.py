@@ -51,8 +51,11 @@ def build(out_dir: str, libraries: int) -> (str, List[str]):
 SPAWNER = r"""
 import subprocess, sys, time
 child, every, ms, count = sys.argv[1], float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-libs = sys.argv[5:]
+wait = sys.argv[5] == "wait"
+libs = sys.argv[6:]
 print("ready", flush=True)
+if wait:
+    sys.stdin.readline()
 n = 0
 next_at = time.monotonic()
 while count <= 0 or n < count:
@@ -65,12 +68,21 @@ sys.stdin.read()
 """
 
 
-def spawner(child: str, libs: List[str], every: float, ms: int, count: int) -> subprocess.Popen:
+def spawner(child: str, libs: List[str], every: float, ms: int, count: int,
+            wait: bool = False) -> subprocess.Popen:
     """A process that starts ``child`` with the next library every ``every``
     seconds (each spinning ``ms`` milliseconds), ``count`` times (0: until
     killed); prints "ready" at the start and "done N" at the end, then
-    waits for its stdin to close."""
-    p = subprocess.Popen(["python3", "-c", SPAWNER % (), child, str(every), str(ms), str(count)] + libs,
+    waits for its stdin to close.  With ``wait``, it starts only after
+    :func:`go` (so a capture that takes a while to start misses nothing)."""
+    p = subprocess.Popen(["python3", "-c", SPAWNER % (), child, str(every), str(ms), str(count),
+                          "wait" if wait else "now"] + libs,
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().startswith("ready")
     return p
+
+
+def go(p: subprocess.Popen) -> None:
+    """Start a spawner made with ``wait=True``."""
+    p.stdin.write("go\n")
+    p.stdin.flush()

@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-from churn import build, spawner
+from churn import build, go, spawner
+from perfagent.capture import EXIT_COLLECT_DRAINS
 from perfagent.oncpu import build_profile
 from perfagent.pprof.decode import decode_profile
 from perfagent.session import Capture, CaptureOptions, DRAIN_INTERVAL
@@ -35,10 +36,11 @@ def churn_programs(tmp_path_factory):
 
 def test_three_hundred_processes_come_and_go(churn_programs):
     child, libs = churn_programs
-    spawn = spawner(child, libs, every=0.02, ms=15, count=PROCESSES)
+    spawn = spawner(child, libs, every=0.02, ms=15, count=PROCESSES, wait=True)
     session = Capture(CaptureOptions(pid=spawn.pid, unwind="dwarf", sample_rate=999), lambda line: None)
     try:
         session.start()
+        go(spawn)  # the capture is running: no child is missed while it starts
         state = session.state
         state.walker.cache.max_bytes = CFI_BOUND
         done = False
@@ -48,7 +50,10 @@ def test_three_hundred_processes_come_and_go(churn_programs):
             if select.select([spawn.stdout], [], [], 0)[0]:
                 done = spawn.stdout.readline().startswith("done")
         assert done
-        for _ in range(3):  # exits of the last children are released a drain later
+        # Exits of the last children are released a drain later -- and, where
+        # stacks are counted in the kernel, once their counts are collected
+        # (at the latest EXIT_COLLECT_DRAINS drains after the exit).
+        for _ in range(EXIT_COLLECT_DRAINS + 3):
             session.poll(DRAIN_INTERVAL)
         held = state.bookkeeping()
         children = len(state.pids_seen) - 1
