@@ -331,6 +331,15 @@ class TableLoader:
         # A process sampled a few times, or short-lived, stays with the
         # user-space walker, unless its binaries are compiled already.
         old = now - LOAD_MIN_AGE
+        python = self.state.python
+        if python is not None:
+            # CPython processes stay with the user-space walker: merging
+            # their Python frames exactly needs each native frame's stack
+            # pointer, which the kernel walk does not record.
+            for pid in [pid for pid in self.tables.loaded_pids() if python.walked(pid)]:
+                self.tables.forget(pid)
+            for pid in [pid for pid in self.waiting if python.walked(pid)]:
+                del self.waiting[pid]
         pids = sorted((pid for pid, n in self.waiting.items()
                        if (n >= LOAD_AFTER_FALLBACKS and self.since.get(pid, now) <= old)
                        or self.tables.ready(self.state, pid)),
@@ -368,13 +377,22 @@ def kernel_walk_summary(counts: List[int], t, prefix: str) -> str:
     return line
 
 
+def python_only(state: CaptureState, tgids: Optional[Set[int]]) -> bool:
+    """Are the followed processes all CPython ones (``--pid`` of a Python
+    program)?  Their stacks are walked in user space anyway (see
+    TableLoader.load), so ``--unwind-in auto`` then skips the kernel walk
+    and the second it takes the verifier to accept its program."""
+    tracker = state.python
+    return bool(tgids) and tracker is not None and all(tracker.walked(pid) for pid in tgids)
+
+
 def dwarf_oncpu_source(state: CaptureState, tgids: Optional[Set[int]], opts, python,
                        notes: List[str]) -> OnCpuSource:
     """The on-CPU source of ``--unwind dwarf|auto``: walked in the kernel when
     ``opts.unwind_in`` allows it and the kernel can (bpf_loop), else stack
     copies for the user-space walker (with a note saying why, under auto).
     ``--unwind-in kernel`` on a kernel that cannot is an error."""
-    if opts.unwind_in != "user":
+    if opts.unwind_in == "kernel" or (opts.unwind_in == "auto" and not python_only(state, tgids)):
         from perfagent.bpf.syscall import BPFError
         from perfagent.errors import CaptureError
         from perfagent.unwind.kernel import kernel_walk_supported
@@ -412,7 +430,7 @@ class OffCpu(Source):
         self.log = log
         # --unwind-in: the walk in the kernel too (copies only for what it leaves).
         self.loader: Optional[TableLoader] = None
-        if self.stack_size and unwind_in != "user":
+        if self.stack_size and (unwind_in == "kernel" or (unwind_in == "auto" and not python_only(state, tgids))):
             from perfagent.unwind.kernel import kernel_walk_supported, shared_tables
             why = kernel_walk_supported()
             if why is None:

@@ -182,7 +182,7 @@ def test_sigint_and_sigterm_still_write(chain_bin, tmp_path):
 
 
 def test_target_exiting_mid_capture(chain_bin, tmp_path):
-    target = start_target([chain_bin, "1.5"])
+    target = start_target([chain_bin, "3"])  # outlives the agent's start-up (the kernel walk's verifier: ~1 s on a loaded VM)
     out = tmp_path / "e.pb.gz"
     t0 = time.monotonic()
     r = run_agent(["--profile", "--pid", str(target.pid), "--duration", "20s",
