@@ -406,8 +406,9 @@ class CaptureState:
     # -- process lifetime --------------------------------------------------
     def hold_counts(self, holder: str) -> None:
         """A source that counts stacks in the kernel: exited processes are
-        released only after it collected (:meth:`counts_collected`)."""
-        self._holders[holder] = -1
+        released only after it collected (:meth:`counts_collected`).
+        Called again and again by a running source (the first call counts)."""
+        self._holders.setdefault(holder, -1)
 
     def counts_collected(self, holder: str) -> None:
         """``holder`` collected everything it counted so far."""
