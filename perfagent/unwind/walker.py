@@ -167,6 +167,12 @@ class LazyEhFrame:
             return spans[i][2]
         return None
 
+    @property
+    def sources(self) -> List[CallFrameInfo]:
+        """The sections it reads (.eh_frame first), e.g. for
+        ``CFITable.from_sections`` where a whole table is wanted."""
+        return [self._cfi] + list(self._fallback)
+
     def nbytes(self) -> int:
         """Memory held (estimate): section bytes, search arrays, decoded rows."""
         total = len(self._cfi.data) + sum(len(src.data) for src in self._fallback)
