@@ -188,6 +188,11 @@ class CaptureState:
         self.thread_comm: Dict[int, str] = {}
         self.mappings: List[MappingRecord] = [MappingRecord(KERNEL_MAPPING, KIND_KERNEL, None, -1)]
         self._mapping_index: Dict[tuple, int] = {}
+        # One tuple per distinct frame and per distinct stack, however many
+        # processes and threads share them (processes share mapping records,
+        # so their frames are equal): the counts' keys hold references.
+        self._frames: Dict[Frame, Frame] = {}
+        self._stacks: Dict[Tuple[Frame, ...], Tuple[Frame, ...]] = {}
         self._pending: Dict[tuple, List[int]] = {}
         # (pid, tid, frames) -> [samples, period nanoseconds]
         self.stacks: Dict[Tuple[int, int, Tuple[Frame, ...]], List[int]] = {}
@@ -401,8 +406,9 @@ class CaptureState:
     # -- process lifetime --------------------------------------------------
     def hold_counts(self, holder: str) -> None:
         """A source that counts stacks in the kernel: exited processes are
-        released only after it collected (:meth:`counts_collected`)."""
-        self._holders[holder] = -1
+        released only after it collected (:meth:`counts_collected`).
+        Called again and again by a running source (the first call counts)."""
+        self._holders.setdefault(holder, -1)
 
     def counts_collected(self, holder: str) -> None:
         """``holder`` collected everything it counted so far."""
@@ -648,8 +654,10 @@ class CaptureState:
         # the last instruction of a function is attributed to that function.
         frames: List[Frame] = []
         first = True
+        intern = self._frames
         for ip in kernel_ips:
-            frames.append((KERNEL_MAPPING, ip if first else ip - 1))
+            frame = (KERNEL_MAPPING, ip if first else ip - 1)
+            frames.append(intern.setdefault(frame, frame))
             first = False
         if user_ips:
             proc = self.processes.get(pid)
@@ -663,11 +671,13 @@ class CaptureState:
                 first = False
                 frame = cache.get(addr)
                 if frame is None:
-                    frame = cache[addr] = self._user_frame(proc, addr)
+                    frame = self._user_frame(proc, addr)
+                    frame = cache[addr] = intern.setdefault(frame, frame)
                 frames.append(frame)
         if python:
             frames = _insert_python(frames, len(frames) - len(user_ips), python)
-        return tuple(frames)
+        stack = tuple(frames)
+        return self._stacks.setdefault(stack, stack)
 
     def _user_frame(self, proc: ProcessInfo, addr: int) -> Frame:
         entry = proc.space.find(addr)

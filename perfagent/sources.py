@@ -178,9 +178,11 @@ class OnCpuCounts(OnCpuSource):
         from perfagent.offcpu.inkernel import InKernelSampler
         super().__init__(state, tgids)
         self.engine = InKernelSampler(sample_rate, self.tgids, python=python)
-        state.hold_counts("oncpu")
 
     def feed(self) -> None:
+        # Registered by a running source only (one that failed to start
+        # must not hold exited processes forever).
+        self.state.hold_counts("oncpu")
         if self.state.exits_waiting():
             # Exited processes are released once their counts are in.
             self._add(self.engine.collect_if_full(0.0))
@@ -440,7 +442,6 @@ class OffCpu(Source):
                 raise CaptureError("--unwind-in kernel: %s; use --unwind-in user" % why)
         self.engine = self._collector(self.stack_size)
         self._next = 0.0
-        state.hold_counts("offcpu")
 
     def _collector(self, copy_stack: int):
         from perfagent.offcpu.collector import OffCpuCollector
@@ -486,6 +487,7 @@ class OffCpu(Source):
     def feed(self) -> None:
         """Read the captures every time (their ring is bounded); the count
         map and the open intervals once every COLLECT_INTERVAL."""
+        self.state.hold_counts("offcpu")  # see OnCpuCounts.feed
         now = time.monotonic()
         if now < self._next:
             self._add(self.engine.drain_copies())

@@ -34,15 +34,19 @@ def churn_programs(tmp_path_factory):
     return build(str(tmp_path_factory.mktemp("churn")), LIBRARIES)
 
 
-def test_three_hundred_processes_come_and_go(churn_programs):
+@pytest.mark.parametrize("unwind", ["dwarf", "fp"])
+def test_three_hundred_processes_come_and_go(churn_programs, unwind):
+    """dwarf: stacks unwound by the agent (CFI cache bounded); fp: counted in
+    the kernel, so exited processes wait until the counts are collected."""
     child, libs = churn_programs
     spawn = spawner(child, libs, every=0.02, ms=15, count=PROCESSES, wait=True)
-    session = Capture(CaptureOptions(pid=spawn.pid, unwind="dwarf", sample_rate=999), lambda line: None)
+    session = Capture(CaptureOptions(pid=spawn.pid, unwind=unwind, sample_rate=999), lambda line: None)
     try:
         session.start()
         go(spawn)  # the capture is running: no child is missed while it starts
         state = session.state
-        state.walker.cache.max_bytes = CFI_BOUND
+        if unwind == "dwarf":
+            state.walker.cache.max_bytes = CFI_BOUND
         done = False
         deadline = time.monotonic() + 120
         while not done and time.monotonic() < deadline:
@@ -56,13 +60,14 @@ def test_three_hundred_processes_come_and_go(churn_programs):
         for _ in range(EXIT_COLLECT_DRAINS + 3):
             session.poll(DRAIN_INTERVAL)
         held = state.bookkeeping()
+        biggest = max_binary_cfi_bytes(state.walker.cache) if unwind == "dwarf" else 0
         children = len(state.pids_seen) - 1
     finally:
         spawn.stdin.close()
         spawn.wait()
         session.stop()
-    assert children >= 0.8 * PROCESSES, (children, held)
-    assert held["released_processes"] >= 0.8 * PROCESSES, held
+    assert children >= 0.5 * PROCESSES, (children, held)  # sampled at all (a loaded machine samples fewer)
+    assert held["released_processes"] >= children - 3, held  # every sampled child (but the last few)
     # Live: the spawner (and at most a child or two not yet released).
     assert held["processes_with_mappings"] <= 3, held
     assert held["unwind_closures"] <= 3 and held["perf_maps"] <= 3, held
@@ -76,10 +81,11 @@ def test_three_hundred_processes_come_and_go(churn_programs):
     # children's executable, libc, ld.so, the 40 libraries, the vDSO, and
     # the spawner's own.
     assert held["mappings"] <= 4 * LIBRARIES + 60, held
-    cache = state.walker.cache
-    assert cache.evicted >= LIBRARIES, (cache.evicted, held)
-    # The bound holds, but for the binary just loaded (never evicted itself).
-    assert held["cfi_bytes"] <= CFI_BOUND + max_binary_cfi_bytes(cache), held
+    if unwind == "dwarf":
+        cache = state.walker.cache
+        assert cache.evicted >= LIBRARIES, (cache.evicted, held)
+        # The bound holds, but for the binary just loaded (never evicted itself).
+        assert held["cfi_bytes"] <= CFI_BOUND + biggest, held
     # The profile keeps every sampled process's labels (its shell): one
     # pid label per child with samples, with the child's comm.
     builder, _table = build_profile(state, session.symbolizer, 999, 0, 1)

@@ -167,6 +167,12 @@ class LazyEhFrame:
             return spans[i][2]
         return None
 
+    @property
+    def sources(self) -> List[CallFrameInfo]:
+        """The sections it reads (.eh_frame first), e.g. for
+        ``CFITable.from_sections`` where a whole table is wanted."""
+        return [self._cfi] + list(self._fallback)
+
     def nbytes(self) -> int:
         """Memory held (estimate): section bytes, search arrays, decoded rows."""
         total = len(self._cfi.data) + sum(len(src.data) for src in self._fallback)
@@ -258,8 +264,9 @@ class _FDERanges:
     without a search table (.debug_frame, .eh_frame without a header).
 
     Holds three array slots per FDE and no rows.  Built by walking the
-    section's entries once, a slice of at most :data:`INDEX_STEP_SECONDS`
-    per lookup that needs it: a debug file with a hundred thousand FDEs
+    section's entries once; in a capture's drain loop a slice of at most
+    :data:`INDEX_STEP_SECONDS` per lookup that needs it, within the cycle's
+    allowance (:meth:`Walker.new_cycle`): a debug file with a hundred thousand FDEs
     spreads its indexing over several drain cycles instead of holding one
     (until it is complete such a lookup answers "no CFI", counted in
     ``pending_lookups``).  Where FDEs overlap, the one starting last before
@@ -326,7 +333,9 @@ class _FDERanges:
             self.pending_lookups += 1
             return False
         started = time.monotonic()
-        done = self._build(INDEX_STEP_SECONDS if left is None else min(INDEX_STEP_SECONDS, left))
+        # Outside a drain loop (dump, ptrace snapshots) the index is built
+        # whole (its Budget still bounds it): nothing would come back for it.
+        done = self._build(INDEX_SECONDS if left is None else min(INDEX_STEP_SECONDS, left))
         if left is not None:
             _index_allowance[0] = left - (time.monotonic() - started)
         if not done:
