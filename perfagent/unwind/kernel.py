@@ -70,13 +70,19 @@ class _OutOfTime(Exception):
     """This cycle's share of loading is spent: the rest waits for the next."""
 
 
+FIRST_REBUILD_WAIT = 0.25
+LAST_REBUILD_WAIT = 8.0
+
+
 class _Binary:
     """One binary's table in the kernel, and the mappings that use it."""
 
-    __slots__ = ("table", "base", "cfi", "decoded", "refs", "complete", "path")
+    __slots__ = ("table", "base", "cfi", "decoded", "refs", "complete", "path", "next_rebuild", "wait")
 
     def __init__(self, table: int, base: int, cfi, decoded: int, complete: bool, path: str) -> None:
         self.path = path
+        self.wait = FIRST_REBUILD_WAIT       # doubles after each rebuild, up to LAST_REBUILD_WAIT
+        self.next_rebuild = 0.0
         self.table = table          # index into unwind_tables
         self.base = base            # link-time address of row pc 0
         self.cfi = cfi              # the walker's BinaryCFI (its lazily decoded FDEs)
@@ -112,7 +118,7 @@ class KernelTables:
     thus never compiled whole; the fallbacks teach the kernel the hot code.
     """
 
-    REBUILD_INTERVAL = 0.5   # seconds between two rebuilds of one binary's table
+    REBUILD_INTERVAL = 0.1   # seconds between two looks at the binaries' decoded FDEs
 
     def __init__(self, cfi_cache, auto: bool, max_procs: int = KU.MAX_PROCS) -> None:
         self.maps = KU.make_maps(auto, max_procs=max_procs)
@@ -156,6 +162,9 @@ class KernelTables:
         (time.monotonic)."""
         t0 = time.monotonic()
         try:
+            # First what the last walks taught (cheap, and it stops the
+            # fallbacks of processes already loaded), then new processes.
+            self._grow(deadline)
             for pid in pids:
                 if deadline is not None and time.monotonic() >= deadline:
                     return
@@ -173,7 +182,6 @@ class KernelTables:
                     self._load(pid, entries, signature, deadline)
                 except _OutOfTime:
                     return
-            self._grow(deadline)
         finally:
             self.load_seconds += time.monotonic() - t0
 
@@ -329,6 +337,12 @@ class KernelTables:
             whole = full is not None and getattr(full, "_builder", 1) is None
             if not whole and (fdes is None or len(fdes) == b.decoded):
                 continue
+            if now < b.next_rebuild:
+                continue
+            # Most of a binary's hot code is decoded in the first seconds:
+            # rebuilds (each rewrites the whole table) get rarer.
+            b.next_rebuild = now + b.wait
+            b.wait = min(2 * b.wait, LAST_REBUILD_WAIT)
             if deadline is not None and time.monotonic() >= deadline:
                 return
             try:
