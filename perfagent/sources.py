@@ -316,6 +316,7 @@ class TableLoader:
         pids = sorted((pid for pid, n in self.waiting.items()
                        if n >= LOAD_AFTER_FALLBACKS or self.tables.ready(self.state, pid)),
                       key=lambda pid: -self.waiting[pid])
+        pids += [pid for pid in self.tables.changed(self.state) if pid not in self.waiting]
         if now >= self._next_refresh:
             self._next_refresh = now + self.REFRESH_INTERVAL
             pids += [pid for pid in self.tables.loaded_pids() if pid not in self.waiting]

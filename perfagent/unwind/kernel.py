@@ -130,8 +130,9 @@ class KernelTables:
         self._binaries: Dict[tuple, _Binary] = {}
         self._refused: Dict[tuple, str] = {}
         self._free_slots = list(range(max_procs - 1, -1, -1))
-        # pid -> (slot, mapping signature, binary keys its mappings use)
-        self._procs: Dict[int, Tuple[int, tuple, list]] = {}
+        # pid -> (slot, mapping signature, binary keys its mappings use,
+        #         (id, size) of the AddressSpace it was loaded from)
+        self._procs: Dict[int, tuple] = {}
         self.refused: Dict[str, str] = {}                # path -> why (for the summary)
         self.load_seconds = 0.0
         self.rebuilds = 0
@@ -164,24 +165,32 @@ class KernelTables:
         try:
             # First what the last walks taught (cheap, and it stops the
             # fallbacks of processes already loaded), then new processes.
-            self._grow(deadline)
+            # Each gets its share: rebuilds at most half the time, and at
+            # least one process is loaded per call, whatever the clock says.
+            self._grow(None if deadline is None else t0 + (deadline - t0) / 2)
+            first = True
             for pid in pids:
-                if deadline is not None and time.monotonic() >= deadline:
+                if not first and deadline is not None and time.monotonic() >= deadline:
                     return
                 proc = state.processes.get(pid)
                 if proc is None or not proc.maps_known:
                     proc = state.load_from_proc(pid)
                 if proc is None or proc.exited:
                     continue
+                known = self._procs.get(pid)
+                if known is None and not self._free_slots:
+                    continue                            # no room: it stays with user space
                 entries = [e for e in proc.space.entries() if e.is_exec]
                 signature = tuple((e.start, e.end, e.pgoff, e.inode) for e in entries)
-                known = self._procs.get(pid)
+                space = (id(proc.space), len(proc.space))
                 if known is not None and known[1] == signature:
+                    self._procs[pid] = known[:3] + (space,)
                     continue
                 try:
-                    self._load(pid, entries, signature, deadline)
+                    self._load(pid, entries, signature, None if first else deadline, space)
                 except _OutOfTime:
                     return
+                first = False
         finally:
             self.load_seconds += time.monotonic() - t0
 
@@ -206,6 +215,19 @@ class KernelTables:
                 return False
         return True
 
+    def changed(self, state) -> List[int]:
+        """Loaded processes whose address space object or size changed since
+        (an exec replaces it: the kernel must not walk the new image with
+        the old mappings for long); gone ones are forgotten."""
+        out = []
+        for pid, known in list(self._procs.items()):
+            proc = state.processes.get(pid)
+            if proc is None or proc.exited:
+                self.forget(pid)
+            elif known[3] != (id(proc.space), len(proc.space)):
+                out.append(pid)
+        return out
+
     def loaded(self, pid: int) -> bool:
         return pid in self._procs
 
@@ -220,14 +242,14 @@ class KernelTables:
             self._free_slots.append(known[0])
 
     def _drop_refs(self, known) -> None:
-        slot, _sig, keys = known
+        slot, keys = known[0], known[2]
         first = slot * KU.MAX_MAPPINGS
         for i, key in enumerate(keys):
             b = self._binaries.get(key) if key is not None else None
             if b is not None:
                 b.refs.pop(first + i, None)
 
-    def _load(self, pid: int, entries, signature: tuple, deadline: Optional[float]) -> None:
+    def _load(self, pid: int, entries, signature: tuple, deadline: Optional[float], space: tuple) -> None:
         entries = sorted(entries, key=lambda e: e.start)[:KU.MAX_MAPPINGS]
         # Compile first (each binary once, checking the time between
         # binaries), then publish: a process is never half loaded.
@@ -255,7 +277,7 @@ class KernelTables:
             self.maps.mappings.update(KU.UW_INDEX.pack(first + i),
                                       KU.UW_MAPPING.pack(e.start, e.end, bias & (2 ** 64 - 1), table, kind))
         self.maps.procs.update(KU.UW_PROC_KEY.pack(pid), KU.UW_PROC.pack(first, len(entries)))
-        self._procs[pid] = (slot, signature, keys)
+        self._procs[pid] = (slot, signature, keys, space)
 
     # -- mappings and binaries -----------------------------------------------------
     def _mapping(self, pid: int, e, deadline: Optional[float] = None) -> Tuple[int, Optional[tuple], int]:
