@@ -49,9 +49,18 @@ FALLBACK_RING_FACTOR = 4
 REFUSED = -1
 
 
+_supported: List[Optional[str]] = []
+
+
 def kernel_walk_supported() -> Optional[str]:
     """None when this kernel can run the walk, else why not (bpf_loop is
-    5.17+; the verifier is the judge)."""
+    5.17+; the verifier is the judge).  Asked once per agent."""
+    if not _supported:
+        _supported.append(_probe_bpf_loop())
+    return _supported[0]
+
+
+def _probe_bpf_loop() -> Optional[str]:
     p = Program("uw_probe")
     p.mov(R1, 1)
     p.ld_func(R2, "cb")
