@@ -5,8 +5,8 @@ stack program walks it where it stands: frame by frame, with bpf_loop (Linux
 5.17+) calling :func:`emit_step_callback` once per frame.  Each step finds the
 frame's mapping in the process's sorted mapping list, the binary's compact
 row for the pc (perfagent.unwind.compact: both by binary search over array
-maps, bounded loops), computes the CFA, and reads the return address and
-rbp with bpf_probe_read_user -- exactly the user-space walker's step
+maps, each probe a call of a nested bpf_loop callback), computes the CFA,
+and reads the return address and rbp with bpf_probe_read_user -- exactly the user-space walker's step
 (perfagent.unwind.walker), which stays the reference and the fallback.  The
 result is a ``struct stack`` of program counters at USER_OFF, stored and
 counted like the frame-pointer stacks of ``--unwind fp``.
