@@ -79,8 +79,8 @@ class _OutOfTime(Exception):
     """This cycle's share of loading is spent: the rest waits for the next."""
 
 
-FIRST_REBUILD_WAIT = 0.25
-LAST_REBUILD_WAIT = 8.0
+FIRST_REBUILD_WAIT = 0.1
+LAST_REBUILD_WAIT = 2.0
 
 
 class _Binary:
