@@ -294,8 +294,18 @@ class TableLoader:
         self.tables = tables
         self.state = state
         self.waiting: Dict[int, int] = {}   # pid -> stacks that fell back since it was (re)loaded
+        self._asked: Dict[int, int] = {}    # pid -> its waiting count when last found not ready
         self._next_refresh = 0.0
         self._released = False
+
+    def _ready(self, pid: int, n: int) -> bool:
+        """tables.ready, asked again only when the process fell back again
+        (hundreds of short-lived processes wait on a busy machine: looking
+        at all their mappings every cycle cost more than it saved)."""
+        if self._asked.get(pid) == n:
+            return False
+        self._asked[pid] = n
+        return self.tables.ready(self.state, pid)
 
     def fell_back(self, pid: int) -> None:
         self.waiting[pid] = self.waiting.get(pid, 0) + 1
@@ -303,6 +313,7 @@ class TableLoader:
     def gone(self, pids: List[int]) -> None:
         for pid in pids:
             self.waiting.pop(pid, None)
+            self._asked.pop(pid, None)
             self.tables.forget(pid)
 
     def load(self) -> None:
@@ -314,7 +325,7 @@ class TableLoader:
         # A process sampled a few times (short-lived ones) stays with the
         # user-space walker, unless its binaries are compiled already.
         pids = sorted((pid for pid, n in self.waiting.items()
-                       if n >= LOAD_AFTER_FALLBACKS or self.tables.ready(self.state, pid)),
+                       if n >= LOAD_AFTER_FALLBACKS or self._ready(pid, n)),
                       key=lambda pid: -self.waiting[pid])
         pids += [pid for pid in self.tables.changed(self.state) if pid not in self.waiting]
         if now >= self._next_refresh:
