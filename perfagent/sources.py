@@ -309,8 +309,18 @@ class TableLoader:
         self.state = state
         self.waiting: Dict[int, int] = {}   # pid -> stacks that fell back since it was (re)loaded
         self.since: Dict[int, float] = {}   # pid -> when its first stack fell back
+        self._asked: Dict[int, int] = {}    # pid -> its waiting count when last found not ready
         self._next_refresh = 0.0
         self._released = False
+
+    def _ready(self, pid: int, n: int) -> bool:
+        """tables.ready, asked again only when the process fell back again
+        (hundreds of short-lived processes wait on a busy machine: looking
+        at all their mappings every cycle cost more than it saved)."""
+        if self._asked.get(pid) == n:
+            return False
+        self._asked[pid] = n
+        return self.tables.ready(self.state, pid)
 
     def fell_back(self, pid: int) -> None:
         n = self.waiting.get(pid, 0)
@@ -322,6 +332,7 @@ class TableLoader:
         for pid in pids:
             self.waiting.pop(pid, None)
             self.since.pop(pid, None)
+            self._asked.pop(pid, None)
             self.tables.forget(pid)
 
     def load(self) -> None:
@@ -344,8 +355,9 @@ class TableLoader:
                 del self.waiting[pid]
         pids = sorted((pid for pid, n in self.waiting.items()
                        if (n >= LOAD_AFTER_FALLBACKS and self.since.get(pid, now) <= old)
-                       or self.tables.ready(self.state, pid)),
+                       or self._ready(pid, n)),
                       key=lambda pid: -self.waiting[pid])
+        pids += [pid for pid in self.tables.changed(self.state) if pid not in self.waiting]
         if now >= self._next_refresh:
             self._next_refresh = now + self.REFRESH_INTERVAL
             pids += [pid for pid in self.tables.loaded_pids() if pid not in self.waiting]

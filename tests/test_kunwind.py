@@ -368,3 +368,19 @@ def test_refused_table_falls_back_to_the_user_space_walker(unwind_bin, tmp_path)
     got = chains(out)
     whole = sum(n for c, n in got.items() if c[-6:] == ("main", "a", "b", "c", "d", "leaf"))
     assert whole >= 0.95 * sum(got.values()), got.most_common(3)
+
+
+def test_partial_tables_leave_undecoded_code_to_user_space():
+    """A table built from the FDEs decoded so far: they are rows, what lies
+    around them falls back (the user-space walker decodes it, the next
+    rebuild has it)."""
+    a = row()
+    b = row(cfa=(CFA_REG_OFFSET, 6, 16, 0), rbp=(RULE_OFFSET, -16, 0))
+    t = K.compile_spans([(0x2000, 0x2010, b), (0x1000, 0x1004, a), (0x1004, 0x1010, a)])
+    got = [(r.pc, r.cfa_kind) for r in t.rows]
+    assert got == [(0, K.UW_CFA_FALLBACK), (0x1000, K.UW_CFA_RSP), (0x1010, K.UW_CFA_FALLBACK),
+                   (0x2000, K.UW_CFA_RBP), (0x2010, K.UW_CFA_FALLBACK)]
+    assert t.base == 0 and t.lookup(0x2008).rbp_kind == K.UW_RBP_OFFSET
+    assert K.compile_spans([]).rows == [K.CompactRow(0, *K.FALLBACK_ROW)]
+    with pytest.raises(K.TableRefused):
+        K.compile_spans([(1 << 32, (1 << 32) + 4, a)])

@@ -106,22 +106,26 @@ def perf(rate: int, duration: float, tmp: str):
     return rec + rep
 
 
-def bpf_cost(where: str, python_walk: bool, rate: int, seconds: float):
-    """ns per run of the on-CPU program, from a capture driven here."""
+def bpf_cost(where: str, python_walk: bool, rate: int, seconds: float, warmup: float = 3.0):
+    """ns per run of the on-CPU program, from a capture driven here, over
+    ``seconds`` after ``warmup`` (tables loaded: the steady state)."""
     from perfagent.session import Capture, CaptureOptions
     cap = Capture(CaptureOptions(all=True, unwind="dwarf", unwind_in=where, python_walk=python_walk,
                                  sample_rate=rate))
     cap.start()
     try:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            cap.poll(0.1)
         progs = [s.engine._prog for s in cap.sources if getattr(s.engine, "_prog", None) is not None
                  and s.engine._prog.name.startswith("oncpu")]
-        ns, runs = progs[0].run_stats() if progs else (0, 0)
+        marks = []
+        for until in (warmup, warmup + seconds):
+            end = cap.mono_start + until
+            while time.monotonic() < end:
+                cap.poll(0.1)
+            marks.append(progs[0].run_stats() if progs else (0, 0))
     finally:
         cap.stop()
         cap.close()
+    ns, runs = marks[1][0] - marks[0][0], marks[1][1] - marks[0][1]
     return ns / runs if runs else float("nan"), runs
 
 

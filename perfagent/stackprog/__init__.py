@@ -22,6 +22,9 @@ What a program does with a capture is one of two things:
   different stack, so the kernel maps stay as small as one cycle's distinct
   stacks on a run of any length.  (The kernel's BPF_MAP_TYPE_STACK_TRACE
   cannot do this: its ids are bucket indexes, reused after deletion.)
+* **kunwind** -- the user stack is walked in the kernel with the binaries'
+  CFI (:mod:`.kunwind`) and the result aggregated as above; a walk the
+  kernel leaves to user space is sent as a record (below).
 * **record** -- the whole capture goes to a BPF ring buffer as one record
   (:mod:`.layout`): with a stack copy, the user stack travels with the
   sample's registers, kernel stack and Python frames in the same record:

@@ -5,8 +5,8 @@ stack program walks it where it stands: frame by frame, with bpf_loop (Linux
 5.17+) calling :func:`emit_step_callback` once per frame.  Each step finds the
 frame's mapping in the process's sorted mapping list, the binary's compact
 row for the pc (perfagent.unwind.compact: both by binary search over array
-maps, bounded loops), computes the CFA, and reads the return address and
-rbp with bpf_probe_read_user -- exactly the user-space walker's step
+maps, each probe a call of a nested bpf_loop callback), computes the CFA,
+and reads the return address and rbp with bpf_probe_read_user -- exactly the user-space walker's step
 (perfagent.unwind.walker), which stays the reference and the fallback.  The
 result is a ``struct stack`` of program counters at USER_OFF, stored and
 counted like the frame-pointer stacks of ``--unwind fp``.
@@ -79,9 +79,12 @@ MAX_PROCS = 1024
 # the Python walk's slots, see perfagent.stackprog.python):
 OFF_UW = -448
 W_PC, W_SP, W_BP, W_LEAF_SP, W_RA = 0, 8, 16, 24, 32   # u64
-W_N, W_STATUS, W_FLAGS, W_FIRST, W_COUNT, W_LO, W_HI, W_TGID, W_STAT = (
-    40, 44, 48, 52, 56, 60, 64, 68, 72)                 # u32
-UW_WALK_SIZE = 80
+W_N, W_STATUS, W_FLAGS, W_FIRST, W_COUNT, W_LO, W_HI, W_TGID, W_STAT, W_WHICH = (
+    40, 44, 48, 52, 56, 60, 64, 68, 72, 76)             # u32
+W_TARGET = 80                                       # u64: what a binary search looks for
+UW_WALK_SIZE = 88
+# uw_walk.which: the array a binary search probes
+SEARCH_MAPPINGS, SEARCH_ROWS = 0, 1
 # uw_walk.flags
 F_LEAF = 1          # the frame at pc is the sampled one (its pc is exact)
 F_EXACT = 2         # the previous frame was a signal frame: pc is exact
@@ -201,32 +204,70 @@ def _search(p: Program, m, key_field_off: int, key_size: int, value_reg, steps: 
     """Binary search of m[lo, hi) (ctx W_LO, W_HI) for the last entry whose
     field at key_field_off is <= value_reg; ctx W_LO = its index + 1.
 
-    A bounded loop (r7 counts); lo and hi travel through the walk context,
-    so the verifier never needs their values precise and prunes the
-    branches of each step."""
+    Each probe is one call of the SEARCH_LABEL callback through a nested
+    bpf_loop (``steps`` probes at most: 2**(steps-1) entries): the verifier
+    checks the probe once instead of walking every iteration of an inline
+    loop (which cost it 145k instructions and half a second per load)."""
     ctx = R9
-    p.mov(R7, 0)
-    p.label(tag + "_loop")
-    p.jge(R7, steps, tag + "_done")
+    p.stx(DW, ctx, value_reg, W_TARGET)
+    p.st(W, ctx, W_WHICH, SEARCH_MAPPINGS if key_size == DW else SEARCH_ROWS)
+    p.mov(R1, steps)
+    p.ld_func(R2, SEARCH_LABEL)
+    p.mov(R3, ctx)
+    p.mov(R4, 0)
+    p.call("loop")
+    p.ldx(W, R1, ctx, W_WHICH)
+    p.jeq(R1, SEARCH_FAILED, fail)
+
+
+SEARCH_LABEL = "uw_search"
+SEARCH_FAILED = 0xFF
+
+
+def emit_search_callback(p: Program, maps: KUnwindMaps) -> None:
+    """``long uw_search(u32 index, struct uw_walk *w)``: one probe of the
+    binary search _search starts; returns 1 once lo == hi."""
+    ctx = R9
+    p.label(SEARCH_LABEL)
+    p.mov(ctx, R2)
     p.ldx(W, R1, ctx, W_LO)
     p.ldx(W, R2, ctx, W_HI)
-    p.jge(R1, R2, tag + "_done")
+    p.jge(R1, R2, "uws_done")
     p.add(R1, R2).rsh(R1, 1)
-    p.stx(W, FP, R1, CB_MID)                      # mid
-    _lookup(p, m, R1, fail)
-    p.ldx(key_size, R1, R0, key_field_off)
-    p.jgt(R1, value_reg, tag + "_hi")
-    p.ldx(W, R1, FP, CB_MID)
+    p.stx(W, FP, R1, -8)                               # mid
+    p.stx(W, FP, R1, -4)                               # the key
+    p.ldx(W, R3, ctx, W_WHICH)
+    p.jeq(R3, SEARCH_ROWS, "uws_rows")
+    p.ld_map_fd(R1, maps.mappings)
+    p.mov(R2, FP).add(R2, -4)
+    p.call("map_lookup_elem")
+    p.jeq(R0, 0, "uws_failed")
+    p.ldx(DW, R1, R0, 0)                               # mapping start
+    p.ja("uws_compare")
+    p.label("uws_rows")
+    p.ld_map_fd(R1, maps.rows)
+    p.mov(R2, FP).add(R2, -4)
+    p.call("map_lookup_elem")
+    p.jeq(R0, 0, "uws_failed")
+    p.ldx(W, R1, R0, 0)                                # row pc
+    p.label("uws_compare")
+    p.ldx(DW, R2, ctx, W_TARGET)
+    p.jgt(R1, R2, "uws_hi")
+    p.ldx(W, R1, FP, -8)
     p.add(R1, 1)
     p.stx(W, ctx, R1, W_LO)
-    p.ja(tag + "_next")
-    p.label(tag + "_hi")
-    p.ldx(W, R1, FP, CB_MID)
+    p.mov(R0, 0)
+    p.exit()
+    p.label("uws_hi")
+    p.ldx(W, R1, FP, -8)
     p.stx(W, ctx, R1, W_HI)
-    p.label(tag + "_next")
-    p.add(R7, 1)
-    p.ja(tag + "_loop")
-    p.label(tag + "_done")
+    p.mov(R0, 0)
+    p.exit()
+    p.label("uws_failed")
+    p.st(W, ctx, W_WHICH, SEARCH_FAILED)
+    p.label("uws_done")
+    p.mov(R0, 1)
+    p.exit()
 
 
 def _sext16(p: Program, reg) -> None:
@@ -472,3 +513,4 @@ def emit_step_callback(p: Program, maps: KUnwindMaps, scratch: ArrayMap) -> None
         p.st(W, ctx, W_STATUS, status)
         p.mov(R0, 1)
         p.exit()
+    emit_search_callback(p, maps)

@@ -9,6 +9,9 @@ On-CPU, per sample of a followed thread:
                {1, sample period}``;
   record    -- header, kernel stack, user registers and stack copy and the
                Python stack go to the ring as one RECORD_SAMPLE.
+  kunwind   -- as aggregate, with the user stack walked by the in-kernel
+               DWARF walk (perfagent.stackprog.kunwind); a walk it leaves
+               to user space is sent as record mode sends it.
   The program returns 0: perf writes nothing to its own ring buffer.
 
 Off-CPU, at each switch of a followed thread that blocked (see

@@ -55,9 +55,18 @@ FALLBACK_RING_FACTOR = 4
 REFUSED = -1
 
 
+_supported: List[Optional[str]] = []
+
+
 def kernel_walk_supported() -> Optional[str]:
     """None when this kernel can run the walk, else why not (bpf_loop is
-    5.17+; the verifier is the judge)."""
+    5.17+; the verifier is the judge).  Asked once per agent."""
+    if not _supported:
+        _supported.append(_probe_bpf_loop())
+    return _supported[0]
+
+
+def _probe_bpf_loop() -> Optional[str]:
     p = Program("uw_probe")
     p.mov(R1, 1)
     p.ld_func(R2, "cb")
@@ -76,13 +85,19 @@ class _OutOfTime(Exception):
     """This cycle's share of loading is spent: the rest waits for the next."""
 
 
+FIRST_REBUILD_WAIT = 0.1
+LAST_REBUILD_WAIT = 2.0
+
+
 class _Binary:
     """One binary's table in the kernel, and the mappings that use it."""
 
-    __slots__ = ("table", "base", "cfi", "decoded", "refs", "complete", "path")
+    __slots__ = ("table", "base", "cfi", "decoded", "refs", "complete", "path", "next_rebuild", "wait")
 
     def __init__(self, table: int, base: int, cfi, decoded: int, complete: bool, path: str) -> None:
         self.path = path
+        self.wait = FIRST_REBUILD_WAIT       # doubles after each rebuild, up to LAST_REBUILD_WAIT
+        self.next_rebuild = 0.0
         self.table = table          # index into unwind_tables
         self.base = base            # link-time address of row pc 0
         self.cfi = cfi              # the walker's BinaryCFI (its lazily decoded FDEs)
@@ -117,7 +132,7 @@ class KernelTables:
     thus never compiled whole; the fallbacks teach the kernel the hot code.
     """
 
-    REBUILD_INTERVAL = 0.5   # seconds between two rebuilds of one binary's table
+    REBUILD_INTERVAL = 0.1   # seconds between two looks at the binaries' decoded FDEs
 
     def __init__(self, cfi_cache, auto: bool, max_procs: int = KU.MAX_PROCS) -> None:
         self.maps = KU.make_maps(auto, max_procs=max_procs)
@@ -129,8 +144,9 @@ class KernelTables:
         self._binaries: Dict[tuple, _Binary] = {}
         self._refused: Dict[tuple, str] = {}
         self._free_slots = list(range(max_procs - 1, -1, -1))
-        # pid -> (slot, mapping signature, binary keys its mappings use)
-        self._procs: Dict[int, Tuple[int, tuple, list]] = {}
+        # pid -> (slot, mapping signature, binary keys its mappings use,
+        #         (id, size) of the AddressSpace it was loaded from)
+        self._procs: Dict[int, tuple] = {}
         self.refused: Dict[str, str] = {}                # path -> why (for the summary)
         self.load_seconds = 0.0
         self.rebuilds = 0
@@ -161,24 +177,34 @@ class KernelTables:
         (time.monotonic)."""
         t0 = time.monotonic()
         try:
+            # First what the last walks taught (cheap, and it stops the
+            # fallbacks of processes already loaded), then new processes.
+            # Each gets its share: rebuilds at most half the time, and at
+            # least one process is loaded per call, whatever the clock says.
+            self._grow(None if deadline is None else t0 + (deadline - t0) / 2)
+            first = True
             for pid in pids:
-                if deadline is not None and time.monotonic() >= deadline:
+                if not first and deadline is not None and time.monotonic() >= deadline:
                     return
                 proc = state.processes.get(pid)
                 if proc is None or not proc.maps_known:
                     proc = state.load_from_proc(pid)
                 if proc is None or proc.exited:
                     continue
+                known = self._procs.get(pid)
+                if known is None and not self._free_slots:
+                    continue                            # no room: it stays with user space
                 entries = [e for e in proc.space.entries() if e.is_exec]
                 signature = tuple((e.start, e.end, e.pgoff, e.inode) for e in entries)
-                known = self._procs.get(pid)
+                space = (id(proc.space), len(proc.space))
                 if known is not None and known[1] == signature:
+                    self._procs[pid] = known[:3] + (space,)
                     continue
                 try:
-                    self._load(pid, entries, signature, deadline)
+                    self._load(pid, entries, signature, None if first else deadline, space)
                 except _OutOfTime:
                     return
-            self._grow(deadline)
+                first = False
         finally:
             self.load_seconds += time.monotonic() - t0
 
@@ -203,6 +229,19 @@ class KernelTables:
                 return False
         return True
 
+    def changed(self, state) -> List[int]:
+        """Loaded processes whose address space object or size changed since
+        (an exec replaces it: the kernel must not walk the new image with
+        the old mappings for long); gone ones are forgotten."""
+        out = []
+        for pid, known in list(self._procs.items()):
+            proc = state.processes.get(pid)
+            if proc is None or proc.exited:
+                self.forget(pid)
+            elif known[3] != (id(proc.space), len(proc.space)):
+                out.append(pid)
+        return out
+
     def loaded(self, pid: int) -> bool:
         return pid in self._procs
 
@@ -217,14 +256,14 @@ class KernelTables:
             self._free_slots.append(known[0])
 
     def _drop_refs(self, known) -> None:
-        slot, _sig, keys = known
+        slot, keys = known[0], known[2]
         first = slot * KU.MAX_MAPPINGS
         for i, key in enumerate(keys):
             b = self._binaries.get(key) if key is not None else None
             if b is not None:
                 b.refs.pop(first + i, None)
 
-    def _load(self, pid: int, entries, signature: tuple, deadline: Optional[float]) -> None:
+    def _load(self, pid: int, entries, signature: tuple, deadline: Optional[float], space: tuple) -> None:
         entries = sorted(entries, key=lambda e: e.start)[:KU.MAX_MAPPINGS]
         # Compile first (each binary once, checking the time between
         # binaries), then publish: a process is never half loaded.
@@ -252,7 +291,7 @@ class KernelTables:
             self.maps.mappings.update(KU.UW_INDEX.pack(first + i),
                                       KU.UW_MAPPING.pack(e.start, e.end, bias & (2 ** 64 - 1), table, kind))
         self.maps.procs.update(KU.UW_PROC_KEY.pack(pid), KU.UW_PROC.pack(first, len(entries)))
-        self._procs[pid] = (slot, signature, keys)
+        self._procs[pid] = (slot, signature, keys, space)
 
     # -- mappings and binaries -----------------------------------------------------
     def _mapping(self, pid: int, e, deadline: Optional[float] = None) -> Tuple[int, Optional[tuple], int]:
@@ -331,6 +370,12 @@ class KernelTables:
             fdes = getattr(b.cfi.table, "_fdes", None)
             if fdes is None or len(fdes) == b.decoded:
                 continue
+            if now < b.next_rebuild:
+                continue
+            # Most of a binary's hot code is decoded in the first seconds:
+            # rebuilds (each rewrites the whole table) get rarer.
+            b.next_rebuild = now + b.wait
+            b.wait = min(2 * b.wait, LAST_REBUILD_WAIT)
             if deadline is not None and time.monotonic() >= deadline:
                 return
             try:
