@@ -76,14 +76,20 @@ class SymbolTable:
         work = work or budget.default()
         for source_rank, elf in enumerate(sources):
             candidates.extend(self._candidates(elf, source_rank, work))
-        entries = _pick_aliases(candidates, self._name)
+        # Every stage below is bulk work over all symbols (a debug file may
+        # hold millions): the budget is checked between stages and chunks,
+        # so a signal or the deadline stops the build within a chunk's time.
+        check = work.check if candidates else _no_check  # (an empty table is no work)
+        check()
+        entries = _pick_aliases(candidates, self._name, check)
+        check()
         self._count = len(entries)
         # Parallel arrays rather than objects: lookup is per sampled frame,
         # and bisect on a list of ints is the cheapest search Python offers.
         self.starts: List[int] = []
         self.ends: List[int] = []
         self.names: list = []
-        self._flatten(entries)
+        self._flatten(entries, check)
         if not any(isinstance(name, int) for name in self.names):
             self._strings = []
 
@@ -154,21 +160,24 @@ class SymbolTable:
             table_id = len(self._strings)
             self._strings.append(strings)
             n_strings = len(strings)
-            # Hot loop, in comprehensions: (st_name, st_info, st_other,
-            # st_shndx, st_value, st_size).  A named, defined function, or
-            # a code label (STT_NOTYPE in an executable section).
-            kept = [(r, 0 if r[1] & 0xF in _FUNCTION_TYPES else 1) for r in rows
-                    if r[3] != SHN_UNDEF and 0 < r[0] < n_strings and strings[r[0]]
-                    and (r[1] & 0xF in _FUNCTION_TYPES or (r[1] & 0xF == STT_NOTYPE and r[3] in exec_sections))]
             rank = source_rank * 2 + table_rank
             key = table_id << 32
             mask = ~1 if thumb else ~0  # the Thumb bit is not an address bit
-            out.extend((r[4] & mask, kind, _BIND_RANK.get(r[1] >> 4, _LOCAL_RANK), rank, r[5],
-                        section_ends[r[3]] if r[3] < n_sections else None, key | r[0])
-                       for r, kind in kept)
+            for lo in range(0, len(rows), _CHUNK):
+                work.check()
+                # Hot loop, in comprehensions: (st_name, st_info, st_other,
+                # st_shndx, st_value, st_size).  A named, defined function,
+                # or a code label (STT_NOTYPE in an executable section).
+                kept = [(r, 0 if r[1] & 0xF in _FUNCTION_TYPES else 1) for r in rows[lo:lo + _CHUNK]
+                        if r[3] != SHN_UNDEF and 0 < r[0] < n_strings and strings[r[0]]
+                        and (r[1] & 0xF in _FUNCTION_TYPES
+                             or (r[1] & 0xF == STT_NOTYPE and r[3] in exec_sections))]
+                out.extend((r[4] & mask, kind, _BIND_RANK.get(r[1] >> 4, _LOCAL_RANK), rank, r[5],
+                            section_ends[r[3]] if r[3] < n_sections else None, key | r[0])
+                           for r, kind in kept)
         return out
 
-    def _flatten(self, entries: List[Tuple[int, int, str, int, Optional[int]]]) -> None:
+    def _flatten(self, entries: List[Tuple[int, int, str, int, Optional[int]]], check) -> None:
         """Turn possibly nested ranges into disjoint pieces.
 
         A function may contain another symbol (an inner entry point, a
@@ -176,7 +185,7 @@ class SymbolTable:
         outer function again, so a "resume" piece is emitted for it; that
         keeps lookup a single bisect.
         """
-        if self._flatten_disjoint(entries):
+        if self._flatten_disjoint(entries, check):
             return
         starts, ends, names = self.starts, self.ends, self.names
         open_ranges: List[Tuple[int, str]] = []  # (end, name), innermost last
@@ -196,6 +205,8 @@ class SymbolTable:
                     open_ranges.pop()
 
         for index, (start, size, name, kind, section_end) in enumerate(entries):
+            if not index & _CHECK_MASK:
+                check()
             resume_until(start)
             while open_ranges and open_ranges[-1][0] <= start:
                 open_ranges.pop()
@@ -210,7 +221,7 @@ class SymbolTable:
             open_ranges.append((end, name))
         resume_until(float("inf"))
 
-    def _flatten_disjoint(self, entries: list) -> bool:
+    def _flatten_disjoint(self, entries: list, check) -> bool:
         """The common case in bulk: no range reaches past the next start
         (nothing nested), so every range is its own piece.  False (nothing
         done) when some range does: :meth:`_flatten` then does it in order."""
@@ -224,9 +235,11 @@ class SymbolTable:
         nexts.append(None)
         ends = [(start + size if size else (nxt if nxt is not None else (sec_end or start)))
                 for (start, size, _name, _kind, sec_end), nxt in zip(entries, nexts)]
+        check()
         ends = [min(end, e[4]) if e[4] is not None and e[4] > e[0] else end for end, e in zip(ends, entries)]
         if any(map(operator.gt, ends, nexts[:-1])):
             return False
+        check()
         keep = [i for i in range(n) if ends[i] > entries[i][0]]
         self.starts = [entries[i][0] for i in keep]
         self.ends = [ends[i] for i in keep]
@@ -247,7 +260,8 @@ class SymbolTable:
         return end
 
 
-def _pick_aliases(candidates: List[tuple], name_of) -> List[Tuple[int, int, object, int, Optional[int]]]:
+def _pick_aliases(candidates: List[tuple], name_of,
+                  check=lambda: None) -> List[Tuple[int, int, object, int, Optional[int]]]:
     """One entry per address, sorted: (start, size, name, kind, section_end).
 
     The preferred alias names the address, in a deterministic order:
@@ -260,12 +274,18 @@ def _pick_aliases(candidates: List[tuple], name_of) -> List[Tuple[int, int, obje
     dropped: they would split it.
     """
     candidates.sort(key=_start_of)
+    check()
     # Addresses with one symbol (most of them) go through in bulk; only
     # those with aliases are ranked one by one.
     counts = Counter(c[0] for c in candidates)
+    check()
     entries = []
     i, n = 0, len(candidates)
+    steps = 0
     while i < n:
+        steps += 1
+        if not steps & _CHECK_MASK:
+            check()
         c = candidates[i]
         aliases = counts[c[0]]
         if aliases == 1:
@@ -276,11 +296,22 @@ def _pick_aliases(candidates: List[tuple], name_of) -> List[Tuple[int, int, obje
         i += aliases
     if not any(e[3] for e in entries):
         return entries
+    check()
     # Labels inside a sized function (its end, as a running maximum over
     # the functions before) are dropped.
     function_ends = list(itertools.accumulate(
         ((e[0] + e[1]) if not e[3] and e[1] else -1 for e in entries), max))
     return [e for e, end in zip(entries, [-1] + function_ends[:-1]) if not (e[3] and e[0] < end)]
+
+
+#: Symbols per bulk step between two budget checks (a signal stops a build
+#: within one step: a few tens of milliseconds).
+_CHUNK = 1 << 16
+_CHECK_MASK = _CHUNK - 1
+
+
+def _no_check() -> None:
+    pass
 
 
 def _start_of(candidate: tuple) -> int:

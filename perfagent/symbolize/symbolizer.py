@@ -14,6 +14,7 @@ from typing import Dict, Optional, Tuple
 
 from perfagent.elf import ELFFile
 from perfagent.errors import ELFError
+from perfagent.budget import BudgetExceeded
 from perfagent.symbolize.kallsyms import KernelSymbols
 from perfagent.symbolize.native import BinaryCache, BinaryInfo, SymbolTable
 from perfagent.symbolize.perfmap import PerfMap
@@ -123,6 +124,6 @@ def _load_own_vdso() -> Optional[Tuple[int, SymbolTable, ELFFile]]:
                 data = memory.read_exact(os.getpid(), entry.start, entry.end - entry.start)
                 elf = ELFFile.from_bytes(data)
                 return entry.start, SymbolTable([elf]), elf
-    except (OSError, ValueError, ELFError):
+    except (OSError, ValueError, ELFError, BudgetExceeded):  # (Cancelled: stopping; no names then)
         return None
     return None
