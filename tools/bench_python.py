@@ -204,8 +204,11 @@ def main() -> None:
             f.write("1")
         try:
             for label, extra, prefix in (
-                    ("dwarf, Python walk   ", ["--unwind", "dwarf"], "oncpu_rec"),
-                    ("dwarf, no walk       ", ["--unwind", "dwarf", "--no-python-walk"], "oncpu_rec"),
+                    # (--unwind-in user: without the Python walk a CPython
+                    # target would be walked in the kernel, another program)
+                    ("dwarf, Python walk   ", ["--unwind", "dwarf", "--unwind-in", "user"], "oncpu_rec"),
+                    ("dwarf, no walk       ", ["--unwind", "dwarf", "--unwind-in", "user", "--no-python-walk"],
+                     "oncpu_rec"),
                     ("fp (counted), walk   ", ["--unwind", "fp"], "oncpu_agg"),
                     ("fp (counted), no walk", ["--unwind", "fp", "--no-python-walk"], "oncpu_agg")):
                 per_run, per_sample = bpf_cost(args.python, busy, min(d, 5.0), extra, prefix, tmp)
