@@ -37,6 +37,32 @@ def chain_bin(programs_dir) -> str:
     return compile_c(os.path.join(PROGRAMS, "chain.c"), os.path.join(programs_dir, "chain"))
 
 
+#: C flags of the FP-less test programs (the DWARF walkers' cases).
+NOFP = ["-O2", "-g", "-fomit-frame-pointer"]
+
+
+@pytest.fixture(scope="session")
+def unwind_bin(programs_dir) -> str:
+    """tests/programs/unwind.c without frame pointers, calling through the
+    PLT into libunwhop.so (alloca, PLT, qsort callback chains)."""
+    lib = os.path.join(programs_dir, "libunwhop.so")
+    subprocess.run(["gcc", *NOFP, "-shared", "-fPIC", "-o", lib, os.path.join(PROGRAMS, "unwhop.c")], check=True)
+    out = os.path.join(programs_dir, "unwind")
+    subprocess.run(["gcc", *NOFP, "-o", out, os.path.join(PROGRAMS, "unwind.c"), "-L", programs_dir,
+                    "-lunwhop", "-Wl,-rpath," + programs_dir], check=True)
+    return out
+
+
+def user_part(names) -> list:
+    """Root-first frames up to the first kernel frame (interrupt entry)."""
+    out = []
+    for n in names:
+        if n.startswith("asm_") or n.startswith("entry_SYSCALL"):
+            break
+        out.append(n)
+    return out
+
+
 def agent_env() -> Dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")

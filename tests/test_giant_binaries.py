@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from conftest import run_agent, sample_stacks
+from conftest import run_agent, sample_stacks, user_part
 from giant import LIBLLVM, build_llvmcall, have_libllvm
 from perfagent.capture import mapped_file
 from perfagent.pprof.decode import read_profile
@@ -93,13 +93,6 @@ def test_a_gap_never_builds_the_whole_table(running):
     assert table.nbytes() - held < 64 << 10
 
 
-def user_part(names):
-    out = []
-    for n in names:
-        if n.startswith("asm_") or n.startswith("entry_SYSCALL"):
-            break
-        out.append(n)
-    return out
 
 
 @pytest.mark.parametrize("unwind", ["dwarf", "auto"])

@@ -13,23 +13,10 @@ import subprocess
 
 import pytest
 
-from conftest import PROGRAMS, contains_chain, run_agent, sample_stacks
+from conftest import NOFP, PROGRAMS, contains_chain, run_agent, sample_stacks, user_part
 from perfagent.pprof.decode import read_profile
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="integration tests need root")
-
-NOFP = ["-O2", "-g", "-fomit-frame-pointer"]
-
-
-@pytest.fixture(scope="module")
-def unwind_bin(programs_dir):
-    lib = os.path.join(programs_dir, "libunwhop.so")
-    subprocess.run(["gcc", *NOFP, "-shared", "-fPIC", "-o", lib, os.path.join(PROGRAMS, "unwhop.c")], check=True)
-    out = os.path.join(programs_dir, "unwind")
-    subprocess.run(["gcc", *NOFP, "-o", out, os.path.join(PROGRAMS, "unwind.c"), "-L", programs_dir,
-                    "-lunwhop", "-Wl,-rpath," + programs_dir], check=True)
-    return out
-
 
 def profile(argv, unwind, tmp_path, duration="2s"):
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
@@ -49,16 +36,6 @@ def share(stacks, predicate) -> float:
     total = sum(v[0] for _, _, v in stacks)
     assert total >= 50, total
     return sum(v[0] for names, _, v in stacks if predicate(names)) / total
-
-
-def user_part(names):
-    """Root-first frames up to the first kernel frame (interrupt entry)."""
-    out = []
-    for n in names:
-        if n.startswith("asm_") or n.startswith("entry_SYSCALL"):
-            break
-        out.append(n)
-    return out
 
 
 CHAIN = ["__libc_start_main", "__libc_start_call_main", "main", "a", "b", "c", "d", "leaf"]

@@ -36,7 +36,7 @@ from perfagent.perf import attr as A
 from perfagent.perf.sampler import online_cpus, raise_fd_limit
 from perfagent.stackprog import layout as L
 from perfagent.stackprog import store as S
-from perfagent.stackprog.program import AGGREGATE, COUNT_KEY, SUMS, Maps, build_oncpu
+from perfagent.stackprog.program import AGGREGATE, COUNT_KEY, RECORD, SUMS, Maps, build_oncpu
 
 # struct bpf_perf_event_data {           (uapi linux/bpf_perf_event.h)
 #     bpf_user_pt_regs_t regs;    0      (struct pt_regs on x86-64: 168 bytes)
@@ -138,27 +138,50 @@ class InKernelSampler(FollowsTgids):
         return A.pack_attr(A.PERF_TYPE_SOFTWARE, A.PERF_COUNT_SW_CPU_CLOCK,
                            self.sample_rate, 0, flags)
 
+    #: The stack program's mode (perfagent.stackprog.program).
+    MODE = AGGREGATE
+
     def start(self) -> None:
+        """Maps, the program in this sampler's MODE, then the events; on any
+        failure everything made so far is closed.  Subclasses differ only in
+        :meth:`_copy_spec` and :meth:`_make_maps`."""
         if self._running:
             return
         try:
             raise_fd_limit()
+            copy = self._copy_spec()
             self._tgids = make_tgid_map(self._initial_tgids, self.max_tgids)
-            self._counts = HashMap(COUNT_KEY.size, SUMS.size, self.max_entries, name="oncpu_counts")
-            self._native = S.native_store(self.stack_entries, "oncpu_stacks")
-            self._scratch = ArrayMap(L.scratch_size(0, 0), possible_cpus(), name="oncpu_scratch")
-            self._stats = Stats()
-            if self.python is not None:
-                self._pystore = S.python_store(self.stack_entries, "oncpu_pystacks")
-            maps = Maps(self._scratch, self._stats, self._tgids, self._counts, self._native,
-                        self._pystore, None, self._follow())
-            prog = build_oncpu(AGGREGATE, maps, sample_period_offset(), python_walk=self._walk())
+            maps = self._make_maps(copy)
+            prog = build_oncpu(self.MODE, maps, sample_period_offset(), copy, python_walk=self._walk())
             self._prog = prog.load(sc.BPF_PROG_TYPE_PERF_EVENT)
             self._open_events()
         except BaseException:
             self._close()
             raise
         self._running = True
+
+    def _copy_spec(self):
+        """What each sample copies of the user stack (None: nothing)."""
+        return None
+
+    def _make_maps(self, copy) -> Maps:
+        self._make_count_maps()
+        self._make_capture_maps(copy)
+        return Maps(self._scratch, self._stats, self._tgids, self._counts, self._native,
+                    self._pystore, None, self._follow())
+
+    def _make_count_maps(self) -> None:
+        """The count map and the stack stores (aggregated modes)."""
+        self._counts = HashMap(COUNT_KEY.size, SUMS.size, self.max_entries, name="oncpu_counts")
+        self._native = S.native_store(self.stack_entries, "oncpu_stacks")
+        if self.python is not None:
+            self._pystore = S.python_store(self.stack_entries, "oncpu_pystacks")
+
+    def _make_capture_maps(self, copy) -> None:
+        """The per-CPU capture slot (with room for ``copy``) and the stats."""
+        copy_stack, pages = (self.copy_stack, copy.pages) if copy is not None else (0, 0)
+        self._scratch = ArrayMap(L.scratch_size(copy_stack, pages), possible_cpus(), name="oncpu_scratch")
+        self._stats = Stats()
 
     def _walk(self):
         if self.python is None:
@@ -312,29 +335,22 @@ class RecordSampler(InKernelSampler):
         self.ring_bytes = ring_bytes or ring_bytes_for(copy_stack, sample_rate, len(self.cpus))
         self._ring = None
 
-    def start(self) -> None:
-        if self._running:
-            return
-        from perfagent.bpf.maps import RingBuf
+    MODE = RECORD
+
+    def _copy_spec(self):
         from perfagent.offcpu.collector import copy_spec
-        from perfagent.stackprog.program import RECORD
-        try:
-            raise_fd_limit()
-            copy = copy_spec(self.copy_stack)
-            self._tgids = make_tgid_map(self._initial_tgids, self.max_tgids)
-            self._scratch = ArrayMap(L.scratch_size(self.copy_stack, copy.pages), possible_cpus(),
-                                     name="oncpu_scratch")
-            self._stats = Stats()
-            self._ring = RingBuf(self.ring_bytes, name="oncpu_samples")
-            maps = Maps(self._scratch, self._stats, self._tgids, None, None, None, self._ring,
-                        self._follow())
-            prog = build_oncpu(RECORD, maps, sample_period_offset(), copy, python_walk=self._walk())
-            self._prog = prog.load(sc.BPF_PROG_TYPE_PERF_EVENT)
-            self._open_events()
-        except BaseException:
-            self._close()
-            raise
-        self._running = True
+        return copy_spec(self.copy_stack)
+
+    def _make_maps(self, copy) -> Maps:
+        # Everything travels in the ring's records: no counts, no stores.
+        self._make_capture_maps(copy)
+        self._make_ring()
+        return Maps(self._scratch, self._stats, self._tgids, None, None, None, self._ring,
+                    self._follow())
+
+    def _make_ring(self) -> None:
+        from perfagent.bpf.maps import RingBuf
+        self._ring = RingBuf(self.ring_bytes, name="oncpu_samples")
 
     @property
     def dropped(self) -> int:

@@ -24,15 +24,11 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 from perfagent.bpf import syscall as sc
 from perfagent.bpf.asm import R0, R1, R2, R3, R4, Program
-from perfagent.bpf.maps import ArrayMap, HashMap, possible_cpus
-from perfagent.offcpu.common import Stats, close_all, make_tgid_map
-from perfagent.offcpu.inkernel import RecordSampler, sample_period_offset
-from perfagent.perf.sampler import raise_fd_limit
+from perfagent.offcpu.common import close_all
+from perfagent.offcpu.inkernel import RecordSampler
 from perfagent.stackprog import kunwind as KU
-from perfagent.stackprog import layout as L
-from perfagent.stackprog import store as S
 from perfagent.stackprog.accounting import STAT_KUNWIND
-from perfagent.stackprog.program import COUNT_KEY, KUNWIND, SUMS, Maps, build_oncpu
+from perfagent.stackprog.program import KUNWIND, Maps
 from perfagent.unwind import compact as K
 
 # Work one drain cycle may spend loading processes (the rest waits for the
@@ -440,32 +436,16 @@ class KUnwindSampler(RecordSampler):
         super().__init__(sample_rate, tgids, copy_stack, ring_bytes=ring, python=python)
         self.kmaps = kmaps          # not ours: KernelTables owns them
 
-    def start(self) -> None:
-        if self._running:
-            return
-        from perfagent.bpf.maps import RingBuf
-        from perfagent.offcpu.collector import copy_spec
-        try:
-            raise_fd_limit()
-            copy = copy_spec(self.copy_stack)
-            self._tgids = make_tgid_map(self._initial_tgids, self.max_tgids)
-            self._counts = HashMap(COUNT_KEY.size, SUMS.size, self.max_entries, name="oncpu_counts")
-            self._native = S.native_store(self.stack_entries, "oncpu_stacks")
-            if self.python is not None:
-                self._pystore = S.python_store(self.stack_entries, "oncpu_pystacks")
-            self._scratch = ArrayMap(L.scratch_size(self.copy_stack, copy.pages), possible_cpus(),
-                                     name="oncpu_scratch")
-            self._stats = Stats()
-            self._ring = RingBuf(self.ring_bytes, name="oncpu_samples")
-            maps = Maps(self._scratch, self._stats, self._tgids, self._counts, self._native,
-                        self._pystore, self._ring, self._follow(), self.kmaps)
-            prog = build_oncpu(KUNWIND, maps, sample_period_offset(), copy, python_walk=self._walk())
-            self._prog = prog.load(sc.BPF_PROG_TYPE_PERF_EVENT)
-            self._open_events()
-        except BaseException:
-            self._close()
-            raise
-        self._running = True
+    MODE = KUNWIND
+
+    def _make_maps(self, copy) -> Maps:
+        # Counts and stores for the stacks walked here, the ring for the
+        # walks left to user space, and the tables (not ours).
+        self._make_count_maps()
+        self._make_capture_maps(copy)
+        self._make_ring()
+        return Maps(self._scratch, self._stats, self._tgids, self._counts, self._native,
+                    self._pystore, self._ring, self._follow(), self.kmaps)
 
     def outcomes(self) -> List[int]:
         """Walks per UW_STATUS_* so far."""
