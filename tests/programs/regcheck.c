@@ -10,9 +10,10 @@
  *   absolute  a raw clock_nanosleep(TIMER_ABSTIME, now + 20 ms)  (ERESTARTNOHAND)
  *   spin      a register-only loop of ~50 ms, no system call
  *
- * and compare them all afterwards.  A sleep must also not end early.
- * Prints "ready PID" once, then "ok N" every 10 rounds; on any difference it
- * prints "bad ..." on stderr and exits 3 (4: a sleep ended early).
+ * and compare them all afterwards.  A sleep must also return 0 and not end
+ * early.  Prints "ready PID" once, then "ok N" every 10 rounds and "short N
+ * SECONDS" for a sleep that ended early; on any difference it prints "bad
+ * ..." on stderr and exits 3 (4: a sleep failed).
  * Built with -mno-red-zone: the asm pushes below the compiler's stack.
  */
 #define _GNU_SOURCE
@@ -168,9 +169,17 @@ int main(int argc, char **argv)
             fprintf(stderr, "bad mxcsr %#x != %#x\n", mxout, mxin);
             return 3;
         }
-        if (!spin && (sys_ret != 0 || took < 0.0199)) {
+        if (!spin && sys_ret != 0) {
             fprintf(stderr, "bad sleep: returned %lld after %.4f s\n", (long long)sys_ret, took);
             return 4;
+        }
+        if (!spin && took < 0.0199) {
+            /* Not fatal: on this VM a sleeper is now and then woken early
+             * with no tracer and no signal anywhere near it (seen with
+             * ftrace: no ptrace call or signal for the process).  The
+             * tests bound how many such rounds they accept. */
+            n = snprintf(line, sizeof line, "short %llu %.4f\n", (unsigned long long)round, took);
+            write(1, line, n);
         }
         if (round % 10 == 0) {
             n = snprintf(line, sizeof line, "ok %llu\n", (unsigned long long)round);
