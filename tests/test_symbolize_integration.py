@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
 
-from conftest import PROGRAMS, compile_c, run_agent, sample_stacks
+from conftest import PROGRAMS, agent_env, compile_c, run_agent, sample_stacks
 from perfagent.capture import CaptureState
 from perfagent.oncpu import build_profile
 from perfagent.pprof.decode import decode_profile
@@ -105,16 +108,44 @@ def test_bad_elf_frames_keep_addresses_in_their_mapping(tmp_path):
     assert table.unsymbolized == 2
 
 
+def _sampling(pid: int) -> bool:
+    """Has the agent process opened its perf events yet?"""
+    try:
+        fds = os.listdir("/proc/%d/fd" % pid)
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if "perf_event" in os.readlink("/proc/%d/fd/%s" % (pid, fd)):
+                return True
+        except OSError:
+            pass
+    return False
+
+
 def test_reused_jit_address_keeps_both_names(special_bin, tmp_path):
     """The perf map is re-read during the capture; each sample gets the name current when it was taken."""
-    proc = subprocess.Popen([special_bin, "jitreuse", "3"], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([special_bin, "jitreuse", "30"], stdout=subprocess.PIPE, text=True)
+    agent = None
     try:
         assert proc.stdout.readline().startswith("ready")
         out = tmp_path / "reuse.pb.gz"
-        r = run_agent(["--profile", "--pid", str(proc.pid), "--duration", "5s",
-                       "--profile-output", str(out)], cwd=str(tmp_path))
-        assert r.returncode == 0, r.stderr
+        agent = subprocess.Popen([sys.executable, "-m", "perfagent", "--profile", "--pid", str(proc.pid),
+                                  "--duration", "4s", "--profile-output", str(out)], cwd=str(tmp_path),
+                                 env=agent_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # The renaming happens 2 s into the sampling, however long the
+        # agent took to start on a loaded machine.
+        deadline = time.monotonic() + 60
+        while not _sampling(agent.pid) and agent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(2.0)
+        proc.send_signal(signal.SIGUSR1)
+        _, err = agent.communicate(timeout=120)
+        assert agent.returncode == 0, err
     finally:
+        if agent is not None and agent.poll() is None:
+            agent.kill()
+            agent.wait()
         proc.kill()
         proc.wait()
         remove_perf_map(proc.pid)

@@ -1,8 +1,8 @@
 /* Targets for frames that are neither plain ELF nor kernel.
  *
- * usage: special jitreuse SECONDS - as jit, but halfway through the same
- *                                address is named again (jit_second), as a
- *                                JIT reusing freed code memory would
+ * usage: special jitreuse SECONDS - as jit, but on SIGUSR1 the same address
+ *                                is named again (jit_second), as a JIT
+ *                                reusing freed code memory would
  *        special jit SECONDS   - runs generated code in an anonymous
  *                                executable mapping and names it in
  *                                /tmp/perf-PID.map, as a JIT would
@@ -12,9 +12,18 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
+
+static volatile sig_atomic_t renamed;
+
+static void on_usr1(int sig)
+{
+    (void)sig;
+    renamed = 1;
+}
 
 static double now(void)
 {
@@ -30,7 +39,8 @@ int main(int argc, char **argv)
 
     if (strcmp(mode, "jit") == 0 || strcmp(mode, "jitreuse") == 0) {
         int reuse = strcmp(mode, "jitreuse") == 0;
-        double half = (stop_at + now()) / 2;
+        if (reuse)
+            signal(SIGUSR1, on_usr1);
         /* mov $2000000,%ecx; 1: dec %ecx; jnz 1b; ret */
         static const unsigned char code[] = {0xb9, 0x80, 0x84, 0x1e, 0x00, 0xff, 0xc9, 0x75, 0xfc, 0xc3};
         unsigned char *mem = mmap(NULL, 4096, PROT_READ | PROT_WRITE | PROT_EXEC,
@@ -48,7 +58,7 @@ int main(int argc, char **argv)
         fflush(stdout);
         while (now() < stop_at) {
             ((void (*)(void))mem)();
-            if (reuse && now() >= half) {
+            if (reuse && renamed) {
                 reuse = 0;
                 map = fopen(path, "a");
                 fprintf(map, "%lx %zx jit_second\n", (unsigned long)mem, sizeof code);
