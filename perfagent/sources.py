@@ -344,15 +344,6 @@ class TableLoader:
         # A process sampled a few times, or short-lived, stays with the
         # user-space walker, unless its binaries are compiled already.
         old = now - LOAD_MIN_AGE
-        python = self.state.python
-        if python is not None:
-            # CPython processes stay with the user-space walker: merging
-            # their Python frames exactly needs each native frame's stack
-            # pointer, which the kernel walk does not record.
-            for pid in [pid for pid in self.tables.loaded_pids() if python.walked(pid)]:
-                self.tables.forget(pid)
-            for pid in [pid for pid in self.waiting if python.walked(pid)]:
-                del self.waiting[pid]
         pids = sorted((pid for pid, n in self.waiting.items()
                        if (n >= LOAD_AFTER_FALLBACKS and self.since.get(pid, now) <= old)
                        or self._ready(pid, n)),

@@ -213,16 +213,18 @@ def build_oncpu(mode: str, maps: Maps, period_off: int, copy: Optional[C.CopySpe
 
 
 def emit_walked_capture(p: Program, maps: Maps, copy: C.CopySpec, python_walk, tag: str) -> None:
-    """The capture of KUNWIND mode: kernel stack, user registers, the user
-    stack walked in the kernel into buf->user, the Python stack.  The
+    """The capture of KUNWIND mode: kernel stack, user registers, the
+    Python stack, the user stack walked in the kernel into buf->user (its
+    links placed: perfagent.stackprog.kunwind).  The
     walk's outcome is at fp+OFF_UW+W_STATUS."""
     C.emit_get_stack(p, KERNEL_OFF, 0)
     C.emit_user_regs_and_copy(p, copy, False, tag + "_regs")
-    KU.emit_kernel_walk(p, maps.kunwind, KEY_TGID, maps.stats.map, tag + "_walk")
+    # The Python stack first: the native walk places its links (kunwind).
     if python_walk is not None:
         python_walk(p, tag + "_py")
     else:
         C.emit_empty_python(p)
+    KU.emit_kernel_walk(p, maps.kunwind, KEY_TGID, maps.stats.map, tag + "_walk")
 
 
 # include/linux/sched.h: the task states the off-CPU program tests.
