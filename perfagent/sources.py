@@ -384,9 +384,14 @@ def kernel_walk_summary(counts: List[int], t, prefix: str) -> str:
 
 def python_only(state: CaptureState, tgids: Optional[Set[int]]) -> bool:
     """Are the followed processes all CPython ones (``--pid`` of a Python
-    program)?  Their stacks are walked in user space anyway (see
-    TableLoader.load), so ``--unwind-in auto`` then skips the kernel walk
-    and the second it takes the verifier to accept its program."""
+    program)?  ``--unwind-in auto`` then keeps the user-space walker: the
+    kernel walk serves them exactly (their Python frames are placed in the
+    kernel, perfagent.stackprog.kunwind), but its program costs the
+    verifier 0.3-0.6 CPU s at start-up, more than it saves on one busy
+    interpreter in a capture of tens of seconds (measured, README
+    "Unwinding in the kernel": 10 s of a busy CPython at 99 and 999 Hz
+    cost the agent 1.0-1.2 CPU s walked in the agent, 1.2-1.6 s in the
+    kernel).  ``--unwind-in kernel`` walks them in the kernel."""
     tracker = state.python
     return bool(tgids) and tracker is not None and all(tracker.walked(pid) for pid in tgids)
 
