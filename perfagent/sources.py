@@ -283,7 +283,7 @@ class OnCpuKernelWalk(OnCpuSource):
         for s in samples:
             regs = s.regs
             if regs:
-                self.loader.fell_back(s.tgid)
+                self.loader.fell_back(s.tgid, s.time / 1e9 if s.time else None)
             ip = regs[3] if regs else (s.kernel_ips[0] if s.kernel_ips else 0)
             on_sample((s.tgid, s.tid, s.time, s.cpu, s.period, ip, s.kernel_ips, (),
                        regs, s.stack if regs else None, s.python))
@@ -311,6 +311,7 @@ class TableLoader:
         self.since: Dict[int, float] = {}   # pid -> when its first stack fell back
         self._asked: Dict[int, int] = {}    # pid -> its waiting count when last found not ready
         self._next_refresh = 0.0
+        self._last_load = time.monotonic()
         self._released = False
 
     def _ready(self, pid: int, n: int) -> bool:
@@ -322,10 +323,13 @@ class TableLoader:
         self._asked[pid] = n
         return self.tables.ready(self.state, pid)
 
-    def fell_back(self, pid: int) -> None:
+    def fell_back(self, pid: int, when: Optional[float] = None) -> None:
+        """A stack of ``pid`` fell back; ``when``: the sample's time
+        (CLOCK_MONOTONIC seconds, as bpf_ktime_get_ns), so that a drain
+        cycle that ran long does not age the process by another cycle."""
         n = self.waiting.get(pid, 0)
         if not n and pid not in self.since:
-            self.since[pid] = time.monotonic()
+            self.since[pid] = time.monotonic() if when is None else min(when, time.monotonic())
         self.waiting[pid] = n + 1
 
     def gone(self, pids: List[int]) -> None:
@@ -339,8 +343,12 @@ class TableLoader:
         """The busiest processes first (on a whole machine, hundreds wait at
         the start; the ones sampled most are worth loading first), until
         this cycle's share of time is spent."""
-        from perfagent.unwind.kernel import LOAD_AFTER_FALLBACKS, LOAD_MIN_AGE, LOAD_SECONDS_PER_CYCLE
+        from perfagent.unwind.kernel import (
+            LOAD_AFTER_FALLBACKS, LOAD_MAX_SECONDS, LOAD_MIN_AGE, LOAD_SECONDS_PER_CYCLE, LOAD_SHARE,
+        )
         now = time.monotonic()
+        last, self._last_load = self._last_load, now
+        budget = min(LOAD_MAX_SECONDS, max(LOAD_SECONDS_PER_CYCLE, LOAD_SHARE * (now - last)))
         # A process sampled a few times, or short-lived, stays with the
         # user-space walker, unless its binaries are compiled already.
         old = now - LOAD_MIN_AGE
@@ -352,7 +360,7 @@ class TableLoader:
         if now >= self._next_refresh:
             self._next_refresh = now + self.REFRESH_INTERVAL
             pids += [pid for pid in self.tables.loaded_pids() if pid not in self.waiting]
-        self.tables.refresh(self.state, pids, now + LOAD_SECONDS_PER_CYCLE)
+        self.tables.refresh(self.state, pids, now + budget)
         for pid in list(self.waiting):
             if self.tables.loaded(pid):
                 del self.waiting[pid]
