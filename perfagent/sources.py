@@ -283,7 +283,7 @@ class OnCpuKernelWalk(OnCpuSource):
         for s in samples:
             regs = s.regs
             if regs:
-                self.loader.fell_back(s.tgid)
+                self.loader.fell_back(s.tgid, s.time / 1e9 if s.time else None)
             ip = regs[3] if regs else (s.kernel_ips[0] if s.kernel_ips else 0)
             on_sample((s.tgid, s.tid, s.time, s.cpu, s.period, ip, s.kernel_ips, (),
                        regs, s.stack if regs else None, s.python))
@@ -311,6 +311,7 @@ class TableLoader:
         self.since: Dict[int, float] = {}   # pid -> when its first stack fell back
         self._asked: Dict[int, int] = {}    # pid -> its waiting count when last found not ready
         self._next_refresh = 0.0
+        self._last_load = time.monotonic()
         self._released = False
 
     def _ready(self, pid: int, n: int) -> bool:
@@ -322,10 +323,13 @@ class TableLoader:
         self._asked[pid] = n
         return self.tables.ready(self.state, pid)
 
-    def fell_back(self, pid: int) -> None:
+    def fell_back(self, pid: int, when: Optional[float] = None) -> None:
+        """A stack of ``pid`` fell back; ``when``: the sample's time
+        (CLOCK_MONOTONIC seconds, as bpf_ktime_get_ns), so that a drain
+        cycle that ran long does not age the process by another cycle."""
         n = self.waiting.get(pid, 0)
         if not n and pid not in self.since:
-            self.since[pid] = time.monotonic()
+            self.since[pid] = time.monotonic() if when is None else min(when, time.monotonic())
         self.waiting[pid] = n + 1
 
     def gone(self, pids: List[int]) -> None:
@@ -339,20 +343,15 @@ class TableLoader:
         """The busiest processes first (on a whole machine, hundreds wait at
         the start; the ones sampled most are worth loading first), until
         this cycle's share of time is spent."""
-        from perfagent.unwind.kernel import LOAD_AFTER_FALLBACKS, LOAD_MIN_AGE, LOAD_SECONDS_PER_CYCLE
+        from perfagent.unwind.kernel import (
+            LOAD_AFTER_FALLBACKS, LOAD_MAX_SECONDS, LOAD_MIN_AGE, LOAD_SECONDS_PER_CYCLE, LOAD_SHARE,
+        )
         now = time.monotonic()
+        last, self._last_load = self._last_load, now
+        budget = min(LOAD_MAX_SECONDS, max(LOAD_SECONDS_PER_CYCLE, LOAD_SHARE * (now - last)))
         # A process sampled a few times, or short-lived, stays with the
         # user-space walker, unless its binaries are compiled already.
         old = now - LOAD_MIN_AGE
-        python = self.state.python
-        if python is not None:
-            # CPython processes stay with the user-space walker: merging
-            # their Python frames exactly needs each native frame's stack
-            # pointer, which the kernel walk does not record.
-            for pid in [pid for pid in self.tables.loaded_pids() if python.walked(pid)]:
-                self.tables.forget(pid)
-            for pid in [pid for pid in self.waiting if python.walked(pid)]:
-                del self.waiting[pid]
         pids = sorted((pid for pid, n in self.waiting.items()
                        if (n >= LOAD_AFTER_FALLBACKS and self.since.get(pid, now) <= old)
                        or self._ready(pid, n)),
@@ -361,7 +360,7 @@ class TableLoader:
         if now >= self._next_refresh:
             self._next_refresh = now + self.REFRESH_INTERVAL
             pids += [pid for pid in self.tables.loaded_pids() if pid not in self.waiting]
-        self.tables.refresh(self.state, pids, now + LOAD_SECONDS_PER_CYCLE)
+        self.tables.refresh(self.state, pids, now + budget)
         for pid in list(self.waiting):
             if self.tables.loaded(pid):
                 del self.waiting[pid]
@@ -393,9 +392,14 @@ def kernel_walk_summary(counts: List[int], t, prefix: str) -> str:
 
 def python_only(state: CaptureState, tgids: Optional[Set[int]]) -> bool:
     """Are the followed processes all CPython ones (``--pid`` of a Python
-    program)?  Their stacks are walked in user space anyway (see
-    TableLoader.load), so ``--unwind-in auto`` then skips the kernel walk
-    and the second it takes the verifier to accept its program."""
+    program)?  ``--unwind-in auto`` then keeps the user-space walker: the
+    kernel walk serves them exactly (their Python frames are placed in the
+    kernel, perfagent.stackprog.kunwind), but its program costs the
+    verifier 0.3-0.6 CPU s at start-up, more than it saves on one busy
+    interpreter in a capture of tens of seconds (measured, README
+    "Unwinding in the kernel": 10 s of a busy CPython at 99 and 999 Hz
+    cost the agent 1.0-1.2 CPU s walked in the agent, 1.2-1.6 s in the
+    kernel).  ``--unwind-in kernel`` walks them in the kernel."""
     tracker = state.python
     return bool(tgids) and tracker is not None and all(tracker.walked(pid) for pid in tgids)
 

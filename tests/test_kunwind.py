@@ -318,6 +318,46 @@ def test_kernel_and_user_walks_agree_on_cpython(tmp_path):
     assert len(leaves_k & leaves_u) >= 0.5 * min(len(leaves_k), len(leaves_u)), (leaves_k, leaves_u)
 
 
+@root
+def test_kernel_and_user_walks_agree_through_libllvm(programs_dir, tmp_path):
+    """A program spending its time in Debian's libLLVM-14 (110 MB, no frame
+    pointers, ~100k FDEs, read lazily): the kernel learns the FDEs the
+    user-space walker decoded, and both give the same chains from _start
+    through main and round_trip into libLLVM, frame for frame (cut a few
+    frames into libLLVM: its leaves are many, each sampled a few times)."""
+    from collections import Counter
+    from giant import build_llvmcall
+    exe = build_llvmcall(str(programs_dir))
+    if exe is None:
+        pytest.skip("no libLLVM-14 with its headers")
+    proc = subprocess.Popen([exe], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("ready")
+        extra = ("--sample-rate", "499")
+        kernel, err = profile_pid(proc.pid, "kernel", tmp_path, duration="4s", extra=extra)
+        user, _ = profile_pid(proc.pid, "user", tmp_path, duration="4s", extra=extra)
+    finally:
+        proc.kill()
+        proc.wait()
+
+    def cut(counter, depth=4):
+        out = Counter()
+        for chain, n in counter.items():
+            at = chain.index("main") if "main" in chain else len(chain)
+            out[chain[:at + 1 + depth]] += n
+        return out
+
+    for c in (kernel, user):
+        total = sum(c.values())
+        through = sum(n for chain, n in c.items() if chain[:1] == ("_start",) and "main" in chain
+                      and any(f.startswith("LLVM") for f in chain))
+        assert through >= 0.9 * total, c.most_common(3)
+    agree(cut(kernel), cut(user), 0.9)
+    walked, complete, truncated, stopped, fell_back = walked_in_kernel(err)
+    assert walked >= 0.5 * (walked + fell_back), err
+    assert complete >= 0.95 * walked, err
+
+
 def _to_eval(counter):
     from collections import Counter
     out = Counter()

@@ -527,9 +527,9 @@ while time.monotonic() < stop:
 '''
 
 
-@pytest.mark.parametrize("minor", ["3.10", "3.12", "3.13"])
-def test_python_frames_sit_at_their_depth_among_native_frames(tmp_path, minor):
-    """3.10: runs placed by eval-frame order; 3.12/3.13: by C-stack link."""
+def start_embed(tmp_path, minor: str, seconds: int = 8):
+    """py_embed (a C program running EMBED_SCRIPT, which calls back into C
+    and on into Python) built against pyenv's CPython ``minor``, started."""
     python = pyenv_python(minor)
     prefix = os.path.dirname(os.path.dirname(python))
     config = os.path.join(prefix, "bin", "python%s-config" % minor)
@@ -538,9 +538,15 @@ def test_python_frames_sit_at_their_depth_among_native_frames(tmp_path, minor):
     subprocess.run(["gcc", "-O1", "-g", *cflags, "-o", prog, os.path.join(PROGRAMS, "py_embed.c"),
                     "-L%s/lib" % prefix, "-lpython%s" % minor, "-Wl,-rpath,%s/lib" % prefix], check=True)
     script = tmp_path / "embed.py"
-    script.write_text(EMBED_SCRIPT)
-    proc = subprocess.Popen([prog, str(script)], stdout=subprocess.PIPE, text=True,
+    script.write_text(EMBED_SCRIPT.replace("+ 8\n", "+ %d\n" % seconds))
+    return subprocess.Popen([prog, str(script)], stdout=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONHOME=prefix))
+
+
+@pytest.mark.parametrize("minor", ["3.10", "3.12", "3.13"])
+def test_python_frames_sit_at_their_depth_among_native_frames(tmp_path, minor):
+    """3.10: runs placed by eval-frame order; 3.12/3.13: by C-stack link."""
+    proc = start_embed(tmp_path, minor)
     out = str(tmp_path / "embed.pb.gz")
     try:
         assert proc.stdout.readline().startswith("ready")
@@ -566,3 +572,57 @@ def test_python_frames_sit_at_their_depth_among_native_frames(tmp_path, minor):
                 good += v[0]
     assert total >= 100, r.stderr
     assert good >= 0.95 * total, (good, total, r.stderr)
+
+
+EMBED_PYTHON = {"<module>", "f", "g"}
+
+
+def _to_python_leaf(names):
+    """Root-first user frames down to the innermost Python frame: the
+    interpreter's leaves below it are many, each sampled a few times."""
+    from conftest import user_part
+    names = user_part(names)
+    cut = max((i for i, n in enumerate(names) if n in EMBED_PYTHON), default=-1)
+    return tuple(names[:cut + 1])
+
+
+@pytest.mark.parametrize("minor", ["3.8", "3.10", "3.11", "3.12", "3.13"])
+def test_kernel_and_user_walks_merge_python_frames_alike(tmp_path, minor):
+    """The user stack walked in the kernel (Python links placed there,
+    3.11+; by eval-frame order, 3.8-3.10) and in the agent (by each frame's
+    stack pointer): the same merged Python and native stacks, frame for
+    frame, through C into Python and back, and most stacks walked in the
+    kernel."""
+    from collections import Counter
+    from conftest import sample_stacks
+    proc = start_embed(tmp_path, minor, 40)
+    got, errs = {}, {}
+    try:
+        assert proc.stdout.readline().startswith("ready")
+        for where in ("kernel", "user"):
+            out = str(tmp_path / ("%s.pb.gz" % where))
+            r = run_agent(["--profile", "--pid", str(proc.pid), "--duration", "3s", "--unwind", "dwarf",
+                           "--unwind-in", where, "--sample-rate", "499", "--profile-output", out],
+                          cwd=str(tmp_path))
+            assert r.returncode == 0, r.stderr
+            errs[where] = r.stderr
+            c = got[where] = Counter()
+            for names, _labels, v in sample_stacks(read_profile(out)):
+                c[_to_python_leaf(names)] += v[0]
+    finally:
+        proc.kill()
+        proc.wait()
+    order = ["main", "c_outer", "<module>", "f", "native_cb", "native_middle", "g"]
+    for where, c in got.items():
+        total = sum(c.values())
+        assert total >= 100, errs[where]
+        whole = sum(n for chain, n in c.items() if chain and chain[-1] == "g"
+                    and [x for x in chain if x in order] == order)
+        assert whole >= 0.9 * total, (where, whole, total, c.most_common(3))
+    for a, b in ((got["kernel"], got["user"]), (got["user"], got["kernel"])):
+        same = sum(n for chain, n in a.items() if chain in b)
+        assert same >= 0.95 * sum(a.values()), (same, a.most_common(3), b.most_common(3))
+    m = re.search(r"unwound (\d+) user stacks in the kernel: .*?(\d+) fell back", errs["kernel"])
+    assert m, errs["kernel"]
+    walked, fell_back = int(m.group(1)), int(m.group(2))
+    assert walked >= 0.5 * (walked + fell_back), errs["kernel"]

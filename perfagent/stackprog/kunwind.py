@@ -26,6 +26,18 @@ Tables, filled by user space (perfagent.unwind.kernel):
         __u32 kind;       28   UW_MAP_*
     };                    32
 
+The walk also places the Python stack (perfagent.stackprog.python, walked
+first) among the native frames: a native frame owns the stack bytes [its
+sp, its CFA), and each PYFRAME_LINK entry -- the address of a local of one
+_PyEval_EvalFrameDefault call (3.11+) -- is replaced by the index of the
+frame whose bytes hold it, flagged PYFRAME_LINK_INDEX (perfagent.python.merge
+then needs no stack pointers).  Links grow toward the root as frames do, so
+one forward position over the entries serves the whole walk: a step whose
+CFA passes the next link resolves the links below it (emit_link_callback);
+the last frame takes those left above its sp, as the user-space merge
+does.  Done in the kernel, the stored Python stacks are the same wherever a
+thread's stack lies, so they aggregate like the native ones.
+
 A walk ends in one of the UW_STATUS_* outcomes.  UW_STATUS_FALLBACK means
 "not for the kernel": the process is not loaded yet, a pc lies in a mapping
 it does not know (dlopen since), a binary was refused, or a row says
@@ -38,13 +50,15 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-from perfagent.bpf.asm import B, DW, FP, H, R0, R1, R2, R3, R4, R6, R7, R8, R9, W, Program
+from perfagent.bpf.asm import B, DW, FP, H, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, W, Program
 from perfagent.bpf.maps import ArrayMap, HashMap
 from perfagent.stackprog.accounting import STAT_KUNWIND
 from perfagent.stackprog.capture import BUF
 from perfagent.stackprog.layout import (
-    CAPTURE_USER, H_FLAGS, H_REGS, PERF_MAX_STACK_DEPTH, STACK_IPS_OFF, STACK_N_OFF, USER_OFF,
+    CAPTURE_USER, H_FLAGS, H_RESERVED, H_REGS, PERF_MAX_STACK_DEPTH, PY_MAX_FRAMES, PYFRAME_LINK, PYFRAME_LINK_INDEX,
+    PYSTACK_HDR, PYTHON_OFF, STACK_IPS_OFF, STACK_N_OFF, USER_OFF,
 )
+from perfagent.stackprog.python import OFF_PY_LINENO as _PY_LOWEST
 from perfagent.unwind import compact as K
 
 UW_PROC_KEY = struct.Struct("<I")   # tgid
@@ -77,12 +91,17 @@ MAX_PROCS = 1024
 
 # struct uw_walk, the bpf_loop context on the main program's stack (below
 # the Python walk's slots, see perfagent.stackprog.python):
-OFF_UW = -448
+OFF_UW = -480
 W_PC, W_SP, W_BP, W_LEAF_SP, W_RA = 0, 8, 16, 24, 32   # u64
 W_N, W_STATUS, W_FLAGS, W_FIRST, W_COUNT, W_LO, W_HI, W_TGID, W_STAT, W_WHICH = (
     40, 44, 48, 52, 56, 60, 64, 68, 72, 76)             # u32
 W_TARGET = 80                                       # u64: what a binary search looks for
-UW_WALK_SIZE = 88
+W_PYPOS = 88        # u32: the next Python entry to look at (links before it are placed)
+W_LINK_INDEX = 92   # u32: the native frame links are being placed in
+W_NEXT_LINK = 96    # u64: the next link's address (~0: none left)
+W_LINK_HI = 104     # u64: that frame's CFA (~0: the last frame)
+UW_WALK_SIZE = 112
+assert OFF_UW + UW_WALK_SIZE <= _PY_LOWEST and OFF_UW >= -512   # below the Python walk's slots
 # uw_walk.which: the array a binary search probes
 SEARCH_MAPPINGS, SEARCH_ROWS = 0, 1
 # uw_walk.flags
@@ -124,12 +143,15 @@ def make_maps(auto: bool, max_rows: int = 0, max_procs: int = MAX_PROCS) -> KUnw
 STEP_LABEL = "uw_step"
 
 
-def emit_kernel_walk(p: Program, maps: KUnwindMaps, tgid_off: int, stats, tag: str) -> None:
+def emit_kernel_walk(p: Program, maps: KUnwindMaps, tgid_off: int, stats, tag: str,
+                     links: bool = True) -> None:
     """The walk into buf->user (a ``struct stack``); its outcome at
     fp+OFF_UW+W_STATUS, counted in stats[STAT_KUNWIND + status].
 
     Needs the user registers at H_REGS (emit_user_regs_and_copy without a
-    copy) and the tgid (u32) at fp+tgid_off.  Uses r0-r5, r8, r9.
+    copy) and the tgid (u32) at fp+tgid_off.  Uses r0-r5, r8, r9.  With
+    ``links``, the Python stack at buf->python (walked before) has its
+    links placed (emit_step_callback must be given ``links`` too).
     """
     t = tag
     ctx = OFF_UW
@@ -157,6 +179,13 @@ def emit_kernel_walk(p: Program, maps: KUnwindMaps, tgid_off: int, stats, tag: s
     p.copy_mem(DW, FP, ctx + W_BP, BUF, H_REGS + 8 * 1)
     p.st(W, FP, ctx + W_N, 1)
     p.st(W, FP, ctx + W_FLAGS, F_LEAF)
+    # pypos = 0 and next_link = 0 (not known yet: the first step looks),
+    # loaded from the map value: unknown to the verifier, so the states of
+    # each step and each entry prune instead of being walked one by one.
+    p.st(DW, BUF, H_RESERVED, 0)
+    p.ldx(DW, R1, BUF, H_RESERVED)
+    p.stx(W, FP, R1, ctx + W_PYPOS)
+    p.stx(DW, FP, R1, ctx + W_NEXT_LINK)
     p.mov(R1, PERF_MAX_STACK_DEPTH)
     p.ld_func(R2, STEP_LABEL)
     p.mov(R3, FP).add(R3, ctx)
@@ -165,8 +194,25 @@ def emit_kernel_walk(p: Program, maps: KUnwindMaps, tgid_off: int, stats, tag: s
     p.ldx(W, R1, FP, ctx + W_N)
     p.stx(W, BUF, R1, USER_OFF + STACK_N_OFF)
     p.ldx(W, R1, FP, ctx + W_STATUS)
-    p.jne(R1, UW_STATUS_RUNNING, t + "_count")
+    p.jne(R1, UW_STATUS_RUNNING, t + "_ended")
     p.st(W, FP, ctx + W_STATUS, UW_STATUS_TRUNCATED)  # bpf_loop ran out
+    p.label(t + "_ended")
+    # The last frame owns the stack above its sp: the links left are its.
+    # (A walk left to user space keeps them: its walker places them.)
+    if links:
+        p.ldx(W, R1, FP, ctx + W_STATUS)
+        p.jeq(R1, UW_STATUS_FALLBACK, t + "_count")
+        p.ldx(DW, R1, FP, ctx + W_NEXT_LINK)
+        p.jeq(R1, -1, t + "_count")
+        p.st(DW, FP, ctx + W_LINK_HI, -1)
+        p.ldx(W, R1, FP, ctx + W_N)
+        p.sub(R1, 1)
+        p.stx(W, FP, R1, ctx + W_LINK_INDEX)
+        p.mov(R1, PY_MAX_FRAMES + 1)
+        p.ld_func(R2, LINK_LABEL)
+        p.mov(R3, FP).add(R3, ctx)
+        p.mov(R4, 0)
+        p.call("loop")
     p.label(t + "_count")
     p.ldx(W, R1, FP, ctx + W_STATUS)
     p.add(R1, STAT_KUNWIND)
@@ -274,10 +320,12 @@ def _sext16(p: Program, reg) -> None:
     p.lsh(reg, 48).arsh(reg, 48)
 
 
-def emit_step_callback(p: Program, maps: KUnwindMaps, scratch: ArrayMap) -> None:
+def emit_step_callback(p: Program, maps: KUnwindMaps, scratch: ArrayMap, links: bool = True) -> None:
     """The bpf_loop callback ``long uw_step(u32 index, struct uw_walk *w)``:
     one frame of the walk.  Returns 0 to go on, 1 when the walk ended (its
-    status set).  Emit after the main program's last exit.
+    status set).  Emit after the main program's last exit.  Without
+    ``links`` (no Python walk) the Python links are not looked at: the
+    verifier's time for the program is a third less.
 
     Registers: r9 the walk context, r8 the capture buffer, r6 the address
     being looked up (then the CFA), r7 the row.
@@ -487,6 +535,21 @@ def emit_step_callback(p: Program, maps: KUnwindMaps, scratch: ArrayMap) -> None
     p.jset(R1, F_LEAF, "uw_grew")
     p.jeq(addr, R3, "uw_stopped")                      # ... strictly, above the leaf
     p.label("uw_grew")
+    # This frame owns [sp, CFA): the Python links below the CFA are placed.
+    if links:
+        p.ldx(DW, R1, ctx, W_NEXT_LINK)
+        p.jge(R1, addr, "uw_linked")
+        p.stx(DW, ctx, addr, W_LINK_HI)
+        p.ldx(W, R1, ctx, W_N)
+        p.sub(R1, 1)
+        p.stx(W, ctx, R1, W_LINK_INDEX)
+        p.mov(R1, PY_MAX_FRAMES + 1)
+        p.ld_func(R2, LINK_LABEL)
+        p.mov(R3, ctx)
+        p.mov(R4, 0)
+        p.call("loop")
+        p.ldx(DW, R2, ctx, W_RA)
+        p.label("uw_linked")
     p.ldx(W, R1, FP, CB_NEW_FLAGS)
     p.stx(W, ctx, R1, W_FLAGS)
     p.stx(DW, ctx, addr, W_SP)
@@ -514,3 +577,65 @@ def emit_step_callback(p: Program, maps: KUnwindMaps, scratch: ArrayMap) -> None
         p.mov(R0, 1)
         p.exit()
     emit_search_callback(p, maps)
+    if links:
+        emit_link_callback(p, scratch)
+
+
+LINK_LABEL = "uw_link"
+PY_FRAMES_OFF = PYTHON_OFF + PYSTACK_HDR.size
+_LINK_IMM = PYFRAME_LINK - (1 << 32)      # bit 31 as an s32 immediate
+
+
+def emit_link_callback(p: Program, scratch: ArrayMap) -> None:
+    """``long uw_link(u32 index, struct uw_walk *w)``: the Python entry at
+    w->pypos, if a link below w->link_hi, is placed: in the frame
+    w->link_index when at or above its sp (w->sp), else nowhere (a link
+    below the frame: the user-space merge puts its run at the root end,
+    and so it does with a link left as it is).  Returns 1 at the first link
+    at or above link_hi (its address kept in w->next_link) or the end of
+    the entries (next_link = ~0).
+
+    One entry per call of a nested bpf_loop: the verifier checks one
+    iteration, and the entries are looked at once per walk in all."""
+    ctx, buf = R9, R8
+    p.label(LINK_LABEL)
+    p.mov(ctx, R2)
+    p.call("get_smp_processor_id")
+    p.stx(W, FP, R0, -4)
+    p.ld_map_fd(R1, scratch)
+    p.mov(R2, FP).add(R2, -4)
+    p.call("map_lookup_elem")
+    p.jeq(R0, 0, "uwl_end")
+    p.mov(buf, R0)
+    p.ldx(W, R1, ctx, W_PYPOS)
+    p.ldx(W, R2, buf, PYTHON_OFF)                      # pystack.n
+    p.jge(R1, R2, "uwl_end")
+    p.jge(R1, PY_MAX_FRAMES, "uwl_end")
+    p.mov(R3, R1).lsh(R3, 4)                           # * PYFRAME_SIZE
+    p.add(R3, buf)
+    p.ldx(W, R4, R3, PY_FRAMES_OFF + 12)              # flags
+    p.add(R1, 1)
+    p.jset(R4, _LINK_IMM, "uwl_link")
+    p.stx(W, ctx, R1, W_PYPOS)                         # a Python frame: passed
+    p.mov(R0, 0)
+    p.exit()
+    p.label("uwl_link")
+    p.ldx(DW, R5, R3, PY_FRAMES_OFF)                   # the link's address
+    p.stx(DW, ctx, R5, W_NEXT_LINK)
+    p.ldx(DW, R0, ctx, W_LINK_HI)
+    p.jge(R5, R0, "uwl_stop")                          # a later frame's
+    p.stx(W, ctx, R1, W_PYPOS)
+    p.ldx(DW, R0, ctx, W_SP)
+    p.jlt(R5, R0, "uwl_next")                          # below this frame: no frame's
+    p.ldx(W, R0, ctx, W_LINK_INDEX)
+    p.stx(DW, R3, R0, PY_FRAMES_OFF)
+    p.or_(R4, PYFRAME_LINK_INDEX)
+    p.stx(W, R3, R4, PY_FRAMES_OFF + 12)
+    p.label("uwl_next")
+    p.mov(R0, 0)
+    p.exit()
+    p.label("uwl_end")
+    p.st(DW, ctx, W_NEXT_LINK, -1)
+    p.label("uwl_stop")
+    p.mov(R0, 1)
+    p.exit()

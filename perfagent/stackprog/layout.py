@@ -43,7 +43,9 @@ the other (the off-CPU program falls back to it only once its record could
 not be sent).  A PYFRAME_LINK entry sits rootward of the frames one C-level
 call of the eval loop ran (3.11+), and holds the address by which that call
 is found among the native frames (3.11: its _PyCFrame; 3.12+: its entry
-frame), both locals of that _PyEval_EvalFrameDefault activation.
+frame), both locals of that _PyEval_EvalFrameDefault activation; once
+the user stack is walked in the kernel, the index of the native frame
+holding it (PYFRAME_LINK_INDEX).
 
     struct header {
         __u32 kind;              0       RECORD_* below
@@ -82,6 +84,11 @@ PYSTACK_SIZE = PYSTACK_HDR.size + PYFRAME_SIZE * PY_MAX_FRAMES
 # pyframe.flags
 PYFRAME_LINK = 1 << 31     # not a frame: ``code`` is the C-stack link of the eval call below
 PYFRAME_LINENO_MASK = PYFRAME_LINK - 1
+#: With PYFRAME_LINK: the in-kernel user walk (perfagent.stackprog.kunwind)
+#: found the native frame whose stack bytes hold the link, and ``code`` is
+#: that frame's index in the user stack (leaf 0), not the address: the
+#: stored Python stack is the same wherever the thread's stack lies.
+PYFRAME_LINK_INDEX = 1 << 30
 
 # pystack.flags
 PYSTACK_TRUNCATED = 1      # more than PY_MAX_FRAMES frames
@@ -91,7 +98,7 @@ PYSTACK_NO_THREAD = 4      # a CPython process, but this thread has no thread st
 HEADER = struct.Struct("<IIIIQQ8QIIQ")
 HEADER_SIZE = HEADER.size  # 112
 H_KIND, H_TID, H_TGID, H_CPU, H_TIME, H_PERIOD, H_REGS = 0, 4, 8, 12, 16, 24, 32
-H_STACK_SIZE, H_FLAGS = 96, 100
+H_STACK_SIZE, H_FLAGS, H_RESERVED = 96, 100, 104
 
 # header.kind
 RECORD_STACK = 1           # off-CPU: a thread switched out blocked (its stacks)

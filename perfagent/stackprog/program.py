@@ -208,21 +208,23 @@ def build_oncpu(mode: str, maps: Maps, period_off: int, copy: Optional[C.CopySpe
     p.mov(R0, 0)                                   # 0: perf writes no sample record
     p.exit()
     if mode == KUNWIND:
-        KU.emit_step_callback(p, maps.kunwind, maps.scratch)
+        KU.emit_step_callback(p, maps.kunwind, maps.scratch, python_walk is not None)
     return p
 
 
 def emit_walked_capture(p: Program, maps: Maps, copy: C.CopySpec, python_walk, tag: str) -> None:
-    """The capture of KUNWIND mode: kernel stack, user registers, the user
-    stack walked in the kernel into buf->user, the Python stack.  The
+    """The capture of KUNWIND mode: kernel stack, user registers, the
+    Python stack, the user stack walked in the kernel into buf->user (its
+    links placed: perfagent.stackprog.kunwind).  The
     walk's outcome is at fp+OFF_UW+W_STATUS."""
     C.emit_get_stack(p, KERNEL_OFF, 0)
     C.emit_user_regs_and_copy(p, copy, False, tag + "_regs")
-    KU.emit_kernel_walk(p, maps.kunwind, KEY_TGID, maps.stats.map, tag + "_walk")
+    # The Python stack first: the native walk places its links (kunwind).
     if python_walk is not None:
         python_walk(p, tag + "_py")
     else:
         C.emit_empty_python(p)
+    KU.emit_kernel_walk(p, maps.kunwind, KEY_TGID, maps.stats.map, tag + "_walk", python_walk is not None)
 
 
 # include/linux/sched.h: the task states the off-CPU program tests.
@@ -302,7 +304,7 @@ def build_offcpu(mode: str, maps: Maps, blocked: HashMap, args: SchedSwitchArgs,
     p.call("map_update_elem")                      # blocked[tid] = the open interval
     _emit_switch_in(p, mode, maps, blocked, args)
     if mode == KUNWIND:
-        KU.emit_step_callback(p, maps.kunwind, maps.scratch)
+        KU.emit_step_callback(p, maps.kunwind, maps.scratch, python_walk is not None)
     return p
 
 

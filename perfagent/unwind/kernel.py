@@ -38,6 +38,12 @@ from perfagent.unwind import compact as K
 # made 40 drains where it should make 60, and the agent's CPU starved the
 # very processes it sampled).
 LOAD_SECONDS_PER_CYCLE = 0.03
+# ... or this share of the time since the last load, when drain cycles run
+# long (a loaded machine, thousands of fallbacks to walk: every cycle spent
+# walking the stacks of a process not loaded makes the next one longer;
+# measured on a 2-core VM at load 5, a 10 s capture made two loads).
+LOAD_SHARE = 0.3
+LOAD_MAX_SECONDS = 1.0
 # A process is loaded once this many of its stacks fell back and its first
 # fallback is LOAD_MIN_AGE old (or at once when every binary it maps is
 # compiled already): a process sampled less, or living shorter, is not
