@@ -125,6 +125,8 @@ class PythonWalk(Source):
         tracker = self.tracker
         for pid in self._exited:
             tracker.exit(pid)
+            if pid != self.target:
+                tracker.reasons.pop(pid, None)  # only --pid's target's reason is ever told
         self._exited = list(gone)
         for pid, ppid in new:
             if tracker.walked(ppid):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import select
+import subprocess
 import time
 
 import pytest
@@ -101,3 +102,79 @@ def test_three_hundred_processes_come_and_go(churn_programs, unwind):
 
 def max_binary_cfi_bytes(cache) -> int:
     return max((cfi.table.nbytes() for cfi in cache._by_inode.values() if cfi.table is not None), default=0)
+
+
+IDLE = 4
+
+
+def test_kernel_tables_evicted_as_processes_come_and_go(churn_programs, monkeypatch):
+    """The in-kernel walk's tables (perfagent.unwind.kernel.KernelTables):
+    processes each mapping a different library are loaded and exit, twice
+    over the 40 libraries; the binaries no loaded process maps are evicted
+    beyond the idle bound and their table ids and rows reused, so what is
+    held (binaries, rows, table ids, and the highest id and row ever
+    used) stays what one process and the idle ones need -- 80 distinct
+    loads would have taken 80 tables without eviction."""
+    from perfagent.capture import CaptureState
+    from perfagent.elf import ELFFile
+    from perfagent.unwind import kernel as KT
+    from perfagent.unwind.walker import Walker
+    why = KT.kernel_walk_supported()
+    if why is not None:
+        pytest.skip(why)
+    monkeypatch.setattr(KT, "REUSE_AFTER", 0.0)  # reuse at the next refresh: counts, not time
+    child, libs = churn_programs
+    state = CaptureState(walker=Walker("dwarf"))
+    tables = KT.KernelTables(state.walker.cache, auto=False, max_procs=8)
+    tables.idle_binaries = IDLE
+    highest_row = 0
+    try:
+        for lib in libs * 2:
+            p = subprocess.Popen([child, lib, "5000"])
+            try:
+                proc = wait_mapped(state, p.pid, lib)
+                decode_text(state, proc, lib, ELFFile)
+                tables.refresh(state, [p.pid])
+                assert tables.loaded(p.pid), tables.counts()
+                highest_row = max(highest_row, max(b.first + b.count for b in tables._binaries.values()))
+            finally:
+                p.kill()
+                p.wait()
+            tables.forget(p.pid)
+            held = tables.counts()
+            # The child's executable, libc, ld.so, the vDSO and its library
+            # (all idle now), at most IDLE of them kept after the next refresh.
+            assert held["binaries"] <= IDLE + 6, held
+            assert held["refused"] == 0 and held["no_room"] == 0, held
+            assert held["rows"] == sum(b.count for b in tables._binaries.values()), held
+        tables.refresh(state, [])
+        held = tables.counts()
+    finally:
+        tables.acquire().release()
+    assert held["binaries"] <= IDLE and held["processes"] == 0, held
+    assert held["evicted"] >= 2 * len(libs) - IDLE, held
+    assert tables._next_table <= IDLE + 10, (tables._next_table, held)   # ids reused
+    assert highest_row * 4 <= tables.rows_written, (highest_row, tables.rows_written)   # rows reused
+
+
+def wait_mapped(state, pid: int, lib: str):
+    """The process's state once its maps show ``lib`` (dlopen done)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open("/proc/%d/maps" % pid) as f:
+            if lib in f.read():
+                return state.load_from_proc(pid)
+        time.sleep(0.005)
+    raise AssertionError("%s never mapped %s" % (pid, lib))
+
+
+def decode_text(state, proc, lib: str, ELFFile) -> None:
+    """Have the walker decode the library's FDEs (as fallback samples
+    would), so its kernel table has rows."""
+    from perfagent.capture import mapped_file
+    entry = next(e for e in proc.space.entries() if e.path == lib)
+    cfi = state.walker.cache.get(mapped_file(proc.pid, entry))
+    with ELFFile.from_path(lib) as elf:
+        text = elf.section(".text")
+        for pc in range(text.sh_addr, text.sh_addr + text.sh_size, 4):
+            cfi.table.lookup(pc)
