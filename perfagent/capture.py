@@ -475,8 +475,8 @@ class CaptureState:
         cache = walker.cache
         mapped = set()
         for proc in self.processes.values():
-            if proc.released or proc.exited:
-                continue
+            if proc.released:
+                continue  # (an exited one not released yet may still have samples to unwind)
             for e in proc.space.entries():
                 if mapping_kind(e) == KIND_FILE:
                     mapped.add(cache.key_of(mapped_file(proc.pid, e)))

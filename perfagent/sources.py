@@ -387,6 +387,8 @@ def kernel_walk_summary(counts: List[int], t, prefix: str) -> str:
     if t is not None:
         line += "; tables: %d binaries, %d rows (%d rebuilds as FDEs were decoded), loaded in %.2f s" % (
             t.binaries_loaded, t.rows_loaded, t.rebuilds, t.load_seconds)
+        if getattr(t, "evicted", 0):
+            line += "; %d evicted (no loaded process mapped them)" % t.evicted
         if t.refused:
             line += "; %d refused (%s)" % (len(t.refused), "; ".join(
                 "%s: %s" % kv for kv in sorted(t.refused.items())[:3]))

@@ -36,9 +36,12 @@ def churn_programs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("unwind", ["dwarf", "fp"])
-def test_three_hundred_processes_come_and_go(churn_programs, unwind):
-    """dwarf: stacks unwound by the agent (CFI cache bounded); fp: counted in
-    the kernel, so exited processes wait until the counts are collected."""
+def test_three_hundred_processes_come_and_go(churn_programs, unwind, monkeypatch):
+    """dwarf: stacks unwound by the agent (CFI cache bounded, and swept of
+    what only exited processes mapped); fp: counted in the kernel, so
+    exited processes wait until the counts are collected."""
+    import perfagent.capture
+    monkeypatch.setattr(perfagent.capture, "CFI_SWEEP_DRAINS", 10)
     child, libs = churn_programs
     spawn = spawner(child, libs, every=0.02, ms=15, count=PROCESSES, wait=True)
     session = Capture(CaptureOptions(pid=spawn.pid, unwind=unwind, sample_rate=999), lambda line: None)
@@ -87,6 +90,9 @@ def test_three_hundred_processes_come_and_go(churn_programs, unwind):
         assert cache.evicted >= LIBRARIES, (cache.evicted, held)
         # The bound holds, but for the binary just loaded (never evicted itself).
         assert held["cfi_bytes"] <= CFI_BOUND + biggest, held
+        # The spawner's binaries and the last children's (swept: not every
+        # library that fits under the byte bound).
+        assert held["cfi_binaries"] <= 30, held
     # The profile keeps every sampled process's labels (its shell): one
     # pid label per child with samples, with the child's comm.
     builder, _table = build_profile(state, session.symbolizer, 999, 0, 1)
@@ -178,3 +184,25 @@ def decode_text(state, proc, lib: str, ELFFile) -> None:
         text = elf.section(".text")
         for pc in range(text.sh_addr, text.sh_addr + text.sh_size, 4):
             cfi.table.lookup(pc)
+
+
+def test_stored_stacks_are_dropped_as_counts_are_collected():
+    """The in-kernel counts' stack cache (perfagent.stackprog.store) keeps
+    two collections' stacks, not every stack ever drained."""
+    from perfagent.stackprog.layout import PERF_MAX_STACK_DEPTH, STACK, STACK_SIZE
+    from perfagent.stackprog.store import HASH_KEY, StoreCache
+    cache = StoreCache()
+
+    def stack(h):
+        raw = STACK.pack(2, 0, h, h + 1, *([0] * (PERF_MAX_STACK_DEPTH - 2)))
+        cache.add_native(HASH_KEY.pack(h), raw[:STACK_SIZE])
+
+    for h in range(1, 101):
+        stack(h)
+    assert cache.native(7) == (7, 8)
+    cache.rotate()                       # collection N read its counts
+    stack(1000)
+    assert cache.native(7) == (7, 8) and cache.native(1000) == (1000, 1001)   # N+1 may still ask
+    cache.rotate()
+    assert cache.native(7) is None and cache.lost == 1   # drained before N-1: never asked again
+    assert cache.native(1000) == (1000, 1001) and len(cache) == 1
