@@ -336,6 +336,14 @@ class TableLoader:
             self.since.pop(pid, None)
             self._asked.pop(pid, None)
             self.tables.forget(pid)
+        # A process's last fallback records may be read after its exit was
+        # handled (the BPF ring is read after the perf ring): they name it
+        # again.  Exited (or released and dropped) processes are let go here.
+        procs = self.state.processes
+        for held in (self.waiting, self.since, self._asked):
+            dead = [pid for pid in held if procs.get(pid) is None or procs[pid].exited]
+            for pid in dead:
+                del held[pid]
 
     def load(self) -> None:
         """The busiest processes first (on a whole machine, hundreds wait at

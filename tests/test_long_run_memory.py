@@ -64,6 +64,7 @@ def test_three_hundred_processes_come_and_go(churn_programs, unwind, monkeypatch
         for _ in range(EXIT_COLLECT_DRAINS + 3):
             session.poll(DRAIN_INTERVAL)
         held = state.bookkeeping()
+        loaders = [src.loader for src in session.sources if getattr(src, "loader", None) is not None]
         biggest = max_binary_cfi_bytes(state.walker.cache) if unwind == "dwarf" else 0
         children = len(state.pids_seen) - 1
     finally:
@@ -81,6 +82,9 @@ def test_three_hundred_processes_come_and_go(churn_programs, unwind, monkeypatch
     assert held["unwind_cache_entries"] + held["frame_cache_entries"] <= 2000, held
     assert held["thread_names"] <= len(state.sampled_tids) + 5, held
     assert held["forked_tids"] <= 3, held
+    for loader in loaders:   # the kernel walk's: exited processes are not waiting to be loaded
+        assert len(loader.waiting) + len(loader.since) + len(loader._asked) <= 9, (
+            loader.waiting, loader.since, loader._asked)
     # One mapping record per file segment, not per (process, library): the
     # children's executable, libc, ld.so, the 40 libraries, the vDSO, and
     # the spawner's own.
