@@ -40,6 +40,9 @@ PROT_EXEC = 4
 # Drains an exited process waits for in-kernel count sources to collect on
 # their own before they are asked to (about a second).
 EXIT_COLLECT_DRAINS = 10
+# Every this many drains (about ten seconds) in which processes were
+# released, the unwind tables of binaries no live process maps are let go.
+CFI_SWEEP_DRAINS = 100
 
 
 class MappingRecord:
@@ -146,16 +149,21 @@ Frame = tuple
 PYTHON_FRAME = -2
 
 
-def _insert_python(frames: List[Frame], user_start: int, placement: tuple) -> List[Frame]:
+def _insert_python(frames: List[Frame], user_start: int, placement: tuple,
+                   intern: Dict[Frame, Frame]) -> List[Frame]:
     """``frames`` (kernel then user, leaf first) with the Python frames of
-    ``placement`` inserted before the native user frame each run belongs to."""
+    ``placement`` inserted before the native user frame each run belongs to
+    (each frame tuple interned in ``intern``: one per distinct frame, not
+    one per stack that holds it)."""
     out = frames[:user_start]
     user = frames[user_start:]
     at = 0
     for index, names in placement:
         index = min(index, len(user))
         out.extend(user[at:index])
-        out.extend((PYTHON_FRAME,) + tuple(n) for n in names)
+        for n in names:
+            frame = (PYTHON_FRAME,) + tuple(n)
+            out.append(intern.setdefault(frame, frame))
         at = max(at, index)
     out.extend(user[at:])
     return out
@@ -222,6 +230,8 @@ class CaptureState:
         self._holders: Dict[str, int] = {}
         self.sampled_tids: set = set()  # tids with samples: their names label the profile
         self.released_processes = 0
+        self._next_sweep = CFI_SWEEP_DRAINS
+        self._swept_at = 0          # released_processes at the last sweep
 
     def take_increments(self) -> Dict[Tuple[int, int, Tuple[Frame, ...]], List[int]]:
         """The on-CPU counts added since the previous call (the first call
@@ -450,6 +460,27 @@ class CaptureState:
                 self._release_process(pid)
         if n:
             del exited[:n]
+        if current >= self._next_sweep:
+            self._next_sweep = current + CFI_SWEEP_DRAINS
+            if self.released_processes != self._swept_at:
+                self._swept_at = self.released_processes
+                self._sweep_cfi()
+
+    def _sweep_cfi(self) -> None:
+        """Unwind tables of binaries that only exited processes mapped go
+        (the CFI cache's byte bound would keep them until it is reached)."""
+        walker = self.walker or self.offcpu_walker
+        if walker is None:
+            return
+        cache = walker.cache
+        mapped = set()
+        for proc in self.processes.values():
+            if proc.released:
+                continue  # (an exited one not released yet may still have samples to unwind)
+            for e in proc.space.entries():
+                if mapping_kind(e) == KIND_FILE:
+                    mapped.add(cache.key_of(mapped_file(proc.pid, e)))
+        cache.retain(mapped)
 
     def _release_process(self, pid: int) -> None:
         proc = self.processes.get(pid)
@@ -675,7 +706,7 @@ class CaptureState:
                     frame = cache[addr] = intern.setdefault(frame, frame)
                 frames.append(frame)
         if python:
-            frames = _insert_python(frames, len(frames) - len(user_ips), python)
+            frames = _insert_python(frames, len(frames) - len(user_ips), python, intern)
         stack = tuple(frames)
         return self._stacks.setdefault(stack, stack)
 

@@ -125,6 +125,8 @@ class PythonWalk(Source):
         tracker = self.tracker
         for pid in self._exited:
             tracker.exit(pid)
+            if pid != self.target:
+                tracker.reasons.pop(pid, None)  # only --pid's target's reason is ever told
         self._exited = list(gone)
         for pid, ppid in new:
             if tracker.walked(ppid):
@@ -338,6 +340,14 @@ class TableLoader:
             self.since.pop(pid, None)
             self._asked.pop(pid, None)
             self.tables.forget(pid)
+        # A process's last fallback records may be read after its exit was
+        # handled (the BPF ring is read after the perf ring): they name it
+        # again.  Exited (or released and dropped) processes are let go here.
+        procs = self.state.processes
+        for held in (self.waiting, self.since, self._asked):
+            dead = [pid for pid in held if procs.get(pid) is None or procs[pid].exited]
+            for pid in dead:
+                del held[pid]
 
     def load(self) -> None:
         """The busiest processes first (on a whole machine, hundreds wait at
@@ -384,6 +394,8 @@ def kernel_walk_summary(counts: List[int], t, prefix: str) -> str:
     if t is not None:
         line += "; tables: %d binaries, %d rows (%d rebuilds as FDEs were decoded), loaded in %.2f s" % (
             t.binaries_loaded, t.rows_loaded, t.rebuilds, t.load_seconds)
+        if getattr(t, "evicted", 0):
+            line += "; %d evicted (no loaded process mapped them)" % t.evicted
         if t.refused:
             line += "; %d refused (%s)" % (len(t.refused), "; ".join(
                 "%s: %s" % kv for kv in sorted(t.refused.items())[:3]))

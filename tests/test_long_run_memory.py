@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import select
+import subprocess
 import time
 
 import pytest
@@ -35,9 +36,12 @@ def churn_programs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("unwind", ["dwarf", "fp"])
-def test_three_hundred_processes_come_and_go(churn_programs, unwind):
-    """dwarf: stacks unwound by the agent (CFI cache bounded); fp: counted in
-    the kernel, so exited processes wait until the counts are collected."""
+def test_three_hundred_processes_come_and_go(churn_programs, unwind, monkeypatch):
+    """dwarf: stacks unwound by the agent (CFI cache bounded, and swept of
+    what only exited processes mapped); fp: counted in the kernel, so
+    exited processes wait until the counts are collected."""
+    import perfagent.capture
+    monkeypatch.setattr(perfagent.capture, "CFI_SWEEP_DRAINS", 10)
     child, libs = churn_programs
     spawn = spawner(child, libs, every=0.02, ms=15, count=PROCESSES, wait=True)
     session = Capture(CaptureOptions(pid=spawn.pid, unwind=unwind, sample_rate=999), lambda line: None)
@@ -60,6 +64,7 @@ def test_three_hundred_processes_come_and_go(churn_programs, unwind):
         for _ in range(EXIT_COLLECT_DRAINS + 3):
             session.poll(DRAIN_INTERVAL)
         held = state.bookkeeping()
+        loaders = [src.loader for src in session.sources if getattr(src, "loader", None) is not None]
         biggest = max_binary_cfi_bytes(state.walker.cache) if unwind == "dwarf" else 0
         children = len(state.pids_seen) - 1
     finally:
@@ -77,6 +82,9 @@ def test_three_hundred_processes_come_and_go(churn_programs, unwind):
     assert held["unwind_cache_entries"] + held["frame_cache_entries"] <= 2000, held
     assert held["thread_names"] <= len(state.sampled_tids) + 5, held
     assert held["forked_tids"] <= 3, held
+    for loader in loaders:   # the kernel walk's: exited processes are not waiting to be loaded
+        assert len(loader.waiting) + len(loader.since) + len(loader._asked) <= 9, (
+            loader.waiting, loader.since, loader._asked)
     # One mapping record per file segment, not per (process, library): the
     # children's executable, libc, ld.so, the 40 libraries, the vDSO, and
     # the spawner's own.
@@ -86,6 +94,9 @@ def test_three_hundred_processes_come_and_go(churn_programs, unwind):
         assert cache.evicted >= LIBRARIES, (cache.evicted, held)
         # The bound holds, but for the binary just loaded (never evicted itself).
         assert held["cfi_bytes"] <= CFI_BOUND + biggest, held
+        # The spawner's binaries and the last children's (swept: not every
+        # library that fits under the byte bound).
+        assert held["cfi_binaries"] <= 30, held
     # The profile keeps every sampled process's labels (its shell): one
     # pid label per child with samples, with the child's comm.
     builder, _table = build_profile(state, session.symbolizer, 999, 0, 1)
@@ -101,3 +112,101 @@ def test_three_hundred_processes_come_and_go(churn_programs, unwind):
 
 def max_binary_cfi_bytes(cache) -> int:
     return max((cfi.table.nbytes() for cfi in cache._by_inode.values() if cfi.table is not None), default=0)
+
+
+IDLE = 4
+
+
+def test_kernel_tables_evicted_as_processes_come_and_go(churn_programs, monkeypatch):
+    """The in-kernel walk's tables (perfagent.unwind.kernel.KernelTables):
+    processes each mapping a different library are loaded and exit, twice
+    over the 40 libraries; the binaries no loaded process maps are evicted
+    beyond the idle bound and their table ids and rows reused, so what is
+    held (binaries, rows, table ids, and the highest id and row ever
+    used) stays what one process and the idle ones need -- 80 distinct
+    loads would have taken 80 tables without eviction."""
+    from perfagent.capture import CaptureState
+    from perfagent.elf import ELFFile
+    from perfagent.unwind import kernel as KT
+    from perfagent.unwind.walker import Walker
+    why = KT.kernel_walk_supported()
+    if why is not None:
+        pytest.skip(why)
+    monkeypatch.setattr(KT, "REUSE_AFTER", 0.0)  # reuse at the next refresh: counts, not time
+    child, libs = churn_programs
+    state = CaptureState(walker=Walker("dwarf"))
+    tables = KT.KernelTables(state.walker.cache, auto=False, max_procs=8)
+    tables.idle_binaries = IDLE
+    highest_row = 0
+    try:
+        for lib in libs * 2:
+            p = subprocess.Popen([child, lib, "5000"])
+            try:
+                proc = wait_mapped(state, p.pid, lib)
+                decode_text(state, proc, lib, ELFFile)
+                tables.refresh(state, [p.pid])
+                assert tables.loaded(p.pid), tables.counts()
+                highest_row = max(highest_row, max(b.first + b.count for b in tables._binaries.values()))
+            finally:
+                p.kill()
+                p.wait()
+            tables.forget(p.pid)
+            held = tables.counts()
+            # The child's executable, libc, ld.so, the vDSO and its library
+            # (all idle now), at most IDLE of them kept after the next refresh.
+            assert held["binaries"] <= IDLE + 6, held
+            assert held["refused"] == 0 and held["no_room"] == 0, held
+            assert held["rows"] == sum(b.count for b in tables._binaries.values()), held
+        tables.refresh(state, [])
+        held = tables.counts()
+    finally:
+        tables.acquire().release()
+    assert held["binaries"] <= IDLE and held["processes"] == 0, held
+    assert held["evicted"] >= 2 * len(libs) - IDLE, held
+    assert tables._next_table <= IDLE + 10, (tables._next_table, held)   # ids reused
+    assert highest_row * 4 <= tables.rows_written, (highest_row, tables.rows_written)   # rows reused
+
+
+def wait_mapped(state, pid: int, lib: str):
+    """The process's state once its maps show ``lib`` (dlopen done)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open("/proc/%d/maps" % pid) as f:
+            if lib in f.read():
+                return state.load_from_proc(pid)
+        time.sleep(0.005)
+    raise AssertionError("%s never mapped %s" % (pid, lib))
+
+
+def decode_text(state, proc, lib: str, ELFFile) -> None:
+    """Have the walker decode the library's FDEs (as fallback samples
+    would), so its kernel table has rows."""
+    from perfagent.capture import mapped_file
+    entry = next(e for e in proc.space.entries() if e.path == lib)
+    cfi = state.walker.cache.get(mapped_file(proc.pid, entry))
+    with ELFFile.from_path(lib) as elf:
+        text = elf.section(".text")
+        for pc in range(text.sh_addr, text.sh_addr + text.sh_size, 4):
+            cfi.table.lookup(pc)
+
+
+def test_stored_stacks_are_dropped_as_counts_are_collected():
+    """The in-kernel counts' stack cache (perfagent.stackprog.store) keeps
+    two collections' stacks, not every stack ever drained."""
+    from perfagent.stackprog.layout import PERF_MAX_STACK_DEPTH, STACK, STACK_SIZE
+    from perfagent.stackprog.store import HASH_KEY, StoreCache
+    cache = StoreCache()
+
+    def stack(h):
+        raw = STACK.pack(2, 0, h, h + 1, *([0] * (PERF_MAX_STACK_DEPTH - 2)))
+        cache.add_native(HASH_KEY.pack(h), raw[:STACK_SIZE])
+
+    for h in range(1, 101):
+        stack(h)
+    assert cache.native(7) == (7, 8)
+    cache.rotate()                       # collection N read its counts
+    stack(1000)
+    assert cache.native(7) == (7, 8) and cache.native(1000) == (1000, 1001)   # N+1 may still ask
+    cache.rotate()
+    assert cache.native(7) is None and cache.lost == 1   # drained before N-1: never asked again
+    assert cache.native(1000) == (1000, 1001) and len(cache) == 1

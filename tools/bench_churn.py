@@ -18,85 +18,64 @@ usage: sudo python3 tools/bench_churn.py [--minutes 10] [--libraries 200] [--per
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 
-from benchlib import children_cpu
+from benchlib import REPO, percentile, run_agent, run_measured
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
 from churn import build, spawner  # noqa: E402
 
+# After benchlib.AGENT_PRELUDE.
 AGENT = r'''
-import json, os, resource, sys, time
-sys.path.insert(0, %(repo)r)
-from perfagent.session import Capture, CaptureOptions, DRAIN_INTERVAL
-
-def rss_kb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
-
 seconds = float(sys.argv[1])
 warmup = min(60.0, seconds / 10)
 session = Capture(CaptureOptions(all=True, unwind="dwarf"), lambda line: None)
 session.start()
 start = time.monotonic()
-cycles, rss = [], []
-warm = None
-while time.monotonic() - start < seconds:
-    session.sampler.wait(int(DRAIN_INTERVAL * 1000))
-    t0 = time.perf_counter()
-    session.drain()
-    cycles.append(time.perf_counter() - t0)
-    if warm is None and time.monotonic() - start >= warmup:
-        warm = rss_kb()
-    if len(cycles) %% 50 == 0:
-        rss.append(rss_kb())
+rss = []          # (seconds since the start, RSS KiB) every 5 s
+state = {"warm": None, "next": 5.0}
+
+def each(took):
+    now = time.monotonic() - start
+    if state["warm"] is None and now >= warmup:
+        state["warm"] = rss_kb()
+    if now >= state["next"]:
+        state["next"] += 5.0
+        rss.append((round(now, 1), rss_kb()))
+
+cycles = drain_cycles(session, seconds, each)
 held = session.state.bookkeeping()
+tables = getattr(session.state, "kernel_tables", None)
 end = rss_kb()
 session.stop()
-print("STATS " + json.dumps({"cycles": cycles, "warm_kb": warm, "end_kb": end, "rss": rss,
-                             "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                             "samples": session.samples, "held": held,
-                             "evicted": session.state.walker.cache.evicted}), file=sys.stderr)
+report({"cycles": cycles, "warm_kb": state["warm"], "end_kb": end, "rss": rss, "maxrss_kb": maxrss_kb(),
+        "samples": session.samples, "held": held, "evicted": session.state.walker.cache.evicted,
+        "tables": tables.counts() if tables is not None else None})
 session.close()
 '''
 
 
-def percentile(values, q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))] if values else 0.0
-
-
 def agent_run(seconds: float) -> dict:
-    r = subprocess.run([sys.executable, "-c", AGENT % {"repo": REPO}, str(seconds)],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = [x for x in r.stderr.splitlines() if x.startswith("STATS ")]
-    if not line:
-        sys.exit("agent failed:\n" + r.stderr[-3000:])
-    return json.loads(line[-1][6:])
+    return run_agent(AGENT, [seconds])
 
 
 def perf_run(seconds: float, tmp: str) -> dict:
     data = os.path.join(tmp, "perf.data")
-    before = children_cpu()
-    subprocess.run(["perf", "record", "-q", "-a", "-F", "99", "--call-graph", "dwarf", "-o", data,
-                    "--", "sleep", str(seconds)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   check=True)
-    record = children_cpu() - before
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    before = children_cpu()
-    subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children"],
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
-    return {"record_cpu": record, "report_cpu": children_cpu() - before,
-            "maxrss_kb": max(rss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss),
+    record, record_rss = run_measured(["perf", "record", "-q", "-a", "-F", "99", "--call-graph", "dwarf",
+                                       "-o", data, "--", "sleep", str(seconds)])
+    report, report_rss = run_measured(["perf", "report", "-i", data, "--stdio", "--no-children"])
+    return {"record_cpu": record, "report_cpu": report, "maxrss_kb": max(record_rss, report_rss),
             "data_mb": os.path.getsize(data) / 1e6}
+
+
+def rss_at(samples, seconds: float) -> int:
+    """The RSS sample nearest ``seconds`` into the run (KiB)."""
+    return min(samples, key=lambda tk: abs(tk[0] - seconds))[1] if samples else 0
 
 
 def main() -> int:
@@ -124,8 +103,12 @@ def main() -> int:
               % (agent["samples"], len(cycles), max(cycles or [0]), percentile(cycles, 0.99)))
         print("  RSS after warm-up %.1f MB, at the end %.1f MB, peak %.1f MB"
               % ((agent["warm_kb"] or 0) / 1024, agent["end_kb"] / 1024, agent["maxrss_kb"] / 1024))
-        print("  RSS every 5 s (MB): %s" % " ".join("%.0f" % (k / 1024) for k in agent["rss"]))
+        marks = [m for m in (1, 2, 3, 5, 10, 20, 30, 60) if m <= args.minutes]
+        print("  RSS at %s" % ", ".join("%d min %.1f MB" % (m, rss_at(agent["rss"], m * 60) / 1024)
+                                       for m in marks))
+        print("  RSS every 5 s (MB): %s" % " ".join("%.0f" % (k / 1024) for _t, k in agent["rss"]))
         print("  held at the end: %s; CFI evictions %d" % (agent["held"], agent["evicted"]))
+        print("  kernel unwind tables at the end: %s" % agent["tables"])
         if perf:
             print("perf record -a --call-graph dwarf (%.0f s): %.2f CPU s, perf report %.2f CPU s, "
                   "peak RSS %.1f MB, perf.data %.0f MB"

@@ -19,7 +19,6 @@ usage: sudo python3 tools/bench_giant.py [--duration 5] [--whole-table]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import shutil
@@ -27,40 +26,29 @@ import subprocess
 import sys
 import tempfile
 
-from benchlib import children_cpu
+from benchlib import REPO, children_cpu, percentile, run_agent
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
 from giant import LIBLLVM, build_llvmcall, have_libllvm  # noqa: E402
 
+# After benchlib.AGENT_PRELUDE.
 AGENT = r'''
-import json, os, resource, sys, time
-sys.path.insert(0, %(repo)r)
-from perfagent.session import Capture, CaptureOptions, DRAIN_INTERVAL
-
-def rss_kb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
-
 pid, seconds = int(sys.argv[1]), float(sys.argv[2])
 session = Capture(CaptureOptions(pid=pid, unwind="dwarf"), lambda line: None)
 session.start()
 rss_start = rss_kb()
-cycles = []
 first = None
-end = time.monotonic() + seconds
-while time.monotonic() < end:
-    before = session.samples
-    session.sampler.wait(int(DRAIN_INTERVAL * 1000))
-    t0 = time.perf_counter()  # the drain's own work, without the wait for data
-    session.drain()
-    took = time.perf_counter() - t0
-    cycles.append(took)
-    if first is None and session.samples > before:
+seen = [0]
+
+def each(took):
+    global first
+    if first is None and session.samples > seen[0]:
         first = {"seconds": took, "rss_before_kb": rss_start, "rss_after_kb": rss_kb()}
+    seen[0] = session.samples
+
+cycles = drain_cycles(session, seconds, each)
 session.stop()
-real = os.path.realpath(%(lib)r)
 held = {}
 cache = session.state.walker.cache
 for key, cfi in list(cache._by_inode.items()):
@@ -68,11 +56,9 @@ for key, cfi in list(cache._by_inode.items()):
     if table is not None and len(table._cfi.data) > 1 << 22:  # libLLVM's 5 MB .eh_frame
         held = {"fdes_decoded": table.fdes_decoded, "rows_built": table.rows_built,
                 "gap_lookups": table.gap_lookups, "bytes": table.nbytes()}
-print("STATS " + json.dumps({"first": first, "cycles": cycles, "samples": session.samples,
-                             "summary": session.state.walker.summary(), "held": held,
-                             "rss_end_kb": rss_kb(),
-                             "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}),
-      file=sys.stderr)
+report({"first": first, "cycles": cycles, "samples": session.samples,
+        "summary": session.state.walker.summary(), "held": held,
+        "rss_end_kb": rss_kb(), "maxrss_kb": maxrss_kb()})
 session.close()
 '''
 
@@ -104,15 +90,9 @@ def stop(p: subprocess.Popen) -> None:
 def agent_run(exe: str, seconds: float) -> dict:
     target = start(exe)
     try:
-        r = subprocess.run([sys.executable, "-c", AGENT % {"repo": REPO, "lib": LIBLLVM},
-                            str(target.pid), str(seconds)],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return run_agent(AGENT, [target.pid, seconds])
     finally:
         stop(target)
-    line = [x for x in r.stderr.splitlines() if x.startswith("STATS ")]
-    if not line:
-        sys.exit("agent failed:\n" + r.stderr)
-    return json.loads(line[-1][6:])
 
 
 def perf_run(exe: str, seconds: float, tmp: str) -> dict:
@@ -132,11 +112,6 @@ def perf_run(exe: str, seconds: float, tmp: str) -> dict:
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
     return {"record_cpu": record, "report_cpu": children_cpu() - before,
             "maxrss_kb": max(rss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)}
-
-
-def percentile(values, q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))] if values else 0.0
 
 
 def main() -> int:

@@ -279,9 +279,11 @@ class InKernelSampler(FollowsTgids):
                 s[1] += period
         S.drain_into(self._cache, self._native, self._pystore)
         native, python = self._cache.native, self._cache.python
-        return [OnCpuStack(tgid, tid, native(uh) or (), native(kh) or (), n, period,
-                           python(ph) if ph else None)
-                for (tgid, tid, kh, uh, ph), (n, period) in sums.items()]
+        out = [OnCpuStack(tgid, tid, native(uh) or (), native(kh) or (), n, period,
+                          python(ph) if ph else None)
+               for (tgid, tid, kh, uh, ph), (n, period) in sums.items()]
+        self._cache.rotate()   # every count was read: older stores cannot be asked for
+        return out
 
 
 # ----------------------------------------------------------------------------

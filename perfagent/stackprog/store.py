@@ -56,11 +56,16 @@ class StoreCache:
     ``python(h)`` a (frames, flags) pair, frames as (code, instr, flags)
     leaf first (perfagent.stackprog.layout: struct pyframe); a hash that was never seen (its insert failed: the
     store was full) gives None and is counted in ``lost``.
+
+    Two generations, so a long run holds only what the next collection
+    can ask for (:meth:`rotate`), not every stack it ever drained.
     """
 
     def __init__(self) -> None:
         self._native: Dict[int, Tuple[int, ...]] = {}
         self._python: Dict[int, Tuple[Tuple[PyFrame, ...], int]] = {}
+        self._old_native: Dict[int, Tuple[int, ...]] = {}
+        self._old_python: Dict[int, Tuple[Tuple[PyFrame, ...], int]] = {}
         self.lost = 0
 
     def add_native(self, raw_key: bytes, raw_value: bytes) -> None:
@@ -77,7 +82,9 @@ class StoreCache:
             return ()
         ips = self._native.get(h)
         if ips is None:
-            self.lost += 1
+            ips = self._old_native.get(h)
+            if ips is None:
+                self.lost += 1
         return ips
 
     def python(self, h: int) -> Optional[Tuple[Tuple[PyFrame, ...], int]]:
@@ -85,8 +92,29 @@ class StoreCache:
             return (), 0
         got = self._python.get(h)
         if got is None:
-            self.lost += 1
+            got = self._old_python.get(h)
+            if got is None:
+                self.lost += 1
         return got
+
+    def rotate(self) -> None:
+        """A collection read every count (and then drained the stores):
+        what was drained before the previous collection is dropped.
+
+        Only for sources whose counts are the only holders of hashes (the
+        on-CPU count map): a count read at collection N was last
+        incremented after collection N-1 read it, and the program stores a
+        stack before it counts it -- so its stack was either still in the
+        kernel store when N-1 drained it (the generation kept) or inserted
+        again since (drained by N).  Stores drained at N-2 or before can
+        no longer be asked for.  (Off-CPU intervals that stay open across
+        collections hold hashes longer: that collector does not rotate.)
+        """
+        self._old_native, self._native = self._native, {}
+        self._old_python, self._python = self._python, {}
+
+    def __len__(self) -> int:
+        return len(self._native) + len(self._python) + len(self._old_native) + len(self._old_python)
 
 
 def decode_pystack(raw: bytes, offset: int = 0) -> Tuple[Tuple[PyFrame, ...], int]:

@@ -18,8 +18,10 @@ InKernelSampler's and its fallback records like RecordSampler's.
 
 from __future__ import annotations
 
+import bisect
 import os
 import time
+from collections import OrderedDict
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 from perfagent.bpf import syscall as sc
@@ -56,6 +58,23 @@ FALLBACK_RING_FACTOR = 4
 
 REFUSED = -1
 
+# Rows and table ids let go (a binary evicted, a table rebuilt) are reused
+# only this long after: a program that read a mapping or table entry just
+# before it was changed may still be reading the old rows.  A walk lasts
+# microseconds (a BPF program runs to its end on its CPU); a quarter of a
+# second is several orders of magnitude beyond it.
+REUSE_AFTER = 0.25
+# Binaries no loaded process maps keep their tables (loading a process
+# that maps them again costs no compiling), the least recently used first
+# to go: at most IDLE_BINARIES of them, and fewer when rows or table ids
+# run short (a 1/FREE_RESERVE fraction of each is kept free for new ones).
+IDLE_BINARIES = 64
+FREE_RESERVE = 8
+# After a binary found no room even with every idle one evicted, binaries
+# not loaded yet are not compiled again for this long (their processes
+# wait; rows come free as processes exit).
+NO_ROOM_WAIT = 1.0
+
 
 _supported: List[Optional[str]] = []
 
@@ -91,18 +110,65 @@ FIRST_REBUILD_WAIT = 0.1
 LAST_REBUILD_WAIT = 2.0
 
 
+class _NoRoom(Exception):
+    """No free rows or table id now (some may come free soon): the
+    process waits, nothing is refused."""
+
+
+class _Rows:
+    """Free ranges of the rows array: first fit, neighbours merged when a
+    range is given back (tables come and go as binaries are evicted and
+    rebuilt; a table's rows are one range, as uw_table's first/count say)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.free: List[List[int]] = [[0, size]] if size else []   # [first, count], by first
+        self.used = 0
+
+    def take(self, n: int) -> Optional[int]:
+        if n <= 0:
+            return 0
+        for i, (first, count) in enumerate(self.free):
+            if count >= n:
+                if count == n:
+                    del self.free[i]
+                else:
+                    self.free[i] = [first + n, count - n]
+                self.used += n
+                return first
+        return None
+
+    def give(self, first: int, n: int) -> None:
+        if n <= 0:
+            return
+        self.used -= n
+        free = self.free
+        i = bisect.bisect_left(free, [first, 0])
+        if i > 0 and free[i - 1][0] + free[i - 1][1] == first:
+            i -= 1
+            free[i][1] += n
+        else:
+            free.insert(i, [first, n])
+        if i + 1 < len(free) and free[i][0] + free[i][1] == free[i + 1][0]:
+            free[i][1] += free.pop(i + 1)[1]
+
+
 class _Binary:
     """One binary's table in the kernel, and the mappings that use it."""
 
-    __slots__ = ("table", "base", "cfi", "decoded", "refs", "complete", "path", "next_rebuild", "wait")
+    __slots__ = ("table", "base", "cfi", "decoded", "refs", "complete", "path", "next_rebuild", "wait",
+                 "first", "count")
 
-    def __init__(self, table: int, base: int, cfi, decoded: int, complete: bool, path: str) -> None:
+    def __init__(self, table: int, first: int, count: int, base: int, cfi, decoded: int, complete: bool,
+                 path: str) -> None:
         self.path = path
         self.wait = FIRST_REBUILD_WAIT       # doubles after each rebuild, up to LAST_REBUILD_WAIT
         self.next_rebuild = 0.0
         self.table = table          # index into unwind_tables
+        self.first = first          # its rows: rows[first:first + count]
+        self.count = count
         self.base = base            # link-time address of row pc 0
-        self.cfi = cfi              # the walker's BinaryCFI (its lazily decoded FDEs)
+        self.cfi = cfi              # the walker's BinaryCFI (its lazily decoded FDEs); None while idle
         self.decoded = decoded      # FDEs in the table (partial tables grow)
         self.complete = complete    # every FDE is in (no UW_CFA_FALLBACK gaps to fill)
         self.refs: Dict[int, tuple] = {}   # mapping index -> (start, end, vaddr of start)
@@ -132,18 +198,35 @@ class KernelTables:
     between them, and is rebuilt (new rows, a new table id, its mappings
     pointed at it) when more were decoded.  A whole machine's binaries are
     thus never compiled whole; the fallbacks teach the kernel the hot code.
+
+    A long run with processes coming and going does not fill the tables:
+    a binary no loaded process maps any more is idle, and idle binaries
+    are evicted, least recently used first, beyond ``idle_binaries`` or
+    when free rows or table ids run short; their rows and table ids (and
+    those a rebuild replaced) are reused REUSE_AFTER seconds later, when
+    no walk can still be reading them.
     """
 
     REBUILD_INTERVAL = 0.1   # seconds between two looks at the binaries' decoded FDEs
 
-    def __init__(self, cfi_cache, auto: bool, max_procs: int = KU.MAX_PROCS) -> None:
-        self.maps = KU.make_maps(auto, max_procs=max_procs)
+    def __init__(self, cfi_cache, auto: bool, max_procs: int = KU.MAX_PROCS, max_rows: int = 0) -> None:
+        self.maps = KU.make_maps(auto, max_rows=max_rows, max_procs=max_procs)
         self.cfi = cfi_cache
         self._users = 0
         self.max_rows = self.maps.rows.max_entries
-        self._next_row = 0
+        self.max_tables = self.maps.tables.max_entries
+        self._rows = _Rows(self.max_rows)
         self._next_table = 0
+        self._free_tables: List[int] = []
+        # (when freed, first row, rows, table id or -1): not reused before REUSE_AFTER
+        self._quarantine: List[Tuple[float, int, int, int]] = []
         self._binaries: Dict[tuple, _Binary] = {}
+        self._idle: "OrderedDict[tuple, None]" = OrderedDict()   # unmapped binaries, least recent first
+        self.idle_binaries = IDLE_BINARIES
+        self.evicted = 0
+        self.rows_written = 0        # every table written (rebuilds and reloads included)
+        self.no_room = 0             # loads put off for want of rows or table ids
+        self._no_room_until = 0.0
         self._refused: Dict[tuple, str] = {}
         self._free_slots = list(range(max_procs - 1, -1, -1))
         # pid -> (slot, mapping signature, binary keys its mappings use,
@@ -166,11 +249,23 @@ class KernelTables:
 
     @property
     def rows_loaded(self) -> int:
-        return self._next_row
+        """Rows that hold a loaded binary's table (not those waiting to be reused)."""
+        return self._rows.used - sum(q[2] for q in self._quarantine)
 
     @property
     def binaries_loaded(self) -> int:
         return len(self._binaries)
+
+    @property
+    def tables_used(self) -> int:
+        """Table ids that name a loaded binary's table."""
+        return self._next_table - len(self._free_tables) - sum(1 for q in self._quarantine if q[3] >= 0)
+
+    def counts(self) -> Dict[str, int]:
+        """What the tables hold (tests of long runs assert on these)."""
+        return {"binaries": len(self._binaries), "idle_binaries": len(self._idle),
+                "rows": self.rows_loaded, "tables": self.tables_used, "processes": len(self._procs),
+                "evicted": self.evicted, "refused": len(self._refused), "no_room": self.no_room}
 
     # -- processes ---------------------------------------------------------------
     def refresh(self, state, pids: Iterable[int], deadline: Optional[float] = None) -> None:
@@ -178,6 +273,7 @@ class KernelTables:
         as they are now, then grow the partial tables; stops at ``deadline``
         (time.monotonic)."""
         t0 = time.monotonic()
+        self._tidy(t0)
         try:
             # First what the last walks taught (cheap, and it stops the
             # fallbacks of processes already loaded), then new processes.
@@ -206,6 +302,8 @@ class KernelTables:
                     self._load(pid, entries, signature, None if first else deadline, space)
                 except _OutOfTime:
                     return
+                except _NoRoom:
+                    self.no_room += 1               # it waits: rows come free as processes exit
                 first = False
         finally:
             self.load_seconds += time.monotonic() - t0
@@ -264,6 +362,71 @@ class KernelTables:
             b = self._binaries.get(key) if key is not None else None
             if b is not None:
                 b.refs.pop(first + i, None)
+                if not b.refs:
+                    self._idle[key] = None      # its table stays, for the next process that maps it
+                    self._idle.move_to_end(key)
+
+    # -- eviction ----------------------------------------------------------------
+    def _tidy(self, now: float) -> None:
+        """Reuse what was freed long enough ago; evict idle binaries beyond
+        ``idle_binaries`` or while rows or table ids run short."""
+        q = self._quarantine
+        n = 0
+        while n < len(q) and q[n][0] + REUSE_AFTER <= now:
+            _when, first, count, table = q[n]
+            self._rows.give(first, count)
+            if table >= 0:
+                self._free_tables.append(table)
+            n += 1
+        if n:
+            del q[:n]
+        while self._idle and (len(self._idle) > self.idle_binaries or self._short()):
+            self._evict(next(iter(self._idle)), now)
+        # Idle tables do not hold the walker's CFI: the CFI cache's LRU
+        # alone decides about that memory (_mapping takes it again).
+        for key in self._idle:
+            self._binaries[key].cfi = None
+
+    def _short(self) -> bool:
+        """Fewer than 1/FREE_RESERVE of the rows or table ids are free (or
+        coming free)."""
+        free_rows = self.max_rows - self.rows_loaded
+        free_tables = self.max_tables - self.tables_used
+        return free_rows * FREE_RESERVE < self.max_rows or free_tables * FREE_RESERVE < self.max_tables
+
+    def _evict(self, key: tuple, now: float) -> None:
+        """Forget an idle binary: its table id and rows are reused later."""
+        del self._idle[key]
+        b = self._binaries.pop(key)
+        self._quarantine.append((now, b.first, b.count, b.table))
+        self.evicted += 1
+
+    def _take(self, n: int) -> Tuple[int, int]:
+        """(table id, first row) for a table of ``n`` rows, evicting idle
+        binaries when there is no room; _NoRoom when there is none now."""
+        while True:
+            first = self._rows.take(n)
+            table = -1
+            if first is not None:
+                if self._free_tables:
+                    table = self._free_tables.pop()
+                elif self._next_table < self.max_tables:
+                    table = self._next_table
+                    self._next_table += 1
+                else:
+                    self._rows.give(first, n)
+            if table >= 0:
+                return table, first
+            # Evicted rows and ids are reused only later: evict what this
+            # table needs (the least recently used first), and retry then.
+            now = time.monotonic()
+            while self._idle and (sum(q[2] for q in self._quarantine) < n
+                                  or not any(q[3] >= 0 for q in self._quarantine)):
+                self._evict(next(iter(self._idle)), now)
+            # Until then nothing new is compiled (and for longer when
+            # nothing is coming free: rows come free as processes exit).
+            self._no_room_until = now + (REUSE_AFTER if self._quarantine else NO_ROOM_WAIT)
+            raise _NoRoom()
 
     def _load(self, pid: int, entries, signature: tuple, deadline: Optional[float], space: tuple) -> None:
         entries = sorted(entries, key=lambda e: e.start)[:KU.MAX_MAPPINGS]
@@ -286,7 +449,11 @@ class KernelTables:
             kind, key, vaddr = mappings[i]
             b = self._binaries.get(key) if key is not None else None
             table = bias = 0
+            if b is None and key is not None:
+                kind = KU.UW_MAP_FALLBACK   # evicted meanwhile (room made for another binary)
             if b is not None:
+                if not b.refs:
+                    self._idle.pop(key, None)
                 b.refs[first + i] = (e.start, e.end, vaddr)
                 table, bias = b.table, e.start - vaddr + b.base
             keys.append(key if b is not None else None)
@@ -318,42 +485,53 @@ class KernelTables:
         vaddr = binary.load_map.offset_to_vaddr(e.pgoff) if binary.load_map is not None else None
         if vaddr is None:
             return KU.UW_MAP_FALLBACK, None, 0
-        if key not in self._binaries:
-            if deadline is not None and time.monotonic() >= deadline:
+        b = self._binaries.get(key)
+        if b is None:
+            now = time.monotonic()
+            if now < self._no_room_until:
+                raise _NoRoom()
+            if deadline is not None and now >= deadline:
                 raise _OutOfTime()
             if not self._new_binary(key, binary, e.path):
                 return KU.UW_MAP_FALLBACK, None, 0
+        elif b.cfi is None:
+            b.cfi = binary          # idle until now: the cache's current CFI (it may have been reloaded)
         return KU.UW_MAP_TABLE, key, vaddr
 
     def _compile(self, cfi) -> Tuple["K.CompactTable", int, bool]:
-        """(rows, FDEs decoded, complete) of a binary's table as known now."""
-        room = self.max_rows - self._next_row
+        """(rows, FDEs decoded, complete) of a binary's table as known now
+        (refused only when it could never fit: room is made by eviction)."""
+        room = self.max_rows
         spans = _lazy_spans(cfi)
         if spans is None:
             return K.compile_rows(cfi.table, room), 0, True
         return K.compile_spans(spans, K.FALLBACK_ROW, room), len(cfi.table._fdes), False
 
-    def _publish(self, compiled: "K.CompactTable") -> int:
-        """Write a table's rows and range; returns its (new) table id."""
-        if self._next_table >= self.maps.tables.max_entries:
-            raise K.TableRefused("%d tables written already" % self._next_table)
-        first = self._next_row
-        _write_rows(self.maps.rows, first, compiled)
-        table = self._next_table
-        self.maps.tables.update(KU.UW_INDEX.pack(table), KU.UW_TABLE.pack(first, len(compiled.rows)))
-        self._next_row += len(compiled.rows)
-        self._next_table += 1
-        return table
+    def _publish(self, compiled: "K.CompactTable") -> Tuple[int, int]:
+        """Write a table's rows (to free ones) and range (under a free table
+        id); returns (table id, first row)."""
+        table, first = self._take(len(compiled.rows))
+        try:
+            _write_rows(self.maps.rows, first, compiled)
+            self.maps.tables.update(KU.UW_INDEX.pack(table), KU.UW_TABLE.pack(first, len(compiled.rows)))
+        except BaseException:
+            self._quarantine.append((time.monotonic(), first, len(compiled.rows), table))
+            raise
+        self.rows_written += len(compiled.rows)
+        return table, first
 
     def _new_binary(self, key: tuple, cfi, path: str) -> bool:
         try:
             compiled, decoded, complete = self._compile(cfi)
-            table = self._publish(compiled)
+            table, first = self._publish(compiled)
         except K.TableRefused as exc:
-            self.refused[path] = str(exc)
+            if len(self.refused) < 100:
+                self.refused[path] = str(exc)
             self._refused[key] = str(exc)
             return False
-        self._binaries[key] = _Binary(table, compiled.base, cfi, decoded, complete, path)
+        self._binaries[key] = _Binary(table, first, len(compiled.rows), compiled.base, cfi, decoded,
+                                      complete, path)
+        self._idle[key] = None      # until a process is published with it
         return True
 
     def _grow(self, deadline: Optional[float]) -> None:
@@ -363,15 +541,15 @@ class KernelTables:
         pointed at it: a program running meanwhile reads the old table or
         the new one, never a mix."""
         now = time.monotonic()
-        if now < self._next_rebuild:
+        if now < self._next_rebuild or now < self._no_room_until:
             return
         self._next_rebuild = now + self.REBUILD_INTERVAL
         for key, b in list(self._binaries.items()):
-            if b.complete or not b.refs:
+            if b.complete or not b.refs or b.cfi is None:
                 continue
             fdes = getattr(b.cfi.table, "_fdes", None)
-            if fdes is None or len(fdes) == b.decoded:
-                continue
+            if fdes is None or len(fdes) <= b.decoded:
+                continue                    # (fewer: the CFI cache loaded it again; it catches up)
             if now < b.next_rebuild:
                 continue
             # Most of a binary's hot code is decoded in the first seconds:
@@ -382,16 +560,24 @@ class KernelTables:
                 return
             try:
                 compiled, decoded, complete = self._compile(b.cfi)
-                table = self._publish(compiled)
+                table, first = self._publish(compiled)
             except K.TableRefused as exc:
-                b.complete = True           # no room to grow: its gaps stay with user space
-                self.refused[b.path] = str(exc)
+                b.complete = True           # too large to grow: its gaps stay with user space
+                if len(self.refused) < 100:
+                    self.refused[b.path] = str(exc)
                 continue
-            b.table, b.base, b.decoded, b.complete = table, compiled.base, decoded, complete
+            except _NoRoom:
+                continue                    # grows when rows come free
+            old = (b.first, b.count, b.table)
+            b.table, b.first, b.count = table, first, len(compiled.rows)
+            b.base, b.decoded, b.complete = compiled.base, decoded, complete
             self.rebuilds += 1
             for index, (start, end, vaddr) in b.refs.items():
                 self.maps.mappings.update(KU.UW_INDEX.pack(index), KU.UW_MAPPING.pack(
                     start, end, (start - vaddr + b.base) & (2 ** 64 - 1), table, KU.UW_MAP_TABLE))
+            # Every mapping points at the new table: the old rows and id are
+            # reused once no walk can be reading them.
+            self._quarantine.append((time.monotonic(),) + old)
 
 
 # Rows written per BPF_MAP_UPDATE_BATCH call.

@@ -402,7 +402,7 @@ class CFICache:
     def get(self, m) -> BinaryCFI:
         """The CFI of the file mapping ``m`` maps (a MappedFile: pid, path,
         device, inode, range); an empty BinaryCFI when it cannot be read."""
-        key = (m.dev_major, m.dev_minor, m.inode) if m.inode else (m.path, m.pid, m.start)
+        key = self.key_of(m)
         cfi = self._by_inode.get(key)
         if cfi is None:
             cfi = self._by_inode[key] = self._load_mapped(m)
@@ -431,13 +431,36 @@ class CFICache:
         total = self.bytes_held()
         while total > self.max_bytes and len(self._by_inode) > 1:
             key, cfi = self._by_inode.popitem(last=False)
-            if any(other is cfi for other in self._by_inode.values()):
-                continue  # another inode shares it (one build at two paths)
-            total -= cfi.table.nbytes() if cfi.table is not None else 0
-            self.evicted += 1
-            for build_id, other in list(self._by_build_id.items()):
-                if other is cfi:
-                    del self._by_build_id[build_id]
+            total -= self._dropped(cfi)
+
+    def _dropped(self, cfi: BinaryCFI) -> int:
+        """``cfi`` was taken out of ``_by_inode``: forget it unless another
+        inode shares it (one build at two paths); the bytes it freed."""
+        if any(other is cfi for other in self._by_inode.values()):
+            return 0
+        self.evicted += 1
+        for build_id, other in list(self._by_build_id.items()):
+            if other is cfi:
+                del self._by_build_id[build_id]
+        return cfi.table.nbytes() if cfi.table is not None else 0
+
+    def retain(self, mapped) -> int:
+        """Forget the binaries no live process maps (``mapped``: the keys,
+        as :meth:`key_of` makes them, of every live process's file
+        mappings): in a long run where processes come and go, a library
+        loaded by processes that exited is dead weight until one maps it
+        again (then it is loaded again).  The vDSO stays.  Returns the
+        bytes freed."""
+        freed = 0
+        for key in [k for k in self._by_inode if k not in mapped and k != ("[vdso]", 0)]:
+            freed += self._dropped(self._by_inode.pop(key))
+        return freed
+
+    @staticmethod
+    def key_of(m) -> tuple:
+        """The cache key of the file behind mapping ``m`` (a MappedFile or
+        MapEntry-like with pid)."""
+        return (m.dev_major, m.dev_minor, m.inode) if m.inode else (m.path, m.pid, m.start)
 
     def get_vdso(self) -> BinaryCFI:
         """The vDSO's CFI, from the agent's own image (the same kernel's)."""
