@@ -32,8 +32,10 @@ one letter is malformed: skipped and counted in ``skipped``.
 from __future__ import annotations
 
 import bisect
+import gc
 import operator
-from typing import Dict, List, Optional, Tuple
+import re
+from typing import Dict, List, Optional, Tuple, Union
 
 KALLSYMS_PATH = "/proc/kallsyms"
 
@@ -98,8 +100,13 @@ class KernelSymbols:
         self._modules: List[Optional[str]] = []
 
     @classmethod
-    def load(cls, path: str = KALLSYMS_PATH) -> "KernelSymbols":
+    def load(cls, path: str = KALLSYMS_PATH) -> "Union[KernelSymbols, KallsymsIndex]":
         """Read ``path`` in one go and index its text symbols.
+
+        A file the kernel wrote (every line canonical, see KallsymsIndex)
+        gets the lazy index, which names only the addresses asked for; any
+        other text gets this full parse, which skips and counts what it
+        cannot read.  Both answer every lookup alike (tests compare them).
 
         Never raises for an unreadable file: the capture goes on with kernel
         frames as addresses and ``reason`` explains.
@@ -111,6 +118,9 @@ class KernelSymbols:
             syms = cls()
             syms.reason = REASON_UNREADABLE % (path, e.strerror or e)
             return syms
+        index = KallsymsIndex.build(data, path)
+        if index is not None:
+            return index
         return cls.parse(data.decode("latin-1"), path)
 
     @classmethod
@@ -243,3 +253,153 @@ def _parse_text(text: str) -> Tuple[List[_Symbol], bool, int]:
         else:
             symbols.append((addr, _REAL_RANK, name, module))
     return symbols, any_nonzero, skipped
+
+
+# -- the lazy index ---------------------------------------------------------------
+
+#: One line exactly as the kernel prints it on a 64-bit machine (s_show() in
+#: kernel/kallsyms.c: "%px %c %s\t[%s]"): 16 lower-case hex digits, one type
+#: letter, a name of printable ASCII, and an optional tab-bracketed module.
+#: A text line yields (address, name, module or b""); any other canonical
+#: line yields (b"", b"", b""), whose empty address sorts before every real
+#: one and so is never a lookup's answer.
+_MODULE = rb"\t\[([!-Z\\^-~]+)\]"  # printable, no brackets
+_CANONICAL_LINE = re.compile(
+    rb"^(?:([0-9a-f]{16}) [tTwW] ([!-~]+)(?:" + _MODULE + rb")?"
+    rb"|[0-9a-f]{16} [A-Za-z] [!-~]+(?:\t\[[!-Z\\^-~]+\])?)$", re.M)
+_ZERO_ADDRESS = b"0" * MAX_ADDRESS_DIGITS
+_FIRST = operator.itemgetter(0)
+
+
+class KallsymsIndex:
+    """/proc/kallsyms kept as the kernel wrote it, sorted by address, and
+    named only for the addresses a profile asks about.
+
+    Why: a profile has a few dozen distinct kernel frames, the file has
+    120k+ symbols, and turning every line into Python ints and strings cost
+    more CPU than the rest of a short capture's start-up.  Here the lines
+    are split by one regex and sorted by their fixed-width hex addresses (as
+    bytes, which order like the numbers), both in C; a lookup bisects that
+    and applies KernelSymbols' rules (first alias, end markers, tail caps)
+    to the two addresses around the one asked.  Same interface and answers
+    as KernelSymbols; ``__len__`` and ``address_of`` (diagnostics) parse
+    the file in full once.
+    """
+
+    __slots__ = ("available", "reason", "skipped", "_path", "_lines", "_order", "_sorted",
+                 "_cache", "_full")
+
+    def __init__(self, lines: list, path: str) -> None:
+        self.available = True
+        self.reason = ""
+        self.skipped = 0  # every line is canonical
+        self._path = path
+        self._lines = lines  # (address hex, name, module) in file order
+        addresses = list(map(_FIRST, lines))
+        # Stable: the lines at one address stay in file order (first alias).
+        self._order = sorted(range(len(addresses)), key=addresses.__getitem__)
+        self._sorted = [addresses[i] for i in self._order]
+        self._cache: Dict[int, Optional[Tuple[str, Optional[str]]]] = {}
+        self._full: Optional[KernelSymbols] = None
+
+    @classmethod
+    def build(cls, data: bytes, path: str = KALLSYMS_PATH) -> "Optional[Union[KallsymsIndex, KernelSymbols]]":
+        """The index of ``data``; a KernelSymbols carrying the reason when it
+        has no usable symbols; None when a line is not canonical (the caller
+        then parses it in full)."""
+        enabled = gc.isenabled()
+        gc.disable()  # 120k+ acyclic tuples: collections would only rescan them
+        try:
+            lines = _CANONICAL_LINE.findall(data)
+            count = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+            if len(lines) != count:
+                return None
+            index = cls(lines, path)
+        finally:
+            if enabled:
+                gc.enable()
+        if not index._sorted or not index._sorted[-1]:
+            empty = KernelSymbols()
+            empty.reason = REASON_EMPTY % path
+            return empty
+        if index._sorted[-1] == _ZERO_ADDRESS:
+            hidden = KernelSymbols()
+            hidden.reason = REASON_HIDDEN
+            return hidden
+        return index
+
+    def _winner(self, i: int, step: int) -> Tuple[int, int, Optional[str], Optional[str]]:
+        """(first sorted position, address, name or None for an end marker,
+        module) of the symbol kept at the address of sorted position ``i``:
+        the first listed real symbol there, else the (first) end marker.
+        ``step`` is -1 when ``i`` is the last position of its run, 1 when it
+        is the first."""
+        address = self._sorted[i]
+        run = []
+        j = i
+        while 0 <= j < len(self._sorted) and self._sorted[j] == address:
+            run.append(j)
+            j += step
+        run.sort()
+        first = run[0]
+        chosen = None
+        for k in run:
+            _addr, name, module = self._lines[self._order[k]]
+            text = name.decode("latin-1")
+            if not _is_end_marker(text):
+                chosen = (text, module)
+                break
+        if chosen is None:
+            _addr, name, module = self._lines[self._order[first]]
+            chosen = (None, module)
+        name, module = chosen
+        return first, int(address, 16), name, (module.decode("latin-1") if module else None)
+
+    def _resolve(self, addr: int) -> Optional[Tuple[str, Optional[str]]]:
+        if not 0 <= addr < 1 << 64:
+            return None
+        i = bisect.bisect_right(self._sorted, b"%016x" % addr) - 1
+        if i < 0 or not self._sorted[i]:
+            return None  # below every text symbol
+        _first, start, name, module = self._winner(i, -1)
+        if name is None:
+            return None  # after an end marker
+        nxt = i + 1  # bisect_right: the next address's first line
+        if nxt < len(self._sorted):
+            _f, next_start, _next_name, next_module = self._winner(nxt, 1)
+            capped = next_module != module and next_start > start + MAX_TAIL_SYMBOL_SIZE
+        else:
+            capped = True
+        if capped and addr >= start + MAX_TAIL_SYMBOL_SIZE:
+            return None  # past the last function before unrelated memory
+        return name, module
+
+    def lookup_full(self, addr: int) -> Optional[Tuple[str, Optional[str]]]:
+        """(name, module or None) for ``addr``, or None; answers cached."""
+        try:
+            return self._cache[addr]
+        except KeyError:
+            found = self._cache[addr] = self._resolve(addr)
+            return found
+
+    def lookup(self, addr: int) -> Optional[str]:
+        found = self.lookup_full(addr)
+        return None if found is None else found[0]
+
+    def lookup_module(self, addr: int) -> Optional[str]:
+        found = self.lookup_full(addr)
+        return None if found is None else found[1]
+
+    def _parsed(self) -> KernelSymbols:
+        if self._full is None:
+            text = "".join("%s t %s%s\n" % (a.decode(), n.decode("latin-1"),
+                                             "\t[%s]" % m.decode("latin-1") if m else "")
+                           for a, n, m in self._lines if a)
+            self._full = KernelSymbols.parse(text, self._path)
+        return self._full
+
+    def __len__(self) -> int:
+        return len(self._parsed())
+
+    def address_of(self, name: str) -> Optional[int]:
+        return self._parsed().address_of(name)
