@@ -32,7 +32,6 @@ one letter is malformed: skipped and counted in ``skipped``.
 from __future__ import annotations
 
 import bisect
-import gc
 import operator
 import re
 from typing import Dict, List, Optional, Tuple, Union
@@ -259,46 +258,44 @@ def _parse_text(text: str) -> Tuple[List[_Symbol], bool, int]:
 
 #: One line exactly as the kernel prints it on a 64-bit machine (s_show() in
 #: kernel/kallsyms.c: "%px %c %s\t[%s]"): 16 lower-case hex digits, one type
-#: letter, a name of printable ASCII, and an optional tab-bracketed module.
-#: A text line yields (address, name, module or b""); any other canonical
-#: line yields (b"", b"", b""), whose empty address sorts before every real
-#: one and so is never a lookup's answer.
-_MODULE = rb"\t\[([!-Z\\^-~]+)\]"  # printable, no brackets
+#: letter, a name of printable ASCII, and an optional tab-bracketed module
+#: (printable, no brackets).
 _CANONICAL_LINE = re.compile(
-    rb"^(?:([0-9a-f]{16}) [tTwW] ([!-~]+)(?:" + _MODULE + rb")?"
-    rb"|[0-9a-f]{16} [A-Za-z] [!-~]+(?:\t\[[!-Z\\^-~]+\])?)$", re.M)
+    rb"^[0-9a-f]{16} [A-Za-z] [!-~]+(?:\t\[[!-Z\\^-~]+\])?$", re.M)
 _ZERO_ADDRESS = b"0" * MAX_ADDRESS_DIGITS
-_FIRST = operator.itemgetter(0)
+_ADDRESS = operator.itemgetter(slice(0, MAX_ADDRESS_DIGITS))  # a line's sort key
+_TYPE_AT = MAX_ADDRESS_DIGITS + 1  # "<address> <type> <name>"
+_NAME_AT = MAX_ADDRESS_DIGITS + 3
+_TEXT_TYPE_BYTES = frozenset(ord(t) for t in TEXT_TYPES)
+_AFTER_ANY_LINE = b"\xff"  # address + this sorts after every line at that address
 
 
 class KallsymsIndex:
-    """/proc/kallsyms kept as the kernel wrote it, sorted by address, and
-    named only for the addresses a profile asks about.
+    """/proc/kallsyms kept as the kernel wrote it, its lines sorted by
+    address, named only for the addresses a profile asks about.
 
     Why: a profile has a few dozen distinct kernel frames, the file has
-    120k+ symbols, and turning every line into Python ints and strings cost
-    more CPU than the rest of a short capture's start-up.  Here the lines
-    are split by one regex and sorted by their fixed-width hex addresses (as
-    bytes, which order like the numbers), both in C; a lookup bisects that
-    and applies KernelSymbols' rules (first alias, end markers, tail caps)
-    to the two addresses around the one asked.  Same interface and answers
-    as KernelSymbols; ``__len__`` and ``address_of`` (diagnostics) parse
-    the file in full once.
+    120k+ symbols, and turning every line into Python ints, strings and
+    tuples cost more CPU than the rest of a short capture's start-up (and
+    left the garbage collector 120k objects to scan).  Here one regex checks
+    and splits the lines and one sort orders them by their fixed-width hex
+    address (bytes order as the numbers do), both in C, into bytes objects
+    the collector does not track.  A lookup bisects that and applies
+    KernelSymbols' rules (first alias listed, end markers, tail caps) to the
+    lines at the two addresses around the one asked.  Same interface and
+    answers as KernelSymbols; ``__len__`` and ``address_of`` (diagnostics)
+    parse the lines in full once.
     """
 
-    __slots__ = ("available", "reason", "skipped", "_path", "_lines", "_order", "_sorted",
-                 "_cache", "_full")
+    __slots__ = ("available", "reason", "skipped", "_path", "_lines", "_cache", "_full")
 
-    def __init__(self, lines: list, path: str) -> None:
+    def __init__(self, lines: List[bytes], path: str) -> None:
         self.available = True
         self.reason = ""
         self.skipped = 0  # every line is canonical
         self._path = path
-        self._lines = lines  # (address hex, name, module) in file order
-        addresses = list(map(_FIRST, lines))
         # Stable: the lines at one address stay in file order (first alias).
-        self._order = sorted(range(len(addresses)), key=addresses.__getitem__)
-        self._sorted = [addresses[i] for i in self._order]
+        self._lines = sorted(lines, key=_ADDRESS)
         self._cache: Dict[int, Optional[Tuple[str, Optional[str]]]] = {}
         self._full: Optional[KernelSymbols] = None
 
@@ -307,66 +304,66 @@ class KallsymsIndex:
         """The index of ``data``; a KernelSymbols carrying the reason when it
         has no usable symbols; None when a line is not canonical (the caller
         then parses it in full)."""
-        enabled = gc.isenabled()
-        gc.disable()  # 120k+ acyclic tuples: collections would only rescan them
-        try:
-            lines = _CANONICAL_LINE.findall(data)
-            count = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
-            if len(lines) != count:
-                return None
-            index = cls(lines, path)
-        finally:
-            if enabled:
-                gc.enable()
-        if not index._sorted or not index._sorted[-1]:
+        lines = _CANONICAL_LINE.findall(data)
+        count = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+        if len(lines) != count:
+            return None
+        index = cls(lines, path)
+        last = index._text_line(len(index._lines) - 1, -1)
+        if last < 0:
             empty = KernelSymbols()
             empty.reason = REASON_EMPTY % path
             return empty
-        if index._sorted[-1] == _ZERO_ADDRESS:
+        if index._lines[last][:MAX_ADDRESS_DIGITS] == _ZERO_ADDRESS:
             hidden = KernelSymbols()
             hidden.reason = REASON_HIDDEN
             return hidden
         return index
 
-    def _winner(self, i: int, step: int) -> Tuple[int, int, Optional[str], Optional[str]]:
-        """(first sorted position, address, name or None for an end marker,
-        module) of the symbol kept at the address of sorted position ``i``:
-        the first listed real symbol there, else the (first) end marker.
-        ``step`` is -1 when ``i`` is the last position of its run, 1 when it
-        is the first."""
-        address = self._sorted[i]
+    def _text_line(self, i: int, step: int) -> int:
+        """The first position from ``i`` on (walking by ``step``) holding a
+        text symbol; -1 or len(lines) when there is none."""
+        lines = self._lines
+        while 0 <= i < len(lines) and lines[i][_TYPE_AT] not in _TEXT_TYPE_BYTES:
+            i += step
+        return i
+
+    def _kept(self, i: int, step: int) -> Tuple[int, Optional[str], Optional[str]]:
+        """(address, name or None for an end marker, module) of the symbol
+        kept at the address of text line ``i``: the first listed real symbol
+        there, else an end marker.  ``step`` -1: ``i`` is the last line of
+        its address, 1: the first."""
+        lines = self._lines
+        address = lines[i][:MAX_ADDRESS_DIGITS]
         run = []
-        j = i
-        while 0 <= j < len(self._sorted) and self._sorted[j] == address:
-            run.append(j)
-            j += step
-        run.sort()
-        first = run[0]
+        while 0 <= i < len(lines) and lines[i][:MAX_ADDRESS_DIGITS] == address:
+            if lines[i][_TYPE_AT] in _TEXT_TYPE_BYTES:
+                run.append(i)
+            i += step
+        run.sort()  # file order
         chosen = None
         for k in run:
-            _addr, name, module = self._lines[self._order[k]]
-            text = name.decode("latin-1")
-            if not _is_end_marker(text):
-                chosen = (text, module)
+            name, module = _name_and_module(lines[k])
+            if not _is_end_marker(name):
+                chosen = (name, module)
                 break
         if chosen is None:
-            _addr, name, module = self._lines[self._order[first]]
-            chosen = (None, module)
-        name, module = chosen
-        return first, int(address, 16), name, (module.decode("latin-1") if module else None)
+            chosen = (None, _name_and_module(lines[run[0]])[1])
+        return int(address, 16), chosen[0], chosen[1]
 
     def _resolve(self, addr: int) -> Optional[Tuple[str, Optional[str]]]:
         if not 0 <= addr < 1 << 64:
             return None
-        i = bisect.bisect_right(self._sorted, b"%016x" % addr) - 1
-        if i < 0 or not self._sorted[i]:
+        after = bisect.bisect_right(self._lines, b"%016x" % addr + _AFTER_ANY_LINE)
+        i = self._text_line(after - 1, -1)
+        if i < 0:
             return None  # below every text symbol
-        _first, start, name, module = self._winner(i, -1)
+        start, name, module = self._kept(i, -1)
         if name is None:
             return None  # after an end marker
-        nxt = i + 1  # bisect_right: the next address's first line
-        if nxt < len(self._sorted):
-            _f, next_start, _next_name, next_module = self._winner(nxt, 1)
+        nxt = self._text_line(after, 1)
+        if nxt < len(self._lines):
+            next_start, _next_name, next_module = self._kept(nxt, 1)
             capped = next_module != module and next_start > start + MAX_TAIL_SYMBOL_SIZE
         else:
             capped = True
@@ -392,10 +389,9 @@ class KallsymsIndex:
 
     def _parsed(self) -> KernelSymbols:
         if self._full is None:
-            text = "".join("%s t %s%s\n" % (a.decode(), n.decode("latin-1"),
-                                             "\t[%s]" % m.decode("latin-1") if m else "")
-                           for a, n, m in self._lines if a)
-            self._full = KernelSymbols.parse(text, self._path)
+            # The sort kept each address's lines in file order: the same
+            # choices as parsing the file itself.
+            self._full = KernelSymbols.parse(b"\n".join(self._lines).decode("latin-1"), self._path)
         return self._full
 
     def __len__(self) -> int:
@@ -403,3 +399,9 @@ class KallsymsIndex:
 
     def address_of(self, name: str) -> Optional[int]:
         return self._parsed().address_of(name)
+
+
+def _name_and_module(line: bytes) -> Tuple[str, Optional[str]]:
+    """The name and module (None for the core kernel) of a canonical line."""
+    name, _, module = line[_NAME_AT:].partition(b"\t")
+    return name.decode("latin-1"), (module[1:-1].decode("latin-1") if module else None)
