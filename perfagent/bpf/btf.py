@@ -194,6 +194,7 @@ class BTF:
         self._strs = strs
         self._offsets = self._scan(words, source)
         self._names: Optional[bytes] = None  # every type's name_off, for _ids_named
+        self._found: Dict[str, List[int]] = {}  # find_all's answers by name
 
     @staticmethod
     def _scan(w: array, source: str = "BTF") -> array:
@@ -285,14 +286,22 @@ class BTF:
         return ids
 
     def find_all(self, name: str, kind: Optional[int] = None) -> List[int]:
-        """Every type id called ``name`` (of ``kind`` if given), lowest first."""
-        needle = name.encode() + b"\0"
-        strs = self._strs
-        ids: List[int] = []
-        pos = strs.find(needle)
-        while pos >= 0:
-            ids.extend(self._ids_named(pos))  # (a name may be another string's tail)
-            pos = strs.find(needle, pos + 1)
+        """Every type id called ``name`` (of ``kind`` if given), lowest first.
+
+        Each name's ids are kept: a start-up asks for the same few structs
+        (task_struct, pt_regs) a dozen times, and each search reads the
+        whole string section."""
+        ids = self._found.get(name)
+        if ids is None:
+            needle = name.encode() + b"\0"
+            strs = self._strs
+            ids = []
+            pos = strs.find(needle)
+            while pos >= 0:
+                ids.extend(self._ids_named(pos))  # (a name may be another string's tail)
+                pos = strs.find(needle, pos + 1)
+            self._found[name] = ids
+        ids = list(ids)
         if kind is not None:
             w, offsets = self._w, self._offsets
             ids = [t for t in ids if (w[offsets[t] + 1] >> 24) & 0x1F == kind]
