@@ -14,7 +14,10 @@ alternatives, in one run (issue 12's figures; not a test).
 3. **Agent CPU** (user + sys of the agent process) for a 10 s capture of a
    busy CPython at 99 Hz, side by side with py-spy (pip's ``py-spy``,
    installed here when missing: a benchmark dependency only) recording the
-   same target at the same rate.
+   same target at the same rate.  Twice: with the agent's modules compiled
+   beforehand (into this run's temporary directory, as an installed copy
+   has them) and without bytecode (PYTHONDONTWRITEBYTECODE=1, or a
+   read-only copy without __pycache__: every import compiles its source).
 
 The machine is shared and noisy: read the ratios, run it twice.
 
@@ -75,9 +78,27 @@ while time.monotonic() < end:
 """
 
 
-def agent(args, cwd):
+def agent(args, cwd, pycache: str = ""):
+    """The agent's command line and environment.  ``pycache``: a directory
+    holding its compiled modules (PYTHONPYCACHEPREFIX), as an installed
+    copy has them; without it every import compiles its source (as with
+    PYTHONDONTWRITEBYTECODE=1 or a read-only copy without __pycache__)."""
     env = dict(os.environ, PYTHONPATH=REPO)
+    if pycache:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = pycache
+    else:
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        env.pop("PYTHONPYCACHEPREFIX", None)
     return [sys.executable, "-m", "perfagent", *args], env
+
+
+def compile_agent(pycache: str) -> None:
+    """The agent's modules compiled into ``pycache`` (never into the repository)."""
+    env = dict(os.environ, PYTHONPYCACHEPREFIX=pycache)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(REPO, "perfagent")],
+                   env=env, check=True, stdout=subprocess.DEVNULL)
 
 
 def throughput(python: str, script: str, seconds: float, profiler, tmp: str) -> float:
@@ -218,19 +239,25 @@ def main() -> None:
             with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
                 f.write(old)
 
-        print("3. agent CPU, 10 s of a busy CPython at 99 Hz")
-        cpu, wall, err = agent_cpu(args.python, busy, d, lambda pid: agent(
-            ["--profile", "--pid", str(pid), "--duration", "%gs" % d, "--quiet", "--profile-output", out], tmp),
-            tmp)
-        samples = re.search(r"(\d+) samples", err)
-        print("   perfagent (dwarf, walk)     %.2f CPU s  (%s samples, %.1f s wall)"
-              % (cpu, samples.group(1) if samples else "?", wall))
+        print("3. agent CPU, 10 s of a busy CPython at 99 Hz (default options)")
+        pycache = os.path.join(tmp, "pycache")
+        compile_agent(pycache)
         spy = ensure_py_spy()
+        rows = []
+        for label, cache in (("perfagent, bytecode cached  ", pycache), ("perfagent, no bytecode      ", "")):
+            cpu, wall, err = agent_cpu(args.python, busy, d, lambda pid: agent(
+                ["--profile", "--pid", str(pid), "--duration", "%gs" % d, "--quiet", "--profile-output", out],
+                tmp, cache), tmp)
+            samples = re.search(r"(\d+) samples", err)
+            print("   %s %.2f CPU s  (%s samples, %.1f s wall)"
+                  % (label, cpu, samples.group(1) if samples else "?", wall))
+            rows.append((label, cpu))
         cpu2, wall2, _ = agent_cpu(args.python, busy, d, lambda pid: (
             [spy, "record", "-p", str(pid), "-d", str(int(d)), "-r", "99", "-f", "raw", "-o",
              os.path.join(tmp, "spy.txt")], dict(os.environ)), tmp)
-        print("   py-spy record               %.2f CPU s  (%.1f s wall)" % (cpu2, wall2))
-        print("   ratio perfagent / py-spy    %.2f" % (cpu / cpu2 if cpu2 else float("nan")))
+        print("   py-spy record                %.2f CPU s  (%.1f s wall)" % (cpu2, wall2))
+        for label, cpu in rows:
+            print("   ratio %s / py-spy  %.2f" % (label.strip(), cpu / cpu2 if cpu2 else float("nan")))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
