@@ -21,7 +21,7 @@ alternatives, in one run (issue 12's figures; not a test).
 
 The machine is shared and noisy: read the ratios, run it twice.
 
-usage: sudo python3 tools/bench_python.py [--python PATH] [--duration 10]
+usage: sudo python3 tools/bench_python.py [--python PATH] [--duration 10] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import argparse
 import os
 import re
 import shutil
+import statistics
 import struct
 import subprocess
 import sys
@@ -192,6 +193,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--python", default="/var/cache/perfagent/pythons/3.13-shared/bin/python3.13")
     ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (perf_event_open, bpf)")
@@ -206,17 +208,23 @@ def main() -> None:
             f.write(BUSY)
         out = os.path.join(tmp, "p.pb.gz")
 
-        print("1. target throughput, call-heavy loop, %s, %.0f s" % (args.python, d))
-        alone = throughput(args.python, heavy, d, None, tmp)
-        walk = throughput(args.python, heavy, d, lambda pid: agent(
-            ["--profile", "--pid", str(pid), "--duration", "%gs" % (d + 2), "--quiet",
-             "--profile-output", out], tmp), tmp)
-        tramp = throughput(args.python, heavy, d, lambda pid: agent(
-            ["--profile", "--pid", str(pid), "--duration", "%gs" % (d + 2), "--quiet", "--inject-python",
-             "--no-python-walk", "--profile-output", out], tmp), tmp)
-        print("   alone                       %12.0f calls/s" % alone)
-        print("   perfagent, in-kernel walk   %12.0f calls/s   x%.3f" % (walk, walk / alone))
-        print("   perfagent, --inject-python  %12.0f calls/s   x%.3f" % (tramp, tramp / alone))
+        print("1. target throughput, call-heavy loop, %s, %.0f s, %d rounds (alone, walk, trampoline"
+              " in turn: the machine's load changes between runs)" % (args.python, d, args.rounds))
+        runs = {"alone": [], "walk": [], "tramp": []}
+        for _ in range(args.rounds):
+            runs["alone"].append(throughput(args.python, heavy, d, None, tmp))
+            runs["walk"].append(throughput(args.python, heavy, d, lambda pid: agent(
+                ["--profile", "--pid", str(pid), "--duration", "%gs" % (d + 2), "--quiet",
+                 "--profile-output", out], tmp), tmp))
+            runs["tramp"].append(throughput(args.python, heavy, d, lambda pid: agent(
+                ["--profile", "--pid", str(pid), "--duration", "%gs" % (d + 2), "--quiet", "--inject-python",
+                 "--no-python-walk", "--profile-output", out], tmp), tmp))
+        alone = statistics.median(runs["alone"])
+        for key, label in (("alone", "alone                      "), ("walk", "perfagent, in-kernel walk  "),
+                           ("tramp", "perfagent, --inject-python ")):
+            value = statistics.median(runs[key])
+            print("   %s %12.0f calls/s   x%.3f  (rounds: %s)" % (
+                label, value, value / alone, " ".join("x%.3f" % (v / a) for v, a in zip(runs[key], runs["alone"]))))
 
         print("2. BPF cost per sample (kernel.bpf_stats_enabled), busy CPython, 99 Hz")
         with open("/proc/sys/kernel/bpf_stats_enabled") as f:
@@ -239,25 +247,32 @@ def main() -> None:
             with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
                 f.write(old)
 
-        print("3. agent CPU, 10 s of a busy CPython at 99 Hz (default options)")
+        print("3. agent CPU, 10 s of a busy CPython at 99 Hz (default options), %d rounds in turn" % args.rounds)
         pycache = os.path.join(tmp, "pycache")
         compile_agent(pycache)
         spy = ensure_py_spy()
-        rows = []
-        for label, cache in (("perfagent, bytecode cached  ", pycache), ("perfagent, no bytecode      ", "")):
-            cpu, wall, err = agent_cpu(args.python, busy, d, lambda pid: agent(
-                ["--profile", "--pid", str(pid), "--duration", "%gs" % d, "--quiet", "--profile-output", out],
-                tmp, cache), tmp)
-            samples = re.search(r"(\d+) samples", err)
-            print("   %s %.2f CPU s  (%s samples, %.1f s wall)"
-                  % (label, cpu, samples.group(1) if samples else "?", wall))
-            rows.append((label, cpu))
-        cpu2, wall2, _ = agent_cpu(args.python, busy, d, lambda pid: (
-            [spy, "record", "-p", str(pid), "-d", str(int(d)), "-r", "99", "-f", "raw", "-o",
-             os.path.join(tmp, "spy.txt")], dict(os.environ)), tmp)
-        print("   py-spy record                %.2f CPU s  (%.1f s wall)" % (cpu2, wall2))
-        for label, cpu in rows:
-            print("   ratio %s / py-spy  %.2f" % (label.strip(), cpu / cpu2 if cpu2 else float("nan")))
+        cpus = {"cached": [], "source": [], "py-spy": []}
+        for _ in range(args.rounds):
+            for key, cache in (("cached", pycache), ("source", "")):
+                cpu, wall, err = agent_cpu(args.python, busy, d, lambda pid: agent(
+                    ["--profile", "--pid", str(pid), "--duration", "%gs" % d, "--quiet", "--profile-output", out],
+                    tmp, cache), tmp)
+                samples = re.search(r"(\d+) samples", err)
+                print("   perfagent, %-14s %.2f CPU s  (%s samples, %.1f s wall)"
+                      % ("bytecode cached" if cache else "no bytecode", cpu, samples.group(1) if samples else "?", wall))
+                cpus[key].append(cpu)
+            cpu2, wall2, _ = agent_cpu(args.python, busy, d, lambda pid: (
+                [spy, "record", "-p", str(pid), "-d", str(int(d)), "-r", "99", "-f", "raw", "-o",
+                 os.path.join(tmp, "spy.txt")], dict(os.environ)), tmp)
+            print("   py-spy record              %.2f CPU s  (%.1f s wall)" % (cpu2, wall2))
+            cpus["py-spy"].append(cpu2)
+        spy_cpu = statistics.median(cpus["py-spy"])
+        print("   medians: perfagent %.2f CPU s with bytecode cached, %.2f without; py-spy %.2f"
+              % (statistics.median(cpus["cached"]), statistics.median(cpus["source"]), spy_cpu))
+        for key, label in (("cached", "bytecode cached"), ("source", "no bytecode")):
+            print("   ratio perfagent (%s) / py-spy  %.2f  (rounds: %s)" % (
+                label, statistics.median(cpus[key]) / spy_cpu if spy_cpu else float("nan"),
+                " ".join("%.2f" % (a / b) for a, b in zip(cpus[key], cpus["py-spy"]) if b)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
