@@ -182,11 +182,16 @@ def agent_cpu(python: str, script: str, seconds: float, argv_for, tmp: str):
 
 
 def ensure_py_spy() -> str:
-    path = shutil.which("py-spy")
-    if path is None:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "py-spy"], check=True)
-        path = shutil.which("py-spy")
-    return path
+    """py-spy's own executable: the one pip put beside this interpreter
+    first (a version manager's shim on PATH, such as pyenv's, is a shell
+    script that would add its own processes to py-spy's CPU)."""
+    beside = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.access(beside, os.X_OK):
+        if shutil.which("py-spy") is None:
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "py-spy"], check=True)
+        if not os.access(beside, os.X_OK):
+            return shutil.which("py-spy")
+    return beside
 
 
 def main() -> None:
