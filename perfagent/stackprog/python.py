@@ -166,9 +166,9 @@ def fsbase_offset() -> int:
     return vmlinux().member("task_struct", "thread.fsbase").offset
 
 
-def _read_user(p: Program, dst_off: int, size: int, src) -> None:
-    """fp+dst_off = size bytes at user address ``src`` (a register); r0 = result."""
-    p.mov(R1, FP).add(R1, dst_off)
+def _read_user(p: Program, dst_off: int, size: int, src, base=FP) -> None:
+    """base+dst_off = size bytes at user address ``src`` (a register); r0 = result."""
+    p.mov(R1, base).add(R1, dst_off)
     p.mov(R2, size)
     p.mov(R3, src)
     p.call("probe_read_user")
@@ -179,22 +179,22 @@ def _proc_field(p: Program, dst, field_off: int) -> None:
     p.ldx(W, dst, R8, field_off)
 
 
-def _head_u64(p: Program, dst, field_off: int, tag: str, head: int = OFF_PY_HEAD) -> None:
-    """dst = the u64 at proc->field within the frame head read at fp+head.
+def _head_u64(p: Program, dst, field_off: int, tag: str, head: int = OFF_PY_HEAD, base=FP) -> None:
+    """dst = the u64 at proc->field within the frame head read at base+head.
 
     The member offset comes from the map: bounded with a mask so the
     verifier sees a read inside the stack buffer."""
     p.ldx(W, R1, R8, field_off)
     p.and_(R1, FRAME_READ - 8)       # FRAME_READ is a power of two; 8-byte aligned members
-    p.mov(R2, FP).add(R2, head)
+    p.mov(R2, base).add(R2, head)
     p.add(R2, R1)
     p.ldx(DW, dst, R2, 0)
 
 
-def _head_u8(p: Program, dst, field_off: int, head: int = OFF_PY_HEAD) -> None:
+def _head_u8(p: Program, dst, field_off: int, head: int = OFF_PY_HEAD, base=FP) -> None:
     p.ldx(W, R1, R8, field_off)
     p.and_(R1, FRAME_READ - 1)
-    p.mov(R2, FP).add(R2, head)
+    p.mov(R2, base).add(R2, head)
     p.add(R2, R1)
     p.ldx(B, dst, R2, 0)
 
@@ -214,15 +214,15 @@ def _emit_entry(p: Program, code_reg, instr_reg, flags: int, tag: str, lineno: b
     p.ldx(W, R1, BUF, PYTHON_OFF)
     p.jge(R1, PY_MAX_FRAMES, tag + "_full")
     if lineno:
-        p.stx(DW, FP, code_reg, s.t)
-        p.stx(DW, FP, instr_reg, s.t2)
-        p.ldx(DW, R3, FP, s.t)
+        p.stx(DW, s.base, code_reg, s.t)
+        p.stx(DW, s.base, instr_reg, s.t2)
+        p.ldx(DW, R3, s.base, s.t)
         _proc_field(p, R1, 84)
         p.add(R3, R1)
-        p.st(DW, FP, s.lineno, 0)
-        _read_user(p, s.lineno, 4, R3)                 # co_firstlineno, at the sample's instant
-        p.ldx(DW, code_reg, FP, s.t)
-        p.ldx(DW, instr_reg, FP, s.t2)
+        p.st(DW, s.base, s.lineno, 0)
+        _read_user(p, s.lineno, 4, R3, s.base)         # co_firstlineno, at the sample's instant
+        p.ldx(DW, code_reg, s.base, s.t)
+        p.ldx(DW, instr_reg, s.base, s.t2)
         p.ldx(W, R1, BUF, PYTHON_OFF)
         p.jge(R1, PY_MAX_FRAMES, tag + "_full")
     p.lsh(R1, 4)                                   # * PYFRAME_SIZE (16)
@@ -230,7 +230,7 @@ def _emit_entry(p: Program, code_reg, instr_reg, flags: int, tag: str, lineno: b
     p.stx(DW, R1, code_reg, PYTHON_OFF + PYSTACK_HDR.size + 0)
     p.stx(W, R1, instr_reg, PYTHON_OFF + PYSTACK_HDR.size + 8)
     if lineno:
-        p.ldx(W, R2, FP, s.lineno)
+        p.ldx(W, R2, s.base, s.lineno)
         p.and_(R2, PYFRAME_LINENO_MASK)
         p.stx(W, R1, R2, PYTHON_OFF + PYSTACK_HDR.size + 12)
     else:
@@ -416,11 +416,12 @@ def emit_callbacks(p: Program, python_walk) -> None:
 
 
 class _Slots(NamedTuple):
-    """Where one frame step keeps its data: its own scratch slots (offsets
-    from r10 of the function it runs in) and the walk's two persistent
-    pointers (base register and offset: the main program's stack directly,
-    or through the bpf_loop context)."""
+    """Where one frame step keeps its data, all on the main program's stack:
+    reached from r10 in the bounded loop, through the bpf_loop context
+    pointer in the callback (which then needs no stack of its own: older
+    kernels count a callback's stack in the program's 512 bytes)."""
 
+    base: object       # the register the offsets below are from
     head: int          # the frame's first FRAME_READ bytes
     t: int             # u64 scratch
     t2: int            # u64 scratch
@@ -430,42 +431,43 @@ class _Slots(NamedTuple):
 
 
 #: The bounded loops' slots: all on the main program's stack.
-_MAIN_SLOTS = _Slots(OFF_PY_HEAD, OFF_PY_T, OFF_PY_T2, OFF_PY_LINENO, (FP, OFF_PY_FRAME), (FP, OFF_PY_CFRAME))
+_MAIN_SLOTS = _Slots(FP, OFF_PY_HEAD, OFF_PY_T, OFF_PY_T2, OFF_PY_LINENO, (FP, OFF_PY_FRAME), (FP, OFF_PY_CFRAME))
 
 # -- the bpf_loop variant --------------------------------------------------------
 # The callback ``long py_frame_mN(u32 index, void *ctx)`` reads one frame.
-# ctx points into the main program's stack at OFF_PY_CTX (the bounded
-# loops' frame-head buffer, unused in this variant): the capture buffer and
-# py_proc pointers spilled there, then the frame and cframe slots above.
+# ctx points into the main program's stack at OFF_PY_CTX; every slot of
+# the walk is reached from there, and the capture buffer and py_proc
+# pointers are spilled in the thread key's slots (dead once the thread
+# state is known).
 OFF_PY_CTX = OFF_PY_HEAD
-CTX_BUF = 0
-CTX_PROC = 8
+CTX_BUF = OFF_PY_KEY - OFF_PY_CTX
+CTX_PROC = OFF_PY_KEY + 8 - OFF_PY_CTX
 _CB_CTX = R6
-_CB_SLOTS = _Slots(-FRAME_READ, -FRAME_READ - 8, -FRAME_READ - 16, -FRAME_READ - 24,
+_CB_SLOTS = _Slots(_CB_CTX, 0, OFF_PY_T - OFF_PY_CTX, OFF_PY_T2 - OFF_PY_CTX, OFF_PY_LINENO - OFF_PY_CTX,
                    (_CB_CTX, OFF_PY_FRAME - OFF_PY_CTX), (_CB_CTX, OFF_PY_CFRAME - OFF_PY_CTX))
 FRAME_CALLBACKS = {MODEL_FRAME_OBJECT: "py_frame_m1", MODEL_INTERPRETER_FRAME: "py_frame_m2"}
 
 
 def _frame_m1(p: Program, t: str, s: _Slots, bad: str) -> None:
     """One PyFrameObject (r3 holds its address): its entry, then frame = f_back."""
-    _read_user(p, s.head, FRAME_READ, R3)
+    _read_user(p, s.head, FRAME_READ, R3, s.base)
     p.jne(R0, 0, bad)
-    _head_u64(p, R4, 60, t + "_code", s.head)                   # f_code
-    _head_u64(p, R5, 64, t + "_lasti", s.head)                  # f_lasti (an int: the low 32 bits)
+    _head_u64(p, R4, 60, t + "_code", s.head, s.base)                   # f_code
+    _head_u64(p, R5, 64, t + "_lasti", s.head, s.base)                  # f_lasti (an int: the low 32 bits)
     _emit_entry(p, R4, R5, 0, t + "_e", lineno=True, slots=s)
-    _head_u64(p, R3, 56, t + "_back", s.head)                   # f_back
+    _head_u64(p, R3, 56, t + "_back", s.head, s.base)                   # f_back
     p.stx(DW, s.frame[0], R3, s.frame[1])
 
 
 def _frame_m2(p: Program, t: str, s: _Slots, bad: str) -> None:
     """One _PyInterpreterFrame (r3 holds its address): a link for a C-stack
     frame, else its entry (and 3.11's cframe link); then frame = previous."""
-    _read_user(p, s.head, FRAME_READ, R3)
+    _read_user(p, s.head, FRAME_READ, R3, s.base)
     p.jne(R0, 0, bad)
     # A frame owned by the C stack (3.12+): a link, not a Python frame.
     _proc_field(p, R1, 68)
     p.jeq(R1, 0xFFFF, t + "_python")
-    _head_u8(p, R4, 68, s.head)
+    _head_u8(p, R4, 68, s.head, s.base)
     _proc_field(p, R1, 76)
     p.jlt(R4, R1, t + "_python")
     p.ldx(DW, R4, s.frame[0], s.frame[1])
@@ -473,11 +475,11 @@ def _frame_m2(p: Program, t: str, s: _Slots, bad: str) -> None:
     _emit_entry(p, R4, R5, PYFRAME_LINK, t + "_link", slots=s)
     p.ja(t + "_next")
     p.label(t + "_python")
-    _head_u64(p, R4, 60, t + "_code", s.head)                   # f_code / f_executable
+    _head_u64(p, R4, 60, t + "_code", s.head, s.base)                   # f_code / f_executable
     p.ldx(DW, R1, R8, 8)
     p.xor(R1, -1)
     p.and_(R4, R1)                                              # clear the stack-ref tag bits
-    _head_u64(p, R5, 64, t + "_instr", s.head)                  # prev_instr / instr_ptr
+    _head_u64(p, R5, 64, t + "_instr", s.head, s.base)                  # prev_instr / instr_ptr
     p.sub(R5, R4)
     _proc_field(p, R1, 80)
     p.sub(R5, R1)                                               # byte offset in the code
@@ -485,7 +487,7 @@ def _frame_m2(p: Program, t: str, s: _Slots, bad: str) -> None:
     # 3.11: is_entry ends this eval call; its link is the current _PyCFrame.
     _proc_field(p, R1, 72)
     p.jeq(R1, 0xFFFF, t + "_next")
-    _head_u8(p, R4, 72, s.head)
+    _head_u8(p, R4, 72, s.head, s.base)
     p.jeq(R4, 0, t + "_next")
     p.ldx(DW, R4, s.cframe[0], s.cframe[1])
     p.mov(R5, 0)
@@ -494,14 +496,14 @@ def _frame_m2(p: Program, t: str, s: _Slots, bad: str) -> None:
     p.jeq(R3, 0, t + "_next")
     _proc_field(p, R1, 52)
     p.add(R3, R1)
-    _read_user(p, s.t, 8, R3)                                   # cframe = cframe->previous
-    p.ldx(DW, R1, FP, s.t)
+    _read_user(p, s.t, 8, R3, s.base)                           # cframe = cframe->previous
+    p.ldx(DW, R1, s.base, s.t)
     p.jeq(R0, 0, t + "_cf_set")
     p.mov(R1, 0)
     p.label(t + "_cf_set")
     p.stx(DW, s.cframe[0], R1, s.cframe[1])
     p.label(t + "_next")
-    _head_u64(p, R3, 56, t + "_back", s.head)                   # previous
+    _head_u64(p, R3, 56, t + "_back", s.head, s.base)                   # previous
     p.stx(DW, s.frame[0], R3, s.frame[1])
 
 
@@ -537,7 +539,7 @@ def _loop_frames(p: Program, t: str, model: int) -> None:
     end or an unreadable frame (which it flags, clearing the frame slot);
     a frame still pending after the last iteration is a truncation."""
     m = "%s_m%d" % (t, model)
-    p.stx(DW, FP, BUF, OFF_PY_CTX + CTX_BUF)
+    p.stx(DW, FP, BUF, OFF_PY_CTX + CTX_BUF)                    # (the thread key is dead now)
     p.stx(DW, FP, R8, OFF_PY_CTX + CTX_PROC)
     p.mov(R1, PY_MAX_FRAMES)
     p.ld_func(R2, FRAME_CALLBACKS[model])
