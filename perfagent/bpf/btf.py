@@ -272,8 +272,8 @@ class BTF:
         map over the record offsets) and the word searched in its bytes; a
         hit's position is the type id."""
         if self._names is None:
-            names = array("I", map(self._w.__getitem__, self._offsets))
-            names[0] = 0  # id 0 is void, not the first record
+            names = array("I", [0])  # id 0 is void, no record
+            names.extend(map(self._w.__getitem__, self._offsets[1:]))
             self._names = names.tobytes()
         raw = self._names
         needle = _NATIVE_U32.pack(name_off)
