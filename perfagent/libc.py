@@ -10,7 +10,6 @@ picks from the errno by itself).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from typing import Optional
 
@@ -23,8 +22,13 @@ def libc() -> ctypes.CDLL:
     """The process's C library, loaded on first use."""
     global _libc
     if _libc is None:
-        name = ctypes.util.find_library("c") or "libc.so.6"
-        lib = ctypes.CDLL(name, use_errno=True)
+        try:
+            # glibc's SONAME on every Linux architecture the agent runs on:
+            # find_library would run ``ldconfig -p`` (a process) to say so.
+            lib = ctypes.CDLL("libc.so.6", use_errno=True)
+        except OSError:  # another C library (musl): ask the system
+            from ctypes.util import find_library
+            lib = ctypes.CDLL(find_library("c") or "libc.so.6", use_errno=True)
         lib.syscall.restype = ctypes.c_long
         lib.ioctl.restype = ctypes.c_int
         lib.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong)

@@ -173,7 +173,7 @@ needs_vmlinux = pytest.mark.skipif(not os.path.exists(B.VMLINUX_PATH),
 def test_vmlinux_parse_and_index():
     # (Its speed is a benchmark figure, not an assertion: tools/bench_capture.py.)
     t = BTF.load_vmlinux()
-    assert t.find("task_struct", B.BTF_KIND_STRUCT)   # builds the name index
+    assert t.find("task_struct", B.BTF_KIND_STRUCT)   # gathers the name offsets
     assert len(t) > 10000
 
 
@@ -324,3 +324,25 @@ def test_malformed_headers_and_sections():
     struct.pack_into("<I", blob, B.BTF_HEADER.size + 4, (B.BTF_KIND_STRUCT << 24) | 0xFFFF)
     with pytest.raises(BPFError, match="ends inside a type record"):
         BTF(bytes(blob))
+
+
+def test_vmlinux_find_all_matches_every_type_by_name():
+    """find_all searches the types' name offsets in C: it must return what a
+    walk over every type's name returns, for structs, their FWD twins,
+    typedefs, functions and names other strings end with."""
+    try:
+        btf = BTF.load_vmlinux()
+    except BPFError as exc:
+        pytest.skip(str(exc))
+    names = ("task_struct", "pt_regs", "int", "thread_struct", "mm_struct", "sk_buff", "u64",
+             "__schedule", "file", "list_head")
+    by_name = {n: [] for n in names}
+    for tid in range(1, len(btf)):
+        name = btf.type(tid).name
+        if name in by_name:
+            by_name[name].append(tid)
+    for name in names:
+        assert btf.find_all(name) == by_name[name], name
+        for kind in {btf.type(t).kind for t in by_name[name]}:
+            assert btf.find_all(name, kind) == [t for t in by_name[name] if btf.type(t).kind == kind]
+    assert btf.find_all("no_such_type_anywhere_xyz") == []

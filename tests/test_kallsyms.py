@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from perfagent.symbolize.kallsyms import (
-    MAX_TAIL_SYMBOL_SIZE, REASON_HIDDEN, KernelSymbols)
+    MAX_TAIL_SYMBOL_SIZE, REASON_HIDDEN, KallsymsIndex, KernelSymbols)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 KALLSYMS = "/proc/kallsyms"
@@ -22,9 +22,16 @@ def fixture_text(name: str) -> str:
     return "".join(line for line in lines if not line.startswith("#"))
 
 
-@pytest.fixture(scope="module")
-def normal():
-    return KernelSymbols.parse(fixture_text("kallsyms_normal.txt"))
+@pytest.fixture(scope="module", params=["full parse", "lazy index"])
+def normal(request):
+    """The fixture through both readers: KernelSymbols.parse, and the lazy
+    index that load() uses for a file the kernel wrote."""
+    text = fixture_text("kallsyms_normal.txt")
+    if request.param == "full parse":
+        return KernelSymbols.parse(text)
+    index = KallsymsIndex.build(text.encode("latin-1"))
+    assert isinstance(index, KallsymsIndex)
+    return index
 
 
 def test_normal_available(normal):
@@ -84,12 +91,14 @@ def test_tail_cap_at_module_boundary_and_end(normal):
     assert normal.lookup(2 ** 64 - 1) is None
 
 
-def test_hidden_addresses():
-    syms = KernelSymbols.parse(fixture_text("kallsyms_hidden.txt"))
-    assert not syms.available
-    assert syms.reason == REASON_HIDDEN
-    assert "kptr_restrict" in syms.reason
-    assert syms.lookup(0) is None and syms.lookup(0xFFFFFFFF81000000) is None
+def test_hidden_addresses(tmp_path):
+    hidden = tmp_path / "kallsyms"
+    hidden.write_text(fixture_text("kallsyms_hidden.txt"))
+    for syms in (KernelSymbols.parse(fixture_text("kallsyms_hidden.txt")), KernelSymbols.load(str(hidden))):
+        assert not syms.available
+        assert syms.reason == REASON_HIDDEN
+        assert "kptr_restrict" in syms.reason
+        assert syms.lookup(0) is None and syms.lookup(0xFFFFFFFF81000000) is None
 
 
 def test_empty_malformed_and_unreadable(tmp_path):
@@ -100,6 +109,15 @@ def test_empty_malformed_and_unreadable(tmp_path):
     assert mixed.lookup(0xFFFFFFFF81000010) == "ok"
     missing = KernelSymbols.load(str(tmp_path / "nope"))
     assert not missing.available and "cannot read" in missing.reason
+    # load(): a file with a line the kernel would not write gets the full
+    # parse (which skips and counts it), an empty one the same reason.
+    odd = tmp_path / "odd"
+    odd.write_text("garbage\nzzzz T bad_hex\nffffffff81000000 T ok\n")
+    loaded = KernelSymbols.load(str(odd))
+    assert isinstance(loaded, KernelSymbols) and loaded.skipped == 2
+    assert loaded.lookup(0xFFFFFFFF81000010) == "ok"
+    (tmp_path / "empty").write_text("")
+    assert "no kernel text symbols" in KernelSymbols.load(str(tmp_path / "empty")).reason
 
 
 # ---- the real /proc/kallsyms ---------------------------------------------------
@@ -120,6 +138,27 @@ def real_addresses():
         if len(fields) >= 3 and fields[1] in "tTwW":
             found.setdefault(fields[2], []).append(int(fields[0], 16))
     return found
+
+
+def test_real_lazy_index_names_as_the_full_parse():
+    """load() keeps the live file as a lazy index: on the same bytes it must
+    name every address as the full parse does, at each symbol's start, just
+    before it, just after, and around the tail cap."""
+    data = Path(KALLSYMS).read_bytes()
+    index = KallsymsIndex.build(data)
+    full = KernelSymbols.parse(data.decode("latin-1"))
+    if not full.available:
+        pytest.skip(full.reason)
+    assert isinstance(index, KallsymsIndex) and index.available
+    probes = set()
+    for start in full._starts:
+        probes.update((start - 1, start, start + 1, start + MAX_TAIL_SYMBOL_SIZE - 1,
+                       start + MAX_TAIL_SYMBOL_SIZE))
+    assert len(probes) > 100000
+    differ = [hex(a) for a in sorted(probes) if index.lookup_full(a) != full.lookup_full(a)]
+    assert differ == []
+    assert len(index) == len(full)
+    assert index.address_of("schedule") == full.address_of("schedule")
 
 
 def test_real_symbols_resolve_their_own_address(real):

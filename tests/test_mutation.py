@@ -56,7 +56,7 @@ from perfagent.perf import attr as A
 from perfagent.perf.records import RecordParser, parse_all
 from perfagent.perf.sampler import SAMPLE_TYPE
 from perfagent.pprof.profile import ProfileBuilder, decode_profile
-from perfagent.symbolize.kallsyms import KernelSymbols
+from perfagent.symbolize.kallsyms import KallsymsIndex, KernelSymbols
 from perfagent.symbolize.perfmap import PerfMap
 from perfagent.symbolize.procmaps import AddressSpace, parse_maps_counted
 
@@ -838,10 +838,14 @@ def exercise_kallsyms(data: bytearray) -> None:
     syms = KernelSymbols.parse(bytes(data).decode("latin-1"))
     assert syms.skipped >= 0
     starts = syms._starts
+    # The lazy index load() uses: a mutant it accepts names alike.
+    index = KallsymsIndex.build(bytes(data))
     for addr in _probes(starts):
         syms.lookup(addr)
-        syms.lookup_full(addr)
+        found = syms.lookup_full(addr)
         syms.lookup_module(addr)
+        if isinstance(index, KallsymsIndex):
+            assert index.lookup_full(addr) == found, hex(addr)
     len(syms)
 
 

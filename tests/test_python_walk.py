@@ -114,13 +114,23 @@ class Watch(threading.Thread):
             time.sleep(0.01)
 
 
-def capture(tmp_path, pid: int, duration: str = "4s", extra=("--sample-rate", "499")):
+#: The agent as on a kernel without bpf_loop (before 5.17): the Python walk
+#: as the bounded loop the verifier walks iteration by iteration.
+WITHOUT_BPF_LOOP = ("import sys; import perfagent.stackprog.python as P; P._loop_support.append(False); "
+                    "from perfagent.cli import main; sys.argv[0] = 'perf-agent'; sys.exit(main())")
+
+
+def capture(tmp_path, pid: int, duration: str = "4s", extra=("--sample-rate", "499"), bpf_loop: bool = True):
     out = str(tmp_path / "walk.pb.gz")
     watch = Watch(pid)
     watch.start()
     try:
-        r = run_agent(["--profile", "--pid", str(pid), "--duration", duration, "--quiet",
-                       "--profile-output", out, *extra], cwd=str(tmp_path))
+        args = ["--profile", "--pid", str(pid), "--duration", duration, "--quiet", "--profile-output", out, *extra]
+        if bpf_loop:
+            r = run_agent(args, cwd=str(tmp_path))
+        else:
+            r = subprocess.run([sys.executable, "-c", WITHOUT_BPF_LOOP, *args], cwd=str(tmp_path), env=agent_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
     finally:
         watch.done.set()
         watch.join()
@@ -176,6 +186,20 @@ def test_pyenv_pythons(tmp_path, minor):
     proc, first = run_host_target(pyenv_python(minor), tmp_path)
     try:
         stacks, stderr = capture(tmp_path, proc.pid)
+    except BaseException:
+        proc.kill()
+        raise
+    finish_host_target(proc, first)
+    check_walk(stacks, proc.pid, stderr, PY_WALK)
+
+
+@pytest.mark.parametrize("minor", ("3.10", "3.11", "3.12"))
+def test_bounded_loop_walk_without_bpf_loop(tmp_path, minor):
+    """The walk kernels before 5.17 load (no bpf_loop): the same stacks, for
+    each frame model (3.10 frame objects, 3.11 cframe links, 3.12 links)."""
+    proc, first = run_host_target(pyenv_python(minor), tmp_path)
+    try:
+        stacks, stderr = capture(tmp_path, proc.pid, bpf_loop=False)
     except BaseException:
         proc.kill()
         raise

@@ -14,11 +14,14 @@ alternatives, in one run (issue 12's figures; not a test).
 3. **Agent CPU** (user + sys of the agent process) for a 10 s capture of a
    busy CPython at 99 Hz, side by side with py-spy (pip's ``py-spy``,
    installed here when missing: a benchmark dependency only) recording the
-   same target at the same rate.
+   same target at the same rate.  Twice: with the agent's modules compiled
+   beforehand (into this run's temporary directory, as an installed copy
+   has them) and without bytecode (PYTHONDONTWRITEBYTECODE=1, or a
+   read-only copy without __pycache__: every import compiles its source).
 
 The machine is shared and noisy: read the ratios, run it twice.
 
-usage: sudo python3 tools/bench_python.py [--python PATH] [--duration 10]
+usage: sudo python3 tools/bench_python.py [--python PATH] [--duration 10] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import argparse
 import os
 import re
 import shutil
+import statistics
 import struct
 import subprocess
 import sys
@@ -75,9 +79,27 @@ while time.monotonic() < end:
 """
 
 
-def agent(args, cwd):
+def agent(args, cwd, pycache: str = ""):
+    """The agent's command line and environment.  ``pycache``: a directory
+    holding its compiled modules (PYTHONPYCACHEPREFIX), as an installed
+    copy has them; without it every import compiles its source (as with
+    PYTHONDONTWRITEBYTECODE=1 or a read-only copy without __pycache__)."""
     env = dict(os.environ, PYTHONPATH=REPO)
+    if pycache:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = pycache
+    else:
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        env.pop("PYTHONPYCACHEPREFIX", None)
     return [sys.executable, "-m", "perfagent", *args], env
+
+
+def compile_agent(pycache: str) -> None:
+    """The agent's modules compiled into ``pycache`` (never into the repository)."""
+    env = dict(os.environ, PYTHONPYCACHEPREFIX=pycache)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(REPO, "perfagent")],
+                   env=env, check=True, stdout=subprocess.DEVNULL)
 
 
 def throughput(python: str, script: str, seconds: float, profiler, tmp: str) -> float:
@@ -160,17 +182,23 @@ def agent_cpu(python: str, script: str, seconds: float, argv_for, tmp: str):
 
 
 def ensure_py_spy() -> str:
-    path = shutil.which("py-spy")
-    if path is None:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "py-spy"], check=True)
-        path = shutil.which("py-spy")
-    return path
+    """py-spy's own executable: the one pip put beside this interpreter
+    first (a version manager's shim on PATH, such as pyenv's, is a shell
+    script that would add its own processes to py-spy's CPU)."""
+    beside = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.access(beside, os.X_OK):
+        if shutil.which("py-spy") is None:
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "py-spy"], check=True)
+        if not os.access(beside, os.X_OK):
+            return shutil.which("py-spy")
+    return beside
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--python", default="/var/cache/perfagent/pythons/3.13-shared/bin/python3.13")
     ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (perf_event_open, bpf)")
@@ -185,17 +213,23 @@ def main() -> None:
             f.write(BUSY)
         out = os.path.join(tmp, "p.pb.gz")
 
-        print("1. target throughput, call-heavy loop, %s, %.0f s" % (args.python, d))
-        alone = throughput(args.python, heavy, d, None, tmp)
-        walk = throughput(args.python, heavy, d, lambda pid: agent(
-            ["--profile", "--pid", str(pid), "--duration", "%gs" % (d + 2), "--quiet",
-             "--profile-output", out], tmp), tmp)
-        tramp = throughput(args.python, heavy, d, lambda pid: agent(
-            ["--profile", "--pid", str(pid), "--duration", "%gs" % (d + 2), "--quiet", "--inject-python",
-             "--no-python-walk", "--profile-output", out], tmp), tmp)
-        print("   alone                       %12.0f calls/s" % alone)
-        print("   perfagent, in-kernel walk   %12.0f calls/s   x%.3f" % (walk, walk / alone))
-        print("   perfagent, --inject-python  %12.0f calls/s   x%.3f" % (tramp, tramp / alone))
+        print("1. target throughput, call-heavy loop, %s, %.0f s, %d rounds (alone, walk, trampoline"
+              " in turn: the machine's load changes between runs)" % (args.python, d, args.rounds))
+        runs = {"alone": [], "walk": [], "tramp": []}
+        for _ in range(args.rounds):
+            runs["alone"].append(throughput(args.python, heavy, d, None, tmp))
+            runs["walk"].append(throughput(args.python, heavy, d, lambda pid: agent(
+                ["--profile", "--pid", str(pid), "--duration", "%gs" % (d + 2), "--quiet",
+                 "--profile-output", out], tmp), tmp))
+            runs["tramp"].append(throughput(args.python, heavy, d, lambda pid: agent(
+                ["--profile", "--pid", str(pid), "--duration", "%gs" % (d + 2), "--quiet", "--inject-python",
+                 "--no-python-walk", "--profile-output", out], tmp), tmp))
+        alone = statistics.median(runs["alone"])
+        for key, label in (("alone", "alone                      "), ("walk", "perfagent, in-kernel walk  "),
+                           ("tramp", "perfagent, --inject-python ")):
+            value = statistics.median(runs[key])
+            print("   %s %12.0f calls/s   x%.3f  (rounds: %s)" % (
+                label, value, value / alone, " ".join("x%.3f" % (v / a) for v, a in zip(runs[key], runs["alone"]))))
 
         print("2. BPF cost per sample (kernel.bpf_stats_enabled), busy CPython, 99 Hz")
         with open("/proc/sys/kernel/bpf_stats_enabled") as f:
@@ -218,19 +252,32 @@ def main() -> None:
             with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
                 f.write(old)
 
-        print("3. agent CPU, 10 s of a busy CPython at 99 Hz")
-        cpu, wall, err = agent_cpu(args.python, busy, d, lambda pid: agent(
-            ["--profile", "--pid", str(pid), "--duration", "%gs" % d, "--quiet", "--profile-output", out], tmp),
-            tmp)
-        samples = re.search(r"(\d+) samples", err)
-        print("   perfagent (dwarf, walk)     %.2f CPU s  (%s samples, %.1f s wall)"
-              % (cpu, samples.group(1) if samples else "?", wall))
+        print("3. agent CPU, 10 s of a busy CPython at 99 Hz (default options), %d rounds in turn" % args.rounds)
+        pycache = os.path.join(tmp, "pycache")
+        compile_agent(pycache)
         spy = ensure_py_spy()
-        cpu2, wall2, _ = agent_cpu(args.python, busy, d, lambda pid: (
-            [spy, "record", "-p", str(pid), "-d", str(int(d)), "-r", "99", "-f", "raw", "-o",
-             os.path.join(tmp, "spy.txt")], dict(os.environ)), tmp)
-        print("   py-spy record               %.2f CPU s  (%.1f s wall)" % (cpu2, wall2))
-        print("   ratio perfagent / py-spy    %.2f" % (cpu / cpu2 if cpu2 else float("nan")))
+        cpus = {"cached": [], "source": [], "py-spy": []}
+        for _ in range(args.rounds):
+            for key, cache in (("cached", pycache), ("source", "")):
+                cpu, wall, err = agent_cpu(args.python, busy, d, lambda pid: agent(
+                    ["--profile", "--pid", str(pid), "--duration", "%gs" % d, "--quiet", "--profile-output", out],
+                    tmp, cache), tmp)
+                samples = re.search(r"(\d+) samples", err)
+                print("   perfagent, %-14s %.2f CPU s  (%s samples, %.1f s wall)"
+                      % ("bytecode cached" if cache else "no bytecode", cpu, samples.group(1) if samples else "?", wall))
+                cpus[key].append(cpu)
+            cpu2, wall2, _ = agent_cpu(args.python, busy, d, lambda pid: (
+                [spy, "record", "-p", str(pid), "-d", str(int(d)), "-r", "99", "-f", "raw", "-o",
+                 os.path.join(tmp, "spy.txt")], dict(os.environ)), tmp)
+            print("   py-spy record              %.2f CPU s  (%.1f s wall)" % (cpu2, wall2))
+            cpus["py-spy"].append(cpu2)
+        spy_cpu = statistics.median(cpus["py-spy"])
+        print("   medians: perfagent %.2f CPU s with bytecode cached, %.2f without; py-spy %.2f"
+              % (statistics.median(cpus["cached"]), statistics.median(cpus["source"]), spy_cpu))
+        for key, label in (("cached", "bytecode cached"), ("source", "no bytecode")):
+            print("   ratio perfagent (%s) / py-spy  %.2f  (rounds: %s)" % (
+                label, statistics.median(cpus[key]) / spy_cpu if spy_cpu else float("nan"),
+                " ".join("%.2f" % (a / b) for a, b in zip(cpus[key], cpus["py-spy"]) if b)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -115,6 +115,8 @@ _EXTRA_WORDS: Dict[int, Tuple[int, int]] = {
     BTF_KIND_ENUM64: (0, 3),
 }
 
+_NATIVE_U32 = struct.Struct("=I")  # a word of the type section as the array holds it
+
 # Kinds that only qualify or rename another type.
 _TRANSPARENT = (BTF_KIND_TYPEDEF, BTF_KIND_VOLATILE, BTF_KIND_CONST,
                 BTF_KIND_RESTRICT, BTF_KIND_TYPE_TAG)
@@ -191,7 +193,8 @@ class BTF:
         self._w = words
         self._strs = strs
         self._offsets = self._scan(words, source)
-        self._by_name_off: Optional[Dict[int, Union[int, List[int]]]] = None
+        self._names: Optional[bytes] = None  # every type's name_off, for _ids_named
+        self._found: Dict[str, List[int]] = {}  # find_all's answers by name
 
     @staticmethod
     def _scan(w: array, source: str = "BTF") -> array:
@@ -202,16 +205,15 @@ class BTF:
         """
         offsets = array("I", [0])
         append = offsets.append
-        extra = _EXTRA_WORDS
+        # By kind (5 bits): (3 + fixed extra words, extra words per vlen item).
+        sizes = [(3 + _EXTRA_WORDS.get(k, (0, 0))[0], _EXTRA_WORDS.get(k, (0, 0))[1]) for k in range(32)]
         pos, end = 0, len(w)
         try:
             while pos < end:
                 append(pos)
                 info = w[pos + 1]
-                ex = extra.get((info >> 24) & 0x1F)
-                pos += 3
-                if ex is not None:
-                    pos += ex[0] + ex[1] * (info & 0xFFFF)
+                fixed, per_item = sizes[(info >> 24) & 0x1F]
+                pos += fixed + per_item * (info & 0xFFFF)
         except IndexError:
             pos = -1
         if pos != end:
@@ -261,35 +263,45 @@ class BTF:
 
     # -- names ------------------------------------------------------------------
 
-    def _name_index(self) -> Dict[int, Union[int, List[int]]]:
-        if self._by_name_off is None:
-            idx: Dict[int, Union[int, List[int]]] = {}
-            w, offsets = self._w, self._offsets
-            for tid in range(1, len(offsets)):
-                no = w[offsets[tid]]
-                if no:
-                    cur = idx.get(no)
-                    if cur is None:
-                        idx[no] = tid
-                    elif isinstance(cur, list):
-                        cur.append(tid)
-                    else:
-                        idx[no] = [cur, tid]
-            self._by_name_off = idx
-        return self._by_name_off
+    def _ids_named(self, name_off: int) -> List[int]:
+        """The type ids whose name is the string at ``name_off``.
+
+        Why not a dict of every type's name: building it walked all the
+        vmlinux types (~130k) in Python for the few names a run asks about.
+        Here each type's name_off is gathered once into one array (in C: a
+        map over the record offsets) and the word searched in its bytes; a
+        hit's position is the type id."""
+        if self._names is None:
+            names = array("I", [0])  # id 0 is void, no record
+            names.extend(map(self._w.__getitem__, self._offsets[1:]))
+            self._names = names.tobytes()
+        raw = self._names
+        needle = _NATIVE_U32.pack(name_off)
+        ids: List[int] = []
+        pos = raw.find(needle, 4)
+        while pos >= 0:
+            if not pos & 3:
+                ids.append(pos >> 2)
+            pos = raw.find(needle, pos + 1)
+        return ids
 
     def find_all(self, name: str, kind: Optional[int] = None) -> List[int]:
-        """Every type id called ``name`` (of ``kind`` if given), lowest first."""
-        idx = self._name_index()
-        needle = name.encode() + b"\0"
-        strs = self._strs
-        ids: List[int] = []
-        pos = strs.find(needle)
-        while pos >= 0:
-            hit = idx.get(pos)
-            if hit is not None:
-                ids.extend(hit if isinstance(hit, list) else (hit,))
-            pos = strs.find(needle, pos + 1)
+        """Every type id called ``name`` (of ``kind`` if given), lowest first.
+
+        Each name's ids are kept: a start-up asks for the same few structs
+        (task_struct, pt_regs) a dozen times, and each search reads the
+        whole string section."""
+        ids = self._found.get(name)
+        if ids is None:
+            needle = name.encode() + b"\0"
+            strs = self._strs
+            ids = []
+            pos = strs.find(needle)
+            while pos >= 0:
+                ids.extend(self._ids_named(pos))  # (a name may be another string's tail)
+                pos = strs.find(needle, pos + 1)
+            self._found[name] = ids
+        ids = list(ids)
         if kind is not None:
             w, offsets = self._w, self._offsets
             ids = [t for t in ids if (w[offsets[t] + 1] >> 24) & 0x1F == kind]

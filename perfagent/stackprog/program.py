@@ -209,7 +209,15 @@ def build_oncpu(mode: str, maps: Maps, period_off: int, copy: Optional[C.CopySpe
     p.exit()
     if mode == KUNWIND:
         KU.emit_step_callback(p, maps.kunwind, maps.scratch, python_walk is not None)
+    _emit_walk_callbacks(p, python_walk)
     return p
+
+
+def _emit_walk_callbacks(p: Program, python_walk) -> None:
+    """The Python walk's bpf_loop callbacks, if it has any (after the last exit)."""
+    if python_walk is not None:
+        from perfagent.stackprog.python import emit_callbacks
+        emit_callbacks(p, python_walk)
 
 
 def emit_walked_capture(p: Program, maps: Maps, copy: C.CopySpec, python_walk, tag: str) -> None:
@@ -305,6 +313,7 @@ def build_offcpu(mode: str, maps: Maps, blocked: HashMap, args: SchedSwitchArgs,
     _emit_switch_in(p, mode, maps, blocked, args)
     if mode == KUNWIND:
         KU.emit_step_callback(p, maps.kunwind, maps.scratch, python_walk is not None)
+    _emit_walk_callbacks(p, python_walk)
     return p
 
 

@@ -48,7 +48,7 @@ import struct
 from typing import NamedTuple, Optional
 
 from perfagent.bpf import syscall as sc
-from perfagent.bpf.asm import B, DW, FP, R0, R1, R2, R3, R4, R5, R8, R9, W, Program
+from perfagent.bpf.asm import B, DW, FP, R0, R1, R2, R3, R4, R5, R6, R8, R9, W, Program
 from perfagent.bpf.maps import HashMap, Map
 from perfagent.python.layout import FRAME_OBJECT, Layout
 from perfagent.stackprog.capture import BUF
@@ -166,9 +166,9 @@ def fsbase_offset() -> int:
     return vmlinux().member("task_struct", "thread.fsbase").offset
 
 
-def _read_user(p: Program, dst_off: int, size: int, src) -> None:
-    """fp+dst_off = size bytes at user address ``src`` (a register); r0 = result."""
-    p.mov(R1, FP).add(R1, dst_off)
+def _read_user(p: Program, dst_off: int, size: int, src, base=FP) -> None:
+    """base+dst_off = size bytes at user address ``src`` (a register); r0 = result."""
+    p.mov(R1, base).add(R1, dst_off)
     p.mov(R2, size)
     p.mov(R3, src)
     p.call("probe_read_user")
@@ -179,27 +179,28 @@ def _proc_field(p: Program, dst, field_off: int) -> None:
     p.ldx(W, dst, R8, field_off)
 
 
-def _head_u64(p: Program, dst, field_off: int, tag: str) -> None:
-    """dst = the u64 at proc->field within the frame head read at OFF_PY_HEAD.
+def _head_u64(p: Program, dst, field_off: int, tag: str, head: int = OFF_PY_HEAD, base=FP) -> None:
+    """dst = the u64 at proc->field within the frame head read at base+head.
 
     The member offset comes from the map: bounded with a mask so the
     verifier sees a read inside the stack buffer."""
     p.ldx(W, R1, R8, field_off)
     p.and_(R1, FRAME_READ - 8)       # FRAME_READ is a power of two; 8-byte aligned members
-    p.mov(R2, FP).add(R2, OFF_PY_HEAD)
+    p.mov(R2, base).add(R2, head)
     p.add(R2, R1)
     p.ldx(DW, dst, R2, 0)
 
 
-def _head_u8(p: Program, dst, field_off: int) -> None:
+def _head_u8(p: Program, dst, field_off: int, head: int = OFF_PY_HEAD, base=FP) -> None:
     p.ldx(W, R1, R8, field_off)
     p.and_(R1, FRAME_READ - 1)
-    p.mov(R2, FP).add(R2, OFF_PY_HEAD)
+    p.mov(R2, base).add(R2, head)
     p.add(R2, R1)
     p.ldx(B, dst, R2, 0)
 
 
-def _emit_entry(p: Program, code_reg, instr_reg, flags: int, tag: str, lineno: bool = False) -> None:
+def _emit_entry(p: Program, code_reg, instr_reg, flags: int, tag: str, lineno: bool = False,
+                slots=None) -> None:
     """frames[n] = {code, instr, flags}; n += 1 (n is pystack.n).  Uses r1.
 
     With ``lineno``, flags is the code object's co_firstlineno, read now
@@ -209,18 +210,19 @@ def _emit_entry(p: Program, code_reg, instr_reg, flags: int, tag: str, lineno: b
     entries are alike and prune; an exact count would make every unrolled
     frame a different state per count.
     """
+    s = slots or _MAIN_SLOTS
     p.ldx(W, R1, BUF, PYTHON_OFF)
     p.jge(R1, PY_MAX_FRAMES, tag + "_full")
     if lineno:
-        p.stx(DW, FP, code_reg, OFF_PY_T)
-        p.stx(DW, FP, instr_reg, OFF_PY_T2)
-        p.ldx(DW, R3, FP, OFF_PY_T)
+        p.stx(DW, s.base, code_reg, s.t)
+        p.stx(DW, s.base, instr_reg, s.t2)
+        p.ldx(DW, R3, s.base, s.t)
         _proc_field(p, R1, 84)
         p.add(R3, R1)
-        p.st(DW, FP, OFF_PY_LINENO, 0)
-        _read_user(p, OFF_PY_LINENO, 4, R3)            # co_firstlineno, at the sample's instant
-        p.ldx(DW, code_reg, FP, OFF_PY_T)
-        p.ldx(DW, instr_reg, FP, OFF_PY_T2)
+        p.st(DW, s.base, s.lineno, 0)
+        _read_user(p, s.lineno, 4, R3, s.base)         # co_firstlineno, at the sample's instant
+        p.ldx(DW, code_reg, s.base, s.t)
+        p.ldx(DW, instr_reg, s.base, s.t2)
         p.ldx(W, R1, BUF, PYTHON_OFF)
         p.jge(R1, PY_MAX_FRAMES, tag + "_full")
     p.lsh(R1, 4)                                   # * PYFRAME_SIZE (16)
@@ -228,7 +230,7 @@ def _emit_entry(p: Program, code_reg, instr_reg, flags: int, tag: str, lineno: b
     p.stx(DW, R1, code_reg, PYTHON_OFF + PYSTACK_HDR.size + 0)
     p.stx(W, R1, instr_reg, PYTHON_OFF + PYSTACK_HDR.size + 8)
     if lineno:
-        p.ldx(W, R2, FP, OFF_PY_LINENO)
+        p.ldx(W, R2, s.base, s.lineno)
         p.and_(R2, PYFRAME_LINENO_MASK)
         p.stx(W, R1, R2, PYTHON_OFF + PYSTACK_HDR.size + 12)
     else:
@@ -246,13 +248,20 @@ def _set_flag(p: Program, flag: int) -> None:
     p.stx(W, BUF, R1, PYTHON_OFF + 4)
 
 
-def emit_python_walk(maps: PyWalkMaps, key_tgid_off: int):
+def emit_python_walk(maps: PyWalkMaps, key_tgid_off: int, use_loop: Optional[bool] = None):
     """A ``python_walk(p, tag)`` for perfagent.stackprog.program.emit_capture.
 
     ``key_tgid_off``: the stack slot holding the current tgid (u32).  The
     walk writes ``struct pystack`` at buf+PYTHON_OFF.  Uses r8 (the py_proc
     pointer) and r9 (the frame), r0-r5, and the stack slots above.
+
+    ``use_loop`` (default: when the kernel has it) walks the frames through
+    bpf_loop; the returned function's ``callbacks(p)`` then emits the
+    callbacks, once, after the program's last exit (emit_callbacks).
     """
+    if use_loop is None:
+        use_loop = bpf_loop_supported()
+    frames = _loop_frames if use_loop else _walk_frames
 
     def walk(p: Program, tag: str) -> None:
         t = tag
@@ -384,102 +393,204 @@ def emit_python_walk(maps: PyWalkMaps, key_tgid_off: int):
         p.label(t + "_model")
         _proc_field(p, R1, 16)
         p.jeq(R1, MODEL_FRAME_OBJECT, t + "_m1")
-        _walk_interpreter_frames(p, t)
+        frames(p, t, MODEL_INTERPRETER_FRAME)
         p.ja(t + "_count")
         p.label(t + "_m1")
-        _walk_frame_objects(p, t)
+        frames(p, t, MODEL_FRAME_OBJECT)
         p.label(t + "_count")
         p.ja(done)
         p.label(t + "_bad")
         _set_flag(p, PYSTACK_BAD_READ)
         p.label(done)
 
+    walk.callbacks = emit_frame_callbacks if use_loop else None
     return walk
 
 
-def _walk_frame_objects(p: Program, t: str) -> None:
-    """3.8-3.10: every PyFrameObject, f_back after f_back (one eval call each).
-
-    A bounded loop: r9 counts the frames (the verifier walks each iteration
-    once; the frame pointer lives on the stack, at OFF_PY_FRAME)."""
-    k = R9
-    p.mov(k, 0)
-    p.label(t + "_m1_loop")
-    p.ldx(DW, R3, FP, OFF_PY_FRAME)
-    p.jeq(R3, 0, t + "_m1_end")
-    p.jge(k, PY_MAX_FRAMES, t + "_m1_truncated")
-    _read_user(p, OFF_PY_HEAD, FRAME_READ, R3)
-    p.jne(R0, 0, t + "_m1_bad")
-    _head_u64(p, R4, 60, t + "_m1_code")                        # f_code
-    _head_u64(p, R5, 64, t + "_m1_lasti")                       # f_lasti (an int: the low 32 bits)
-    _emit_entry(p, R4, R5, 0, t + "_m1_e", lineno=True)
-    _head_u64(p, R3, 56, t + "_m1_back")                        # f_back
-    p.stx(DW, FP, R3, OFF_PY_FRAME)
-    p.add(k, 1)
-    p.ja(t + "_m1_loop")
-    p.label(t + "_m1_truncated")
-    _set_flag(p, PYSTACK_TRUNCATED)
-    p.ja(t + "_m1_end")
-    p.label(t + "_m1_bad")
-    _set_flag(p, PYSTACK_BAD_READ)
-    p.label(t + "_m1_end")
+def emit_callbacks(p: Program, python_walk) -> None:
+    """The subprograms ``python_walk`` (emit_python_walk's, or None) calls:
+    for a program builder to call after its main program's last exit."""
+    callbacks = getattr(python_walk, "callbacks", None)
+    if callbacks is not None:
+        callbacks(p)
 
 
-def _walk_interpreter_frames(p: Program, t: str) -> None:
-    """3.11+: _PyInterpreterFrame.previous; C-stack frames become links.
+class _Slots(NamedTuple):
+    """Where one frame step keeps its data, all on the main program's stack:
+    reached from r10 in the bounded loop, through the bpf_loop context
+    pointer in the callback (which then needs no stack of its own: older
+    kernels count a callback's stack in the program's 512 bytes)."""
 
-    A bounded loop like _walk_frame_objects'; a link counts as an entry."""
-    k = R9
-    p.mov(k, 0)
-    p.label(t + "_m2_loop")
-    p.ldx(DW, R3, FP, OFF_PY_FRAME)
-    p.jeq(R3, 0, t + "_m2_end")
-    p.jge(k, PY_MAX_FRAMES, t + "_m2_truncated")
-    _read_user(p, OFF_PY_HEAD, FRAME_READ, R3)
-    p.jne(R0, 0, t + "_m2_bad")
+    base: object       # the register the offsets below are from
+    head: int          # the frame's first FRAME_READ bytes
+    t: int             # u64 scratch
+    t2: int            # u64 scratch
+    lineno: int        # u64: a code object's co_firstlineno
+    frame: tuple       # (reg, off) of the u64 frame pointer
+    cframe: tuple      # (reg, off) of 3.11's current _PyCFrame
+
+
+#: The bounded loops' slots: all on the main program's stack.
+_MAIN_SLOTS = _Slots(FP, OFF_PY_HEAD, OFF_PY_T, OFF_PY_T2, OFF_PY_LINENO, (FP, OFF_PY_FRAME), (FP, OFF_PY_CFRAME))
+
+# -- the bpf_loop variant --------------------------------------------------------
+# The callback ``long py_frame_mN(u32 index, void *ctx)`` reads one frame.
+# ctx points into the main program's stack at OFF_PY_CTX; every slot of
+# the walk is reached from there, and the capture buffer and py_proc
+# pointers are spilled in the thread key's slots (dead once the thread
+# state is known).
+OFF_PY_CTX = OFF_PY_HEAD
+CTX_BUF = OFF_PY_KEY - OFF_PY_CTX
+CTX_PROC = OFF_PY_KEY + 8 - OFF_PY_CTX
+_CB_CTX = R6
+_CB_SLOTS = _Slots(_CB_CTX, 0, OFF_PY_T - OFF_PY_CTX, OFF_PY_T2 - OFF_PY_CTX, OFF_PY_LINENO - OFF_PY_CTX,
+                   (_CB_CTX, OFF_PY_FRAME - OFF_PY_CTX), (_CB_CTX, OFF_PY_CFRAME - OFF_PY_CTX))
+FRAME_CALLBACKS = {MODEL_FRAME_OBJECT: "py_frame_m1", MODEL_INTERPRETER_FRAME: "py_frame_m2"}
+
+
+def _frame_m1(p: Program, t: str, s: _Slots, bad: str) -> None:
+    """One PyFrameObject (r3 holds its address): its entry, then frame = f_back."""
+    _read_user(p, s.head, FRAME_READ, R3, s.base)
+    p.jne(R0, 0, bad)
+    _head_u64(p, R4, 60, t + "_code", s.head, s.base)                   # f_code
+    _head_u64(p, R5, 64, t + "_lasti", s.head, s.base)                  # f_lasti (an int: the low 32 bits)
+    _emit_entry(p, R4, R5, 0, t + "_e", lineno=True, slots=s)
+    _head_u64(p, R3, 56, t + "_back", s.head, s.base)                   # f_back
+    p.stx(DW, s.frame[0], R3, s.frame[1])
+
+
+def _frame_m2(p: Program, t: str, s: _Slots, bad: str) -> None:
+    """One _PyInterpreterFrame (r3 holds its address): a link for a C-stack
+    frame, else its entry (and 3.11's cframe link); then frame = previous."""
+    _read_user(p, s.head, FRAME_READ, R3, s.base)
+    p.jne(R0, 0, bad)
     # A frame owned by the C stack (3.12+): a link, not a Python frame.
     _proc_field(p, R1, 68)
-    p.jeq(R1, 0xFFFF, t + "_m2_python")
-    _head_u8(p, R4, 68)
+    p.jeq(R1, 0xFFFF, t + "_python")
+    _head_u8(p, R4, 68, s.head, s.base)
     _proc_field(p, R1, 76)
-    p.jlt(R4, R1, t + "_m2_python")
-    p.ldx(DW, R4, FP, OFF_PY_FRAME)
+    p.jlt(R4, R1, t + "_python")
+    p.ldx(DW, R4, s.frame[0], s.frame[1])
     p.mov(R5, 0)
-    _emit_entry(p, R4, R5, PYFRAME_LINK, t + "_m2_link")
-    p.ja(t + "_m2_next")
-    p.label(t + "_m2_python")
-    _head_u64(p, R4, 60, t + "_m2_code")                        # f_code / f_executable
+    _emit_entry(p, R4, R5, PYFRAME_LINK, t + "_link", slots=s)
+    p.ja(t + "_next")
+    p.label(t + "_python")
+    _head_u64(p, R4, 60, t + "_code", s.head, s.base)                   # f_code / f_executable
     p.ldx(DW, R1, R8, 8)
     p.xor(R1, -1)
     p.and_(R4, R1)                                              # clear the stack-ref tag bits
-    _head_u64(p, R5, 64, t + "_m2_instr")                       # prev_instr / instr_ptr
+    _head_u64(p, R5, 64, t + "_instr", s.head, s.base)                  # prev_instr / instr_ptr
     p.sub(R5, R4)
     _proc_field(p, R1, 80)
     p.sub(R5, R1)                                               # byte offset in the code
-    _emit_entry(p, R4, R5, 0, t + "_m2_e", lineno=True)
+    _emit_entry(p, R4, R5, 0, t + "_e", lineno=True, slots=s)
     # 3.11: is_entry ends this eval call; its link is the current _PyCFrame.
     _proc_field(p, R1, 72)
-    p.jeq(R1, 0xFFFF, t + "_m2_next")
-    _head_u8(p, R4, 72)
-    p.jeq(R4, 0, t + "_m2_next")
-    p.ldx(DW, R4, FP, OFF_PY_CFRAME)
+    p.jeq(R1, 0xFFFF, t + "_next")
+    _head_u8(p, R4, 72, s.head, s.base)
+    p.jeq(R4, 0, t + "_next")
+    p.ldx(DW, R4, s.cframe[0], s.cframe[1])
     p.mov(R5, 0)
-    _emit_entry(p, R4, R5, PYFRAME_LINK, t + "_m2_cf")
-    p.ldx(DW, R3, FP, OFF_PY_CFRAME)
-    p.jeq(R3, 0, t + "_m2_next")
+    _emit_entry(p, R4, R5, PYFRAME_LINK, t + "_cf", slots=s)
+    p.ldx(DW, R3, s.cframe[0], s.cframe[1])
+    p.jeq(R3, 0, t + "_next")
     _proc_field(p, R1, 52)
     p.add(R3, R1)
-    _read_user(p, OFF_PY_CFRAME, 8, R3)                         # cframe = cframe->previous
-    p.jeq(R0, 0, t + "_m2_next")
-    p.st(DW, FP, OFF_PY_CFRAME, 0)
-    p.label(t + "_m2_next")
-    _head_u64(p, R3, 56, t + "_m2_back")                        # previous
-    p.stx(DW, FP, R3, OFF_PY_FRAME)
+    _read_user(p, s.t, 8, R3, s.base)                           # cframe = cframe->previous
+    p.ldx(DW, R1, s.base, s.t)
+    p.jeq(R0, 0, t + "_cf_set")
+    p.mov(R1, 0)
+    p.label(t + "_cf_set")
+    p.stx(DW, s.cframe[0], R1, s.cframe[1])
+    p.label(t + "_next")
+    _head_u64(p, R3, 56, t + "_back", s.head, s.base)                   # previous
+    p.stx(DW, s.frame[0], R3, s.frame[1])
+
+
+_FRAME_STEPS = {MODEL_FRAME_OBJECT: _frame_m1, MODEL_INTERPRETER_FRAME: _frame_m2}
+
+
+def _walk_frames(p: Program, t: str, model: int) -> None:
+    """Every frame of the chain, as a bounded loop: r9 counts the frames (the
+    verifier walks each of the PY_MAX_FRAMES iterations), for kernels
+    without bpf_loop.  A link counts as an entry, not as a frame."""
+    k = R9
+    m = "%s_m%d" % (t, model)
+    p.mov(k, 0)
+    p.label(m + "_loop")
+    p.ldx(DW, R3, FP, OFF_PY_FRAME)
+    p.jeq(R3, 0, m + "_end")
+    p.jge(k, PY_MAX_FRAMES, m + "_truncated")
+    _FRAME_STEPS[model](p, m, _MAIN_SLOTS, m + "_bad")
     p.add(k, 1)
-    p.ja(t + "_m2_loop")
-    p.label(t + "_m2_truncated")
+    p.ja(m + "_loop")
+    p.label(m + "_truncated")
     _set_flag(p, PYSTACK_TRUNCATED)
-    p.ja(t + "_m2_end")
-    p.label(t + "_m2_bad")
+    p.ja(m + "_end")
+    p.label(m + "_bad")
     _set_flag(p, PYSTACK_BAD_READ)
-    p.label(t + "_m2_end")
+    p.label(m + "_end")
+
+
+def _loop_frames(p: Program, t: str, model: int) -> None:
+    """Every frame of the chain through bpf_loop (Linux 5.17+): the verifier
+    checks the callback's one frame instead of each of PY_MAX_FRAMES
+    iterations of an inline loop.  The callback returns 1 at the chain's
+    end or an unreadable frame (which it flags, clearing the frame slot);
+    a frame still pending after the last iteration is a truncation."""
+    m = "%s_m%d" % (t, model)
+    p.stx(DW, FP, BUF, OFF_PY_CTX + CTX_BUF)                    # (the thread key is dead now)
+    p.stx(DW, FP, R8, OFF_PY_CTX + CTX_PROC)
+    p.mov(R1, PY_MAX_FRAMES)
+    p.ld_func(R2, FRAME_CALLBACKS[model])
+    p.mov(R3, FP).add(R3, OFF_PY_CTX)
+    p.mov(R4, 0)
+    p.call("loop")
+    p.ldx(DW, R3, FP, OFF_PY_FRAME)
+    p.jeq(R3, 0, m + "_end")
+    _set_flag(p, PYSTACK_TRUNCATED)
+    p.label(m + "_end")
+
+
+def emit_frame_callbacks(p: Program) -> None:
+    """The bpf_loop callbacks of _loop_frames; emit once per program, after
+    the main program's last exit (emit_python_walk's ``callbacks``)."""
+    for model, label in sorted(FRAME_CALLBACKS.items()):
+        c = label
+        p.label(label)
+        p.mov(_CB_CTX, R2)
+        p.ldx(DW, BUF, _CB_CTX, CTX_BUF)
+        p.ldx(DW, R8, _CB_CTX, CTX_PROC)
+        p.ldx(DW, R3, _CB_CTX, _CB_SLOTS.frame[1])
+        p.jeq(R3, 0, c + "_stop")
+        _FRAME_STEPS[model](p, c + "_f", _CB_SLOTS, c + "_bad")
+        p.mov(R0, 0)
+        p.exit()
+        p.label(c + "_bad")
+        _set_flag(p, PYSTACK_BAD_READ)
+        p.st(DW, _CB_CTX, _CB_SLOTS.frame[1], 0)
+        p.label(c + "_stop")
+        p.mov(R0, 1)
+        p.exit()
+
+
+_loop_support: list = []
+
+
+def bpf_loop_supported() -> bool:
+    """Whether this kernel's verifier takes a bpf_loop call (5.17+) in a
+    perf-event program; asked once per agent (a ten-instruction load)."""
+    if not _loop_support:
+        probe = Program("py_probe")
+        probe.mov(R1, 1)
+        probe.ld_func(R2, "cb")
+        probe.mov(R3, 0).mov(R4, 0)
+        probe.call("loop")
+        probe.mov(R0, 0).exit()
+        probe.label("cb").mov(R0, 1).exit()
+        try:
+            probe.load(sc.BPF_PROG_TYPE_PERF_EVENT).close()
+            _loop_support.append(True)
+        except sc.BPFError:
+            _loop_support.append(False)
+    return _loop_support[0]

@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import bisect
 import operator
-from typing import Dict, List, Optional, Tuple
+import re
+from typing import Dict, List, Optional, Tuple, Union
 
 KALLSYMS_PATH = "/proc/kallsyms"
 
@@ -98,8 +99,13 @@ class KernelSymbols:
         self._modules: List[Optional[str]] = []
 
     @classmethod
-    def load(cls, path: str = KALLSYMS_PATH) -> "KernelSymbols":
+    def load(cls, path: str = KALLSYMS_PATH) -> "Union[KernelSymbols, KallsymsIndex]":
         """Read ``path`` in one go and index its text symbols.
+
+        A file the kernel wrote (every line canonical, see KallsymsIndex)
+        gets the lazy index, which names only the addresses asked for; any
+        other text gets this full parse, which skips and counts what it
+        cannot read.  Both answer every lookup alike (tests compare them).
 
         Never raises for an unreadable file: the capture goes on with kernel
         frames as addresses and ``reason`` explains.
@@ -111,6 +117,9 @@ class KernelSymbols:
             syms = cls()
             syms.reason = REASON_UNREADABLE % (path, e.strerror or e)
             return syms
+        index = KallsymsIndex.build(data, path)
+        if index is not None:
+            return index
         return cls.parse(data.decode("latin-1"), path)
 
     @classmethod
@@ -243,3 +252,156 @@ def _parse_text(text: str) -> Tuple[List[_Symbol], bool, int]:
         else:
             symbols.append((addr, _REAL_RANK, name, module))
     return symbols, any_nonzero, skipped
+
+
+# -- the lazy index ---------------------------------------------------------------
+
+#: One line exactly as the kernel prints it on a 64-bit machine (s_show() in
+#: kernel/kallsyms.c: "%px %c %s\t[%s]"): 16 lower-case hex digits, one type
+#: letter, a name of printable ASCII, and an optional tab-bracketed module
+#: (printable, no brackets).
+_CANONICAL_LINE = re.compile(
+    rb"^[0-9a-f]{16} [A-Za-z] [!-~]+(?:\t\[[!-Z\\^-~]+\])?$", re.M)
+_ZERO_ADDRESS = b"0" * MAX_ADDRESS_DIGITS
+_ADDRESS = operator.itemgetter(slice(0, MAX_ADDRESS_DIGITS))  # a line's sort key
+_TYPE_AT = MAX_ADDRESS_DIGITS + 1  # "<address> <type> <name>"
+_NAME_AT = MAX_ADDRESS_DIGITS + 3
+_TEXT_TYPE_BYTES = frozenset(ord(t) for t in TEXT_TYPES)
+_AFTER_ANY_LINE = b"\xff"  # address + this sorts after every line at that address
+
+
+class KallsymsIndex:
+    """/proc/kallsyms kept as the kernel wrote it, its lines sorted by
+    address, named only for the addresses a profile asks about.
+
+    Why: a profile has a few dozen distinct kernel frames, the file has
+    120k+ symbols, and turning every line into Python ints, strings and
+    tuples cost more CPU than the rest of a short capture's start-up (and
+    left the garbage collector 120k objects to scan).  Here one regex checks
+    and splits the lines and one sort orders them by their fixed-width hex
+    address (bytes order as the numbers do), both in C, into bytes objects
+    the collector does not track.  A lookup bisects that and applies
+    KernelSymbols' rules (first alias listed, end markers, tail caps) to the
+    lines at the two addresses around the one asked.  Same interface and
+    answers as KernelSymbols; ``__len__`` and ``address_of`` (diagnostics)
+    parse the lines in full once.
+    """
+
+    __slots__ = ("available", "reason", "skipped", "_path", "_lines", "_cache", "_full")
+
+    def __init__(self, lines: List[bytes], path: str) -> None:
+        self.available = True
+        self.reason = ""
+        self.skipped = 0  # every line is canonical
+        self._path = path
+        # Stable: the lines at one address stay in file order (first alias).
+        self._lines = sorted(lines, key=_ADDRESS)
+        self._cache: Dict[int, Optional[Tuple[str, Optional[str]]]] = {}
+        self._full: Optional[KernelSymbols] = None
+
+    @classmethod
+    def build(cls, data: bytes, path: str = KALLSYMS_PATH) -> "Optional[Union[KallsymsIndex, KernelSymbols]]":
+        """The index of ``data``; a KernelSymbols carrying the reason when it
+        has no usable symbols; None when a line is not canonical (the caller
+        then parses it in full)."""
+        lines = _CANONICAL_LINE.findall(data)
+        count = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+        if len(lines) != count:
+            return None
+        index = cls(lines, path)
+        last = index._text_line(len(index._lines) - 1, -1)
+        if last < 0:
+            empty = KernelSymbols()
+            empty.reason = REASON_EMPTY % path
+            return empty
+        if index._lines[last][:MAX_ADDRESS_DIGITS] == _ZERO_ADDRESS:
+            hidden = KernelSymbols()
+            hidden.reason = REASON_HIDDEN
+            return hidden
+        return index
+
+    def _text_line(self, i: int, step: int) -> int:
+        """The first position from ``i`` on (walking by ``step``) holding a
+        text symbol; -1 or len(lines) when there is none."""
+        lines = self._lines
+        while 0 <= i < len(lines) and lines[i][_TYPE_AT] not in _TEXT_TYPE_BYTES:
+            i += step
+        return i
+
+    def _kept(self, i: int, step: int) -> Tuple[int, Optional[str], Optional[str]]:
+        """(address, name or None for an end marker, module) of the symbol
+        kept at the address of text line ``i``: the first listed real symbol
+        there, else an end marker.  ``step`` -1: ``i`` is the last line of
+        its address, 1: the first."""
+        lines = self._lines
+        address = lines[i][:MAX_ADDRESS_DIGITS]
+        run = []
+        while 0 <= i < len(lines) and lines[i][:MAX_ADDRESS_DIGITS] == address:
+            if lines[i][_TYPE_AT] in _TEXT_TYPE_BYTES:
+                run.append(i)
+            i += step
+        run.sort()  # file order
+        chosen = None
+        for k in run:
+            name, module = _name_and_module(lines[k])
+            if not _is_end_marker(name):
+                chosen = (name, module)
+                break
+        if chosen is None:
+            chosen = (None, _name_and_module(lines[run[0]])[1])
+        return int(address, 16), chosen[0], chosen[1]
+
+    def _resolve(self, addr: int) -> Optional[Tuple[str, Optional[str]]]:
+        if not 0 <= addr < 1 << 64:
+            return None
+        after = bisect.bisect_right(self._lines, b"%016x" % addr + _AFTER_ANY_LINE)
+        i = self._text_line(after - 1, -1)
+        if i < 0:
+            return None  # below every text symbol
+        start, name, module = self._kept(i, -1)
+        if name is None:
+            return None  # after an end marker
+        nxt = self._text_line(after, 1)
+        if nxt < len(self._lines):
+            next_start, _next_name, next_module = self._kept(nxt, 1)
+            capped = next_module != module and next_start > start + MAX_TAIL_SYMBOL_SIZE
+        else:
+            capped = True
+        if capped and addr >= start + MAX_TAIL_SYMBOL_SIZE:
+            return None  # past the last function before unrelated memory
+        return name, module
+
+    def lookup_full(self, addr: int) -> Optional[Tuple[str, Optional[str]]]:
+        """(name, module or None) for ``addr``, or None; answers cached."""
+        try:
+            return self._cache[addr]
+        except KeyError:
+            found = self._cache[addr] = self._resolve(addr)
+            return found
+
+    def lookup(self, addr: int) -> Optional[str]:
+        found = self.lookup_full(addr)
+        return None if found is None else found[0]
+
+    def lookup_module(self, addr: int) -> Optional[str]:
+        found = self.lookup_full(addr)
+        return None if found is None else found[1]
+
+    def _parsed(self) -> KernelSymbols:
+        if self._full is None:
+            # The sort kept each address's lines in file order: the same
+            # choices as parsing the file itself.
+            self._full = KernelSymbols.parse(b"\n".join(self._lines).decode("latin-1"), self._path)
+        return self._full
+
+    def __len__(self) -> int:
+        return len(self._parsed())
+
+    def address_of(self, name: str) -> Optional[int]:
+        return self._parsed().address_of(name)
+
+
+def _name_and_module(line: bytes) -> Tuple[str, Optional[str]]:
+    """The name and module (None for the core kernel) of a canonical line."""
+    name, _, module = line[_NAME_AT:].partition(b"\t")
+    return name.decode("latin-1"), (module[1:-1].decode("latin-1") if module else None)
