@@ -155,6 +155,23 @@ def test_hash_map_drain_batch(no_fd_leak):
         assert m.drain() == []
 
 
+def test_update_many_writes_what_update_would(no_fd_leak):
+    with HashMap(8, 8, 4096, name="many") as m:
+        m.update_many([(U64.pack(i), U64.pack(i * 7)) for i in range(2500)])   # three batches
+        m.update_many([(U64.pack(5), U64.pack(1))])                          # one: a plain update
+        got = dict((U64.unpack(k)[0], U64.unpack(v)[0]) for k, v in m.items())
+        want = {i: i * 7 for i in range(2500)}
+        want[5] = 1
+        assert got == want
+        with pytest.raises(ValueError):
+            m.update_many([(U64.pack(1), b"x"), (U64.pack(2), b"y")])
+    with StackTraceMap(8, name="st2") as st:
+        # No batch ops for stack maps: one update each (here refused as stack
+        # maps refuse user updates), never a silent loss.
+        with pytest.raises(BPFError):
+            st.update_many([(U32.pack(1), bytes(st.value_size_user))] * 2)
+
+
 def test_drain_fallback_and_percpu(no_fd_leak):
     # Stack maps have no batch ops: drain falls back to iterate + delete.
     with StackTraceMap(8, name="st") as st:

@@ -102,6 +102,27 @@ class Map(sc.OwnedFD):
                              % (len(value), self.name, self.value_size_user))
         sc.map_update_elem(self.fd, self._check_key(key), value, flags)
 
+    def update_many(self, pairs: List[Tuple[bytes, bytes]]) -> None:
+        """Write every (key, value): BPF_MAP_UPDATE_BATCH where the kernel
+        and map type have it (one call per chunk instead of one per entry),
+        else one update each."""
+        if self._batch_ok is not False and len(pairs) > 1:
+            try:
+                for i in range(0, len(pairs), 1024):
+                    chunk = pairs[i:i + 1024]
+                    keys = b"".join(self._check_key(k) for k, _ in chunk)
+                    values = b"".join(v for _, v in chunk)
+                    if len(values) != len(chunk) * self.value_size_user:
+                        raise ValueError("values must be %d bytes for map %r"
+                                         % (self.value_size_user, self.name))
+                    sc.map_update_batch(self.fd, keys, values, len(chunk))
+                return
+            except BPFError as exc:
+                if exc.errno not in (errno.EINVAL, sc.ENOTSUPP, errno.EOPNOTSUPP):
+                    raise
+        for key, value in pairs:
+            self.update(key, value)
+
     def delete(self, key: bytes) -> bool:
         """Remove ``key``; False if it was not there."""
         return sc.map_delete_elem(self.fd, self._check_key(key))

@@ -51,13 +51,15 @@ REUSED = PyName("<freed code object>", "", 0, 0)
 
 
 class _Tracked:
-    __slots__ = ("interp", "reader", "refreshed", "names")
+    __slots__ = ("interp", "reader", "refreshed", "names", "written")
 
     def __init__(self, interp: Interpreter) -> None:
         self.interp = interp
         self.reader = Reader(interp)
         self.refreshed = 0.0
         self.names: Dict[Tuple[int, int], PyName] = {}
+        #: thread_id -> thread state address last written to the threads map
+        self.written: Dict[int, int] = {}
 
 
 class PythonProcesses:
@@ -153,11 +155,19 @@ class PythonProcesses:
             threads = tracked.reader.threads()
         except ReaderError:
             return
-        for ts in threads:
+        # Only what changed is written, in one batch: a process with 2,000
+        # threads cost 2,000 bpf() calls every refresh (seen as a 5.9 s
+        # drain cycle on a busy machine).
+        current = {ts.thread_id: ts.addr for ts in threads}
+        written = tracked.written
+        changed = [(SP.PY_THREAD_KEY.pack(pid, 0, tid), SP.U64.pack(addr))
+                   for tid, addr in current.items() if written.get(tid) != addr]
+        tracked.written = current
+        if changed:
             try:
-                self.maps.threads.update(SP.PY_THREAD_KEY.pack(pid, 0, ts.thread_id), SP.U64.pack(ts.addr))
+                self.maps.threads.update_many(changed)
             except OSError:
-                return
+                tracked.written = {}
 
     # -- names -----------------------------------------------------------------
 
