@@ -407,3 +407,33 @@ def test_partial_tables_leave_undecoded_code_to_user_space():
     assert K.compile_spans([]).rows == [K.CompactRow(0, *K.FALLBACK_ROW)]
     with pytest.raises(K.TableRefused):
         K.compile_spans([(1 << 32, (1 << 32) + 4, a)])
+
+
+# -- the merge of kernel-placed Python links -------------------------------------------
+
+def test_merge_by_index_matches_merge_by_link():
+    """A Python stack whose links the kernel replaced by native frame
+    indexes is placed as the user-space walker places it by stack pointer;
+    a stack mixing both (a walk left to user space part way) too, and a
+    link the kernel left below every frame goes to the root end."""
+    from perfagent.python.merge import place_runs, split_runs
+    from perfagent.stackprog.layout import PYFRAME_LINK, PYFRAME_LINK_INDEX
+    ips = (0x100, 0x200, 0x300, 0x400, 0x500)
+    sps = (0x1000, 0x1040, 0x1080, 0x10c0, 0x1100)
+    a, b, c = (0xa, 0, 11), (0xb, 0, 21), (0xc, 0, 31)
+
+    def link(addr):
+        return (addr, 0, PYFRAME_LINK)
+
+    def index(i):
+        return (i, 0, PYFRAME_LINK | PYFRAME_LINK_INDEX)
+
+    never = lambda pc: False   # noqa: E731
+    by_link = place_runs(ips, split_runs([a, link(0x1048), b, link(0x10c8), c]), never, sps)
+    assert [i for i, _ in by_link] == [1, 3, 5]
+    by_index = place_runs(ips, split_runs([a, index(1), b, index(3), c]), never)
+    assert by_index == by_link
+    mixed = place_runs(ips, split_runs([a, index(1), b, link(0x10c8), c]), never, sps)
+    assert mixed == by_link
+    below = place_runs(ips, split_runs([a, link(0x800), b, index(3), c]), never)
+    assert [i for i, _ in below] == [5, 5, 5]
