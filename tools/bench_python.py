@@ -14,9 +14,9 @@ alternatives, in one run (issue 12's figures; not a test).
 3. **Agent CPU** (user + sys of the agent process) for a 10 s capture of a
    busy CPython at 99 Hz, side by side with py-spy (pip's ``py-spy``,
    installed here when missing: a benchmark dependency only) recording the
-   same target at the same rate.  Twice: with the agent's modules compiled
-   beforehand (into this run's temporary directory, as an installed copy
-   has them) and without bytecode (PYTHONDONTWRITEBYTECODE=1, or a
+   same target at the same rate.  Twice: a copy of the package compiled
+   beforehand (in this run's temporary directory, as an installed copy
+   has it) and the repository's without bytecode (PYTHONDONTWRITEBYTECODE=1, or a
    read-only copy without __pycache__: every import compiles its source).
 
 The machine is shared and noisy: read the ratios, run it twice.
@@ -79,27 +79,32 @@ while time.monotonic() < end:
 """
 
 
-def agent(args, cwd, pycache: str = ""):
-    """The agent's command line and environment.  ``pycache``: a directory
-    holding its compiled modules (PYTHONPYCACHEPREFIX), as an installed
-    copy has them; without it every import compiles its source (as with
-    PYTHONDONTWRITEBYTECODE=1 or a read-only copy without __pycache__)."""
-    env = dict(os.environ, PYTHONPATH=REPO)
-    if pycache:
+def agent(args, cwd, installed: str = ""):
+    """The agent's command line and environment.  ``installed``: a directory
+    holding a copy of the package with its modules compiled, as an
+    installed copy has them; without it the repository's package runs with
+    PYTHONDONTWRITEBYTECODE=1 and every import compiles its source (as a
+    read-only copy without __pycache__ does)."""
+    env = dict(os.environ, PYTHONPATH=installed or REPO)
+    if installed:
         env.pop("PYTHONDONTWRITEBYTECODE", None)
-        env["PYTHONPYCACHEPREFIX"] = pycache
     else:
         env["PYTHONDONTWRITEBYTECODE"] = "1"
-        env.pop("PYTHONPYCACHEPREFIX", None)
+    env.pop("PYTHONPYCACHEPREFIX", None)
     return [sys.executable, "-m", "perfagent", *args], env
 
 
-def compile_agent(pycache: str) -> None:
-    """The agent's modules compiled into ``pycache`` (never into the repository)."""
-    env = dict(os.environ, PYTHONPYCACHEPREFIX=pycache)
+def install_agent(directory: str) -> str:
+    """A copy of the package under ``directory``, compiled in place (its own
+    __pycache__, never the repository's); returns what goes on PYTHONPATH."""
+    shutil.copytree(os.path.join(REPO, "perfagent"), os.path.join(directory, "perfagent"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    env = dict(os.environ)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
-    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(REPO, "perfagent")],
+    env.pop("PYTHONPYCACHEPREFIX", None)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(directory, "perfagent")],
                    env=env, check=True, stdout=subprocess.DEVNULL)
+    return directory
 
 
 def throughput(python: str, script: str, seconds: float, profiler, tmp: str) -> float:
@@ -253,12 +258,11 @@ def main() -> None:
                 f.write(old)
 
         print("3. agent CPU, 10 s of a busy CPython at 99 Hz (default options), %d rounds in turn" % args.rounds)
-        pycache = os.path.join(tmp, "pycache")
-        compile_agent(pycache)
+        installed = install_agent(os.path.join(tmp, "installed"))
         spy = ensure_py_spy()
         cpus = {"cached": [], "source": [], "py-spy": []}
         for _ in range(args.rounds):
-            for key, cache in (("cached", pycache), ("source", "")):
+            for key, cache in (("cached", installed), ("source", "")):
                 cpu, wall, err = agent_cpu(args.python, busy, d, lambda pid: agent(
                     ["--profile", "--pid", str(pid), "--duration", "%gs" % d, "--quiet", "--profile-output", out],
                     tmp, cache), tmp)
