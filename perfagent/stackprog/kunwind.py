@@ -114,6 +114,10 @@ CB_MID = -8         # a binary search's probe
 CB_FIRST = -12      # the table's first row
 CB_NEW_FLAGS = -16  # uw_walk.flags once the step is accepted
 CB_READ = -32
+# The step callback's stack as the verifier counts it (56 with the link
+# placement's nested callback; "stack depth 472+56+8" for the whole walk):
+# perfagent.unwind.kernel's probe reproduces the walk's depth with it.
+PROBE_STEP_STACK = 56
 
 
 class KUnwindMaps(NamedTuple):

@@ -88,17 +88,38 @@ def kernel_walk_supported() -> Optional[str]:
 
 
 def _probe_bpf_loop() -> Optional[str]:
+    """Load a program shaped like the walk: bpf_loop (5.17+), a callback
+    that calls bpf_loop again, and the walk's stack use at each level.
+    Kernels without private BPF stacks count a program and the callbacks
+    it calls within 512 bytes together; the walk needs more than that
+    (its main program's slots reach OFF_UW + UW_WALK_SIZE below the frame),
+    so such a kernel is told here, once, instead of failing the capture."""
+    from perfagent.bpf.asm import DW, FP
     p = Program("uw_probe")
+    p.st(DW, FP, KU.OFF_UW, 0)
     p.mov(R1, 1)
-    p.ld_func(R2, "cb")
+    p.ld_func(R2, "step")
     p.mov(R3, 0).mov(R4, 0)
     p.call("loop")
     p.mov(R0, 0).exit()
-    p.label("cb").mov(R0, 1).exit()
+    p.label("step")
+    p.st(DW, FP, -KU.PROBE_STEP_STACK, 0)         # the step callback's own slots
+    p.mov(R1, 1)
+    p.ld_func(R2, "search")
+    p.mov(R3, 0).mov(R4, 0)
+    p.call("loop")
+    p.mov(R0, 1).exit()
+    p.label("search")
+    p.st(DW, FP, -8, 0)                           # the search callback's
+    p.mov(R0, 1).exit()
     try:
         p.load(sc.BPF_PROG_TYPE_PERF_EVENT).close()
     except sc.BPFError as exc:
-        return "bpf_loop unavailable (%s)" % str(exc).splitlines()[0]
+        first = str(exc).splitlines()[0]
+        if "stack" in str(exc):
+            return ("this kernel holds a BPF program and its bpf_loop callbacks to 512 bytes of "
+                    "stack together, less than the walk needs (%s)" % first)
+        return "bpf_loop unavailable (%s)" % first
     return None
 
 
