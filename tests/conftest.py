@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from typing import Dict, List, Sequence, Tuple
 
 import pytest
+
+# A shell without job control starts background commands with SIGINT
+# ignored (`tools/test.sh &`), and an ignored signal stays ignored across
+# exec: every agent the tests start would then ignore the Ctrl-C they send
+# it.  The tests stand for a user at a terminal, where SIGINT has its default.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROGRAMS = os.path.join(REPO, "tests", "programs")
