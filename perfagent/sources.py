@@ -172,6 +172,29 @@ class OnCpuSource(Source):
     sample."""
 
 
+def add_counted_stacks(state: CaptureState, stacks) -> None:
+    """Stacks counted in the kernel (``--unwind fp``, the kernel walk) into the state."""
+    add = state.add_counted
+    for st in stacks or ():
+        add(st.tgid, st.tid, tuple(st.kernel_ips), tuple(st.user_ips), st.samples, st.period_ns,
+            st.python)
+
+
+def add_records(state: CaptureState, samples, fell_back=None) -> None:
+    """Whole captures (registers and stack copy) for the state's walker, as
+    the ring-buffer sample tuple (perfagent.perf.records) with the Python
+    stack appended; ``fell_back(tgid, seconds)`` hears of each one that
+    carries a user context (the kernel walk left it to user space)."""
+    on_sample = state.on_sample
+    for s in samples:
+        regs = s.regs
+        if regs and fell_back is not None:
+            fell_back(s.tgid, s.time / 1e9 if s.time else None)
+        ip = regs[3] if regs else (s.kernel_ips[0] if s.kernel_ips else 0)
+        on_sample((s.tgid, s.tid, s.time, s.cpu, s.period, ip, s.kernel_ips, (),
+                   regs, s.stack if regs else None, s.python))
+
+
 class OnCpuCounts(OnCpuSource):
     """``--unwind fp``: counted in the kernel; drained when half full and at the end."""
 
@@ -197,9 +220,7 @@ class OnCpuCounts(OnCpuSource):
         self._add(self.engine.collect())
 
     def _add(self, stacks) -> None:
-        for st in stacks or ():
-            self.state.add_counted(st.tgid, st.tid, tuple(st.kernel_ips), tuple(st.user_ips),
-                                   st.samples, st.period_ns, st.python)
+        add_counted_stacks(self.state, stacks)
 
 
 class OnCpuRecords(OnCpuSource):
@@ -219,14 +240,7 @@ class OnCpuRecords(OnCpuSource):
         self._add(self.engine.collect())
 
     def _add(self, samples) -> None:
-        on_sample = self.state.on_sample
-        for s in samples:
-            regs = s.regs
-            ip = regs[3] if regs else (s.kernel_ips[0] if s.kernel_ips else 0)
-            # The ring-buffer sample tuple (perfagent.perf.records), with the
-            # Python stack appended.
-            on_sample((s.tgid, s.tid, s.time, s.cpu, s.period, ip, s.kernel_ips, (),
-                       regs, s.stack if regs else None, s.python))
+        add_records(self.state, samples)
 
 
 class OnCpuKernelWalk(OnCpuSource):
@@ -281,19 +295,10 @@ class OnCpuKernelWalk(OnCpuSource):
             self.loader.release()
 
     def _records(self, samples) -> None:
-        on_sample = self.state.on_sample
-        for s in samples:
-            regs = s.regs
-            if regs:
-                self.loader.fell_back(s.tgid, s.time / 1e9 if s.time else None)
-            ip = regs[3] if regs else (s.kernel_ips[0] if s.kernel_ips else 0)
-            on_sample((s.tgid, s.tid, s.time, s.cpu, s.period, ip, s.kernel_ips, (),
-                       regs, s.stack if regs else None, s.python))
+        add_records(self.state, samples, self.loader.fell_back)
 
     def _add(self, stacks) -> None:
-        for st in stacks or ():
-            self.state.add_counted(st.tgid, st.tid, tuple(st.kernel_ips), tuple(st.user_ips),
-                                   st.samples, st.period_ns, st.python)
+        add_counted_stacks(self.state, stacks)
 
     def summary(self) -> str:
         return kernel_walk_summary(self.engine.outcomes(), self.tables, "")
