@@ -172,6 +172,27 @@ class OnCpuSource(Source):
     sample."""
 
 
+#: Counted stacks are collected at least this often while CPython processes
+#: are walked: their Python frames are named from the live process's memory
+#: (code objects), which is gone once it exits -- a short-lived or killed
+#: interpreter whose counts waited for a full map or the end was all
+#: ``<unknown>``.  Names are cached per process, so later collections cost little.
+PYTHON_COLLECT_INTERVAL = 1.0
+
+
+def python_names_due(source) -> bool:
+    """Whether a counting source should collect now so that its Python
+    frames are named while their processes live (see PYTHON_COLLECT_INTERVAL)."""
+    python = source.state.python
+    if python is None or not len(python):
+        return False
+    now = time.monotonic()
+    if now < getattr(source, "_names_due", 0.0):
+        return False
+    source._names_due = now + PYTHON_COLLECT_INTERVAL
+    return True
+
+
 def add_counted_stacks(state: CaptureState, stacks) -> None:
     """Stacks counted in the kernel (``--unwind fp``, the kernel walk) into the state."""
     add = state.add_counted
@@ -208,7 +229,7 @@ class OnCpuCounts(OnCpuSource):
         # Registered by a running source only (one that failed to start
         # must not hold exited processes forever).
         self.state.hold_counts("oncpu")
-        if self.state.exits_waiting():
+        if self.state.exits_waiting() or python_names_due(self):
             # Exited processes are released once their counts are in.
             self._add(self.engine.collect_if_full(0.0))
             self.state.counts_collected("oncpu")
@@ -272,7 +293,7 @@ class OnCpuKernelWalk(OnCpuSource):
 
     def feed(self) -> None:
         self._records(self.engine.drain())
-        if self.state.exits_waiting():
+        if self.state.exits_waiting() or python_names_due(self):
             # Exited processes are released once their counts are in.
             self._add(self.engine.collect_counts(False))
             self.state.counts_collected("oncpu")

@@ -50,8 +50,13 @@ TRUNCATED_MARK = PyName("[more Python frames]", "", 0, 0)
 REUSED = PyName("<freed code object>", "", 0, 0)
 
 
+#: Exited processes whose last-read names are kept for counts collected after
+#: their exit (the newest; ~64 KiB of names each at most, usually a few KiB).
+GONE_KEPT = 256
+
+
 class _Tracked:
-    __slots__ = ("interp", "reader", "refreshed", "names", "written")
+    __slots__ = ("interp", "reader", "refreshed", "names", "written", "lasting")
 
     def __init__(self, interp: Interpreter) -> None:
         self.interp = interp
@@ -60,6 +65,11 @@ class _Tracked:
         self.names: Dict[Tuple[int, int], PyName] = {}
         #: thread_id -> thread state address last written to the threads map
         self.written: Dict[int, int] = {}
+        #: names as last read, kept across drain cycles: used only when the
+        #: process can no longer be read (it exited before counts that waited
+        #: in the kernel were collected); the key holds the co_firstlineno
+        #: read at the sample's instant, so a reused address is not misnamed.
+        self.lasting: Dict[Tuple[int, int, int], PyName] = {}
 
 
 class PythonProcesses:
@@ -68,6 +78,8 @@ class PythonProcesses:
     def __init__(self, maps: "SP.PyWalkMaps") -> None:
         self.maps = maps
         self._procs: Dict[int, _Tracked] = {}
+        #: exited processes' names as last read (see _Tracked.lasting)
+        self._gone: Dict[int, _Tracked] = {}
         self.skipped: Dict[str, int] = {}
         self.reasons: Dict[int, str] = {}       # pid -> why it was skipped (not not_python)
         self.versions: Dict[str, int] = {}      # "3.12" -> processes walked
@@ -127,7 +139,15 @@ class PythonProcesses:
         self.add(pid)
 
     def exit(self, pid: int) -> None:
-        if self._procs.pop(pid, None) is not None:
+        tracked = self._procs.pop(pid, None)
+        if tracked is not None:
+            # Kept for naming what was counted before the exit (bounded: the
+            # oldest go first).
+            tracked.reader = None
+            tracked.names = {}
+            self._gone[pid] = tracked
+            while len(self._gone) > GONE_KEPT:
+                self._gone.pop(next(iter(self._gone)))
             try:
                 self.maps.procs.delete(TGID.pack(pid))
             except OSError:
@@ -173,7 +193,7 @@ class PythonProcesses:
 
     def eval_check(self, pid: int):
         """``is_eval(pc)`` for process ``pid``: is pc in the eval loop function."""
-        tracked = self._procs.get(pid)
+        tracked = self._procs.get(pid) or self._gone.get(pid)
         rng = tracked.interp.eval_range if tracked is not None else None
         if rng is None:
             return lambda pc: False
@@ -191,7 +211,10 @@ class PythonProcesses:
         """
         tracked = self._procs.get(pid)
         if tracked is None:
-            return UNKNOWN
+            tracked = self._gone.get(pid)
+            if tracked is None:
+                return UNKNOWN
+            return tracked.lasting.get((code, instr, firstlineno), UNKNOWN)
         key = (code, instr, firstlineno)
         got = tracked.names.get(key)
         if got is not None:
@@ -207,14 +230,17 @@ class PythonProcesses:
         try:
             frame = reader.frame(raw)
         except ReaderError:
-            return UNKNOWN
+            return tracked.lasting.get(key, UNKNOWN)
         if firstlineno and frame.firstlineno != firstlineno and frame.filename != "?":
             self.reused += 1
             return REUSED
         name = PyName(frame.qualname, frame.filename, frame.line, frame.firstlineno)
         if len(tracked.names) > 1 << 16:
             tracked.names.clear()
+        if len(tracked.lasting) > 1 << 16:
+            tracked.lasting.clear()
         tracked.names[key] = name
+        tracked.lasting[key] = name
         return name
 
     def new_drain(self) -> None:
