@@ -428,27 +428,13 @@ def kernel_walk_summary(counts: List[int], t, prefix: str) -> str:
     return line
 
 
-def python_only(state: CaptureState, tgids: Optional[Set[int]]) -> bool:
-    """Are the followed processes all CPython ones (``--pid`` of a Python
-    program)?  ``--unwind-in auto`` then keeps the user-space walker: the
-    kernel walk serves them exactly (their Python frames are placed in the
-    kernel, perfagent.stackprog.kunwind), but its program costs the
-    verifier 0.3-0.6 CPU s at start-up, more than it saves on one busy
-    interpreter in a capture of tens of seconds (measured, README
-    "Unwinding in the kernel": 10 s of a busy CPython at 99 and 999 Hz
-    cost the agent 1.0-1.2 CPU s walked in the agent, 1.2-1.6 s in the
-    kernel).  ``--unwind-in kernel`` walks them in the kernel."""
-    tracker = state.python
-    return bool(tgids) and tracker is not None and all(tracker.walked(pid) for pid in tgids)
-
-
 def dwarf_oncpu_source(state: CaptureState, tgids: Optional[Set[int]], opts, python,
                        notes: List[str]) -> OnCpuSource:
     """The on-CPU source of ``--unwind dwarf|auto``: walked in the kernel when
     ``opts.unwind_in`` allows it and the kernel can (bpf_loop), else stack
     copies for the user-space walker (with a note saying why, under auto).
     ``--unwind-in kernel`` on a kernel that cannot is an error."""
-    if opts.unwind_in == "kernel" or (opts.unwind_in == "auto" and not python_only(state, tgids)):
+    if opts.unwind_in in ("kernel", "auto"):
         from perfagent.bpf.syscall import BPFError
         from perfagent.errors import CaptureError
         from perfagent.unwind.kernel import kernel_walk_supported
@@ -486,7 +472,7 @@ class OffCpu(Source):
         self.log = log
         # --unwind-in: the walk in the kernel too (copies only for what it leaves).
         self.loader: Optional[TableLoader] = None
-        if self.stack_size and (unwind_in == "kernel" or (unwind_in == "auto" and not python_only(state, tgids))):
+        if self.stack_size and unwind_in in ("kernel", "auto"):
             from perfagent.unwind.kernel import kernel_walk_supported, shared_tables
             why = kernel_walk_supported()
             if why is None:
