@@ -171,6 +171,8 @@ class OnCpuSource(Source):
     processes on its own (their parent is followed), from their first
     sample."""
 
+    names_due = 0.0   # when python_names_due next says yes
+
 
 #: Counted stacks are collected at least this often while CPython processes
 #: are walked: their Python frames are named from the live process's memory
@@ -187,9 +189,9 @@ def python_names_due(source) -> bool:
     if python is None or not len(python):
         return False
     now = time.monotonic()
-    if now < getattr(source, "_names_due", 0.0):
+    if now < source.names_due:
         return False
-    source._names_due = now + PYTHON_COLLECT_INTERVAL
+    source.names_due = now + PYTHON_COLLECT_INTERVAL
     return True
 
 

@@ -30,18 +30,8 @@ import tempfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-BUSY = r"""
-import os, sys, time
-def spin(n):
-    x = 0
-    for i in range(n):
-        x += i * i
-    return x
-print("ready", os.getpid(), flush=True)
-end = time.monotonic() + float(sys.argv[1])
-while time.monotonic() < end:
-    spin(5000)
-"""
+# The busy CPython of bench_python (the figures it prints are this tool's subject).
+from bench_python import BUSY  # noqa: E402
 
 #: (module, class or None, function, label)
 PHASES = (

@@ -96,22 +96,20 @@ def _probe_bpf_loop() -> Optional[str]:
     so such a kernel is told here, once, instead of failing the capture."""
     from perfagent.bpf.asm import DW, FP
     p = Program("uw_probe")
-    p.st(DW, FP, KU.OFF_UW, 0)
-    p.mov(R1, 1)
-    p.ld_func(R2, "step")
-    p.mov(R3, 0).mov(R4, 0)
-    p.call("loop")
-    p.mov(R0, 0).exit()
-    p.label("step")
-    p.st(DW, FP, -KU.PROBE_STEP_STACK, 0)         # the step callback's own slots
-    p.mov(R1, 1)
-    p.ld_func(R2, "search")
-    p.mov(R3, 0).mov(R4, 0)
-    p.call("loop")
-    p.mov(R0, 1).exit()
-    p.label("search")
-    p.st(DW, FP, -8, 0)                           # the search callback's
-    p.mov(R0, 1).exit()
+    # (label, its stack use, the callback it loops over, its return value)
+    levels = (("main", -KU.OFF_UW, "step", 0),      # the walk's slots
+              ("step", KU.PROBE_STEP_STACK, "search", 1),
+              ("search", 8, None, 1))
+    for label, stack, callback, ret in levels:
+        if label != "main":
+            p.label(label)
+        p.st(DW, FP, -stack, 0)
+        if callback is not None:
+            p.mov(R1, 1)
+            p.ld_func(R2, callback)
+            p.mov(R3, 0).mov(R4, 0)
+            p.call("loop")
+        p.mov(R0, ret).exit()
     try:
         p.load(sc.BPF_PROG_TYPE_PERF_EVENT).close()
     except sc.BPFError as exc:
