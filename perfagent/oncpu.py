@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from perfagent.capture import (
-    KIND_FILE, KIND_JIT, KIND_KERNEL, KIND_VDSO, PYTHON_FRAME, CaptureState, MappingRecord,
+    KERNEL_MAPPING, KIND_FILE, KIND_JIT, KIND_KERNEL, KIND_VDSO, PYTHON_FRAME, CaptureState,
+    MappingRecord,
 )
 from perfagent import budget
 from perfagent.pprof.builder import ProfileBuilder
@@ -208,6 +209,11 @@ def sample_labels(state: CaptureState, pid: int, tid: int) -> Tuple[tuple, tuple
     return tuple(labels), tuple(numbers)
 
 
+def kernel_addresses(stacks) -> set:
+    """Every kernel address in ``stacks`` (frame tuples), to name at once."""
+    return {f[1] for frames in stacks for f in frames if f[0] == KERNEL_MAPPING}
+
+
 OFF_CPU_SAMPLE_TYPES = (("blocks", "count"), ("offcpu", "nanoseconds"))
 
 
@@ -228,6 +234,7 @@ def build_profile(state: CaptureState, symbolizer: Symbolizer, sample_rate: int,
     table = LocationTable(builder, state, symbolizer)
     labels_cache: Dict[Tuple[int, int], tuple] = {}
     stacks = state.offcpu_stacks if offcpu else state.stacks
+    symbolizer.prefetch_kernel(kernel_addresses(key[2] for key in stacks))
     for (pid, tid, frames), (count, period) in stacks.items():
         labels = labels_cache.get((pid, tid))
         if labels is None:

@@ -32,10 +32,12 @@ BPF_MAP_GET_NEXT_KEY = 4
 BPF_PROG_LOAD = 5
 BPF_PROG_GET_NEXT_ID = 11
 BPF_MAP_GET_NEXT_ID = 12
+BPF_PROG_TEST_RUN = 10
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_RAW_TRACEPOINT_OPEN = 17
 BPF_BTF_LOAD = 18
 BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
+BPF_MAP_FREEZE = 22
 BPF_MAP_LOOKUP_BATCH = 24
 BPF_MAP_LOOKUP_AND_DELETE_BATCH = 25
 BPF_LINK_CREATE = 28
@@ -48,12 +50,14 @@ BPF_CMD_NAMES = {
     BPF_MAP_DELETE_ELEM: "BPF_MAP_DELETE_ELEM",
     BPF_MAP_GET_NEXT_KEY: "BPF_MAP_GET_NEXT_KEY",
     BPF_PROG_LOAD: "BPF_PROG_LOAD",
+    BPF_PROG_TEST_RUN: "BPF_PROG_TEST_RUN",
     BPF_PROG_GET_NEXT_ID: "BPF_PROG_GET_NEXT_ID",
     BPF_MAP_GET_NEXT_ID: "BPF_MAP_GET_NEXT_ID",
     BPF_OBJ_GET_INFO_BY_FD: "BPF_OBJ_GET_INFO_BY_FD",
     BPF_RAW_TRACEPOINT_OPEN: "BPF_RAW_TRACEPOINT_OPEN",
     BPF_BTF_LOAD: "BPF_BTF_LOAD",
     BPF_MAP_LOOKUP_AND_DELETE_ELEM: "BPF_MAP_LOOKUP_AND_DELETE_ELEM",
+    BPF_MAP_FREEZE: "BPF_MAP_FREEZE",
     BPF_MAP_LOOKUP_BATCH: "BPF_MAP_LOOKUP_BATCH",
     BPF_MAP_LOOKUP_AND_DELETE_BATCH: "BPF_MAP_LOOKUP_AND_DELETE_BATCH",
     BPF_LINK_CREATE: "BPF_LINK_CREATE",
@@ -83,6 +87,11 @@ BPF_PROG_TYPE_TRACING = 26
 BPF_TRACE_RAW_TP = 23
 BPF_TRACE_FENTRY = 24
 BPF_TRACE_FEXIT = 25
+
+# map_flags of BPF_MAP_CREATE: programs may only read the map (with
+# BPF_MAP_FREEZE, user space may no longer write it either: what makes its
+# bytes a constant string for helpers such as bpf_snprintf's format).
+BPF_F_RDONLY_PROG = 1 << 7
 
 # Flags for BPF_MAP_UPDATE_ELEM
 BPF_ANY = 0
@@ -369,6 +378,47 @@ def prog_load(prog_type: int, insns: bytes, license: str = "GPL",
         expected_attach_type, prog_btf_fd, 8 if fi else 0, fi.addr if fi else 0,
         len(func_info) // 8, 0, 0, 0, attach_btf_id, 0))
     return bpf(BPF_PROG_LOAD, attr, prog_name)
+
+
+# union bpf_attr, BPF_MAP_FREEZE part: struct { __u32 map_fd; };
+MAP_FREEZE_ATTR = struct.Struct("<I4x")
+
+
+def map_freeze(map_fd: int) -> None:
+    """BPF_MAP_FREEZE (Linux 5.2+): user space can no longer write the map."""
+    bpf(BPF_MAP_FREEZE, bytearray(MAP_FREEZE_ATTR.pack(map_fd)), "BPF_MAP_FREEZE")
+
+
+# union bpf_attr, BPF_PROG_TEST_RUN part:
+# struct {
+#     __u32 prog_fd;               0
+#     __u32 retval;                4   (out)
+#     __u32 data_size_in;          8
+#     __u32 data_size_out;         12
+#     __aligned_u64 data_in;       16
+#     __aligned_u64 data_out;      24
+#     __u32 repeat;                32
+#     __u32 duration;              36  (out)
+#     __u32 ctx_size_in;           40
+#     __u32 ctx_size_out;          44
+#     __aligned_u64 ctx_in;        48
+#     __aligned_u64 ctx_out;       56
+#     __u32 flags;                 64
+#     __u32 cpu;                   68
+#     __u32 batch_size;            72
+# };                               80 (padded)
+PROG_TEST_RUN_ATTR = struct.Struct("<IIIIQQIIIIQQIII4x")
+
+
+def prog_test_run(prog_fd: int, ctx_in: bytes) -> int:
+    """BPF_PROG_TEST_RUN of a program that takes only a context (raw
+    tracepoint programs, Linux 5.10+: ``ctx_in`` is the tracepoint's u64
+    arguments); returns the program's r0."""
+    ctx = _Buf(ctx_in)
+    attr = bytearray(PROG_TEST_RUN_ATTR.pack(prog_fd, 0, 0, 0, 0, 0, 0, 0,
+                                             len(ctx_in), 0, ctx.addr, 0, 0, 0, 0))
+    bpf(BPF_PROG_TEST_RUN, attr, "BPF_PROG_TEST_RUN")
+    return PROG_TEST_RUN_ATTR.unpack(attr)[1]
 
 
 # union bpf_attr, BPF_RAW_TRACEPOINT_OPEN part:

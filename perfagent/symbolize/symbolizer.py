@@ -15,7 +15,8 @@ from typing import Dict, Optional, Tuple
 from perfagent.elf import ELFFile
 from perfagent.errors import ELFError
 from perfagent.budget import BudgetExceeded
-from perfagent.symbolize.kallsyms import KernelSymbols
+from perfagent.symbolize.kallsyms import KALLSYMS_PATH, KernelSymbols
+from perfagent.symbolize.kernelnames import KernelNamer, KernelNamerUnavailable
 from perfagent.symbolize.native import BinaryCache, BinaryInfo, SymbolTable
 from perfagent.symbolize.perfmap import PerfMap
 from perfagent.symbolize.procmaps import read_maps
@@ -31,7 +32,7 @@ def proc_path(pid: int, path: str) -> str:
 class Symbolizer:
     """Resolves addresses to function names; never raises for bad inputs."""
 
-    def __init__(self, binaries: Optional[BinaryCache] = None, kallsyms_path: str = "/proc/kallsyms",
+    def __init__(self, binaries: Optional[BinaryCache] = None, kallsyms_path: str = KALLSYMS_PATH,
                  perf_map_dir: str = "/tmp") -> None:
         self.binaries = binaries or BinaryCache()
         self._kallsyms_path = kallsyms_path
@@ -44,12 +45,29 @@ class Symbolizer:
 
     # -- kernel --------------------------------------------------------------
     @property
-    def kernel(self) -> KernelSymbols:
+    def kernel(self):
+        """Kernel symbols: named by the kernel itself (bpf_snprintf's %pS,
+        perfagent.symbolize.kernelnames: microseconds per address, nothing
+        read up front), else /proc/kallsyms read once (no BPF, an older
+        kernel, or another kallsyms file given)."""
         if self._kernel is None:
-            self._kernel = KernelSymbols.load(self._kallsyms_path)  # never raises
-            if not self._kernel.available and self._kernel.reason:
-                self.warnings.append(self._kernel.reason)
+            if self._kallsyms_path == KALLSYMS_PATH:
+                try:
+                    self._kernel = KernelNamer()
+                except KernelNamerUnavailable:
+                    pass
+            if self._kernel is None:
+                self._kernel = KernelSymbols.load(self._kallsyms_path)  # never raises
+                if not self._kernel.available and self._kernel.reason:
+                    self.warnings.append(self._kernel.reason)
         return self._kernel
+
+    def prefetch_kernel(self, addrs) -> None:
+        """Name many kernel addresses at once where that is cheaper
+        (twelve per system call through the kernel namer)."""
+        prefetch = getattr(self.kernel, "prefetch", None)
+        if prefetch is not None:
+            prefetch(addrs)
 
     def kernel_name(self, addr: int) -> Tuple[Optional[str], str]:
         """(symbol, module or "[kernel.kallsyms]") for a kernel address."""
