@@ -152,52 +152,19 @@ root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (BPF, perf event
 def test_verifier_accepts_every_variant(which, python, auto):
     """The walking program in each form the agent loads: on-CPU and off-CPU,
     with and without the Python walk, --unwind dwarf and auto."""
-    from perfagent.bpf import syscall as sc
-    from perfagent.bpf.maps import ArrayMap, HashMap, RingBuf, possible_cpus
-    from perfagent.offcpu.collector import _sched_switch_args, copy_spec
     from perfagent.offcpu.common import close_all
-    from perfagent.offcpu.inkernel import sample_period_offset
-    from perfagent.stackprog import kunwind as KU, layout as L, store as S
-    from perfagent.stackprog import python as pywalk
-    from perfagent.stackprog.accounting import Stats
-    from perfagent.stackprog.program import (
-        BLOCKED, COUNT_KEY, KEY_TGID, KUNWIND, SUMS, TID_KEY, Maps, build_offcpu, build_oncpu,
-    )
+    from perfagent.stackprog.variants import build_variant
     from perfagent.unwind.kernel import kernel_walk_supported
     why = kernel_walk_supported()
     if why is not None:
         pytest.skip(why)
-    copy = copy_spec(32768)
-    ku = KU.make_maps(auto)
-    stats = Stats()
-    objs = [ku.procs, ku.mappings, ku.tables, ku.rows, stats]
+    v = build_variant(which, python, auto)
     try:
-        scratch = ArrayMap(L.scratch_size(32768, copy.pages), possible_cpus(), name="t_scratch")
-        counts = HashMap(COUNT_KEY.size, SUMS.size, 1024, name="t_counts")
-        native, ring = S.native_store(1024), RingBuf(1 << 20, name="t_ring")
-        objs += [scratch, counts, native, ring]
-        walk = None
-        py = None
-        if python:
-            py = pywalk.make_maps(pywalk.fsbase_offset())
-            objs += [py.procs, py.threads]
-            walk = pywalk.emit_python_walk(py, KEY_TGID)
-            objs.append(S.python_store(1024))
-        maps = Maps(scratch, stats, None, counts, native, objs[-1] if python else None, ring, None, ku)
-        if which == "oncpu":
-            prog = build_oncpu(KUNWIND, maps, sample_period_offset(), copy, python_walk=walk)
-            loaded = prog.load(sc.BPF_PROG_TYPE_PERF_EVENT)
-        else:
-            args = _sched_switch_args()
-            blocked = HashMap(TID_KEY.size, BLOCKED.size, 1024, name="t_blocked")
-            objs.append(blocked)
-            prog = build_offcpu(KUNWIND, maps, blocked, args, copy, python_walk=walk)
-            loaded = prog.load(sc.BPF_PROG_TYPE_TRACING, expected_attach_type=sc.BPF_TRACE_RAW_TP,
-                               attach_btf_id=args.attach_btf_id)
-        objs.append(loaded)
+        loaded = v.prog.load(v.prog_type, **v.load_kw)
+        v.objs.append(loaded)
         assert loaded.fd >= 0
     finally:
-        close_all(objs)
+        close_all(v.objs)
 
 
 # -- agreement with the user-space walker ----------------------------------------------

@@ -45,6 +45,7 @@ sys.path.insert(0, sys.argv[sys.argv.index("--repo") + 1] if "--repo" in sys.arg
 
 from perfagent.bpf import syscall as sc  # noqa: E402
 from perfagent.bpf.prog import func_btf  # noqa: E402
+from perfagent.stackprog.variants import VARIANTS  # noqa: E402
 
 BPF_LOG_LEVEL2 = 2   # level 1 keeps only a failing path on recent kernels
 BPF_LOG_STATS = 4
@@ -54,49 +55,11 @@ _VTIME = re.compile(r"verification time (\d+) usec")
 _INSN = re.compile(r"^(\d+): \([0-9a-f]{2}\)")
 
 
-class Built:
-    """One variant: its Program, load arguments and the maps to close."""
-
-    def __init__(self, name, prog, prog_type, kw, objs):
-        self.name, self.prog, self.prog_type, self.kw, self.objs = name, prog, prog_type, kw, objs
-
-
-def build(which: str, python: bool, auto: bool) -> Built:
-    """The program exactly as test_verifier_accepts_every_variant builds it."""
-    from perfagent.bpf.maps import ArrayMap, HashMap, RingBuf, possible_cpus
-    from perfagent.offcpu.collector import _sched_switch_args, copy_spec
-    from perfagent.offcpu.inkernel import sample_period_offset
-    from perfagent.stackprog import kunwind as KU, layout as L, store as S
-    from perfagent.stackprog import python as pywalk
-    from perfagent.stackprog.accounting import Stats
-    from perfagent.stackprog.program import (
-        BLOCKED, COUNT_KEY, KEY_TGID, KUNWIND, SUMS, TID_KEY, Maps, build_offcpu, build_oncpu,
-    )
-    copy = copy_spec(32768)
-    ku = KU.make_maps(auto)
-    stats = Stats()
-    objs = [ku.procs, ku.mappings, ku.tables, ku.rows, stats]
-    scratch = ArrayMap(L.scratch_size(32768, copy.pages), possible_cpus(), name="t_scratch")
-    counts = HashMap(COUNT_KEY.size, SUMS.size, 1024, name="t_counts")
-    native, ring = S.native_store(1024), RingBuf(1 << 20, name="t_ring")
-    objs += [scratch, counts, native, ring]
-    walk = None
-    if python:
-        py = pywalk.make_maps(pywalk.fsbase_offset())
-        objs += [py.procs, py.threads]
-        walk = pywalk.emit_python_walk(py, KEY_TGID)
-        objs.append(S.python_store(1024))
-    maps = Maps(scratch, stats, None, counts, native, objs[-1] if python else None, ring, None, ku)
-    name = "%s-%s-%s" % (which, "python" if python else "native", "auto" if auto else "dwarf")
-    if which == "oncpu":
-        prog = build_oncpu(KUNWIND, maps, sample_period_offset(), copy, python_walk=walk)
-        return Built(name, prog, sc.BPF_PROG_TYPE_PERF_EVENT, {}, objs)
-    args = _sched_switch_args()
-    blocked = HashMap(TID_KEY.size, BLOCKED.size, 1024, name="t_blocked")
-    objs.append(blocked)
-    prog = build_offcpu(KUNWIND, maps, blocked, args, copy, python_walk=walk)
-    return Built(name, prog, sc.BPF_PROG_TYPE_TRACING,
-                 dict(expected_attach_type=sc.BPF_TRACE_RAW_TP, attach_btf_id=args.attach_btf_id), objs)
+def build(which: str, python: bool, auto: bool):
+    """The program exactly as test_verifier_accepts_every_variant builds it
+    (perfagent.stackprog.variants: ``--against`` needs a revision that has it)."""
+    from perfagent.stackprog.variants import build_variant
+    return build_variant(which, python, auto)
 
 
 def functions(prog):
@@ -105,7 +68,7 @@ def functions(prog):
     return [(0, prog.name or "prog", 1)] + [(prog._labels[t], t, 2) for t in subs]
 
 
-def load(b: Built, log_level: int = 0, log_size: int = 0):
+def load(b, log_level: int = 0, log_size: int = 0):
     """One BPF_PROG_LOAD: (thread CPU s, wall s, log text)."""
     insns = b.prog.assemble()
     blob, info = func_btf(functions(b.prog))
@@ -114,7 +77,7 @@ def load(b: Built, log_level: int = 0, log_size: int = 0):
     try:
         t0, w0 = time.thread_time(), time.perf_counter()
         fd = sc.prog_load(b.prog_type, insns, log_level=log_level, log_buf=buf, prog_btf_fd=btf_fd,
-                          func_info=info, prog_name=b.prog.name, **b.kw)
+                          func_info=info, prog_name=b.prog.name, **b.load_kw)
         cpu, wall = time.thread_time() - t0, time.perf_counter() - w0
         sc.close_fd(fd)
     finally:
@@ -122,7 +85,7 @@ def load(b: Built, log_level: int = 0, log_size: int = 0):
     return cpu, wall, buf.raw.value.decode("utf-8", "replace") if buf else ""
 
 
-def stats_of(b: Built) -> dict:
+def stats_of(b) -> dict:
     _, _, log = load(b, BPF_LOG_STATS, 1 << 16)
     m, v = _STATS.search(log), _VTIME.search(log)
     if m is None:
@@ -131,7 +94,7 @@ def stats_of(b: Built) -> dict:
                 peak=int(m.group(4)), vtime=int(v.group(1)) / 1e6 if v else 0.0)
 
 
-def where(b: Built, top: int, save: str = "") -> None:
+def where(b, top: int, save: str = "") -> None:
     """Processed instructions per subprogram and per label region."""
     _, _, log = load(b, BPF_LOG_LEVEL2, (1 << 30) - 1)
     if save:
@@ -158,10 +121,6 @@ def where(b: Built, top: int, save: str = "") -> None:
     print("  label regions:")
     for name, n in by_label.most_common(top):
         print("    %-40s %8d" % (name, n))
-
-
-VARIANTS = [(which, python, auto) for which in ("oncpu", "offcpu")
-            for python in (False, True) for auto in (False, True)]
 
 
 def measure(which: str, python: bool, auto: bool, repeat: int) -> dict:
