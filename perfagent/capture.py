@@ -14,6 +14,7 @@ addresses that is dropped whenever that process's mappings change.
 
 from __future__ import annotations
 
+import os
 from typing import Dict, List, Optional, Tuple
 
 from perfagent import budget
@@ -601,10 +602,14 @@ class CaptureState:
         walks, self._pending_walks = self._pending_walks, []
         walk = self.walker.walk
         pending = self._pending
+        me = os.getpid()
         for pid, tid, kernel_ips, regs, stack, period, python in walks:
             sps = [] if python else None
-            if budget.cancelled():
-                # Stopped by a signal while finishing: keep the sampled pc only.
+            if budget.cancelled() or pid == me:
+                # Stopped by a signal while finishing: keep the sampled pc
+                # only.  So for the agent's own samples (-a): walking them
+                # would cost it more than they tell (as in the kernel walk,
+                # perfagent.stackprog.kunwind.UW_PROC_SELF).
                 user_ips = (regs[3],) if regs and regs[3] else ()
                 sps = None
             else:

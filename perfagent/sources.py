@@ -411,7 +411,7 @@ class TableLoader:
 
 def kernel_walk_summary(counts: List[int], t, prefix: str) -> str:
     """The end-of-run line of the in-kernel walk (``counts`` per UW_STATUS_*)."""
-    from perfagent.stackprog.kunwind import STATUS_NAMES, UW_STATUS_FALLBACK, UW_STATUS_RUNNING
+    from perfagent.stackprog.kunwind import STATUS_NAMES, UW_STATUS_FALLBACK, UW_STATUS_RUNNING, UW_STATUS_SELF
     walked = sum(counts[1:UW_STATUS_FALLBACK])
     parts = ", ".join("%d %s" % (counts[i], STATUS_NAMES[i])
                       for i in range(1, UW_STATUS_FALLBACK))
@@ -419,6 +419,8 @@ def kernel_walk_summary(counts: List[int], t, prefix: str) -> str:
             % (prefix, walked, parts, counts[UW_STATUS_FALLBACK]))
     if counts[UW_STATUS_RUNNING]:
         line += "; %d without a user stack" % counts[UW_STATUS_RUNNING]
+    if len(counts) > UW_STATUS_SELF and counts[UW_STATUS_SELF]:
+        line += "; %d %s" % (counts[UW_STATUS_SELF], STATUS_NAMES[UW_STATUS_SELF])
     if t is not None:
         line += "; tables: %d binaries, %d rows (%d rebuilds as FDEs were decoded), loaded in %.2f s" % (
             t.binaries_loaded, t.rows_loaded, t.rebuilds, t.load_seconds)

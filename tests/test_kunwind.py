@@ -404,3 +404,33 @@ def test_merge_by_index_matches_merge_by_link():
     assert mixed == by_link
     below = place_runs(ips, split_runs([a, link(0x800), b, index(3), c]), never)
     assert [i for i, _ in below] == [5, 5, 5]
+
+
+SELF_LINE = re.compile(r"; (\d+) of the agent itself \(not walked\)")
+
+
+@root
+@pytest.mark.parametrize("where", ["kernel", "user"])
+def test_the_agent_does_not_walk_itself(tmp_path, where):
+    """Under -a the agent samples itself too: those samples keep their
+    kernel stack and the sampled pc only (walking them would cost the agent
+    more than they tell, and its next samples would see that cost again);
+    every other process is walked as usual."""
+    from conftest import agent_env, sample_stacks
+    from perfagent.pprof.decode import read_profile
+    out = tmp_path / "all.pb.gz"
+    agent = subprocess.Popen([sys.executable, "-m", "perfagent", "--profile", "-a", "--unwind", "dwarf",
+                              "--unwind-in", where, "--sample-rate", "999", "--duration", "2s",
+                              "--profile-output", str(out)], cwd=str(tmp_path), env=agent_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = agent.communicate(timeout=120)
+    assert agent.returncode == 0, err
+    own, others = [], []
+    for names, labels, values in sample_stacks(read_profile(str(out))):
+        (own if labels.get("pid") == agent.pid else others).append((user_part(names), values[0]))
+    assert sum(n for _, n in own) >= 20, err          # its start-up alone is a few hundred ms of CPU
+    assert all(len(chain) <= 1 for chain, _ in own), [c for c, _ in own if len(c) > 1][:3]
+    assert sum(n for chain, n in others if len(chain) > 1) >= 0.5 * sum(n for _, n in others)
+    if where == "kernel":
+        m = SELF_LINE.search(err)
+        assert m and int(m.group(1)) >= sum(n for _, n in own) * 0.9, err

@@ -18,6 +18,7 @@ dropped (``exit``).  Skipped processes are counted by reason
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Dict, NamedTuple, Optional, Tuple
 
@@ -32,6 +33,9 @@ from perfagent.stackprog import python as SP
 THREAD_REFRESH = 1.0
 
 TGID = __import__("struct").Struct("<I")
+
+#: Skip reason of the agent's own process (not counted in the summary).
+SKIP_SELF = "self"
 
 
 class PyName(NamedTuple):
@@ -93,6 +97,10 @@ class PythonProcesses:
 
     def add(self, pid: int) -> Optional[str]:
         """Examine process ``pid``; its skip reason, or None when it is walked."""
+        if pid == os.getpid():
+            # The agent itself (-a): its samples keep only their sampled pc
+            # (perfagent.stackprog.kunwind.UW_PROC_SELF), no Python stack.
+            return self._skip(pid, SKIP_SELF, "the agent itself")
         try:
             interp = find_interpreter(pid)
             packed = SP.pack_proc(interp.runtime, interp.layout)
@@ -265,7 +273,8 @@ class PythonProcesses:
         CPython at all).  With ``target`` (--pid), what happened to that
         process says so by name."""
         walked = ", ".join("%s: %d" % kv for kv in sorted(self.versions.items()))
-        skipped = " ".join("%s=%d" % kv for kv in sorted(self.skipped.items()) if kv[0] != "not_python")
+        skipped = " ".join("%s=%d" % kv for kv in sorted(self.skipped.items())
+                           if kv[0] not in ("not_python", SKIP_SELF))
         if target is not None and target in self.reasons:
             return "python: no Python frames for pid %d: %s" % (target, self.reasons[target])
         if target is not None and target in self._procs:

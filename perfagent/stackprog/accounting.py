@@ -29,7 +29,7 @@ STAT_STORE_DROPS = 3  # stacks a full stack store refused (their counts lose tha
 # The in-kernel DWARF walk's outcomes (perfagent.stackprog.kunwind), one slot
 # per UW_STATUS_* from STAT_KUNWIND on.
 STAT_KUNWIND = 4
-STATS_SLOTS = 9
+STATS_SLOTS = 10
 U64 = struct.Struct("<Q")
 
 

@@ -79,7 +79,16 @@ UW_STATUS_COMPLETE = 1    # reached the outermost frame
 UW_STATUS_TRUNCATED = 2   # PERF_MAX_STACK_DEPTH frames
 UW_STATUS_STOPPED = 3     # no CFI (dwarf mode), an unreadable word, a failed sanity check
 UW_STATUS_FALLBACK = 4    # left to the user-space walker (see the module docstring)
-STATUS_NAMES = ("no user stack", "complete", "truncated", "stopped", "fell back to user space")
+UW_STATUS_SELF = 5        # the agent's own process: only the sampled pc (see UW_PROC_SELF)
+STATUS_NAMES = ("no user stack", "complete", "truncated", "stopped", "fell back to user space",
+                "of the agent itself (not walked)")
+
+# uw_proc.count of the agent's own process (-a samples it too): its user
+# stack is the sampled pc alone.  Walking it would cost the agent most of
+# what it measures: it is never loaded (its address space changes as it
+# works), so every sample of it fell back to the user-space walker, ~0.5 ms
+# of the agent's CPU each -- which the next samples see again.
+UW_PROC_SELF = 0xFFFFFFFF
 
 # Bounds of the binary searches: 2**(steps-1) entries at most.
 MAX_MAPPINGS = 256        # executable mappings of one process
@@ -175,7 +184,14 @@ def emit_kernel_walk(p: Program, maps: KUnwindMaps, tgid_off: int, stats, tag: s
     p.jne(R0, 0, t + "_known")
     p.st(W, FP, ctx + W_STATUS, UW_STATUS_FALLBACK)   # not loaded (yet)
     p.ja(t + "_count")
+    p.label(t + "_self")
+    p.stx(DW, BUF, R8, USER_OFF + STACK_IPS_OFF)       # ips[0]: the sampled pc, alone
+    p.st(W, BUF, USER_OFF + STACK_N_OFF, 1)
+    p.st(W, FP, ctx + W_STATUS, UW_STATUS_SELF)
+    p.ja(t + "_count")
     p.label(t + "_known")
+    p.ldx(W, R1, R0, 4)
+    p.jeq32(R1, UW_PROC_SELF - (1 << 32), t + "_self")   # imm is s32: -1
     p.copy_mem(W, FP, ctx + W_FIRST, R0, 0)
     p.copy_mem(W, FP, ctx + W_COUNT, R0, 4)
     p.stx(DW, FP, R8, ctx + W_PC)

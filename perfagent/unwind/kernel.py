@@ -255,6 +255,8 @@ class KernelTables:
         self.load_seconds = 0.0
         self.rebuilds = 0
         self._next_rebuild = 0.0
+        # The agent's own samples (under -a) keep their sampled pc only.
+        self.maps.procs.update(KU.UW_PROC_KEY.pack(os.getpid()), KU.UW_PROC.pack(0, KU.UW_PROC_SELF))
 
     def acquire(self) -> "KernelTables":
         self._users += 1
@@ -300,9 +302,12 @@ class KernelTables:
             # least one process is loaded per call, whatever the clock says.
             self._grow(None if deadline is None else t0 + (deadline - t0) / 2)
             first = True
+            me = os.getpid()
             for pid in pids:
                 if not first and deadline is not None and time.monotonic() >= deadline:
                     return
+                if pid == me:
+                    continue                            # never walked (UW_PROC_SELF)
                 proc = state.processes.get(pid)
                 if proc is None or not proc.maps_known:
                     proc = state.load_from_proc(pid)
