@@ -1,7 +1,8 @@
 """Time and memory budgets for work on untrusted input, and cancellation.
 
 Every parse of a file another user controls (a binary, its debug file, a
-perf map, BTF) runs under a :class:`Budget`: a deadline and a cap on the
+perf map, BTF) runs under a :class:`Budget`: a deadline in CPU seconds
+(see WALL_FACTOR) and a cap on the
 bytes it may produce (decompressed sections, decoded rows).  Loops that can
 run long call :meth:`Budget.check` now and then (every few thousand
 iterations: it reads a clock); running out raises :class:`BudgetExceeded`,
@@ -27,6 +28,15 @@ DEFAULT_SECONDS = 10.0
 
 #: Default bytes one binary's parse may allocate for derived data.
 DEFAULT_BYTES = 512 << 20
+
+#: A budget's seconds are the agent's CPU time: on a loaded machine wall
+#: time stretches (a 2-core VM at load average 40 ran a 0.3 s parse for
+#: many seconds), and a wall-clock budget then refused libc's CFI for a
+#: whole run -- every stack of every process stopped at it.  CPU time is
+#: what a hostile input can make us spend.  Wall time still ends a parse
+#: this many times its seconds later (one starved for that long is not
+#: worth finishing).
+WALL_FACTOR = 30
 
 
 class BudgetExceeded(ParseError):
@@ -72,20 +82,24 @@ class Budget:
     iterations; ``charge(n)`` accounts ``n`` bytes about to be allocated.
     """
 
-    __slots__ = ("what", "deadline", "bytes_left", "seconds")
+    __slots__ = ("what", "deadline", "cpu_deadline", "bytes_left", "seconds")
 
     def __init__(self, what: str = "", seconds: float = DEFAULT_SECONDS,
                  max_bytes: int = DEFAULT_BYTES) -> None:
         self.what = what
         self.seconds = seconds
-        self.deadline = time.monotonic() + seconds
+        # The process's CPU time (not the thread's: a budget may be made in
+        # one thread and checked in another; other threads' work only makes
+        # it stricter).
+        self.cpu_deadline = time.process_time() + seconds
+        self.deadline = time.monotonic() + (seconds * WALL_FACTOR if seconds > 0 else seconds)
         self.bytes_left = max_bytes
 
     def check(self) -> None:
         if _cancelled:
             raise Cancelled("%s: stopped by a signal" % (self.what or "parse"))
-        if time.monotonic() > self.deadline:
-            raise BudgetExceeded("%s: took longer than %.0f s; treated as malformed"
+        if time.process_time() > self.cpu_deadline or time.monotonic() > self.deadline:
+            raise BudgetExceeded("%s: took longer than %.0f CPU s; treated as malformed"
                                  % (self.what or "parse", self.seconds))
 
     def charge(self, nbytes: int) -> None:
