@@ -490,3 +490,36 @@ def test_inkernel_sampler_rate_and_stacks(chain_bin, filtered):
             in_chain += x.samples
     assert in_binary >= 0.9 * n, in_binary
     assert in_chain >= 0.9 * n, in_chain
+
+
+def test_stack_cache_keeps_open_intervals_stacks_not_every_stack():
+    """A long run must not hold every stack ever drained (the user-space
+    copy of the kernel's stack store), yet an interval open across many
+    collections -- a thread asleep the whole time -- still has its stacks
+    every time it is reported: the cache keeps two drains and the hashes
+    the open intervals hold (StoreCache.rotate_pinned)."""
+    from perfagent.stackprog import layout as L
+    from perfagent.stackprog.store import HASH_KEY
+    # Blocked in read until the collector runs, then asleep from then on.
+    sleeper = subprocess.Popen(["sh", "-c", "read x; exec sleep 30"], stdin=subprocess.PIPE)
+    try:
+        with OffCpuCollector({sleeper.pid}) as col:
+            sleeper.stdin.write(b"go\n")
+            sleeper.stdin.flush()
+            time.sleep(0.3)
+            # A stack drained long ago that nothing holds any more.
+            col._cache.add_native(HASH_KEY.pack(0xDEADBEEF), struct.pack("<II", 1, 0)
+                                  + struct.pack("<Q", 0x401000) + bytes(L.STACK_SIZE - 16))
+            seen = []
+            for _ in range(6):
+                got = [s for s in col.collect() if s.tgid == sleeper.pid]
+                seen.append(got)
+                time.sleep(0.1)
+            assert col._cache.native(0xDEADBEEF) is None     # gone after two rotations
+            held = len(col._cache)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # Reported (still open) in every collection, with its kernel stack each time.
+    assert all(got and all(s.kernel_ips for s in got) for got in seen), seen
+    assert held <= 8, held

@@ -432,6 +432,8 @@ class OffCpuCollector(FollowsTgids):
         open_tids = list(self._blocked.keys())
         out = self.drain_copies()
         live: Set[Tuple[int, int]] = set()
+        pinned_native: Set[int] = set()     # hashes the open intervals hold (StoreCache.rotate_pinned)
+        pinned_python: Set[int] = set()
 
         # Close the open intervals at "now".
         for raw_tid in open_tids:
@@ -440,6 +442,9 @@ class OffCpuCollector(FollowsTgids):
             if raw is None:
                 continue                         # woke up meanwhile: the kernel counted it
             since, tgid, copied, khash, uhash, pyhash, episode = BLOCKED.unpack(raw)
+            pinned_native.add(khash)
+            pinned_native.add(uhash)
+            pinned_python.add(pyhash)
             tid = TID_KEY.unpack(raw_tid)[0]
             if since >= now:
                 continue                         # a record made after our clock read
@@ -488,6 +493,10 @@ class OffCpuCollector(FollowsTgids):
         out.extend(OffCpuStack(tgid, tid, native(uh) or (), native(kh) or (), ns, n, None,
                                python(ph) if ph else None)
                    for (tgid, tid, kh, uh, ph), (ns, n) in sums.items())
+        if not final:
+            # What later collections can ask for: this drain, and the open
+            # intervals' stacks (a long run holds those, not every stack).
+            self._cache.rotate_pinned(pinned_native, pinned_python)
         return out
 
     def _forget_orphans(self, live: Set[Tuple[int, int]], final: bool) -> None:

@@ -18,7 +18,7 @@ distinct stacks, 3e-8 for a million).
 from __future__ import annotations
 
 import struct
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Set, Tuple
 
 from perfagent.bpf.maps import HashMap
 from perfagent.stackprog.layout import (
@@ -108,10 +108,25 @@ class StoreCache:
         kernel store when N-1 drained it (the generation kept) or inserted
         again since (drained by N).  Stores drained at N-2 or before can
         no longer be asked for.  (Off-CPU intervals that stay open across
-        collections hold hashes longer: that collector does not rotate.)
+        collections hold hashes longer: see :meth:`rotate_pinned`.)
         """
         self._old_native, self._native = self._native, {}
         self._old_python, self._python = self._python, {}
+
+    def rotate_pinned(self, native: Set[int], python: Set[int]) -> None:
+        """:meth:`rotate` for a source whose open records hold hashes across
+        collections (the off-CPU blocked map): the older generation keeps
+        what was drained since the last rotation and, from before, only the
+        hashes in ``native`` and ``python`` -- those of the intervals still
+        open, read by this collection.  A hash an interval holds was stored
+        before the interval was recorded, so an interval opened after the
+        open ones were listed has its stacks in this collection's drain."""
+        old_n, old_p = self._old_native, self._old_python
+        kept_n = {h: old_n[h] for h in native if h in old_n and h not in self._native}
+        kept_p = {h: old_p[h] for h in python if h in old_p and h not in self._python}
+        self._native.update(kept_n)
+        self._python.update(kept_p)
+        self.rotate()
 
     def __len__(self) -> int:
         return len(self._native) + len(self._python) + len(self._old_native) + len(self._old_python)
