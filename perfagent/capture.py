@@ -432,6 +432,7 @@ class CaptureState:
                 self.python_rechecks.append(pid)
         elif kind == "comm":
             _, pid, tid, comm, is_exec = ev
+            comm = sys.intern(comm)   # one string per distinct name, however many threads had it
             self.thread_comm[tid] = comm
             proc = self.process(pid)
             if pid == tid:
@@ -638,6 +639,7 @@ class CaptureState:
         if not batch:
             return
         ids = self._stack_ids
+        threads = set()
         for counts, store in ((self.stacks, self._released_on), (self.offcpu_stacks, self._released_off)):
             moved = [key for key in counts if key[0] in batch]
             for key in moved:
@@ -646,8 +648,15 @@ class CaptureState:
                 shell = batch[pid]
                 name = self.thread_comm.get(tid, "") or self._shells[shell][SHELL_COMM]
                 store.add(shell, tid, self._name_id(name), ids[frames], count, total)
+                threads.add(tid)
         for pid in batch:
             del self.processes[pid]
+        # The threads' names are in the rows now.  (A tid forked again since
+        # is another thread, which keeps its name.)
+        for tid in threads:
+            if tid not in self.forked_tids:
+                self.thread_comm.pop(tid, None)
+                self.sampled_tids.discard(tid)
 
     def _new_shell(self, proc: ProcessInfo) -> int:
         """Record ``proc``'s labels as a shell; its id."""
