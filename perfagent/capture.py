@@ -556,8 +556,9 @@ class CaptureState:
         processes need, not everything it ever saw.
 
         A process with samples keeps a shell (pid, start, comm, namespace
-        pid, container: its profile labels) without mappings or caches;
-        one without samples is dropped.  Its perf map, unwind closure and
+        pid, container: its profile labels) without mappings or caches,
+        and about every second the shells and counts released since are
+        packed (_compact_released); one without samples is dropped.  Its perf map, unwind closure and
         the walker's per-process memo go; names of threads without samples
         go.  Nothing a resolved stack refers to is released: frames hold
         mapping indexes, and MappingRecords stay.
