@@ -640,7 +640,10 @@ class CaptureState:
         if not batch:
             return
         ids = self._stack_ids
-        threads = set()
+        # The leader's name goes too, whether or not rows came with it: a
+        # record read late (a COMM after the release, under load) revives a
+        # packed process and names it again, with no counts to move.
+        threads = set(batch)
         for counts, store in ((self.stacks, self._released_on), (self.offcpu_stacks, self._released_off)):
             moved = [key for key in counts if key[0] in batch]
             for key in moved:
