@@ -15,7 +15,9 @@ addresses that is dropped whenever that process's mappings change.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Tuple
+import sys
+from array import array
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from perfagent import budget
 from perfagent.symbolize.native import MappedFile
@@ -44,6 +46,10 @@ EXIT_COLLECT_DRAINS = 10
 # Every this many drains (about ten seconds) in which processes were
 # released, the unwind tables of binaries no live process maps are let go.
 CFI_SWEEP_DRAINS = 100
+# Every this many drains (about a second) in which processes were released,
+# their counted stacks move into the packed store (one pass over the live
+# counts: its cost is spread, not paid per exit).
+COMPACT_DRAINS = 10
 
 
 class MappingRecord:
@@ -170,6 +176,71 @@ def _insert_python(frames: List[Frame], user_start: int, placement: tuple,
     return out
 
 
+def sample_label_tuples(pid: int, tid: int, thread: str, process: str, ns_pid: int,
+                        container_id: str, pod_uid: str) -> Tuple[tuple, tuple]:
+    """The (string, numeric) labels of a thread's samples (see
+    perfagent.oncpu.sample_labels), from the values they are made of: the
+    same for a live process and a released one's shell."""
+    labels = [("comm", thread), ("process", process)]
+    numbers = [("pid", pid), ("tid", tid)]
+    if container_id:
+        labels.append(("container_id", container_id))
+    if pod_uid:
+        labels.append(("pod_uid", pod_uid))
+    if ns_pid != pid:
+        numbers.append(("ns_pid", ns_pid))
+    return tuple(labels), tuple(numbers)
+
+
+# A released process's label shell: a plain tuple (some 120 bytes, its
+# strings interned) in place of a ProcessInfo with its emptied address space
+# and caches (about 0.5 KB).  ``comm`` is the process label as the profile
+# shows it (the thread name of the leader when the process had none).
+SHELL_PID, SHELL_START, SHELL_UID, SHELL_COMM, SHELL_NS_PID, SHELL_CONTAINER, SHELL_POD, \
+    SHELL_FLAGS = range(8)
+SHELL_MAPS_KNOWN = 1
+SHELL_VIEW_LOADED = 2
+
+
+class ReleasedCounts:
+    """The counted stacks of released processes, one row per (process
+    shell, thread, stack) with integers only, in packed arrays: 32 bytes a
+    row, where a live count costs a dict slot, its (pid, tid, stack) key
+    tuple and a [count, total] list with its integers (some 0.3 KB).  The
+    stack is an id in the capture's table of distinct stacks (shared by
+    every process that had it), the thread's name an id in a table of
+    distinct names."""
+
+    __slots__ = ("shells", "tids", "names", "stacks", "counts", "totals")
+
+    def __init__(self) -> None:
+        self.shells = array("I")
+        self.tids = array("I")
+        self.names = array("I")
+        self.stacks = array("I")
+        self.counts = array("q")
+        self.totals = array("q")
+
+    def add(self, shell: int, tid: int, name: int, stack: int, count: int, total: int) -> None:
+        self.shells.append(shell)
+        self.tids.append(tid)
+        self.names.append(name)
+        self.stacks.append(stack)
+        self.counts.append(count)
+        self.totals.append(total)
+
+    def __len__(self) -> int:
+        return len(self.shells)
+
+    def rows(self) -> Iterator[tuple]:
+        """(shell id, tid, name id, stack id, count, total) per row."""
+        return zip(self.shells, self.tids, self.names, self.stacks, self.counts, self.totals)
+
+    def nbytes(self) -> int:
+        return sum(a.itemsize * len(a) for a in (self.shells, self.tids, self.names, self.stacks,
+                                                  self.counts, self.totals))
+
+
 def _add_count(counts: dict, key: tuple, samples: int, period: int) -> None:
     slot = counts.get(key)
     if slot is None:
@@ -201,7 +272,10 @@ class CaptureState:
         # processes and threads share them (processes share mapping records,
         # so their frames are equal): the counts' keys hold references.
         self._frames: Dict[Frame, Frame] = {}
-        self._stacks: Dict[Tuple[Frame, ...], Tuple[Frame, ...]] = {}
+        # Distinct stacks: stack -> id, and id -> stack (released processes'
+        # counts hold the id).
+        self._stack_ids: Dict[Tuple[Frame, ...], int] = {}
+        self._stack_list: List[Tuple[Frame, ...]] = []
         self._pending: Dict[tuple, List[int]] = {}
         # (pid, tid, frames) -> [samples, period nanoseconds]
         self.stacks: Dict[Tuple[int, int, Tuple[Frame, ...]], List[int]] = {}
@@ -231,6 +305,16 @@ class CaptureState:
         self._holders: Dict[str, int] = {}
         self.sampled_tids: set = set()  # tids with samples: their names label the profile
         self.released_processes = 0
+        # What released processes leave (see _compact_released): their
+        # label shells, their counts packed, the distinct thread names.
+        self._to_compact: List[int] = []
+        self._next_compact = 0
+        self._shells: List[tuple] = []
+        self._shell_of: Dict[int, int] = {}   # pid -> its newest shell
+        self._released_on = ReleasedCounts()
+        self._released_off = ReleasedCounts()
+        self._names: List[str] = []
+        self._name_ids: Dict[str, int] = {}
         self._next_sweep = CFI_SWEEP_DRAINS
         self._swept_at = 0          # released_processes at the last sweep
 
@@ -243,9 +327,43 @@ class CaptureState:
 
     # -- processes ---------------------------------------------------------
     def process(self, pid: int) -> ProcessInfo:
-        proc = self.processes.get(pid)
+        proc = self._known(pid)
         if proc is None:
             proc = self.processes[pid] = ProcessInfo(pid)
+        return proc
+
+    def _known(self, pid: int) -> Optional[ProcessInfo]:
+        """The process ``pid`` as the capture knows it: a live one, or a
+        released one (revived from its shell: a late sample of it resolves
+        and is labelled as before it was compacted)."""
+        proc = self.processes.get(pid)
+        if proc is None and pid in self._shell_of:
+            proc = self.processes[pid] = self._revive(pid)
+            self._to_compact.append(pid)   # it leaves again at the next compaction
+        return proc
+
+    def process_info(self, pid: int) -> Optional[ProcessInfo]:
+        """``pid``'s ProcessInfo for reading (labels, JIT names at the end):
+        a live one, or one made from a released process's shell (not
+        kept)."""
+        return self.processes.get(pid) or self._revive(pid)
+
+    def _revive(self, pid: int) -> Optional[ProcessInfo]:
+        """A released ProcessInfo (no mappings, no caches) from ``pid``'s
+        newest shell, or None."""
+        sid = self._shell_of.get(pid)
+        if sid is None:
+            return None
+        shell = self._shells[sid]
+        proc = ProcessInfo(pid, shell[SHELL_COMM])
+        proc.start = shell[SHELL_START]
+        proc.uid = shell[SHELL_UID]
+        proc.ns_pid = shell[SHELL_NS_PID]
+        proc.container_id = shell[SHELL_CONTAINER]
+        proc.pod_uid = shell[SHELL_POD]
+        proc.maps_known = bool(shell[SHELL_FLAGS] & SHELL_MAPS_KNOWN)
+        proc.view_loaded = bool(shell[SHELL_FLAGS] & SHELL_VIEW_LOADED)
+        proc.exited = proc.released = True
         return proc
 
     def _new_process(self, pid: int) -> ProcessInfo:
@@ -315,6 +433,7 @@ class CaptureState:
                 self.python_rechecks.append(pid)
         elif kind == "comm":
             _, pid, tid, comm, is_exec = ev
+            comm = sys.intern(comm)   # one string per distinct name, however many threads had it
             self.thread_comm[tid] = comm
             proc = self.process(pid)
             if pid == tid:
@@ -438,8 +557,9 @@ class CaptureState:
         processes need, not everything it ever saw.
 
         A process with samples keeps a shell (pid, start, comm, namespace
-        pid, container: its profile labels) without mappings or caches;
-        one without samples is dropped.  Its perf map, unwind closure and
+        pid, container: its profile labels) without mappings or caches,
+        and about every second the shells and counts released since are
+        packed (_compact_released); one without samples is dropped.  Its perf map, unwind closure and
         the walker's per-process memo go; names of threads without samples
         go.  Nothing a resolved stack refers to is released: frames hold
         mapping indexes, and MappingRecords stay.
@@ -461,6 +581,9 @@ class CaptureState:
                 self._release_process(pid)
         if n:
             del exited[:n]
+        if self._to_compact and current >= self._next_compact:
+            self._next_compact = current + COMPACT_DRAINS
+            self._compact_released()
         if current >= self._next_sweep:
             self._next_sweep = current + CFI_SWEEP_DRAINS
             if self.released_processes != self._swept_at:
@@ -496,8 +619,98 @@ class CaptureState:
         self.released_processes += 1
         if pid in self.pids_seen:
             proc.release()
+            self._to_compact.append(pid)
         else:
             del self.processes[pid]
+
+    def _compact_released(self) -> None:
+        """Move what released processes with samples hold into the compact
+        store: the label shell (a tuple, strings interned) and each counted
+        stack as a row of integers (stack and thread name as ids in tables
+        shared by all processes).  Their ProcessInfo leaves ``processes``
+        (revived from the shell by a late sample, see _known).  One pass
+        over the live counts for the whole batch.  The profile is the same:
+        build_profile reads the rows back with the same labels."""
+        batch: Dict[int, int] = {}
+        for pid in self._to_compact:
+            proc = self.processes.get(pid)
+            if proc is None or not proc.released or pid in batch:
+                continue  # a new process has the pid now: its old counts stay under it, as before
+            batch[pid] = self._new_shell(proc)
+        self._to_compact = []
+        if not batch:
+            return
+        ids = self._stack_ids
+        # The leader's name goes too, whether or not rows came with it: a
+        # record read late (a COMM after the release, under load) revives a
+        # packed process and names it again, with no counts to move.
+        threads = set(batch)
+        for counts, store in ((self.stacks, self._released_on), (self.offcpu_stacks, self._released_off)):
+            moved = [key for key in counts if key[0] in batch]
+            for key in moved:
+                pid, tid, frames = key
+                count, total = counts.pop(key)
+                shell = batch[pid]
+                name = self.thread_comm.get(tid, "") or self._shells[shell][SHELL_COMM]
+                store.add(shell, tid, self._name_id(name), ids[frames], count, total)
+                threads.add(tid)
+        for pid in batch:
+            del self.processes[pid]
+        # The threads' names are in the rows now.  (A tid forked again since
+        # is another thread, which keeps its name.)
+        for tid in threads:
+            if tid not in self.forked_tids:
+                self.thread_comm.pop(tid, None)
+                self.sampled_tids.discard(tid)
+
+    def _new_shell(self, proc: ProcessInfo) -> int:
+        """Record ``proc``'s labels as a shell; its id."""
+        flags = ((SHELL_MAPS_KNOWN if proc.maps_known else 0)
+                 | (SHELL_VIEW_LOADED if proc.view_loaded else 0))
+        comm = proc.comm or self.thread_comm.get(proc.pid, "")
+        shell = (proc.pid, proc.start, proc.uid, sys.intern(comm), proc.ns_pid,
+                 sys.intern(proc.container_id), sys.intern(proc.pod_uid), flags)
+        sid = len(self._shells)
+        self._shells.append(shell)
+        self._shell_of[proc.pid] = sid
+        return sid
+
+    def _name_id(self, name: str) -> int:
+        nid = self._name_ids.get(name)
+        if nid is None:
+            nid = self._name_ids[name] = len(self._names)
+            self._names.append(name)
+        return nid
+
+    def released_counts(self, offcpu: bool = False) -> Iterator[Tuple[Tuple[tuple, tuple], Tuple[Frame, ...], int, int]]:
+        """((string labels, numeric labels), stack, count, total) of each
+        packed count of released processes (on-CPU, or off-CPU with
+        ``offcpu``): what their live counts were, with the labels
+        perfagent.oncpu.sample_labels gave them."""
+        store = self._released_off if offcpu else self._released_on
+        stacks, names, shells = self._stack_list, self._names, self._shells
+        labels_of: Dict[tuple, Tuple[tuple, tuple]] = {}
+        for shell_id, tid, name, sid, count, total in store.rows():
+            key = (shell_id, tid, name)
+            labels = labels_of.get(key)
+            if labels is None:
+                sh = shells[shell_id]
+                labels = labels_of[key] = sample_label_tuples(
+                    sh[SHELL_PID], tid, names[name], sh[SHELL_COMM], sh[SHELL_NS_PID],
+                    sh[SHELL_CONTAINER], sh[SHELL_POD])
+            yield labels, stacks[sid], count, total
+
+    def offcpu_nanoseconds(self) -> int:
+        """Off-CPU time counted, live and released processes'."""
+        return sum(v[1] for v in self.offcpu_stacks.values()) + sum(self._released_off.totals)
+
+    def _released_bytes(self) -> int:
+        """Bytes of what released processes left (packed counts, shells,
+        their tables' slots): the figure a long run's growth is made of."""
+        shells = sum(sys.getsizeof(s) + sys.getsizeof(s[SHELL_START]) for s in self._shells)
+        return (self._released_on.nbytes() + self._released_off.nbytes() + shells
+                + sys.getsizeof(self._shells) + sys.getsizeof(self._shell_of)
+                + sum(sys.getsizeof(n) for n in self._names))
 
     def bookkeeping(self) -> Dict[str, int]:
         """What the capture holds, in counts (tests and benchmarks of long
@@ -518,7 +731,13 @@ class CaptureState:
             "cfi_binaries": cfi.binaries_held() if cfi is not None else 0,
             "cfi_bytes": cfi.bytes_held() if cfi is not None else 0,
             "mappings": len(self.mappings),
-            "distinct_stacks": len(self.stacks) + len(self.offcpu_stacks),
+            "distinct_stacks": (len(self.stacks) + len(self.offcpu_stacks)
+                                + len(self._released_on) + len(self._released_off)),
+            "live_counts": len(self.stacks) + len(self.offcpu_stacks),
+            "released_counts": len(self._released_on) + len(self._released_off),
+            "process_shells": len(self._shells),
+            "released_bytes": self._released_bytes(),
+            "stack_table": len(self._stack_list),
             "released_processes": self.released_processes,
         }
 
@@ -623,7 +842,7 @@ class CaptureState:
                 slot[1] += period
 
     def _unwind(self, walk, pid: int, regs: tuple, stack: bytes, sps: Optional[list] = None) -> tuple:
-        proc = self.processes.get(pid)
+        proc = self._known(pid)
         if proc is None or not proc.maps_known:
             proc = self.load_from_proc(pid) or self.process(pid)
         binary_for = self._binary_for.get(pid)
@@ -696,7 +915,7 @@ class CaptureState:
             frames.append(intern.setdefault(frame, frame))
             first = False
         if user_ips:
-            proc = self.processes.get(pid)
+            proc = self._known(pid)
             if proc is None or not proc.maps_known:
                 proc = self.load_from_proc(pid) or self.process(pid)
             cache = proc.frame_cache
@@ -713,7 +932,12 @@ class CaptureState:
         if python:
             frames = _insert_python(frames, len(frames) - len(user_ips), python, intern)
         stack = tuple(frames)
-        return self._stacks.setdefault(stack, stack)
+        sid = self._stack_ids.get(stack)
+        if sid is None:
+            self._stack_ids[stack] = len(self._stack_list)
+            self._stack_list.append(stack)
+            return stack
+        return self._stack_list[sid]
 
     def _user_frame(self, proc: ProcessInfo, addr: int) -> Frame:
         entry = proc.space.find(addr)
@@ -751,7 +975,7 @@ class CaptureState:
         return (index, addr)
 
     def process_comm(self, pid: int) -> str:
-        proc = self.processes.get(pid)
+        proc = self.process_info(pid)
         if proc is not None and proc.comm:
             return proc.comm
         return self.thread_comm.get(pid, "")

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from perfagent.capture import (
     KERNEL_MAPPING, KIND_FILE, KIND_JIT, KIND_KERNEL, KIND_VDSO, PYTHON_FRAME, CaptureState,
-    MappingRecord,
+    MappingRecord, sample_label_tuples,
 )
 from perfagent import budget
 from perfagent.pprof.builder import ProfileBuilder
@@ -161,7 +161,7 @@ class LocationTable:
             info = self._binary(rec)
             return info.symbolize_offset(addr - rec.start + rec.pgoff), rec.path
         if rec.kind == KIND_JIT:
-            proc = self.state.processes.get(rec.pid)
+            proc = self.state.process_info(rec.pid)
             if proc is None:
                 return None, "[jit]"
             return sym.jit_name(proc, addr), "[jit]"
@@ -195,18 +195,12 @@ def sample_labels(state: CaptureState, pid: int, tid: int) -> Tuple[tuple, tuple
     (from its cgroup: docker, containerd, cri-o, podman layouts) and
     ``pod_uid`` when the cgroup names a Kubernetes pod.
     """
-    labels = [("comm", state.thread_comm.get(tid, "") or state.process_comm(pid)),
-              ("process", state.process_comm(pid))]
-    numbers = [("pid", pid), ("tid", tid)]
-    proc = state.processes.get(pid)
-    if proc is not None:
-        if proc.container_id:
-            labels.append(("container_id", proc.container_id))
-        if proc.pod_uid:
-            labels.append(("pod_uid", proc.pod_uid))
-        if proc.ns_pid != pid:
-            numbers.append(("ns_pid", proc.ns_pid))
-    return tuple(labels), tuple(numbers)
+    process = state.process_comm(pid)
+    thread = state.thread_comm.get(tid, "") or process
+    proc = state.process_info(pid)
+    if proc is None:
+        return sample_label_tuples(pid, tid, thread, process, pid, "", "")
+    return sample_label_tuples(pid, tid, thread, process, proc.ns_pid, proc.container_id, proc.pod_uid)
 
 
 def kernel_addresses(stacks) -> set:
@@ -234,7 +228,12 @@ def build_profile(state: CaptureState, symbolizer: Symbolizer, sample_rate: int,
     table = LocationTable(builder, state, symbolizer)
     labels_cache: Dict[Tuple[int, int], tuple] = {}
     stacks = state.offcpu_stacks if offcpu else state.stacks
-    symbolizer.prefetch_kernel(kernel_addresses(key[2] for key in stacks))
+    # Released processes' counts first (packed, see CaptureState.released_counts),
+    # then the live ones: the same samples as before they were packed.
+    released = list(state.released_counts(offcpu))
+    symbolizer.prefetch_kernel(kernel_addresses([r[1] for r in released] + [key[2] for key in stacks]))
+    for labels, frames, count, period in released:
+        builder.add_sample(table.stack(frames, keep_native_frames), (count, period), labels[0], labels[1])
     for (pid, tid, frames), (count, period) in stacks.items():
         labels = labels_cache.get((pid, tid))
         if labels is None:

@@ -323,7 +323,7 @@ def _capture(opts: Options, comm: Optional[str], out_path: Optional[str],
         if hint:
             log(hint)
     if offcpu_path is not None:
-        total_ns = sum(v[1] for v in state.offcpu_stacks.values())
+        total_ns = state.offcpu_nanoseconds()
         losses = cap.offcpu.losses("episodes") if cap.offcpu is not None else ""
         log("wrote %s: %s, %.3f s off-CPU%s" % (
             offcpu_path, plural(state.offcpu_samples, "blocking episode"), total_ns / 1e9,

@@ -10,6 +10,7 @@ tools/bench_churn.py measures RSS and drain latency over minutes.
 
 from __future__ import annotations
 
+import collections
 import os
 import select
 import subprocess
@@ -108,6 +109,85 @@ def test_three_hundred_processes_come_and_go(churn_programs, unwind, monkeypatch
         comms.add(labels["process"])
     assert len(pids) == len(state.pids_seen), (len(pids), len(state.pids_seen))
     assert "churn_child" in comms, comms
+
+
+def profile_content(state, symbolizer) -> collections.Counter:
+    """The on-CPU profile as pprof content, independent of ids and order:
+    each sample's stack (mapping file, address, function names and lines
+    per location), its labels and its values."""
+    builder, _table = build_profile(state, symbolizer, 999, 0, 1)
+    prof = decode_profile(builder.encode())
+    mappings = {m.id: m.filename for m in prof.mappings}
+    functions = {f.id: (f.name, f.filename) for f in prof.functions}
+    locations = {loc.id: (mappings.get(loc.mapping_id, ""), loc.address,
+                          tuple((functions[ln.function_id], ln.line) for ln in loc.lines))
+                 for loc in prof.locations}
+    content = collections.Counter()
+    for s in prof.samples:
+        labels = tuple(sorted((label.key, label.str, label.num) for label in s.labels))
+        content[(tuple(locations[i] for i in s.location_ids), labels, tuple(s.values))] += 1
+    return content
+
+
+# Bytes the capture holds per released process with samples, packed (its
+# shell and some 6 rows of 32 bytes: about 0.35 KB); a dict entry per
+# counted stack with its key and count list, and the ProcessInfo shell,
+# were some 1.5 KB.
+PACKED_BYTES_PER_PROCESS = 600
+
+
+def test_released_processes_are_packed_and_profile_the_same(churn_programs, monkeypatch):
+    """What a released process leaves (its counted stacks and labels) moves
+    into the packed store; the profile written is the same before and after
+    (samples, counts, labels, frames), and the bytes held per released
+    process stay under a bound.  Packing is held back during the run, so
+    the same capture gives the profile before and after it."""
+    import perfagent.capture
+    monkeypatch.setattr(perfagent.capture, "COMPACT_DRAINS", 1 << 30)
+    child, libs = churn_programs
+    spawn = spawner(child, libs, every=0.02, ms=15, count=PACKED_CHILDREN, wait=True)
+    session = Capture(CaptureOptions(pid=spawn.pid, unwind="dwarf", sample_rate=999), lambda line: None)
+    try:
+        session.start()
+        state = session.state
+        state._next_compact = 1 << 30
+        go(spawn)
+        done = False
+        deadline = time.monotonic() + 120
+        while not done and time.monotonic() < deadline:
+            session.poll(DRAIN_INTERVAL)
+            if select.select([spawn.stdout], [], [], 0)[0]:
+                done = spawn.stdout.readline().startswith("done")
+        assert done
+        for _ in range(3):
+            session.poll(DRAIN_INTERVAL)
+        released = [pid for pid, p in state.processes.items() if p.released]
+        before = profile_content(state, session.symbolizer)
+        held_before = state.bookkeeping()
+        state._compact_released()
+        after = profile_content(state, session.symbolizer)
+        held = state.bookkeeping()
+    finally:
+        spawn.stdin.close()
+        spawn.wait()
+        session.stop()
+    assert len(released) >= 0.5 * PACKED_CHILDREN, (len(released), held)
+    assert held_before["process_shells"] == 0 and held_before["released_counts"] == 0, held_before
+    assert after == before
+    # Every released process left: its shell, not its ProcessInfo; its
+    # counts are rows, none is still a live count.
+    assert held["process_shells"] == len(released), held
+    assert not any(state.processes.get(pid) for pid in released)
+    assert not any(key[0] in set(released) for key in state.stacks)
+    moved = held_before["live_counts"] - held["live_counts"]
+    assert held["released_counts"] == moved and moved >= len(released), (held_before, held)
+    assert held["distinct_stacks"] == held_before["distinct_stacks"], held
+    # The threads' names are in the rows: only live threads' are kept.
+    assert held["thread_names"] <= 3, held
+    assert held["released_bytes"] <= PACKED_BYTES_PER_PROCESS * len(released), held
+
+
+PACKED_CHILDREN = 100
 
 
 def max_binary_cfi_bytes(cache) -> int:
