@@ -43,6 +43,10 @@ _SYMBOL_SECTIONS = (".symtab", ".dynsym")
 # implementation names (__GI_memcpy, __libc_malloc).
 _BIND_RANK = {STB_GLOBAL: 0, STB_GNU_UNIQUE: 0, STB_WEAK: 1}
 _LOCAL_RANK = 2
+#: The bind rank by st_bind (st_info >> 4), and the st_info values of a
+#: function-like type: looked up per symbol, so lists and sets, not masks.
+_BIND_RANKS = [_BIND_RANK.get(bind, _LOCAL_RANK) for bind in range(16)]
+_FUNCTION_INFOS = frozenset(info for info in range(256) if info & 0xF in _FUNCTION_TYPES)
 
 _CRC_CHUNK = 1 << 20
 
@@ -174,18 +178,18 @@ class SymbolTable:
                 # Hot loop, in comprehensions: (st_name, st_info, st_other,
                 # st_shndx, st_value, st_size).  A named, defined function,
                 # or a code label (STT_NOTYPE in an executable section).
-                kept = [(r, 0 if r[1] & 0xF in _FUNCTION_TYPES else 1) for r in rows[lo:lo + _CHUNK]
+                kept = [r for r in rows[lo:lo + _CHUNK]
                         if r[3] != SHN_UNDEF and 0 < r[0] < n_strings and strings[r[0]]
-                        and (r[1] & 0xF in _FUNCTION_TYPES
+                        and (r[1] in _FUNCTION_INFOS
                              or (r[1] & 0xF == STT_NOTYPE and r[3] in exec_sections))]
                 if table == ".symtab":
                     # (.dynsym holds no local symbols: none can be a twin)
-                    symtab.update((r[1:], (r[0], strings)) for r, _kind in kept if r[1] >> 4 != STB_LOCAL)
+                    symtab.update((r[1:], (r[0], strings)) for r in kept if r[1] >> 4 != STB_LOCAL)
                 elif symtab:
-                    kept = [rk for rk in kept if not _same_symbol(rk[0], strings, symtab)]
-                out.extend((r[4] & mask, kind, _BIND_RANK.get(r[1] >> 4, _LOCAL_RANK), rank, r[5],
-                            section_ends[r[3]] if r[3] < n_sections else None, key | r[0])
-                           for r, kind in kept)
+                    kept = [r for r in kept if r[1:] not in symtab or not _same_symbol(r, strings, symtab)]
+                out += [(r[4] & mask, 0 if r[1] in _FUNCTION_INFOS else 1, _BIND_RANKS[r[1] >> 4], rank, r[5],
+                         section_ends[r[3]] if r[3] < n_sections else None, key | r[0])
+                        for r in kept]
         return out
 
     def _flatten(self, entries: List[Tuple[int, int, str, int, Optional[int]]], check) -> None:
@@ -339,8 +343,11 @@ def _no_check() -> None:
     pass
 
 
-#: A candidate's start, as a sort key (in C: no Python call per symbol).
+#: A candidate's start, size, and (kind, bind rank), as sort keys (in C:
+#: no Python call per symbol).
 _START_OF = operator.itemgetter(0)
+_SIZE_OF = operator.itemgetter(4)
+_KIND_BIND_OF = operator.itemgetter(1, 2)
 
 
 def _rank_aliases(aliases: List[tuple], name_of) -> Dict[int, tuple]:
@@ -355,16 +362,12 @@ def _rank_aliases(aliases: List[tuple], name_of) -> Dict[int, tuple]:
     ~1800 addresses instead of all), and those sorted once: the first of an
     address's run is its best alias.
     """
-    sizes: Dict[Tuple[int, int], int] = {}  # (start, kind): the largest size claimed
-    leading: Dict[int, Tuple[int, int]] = {}  # start: the least (kind, bind rank)
-    for c in aliases:
-        key = (c[0], c[1])
-        if c[4] > sizes.get(key, -1):
-            sizes[key] = c[4]
-        rank = (c[1], c[2])
-        if rank < leading.get(c[0], (_LOCAL_RANK + 1, _LOCAL_RANK + 1)):
-            leading[c[0]] = rank
-    tied = [c for c in aliases if (c[1], c[2]) == leading[c[0]]]
+    # Dict comprehensions over sorted copies, the last write wins: per
+    # (start, kind) the largest size; per start the least kind * 4 + bind
+    # rank (the bind rank is at most _LOCAL_RANK < 4).
+    sizes = {(c[0], c[1]): c[4] for c in sorted(aliases, key=_SIZE_OF)}
+    leading = {c[0]: c[1] * 4 + c[2] for c in sorted(aliases, key=_KIND_BIND_OF, reverse=True)}
+    tied = [c for c in aliases if c[1] * 4 + c[2] == leading[c[0]]]
     names = [name_of(c[6]) for c in tied]
     order = sorted(range(len(tied)), key=lambda i: (
         tied[i][0], len(names[i]) - len(names[i].lstrip("_")), tied[i][3], names[i], i))
