@@ -194,6 +194,7 @@ class BTF:
         self._strs = strs
         self._offsets, self._names = self._scan(words, source)  # _names: every type's name_off
         self._found: Dict[str, List[int]] = {}  # find_all's answers by name
+        self._members: Dict[int, List[Member]] = {}  # members()' answers by struct id
 
     @staticmethod
     def _scan(w: array, source: str = "BTF") -> Tuple[array, bytes]:
@@ -359,6 +360,11 @@ class BTF:
     def members(self, type_id: Union[str, int]) -> List[Member]:
         """The direct members of a struct or union (a name or an id; typedefs resolved)."""
         tid = self.resolve(self._struct_id(type_id))
+        # Decoded once per struct: a start-up asks task_struct (~250
+        # members, each resolved for old-style bitfields) for a dozen.
+        known = self._members.get(tid)
+        if known is not None:
+            return list(known)
         t = self.type(tid)
         if t.kind not in (BTF_KIND_STRUCT, BTF_KIND_UNION):
             raise BPFError("%s: type %d (%r) is a %s, not a struct or union" % (
@@ -378,7 +384,8 @@ class BTF:
                     if nbits != rt.size_or_type * 8 or ioff:
                         bit_off, bits = bit_off + ioff, nbits
             out.append(Member(self.string(name_off) if name_off else "", mtype, bit_off, bits))
-        return out
+        self._members[tid] = out
+        return list(out)
 
     def _find_member(self, type_id: int, name: str, base: int,
                      searched: Optional[set] = None, depth: int = 0) -> Optional[Member]:
