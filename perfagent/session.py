@@ -22,8 +22,9 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import Callable, Dict, List, NamedTuple, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
+from perfagent.records import NamedTuple
 from perfagent.capture import CaptureState
 from perfagent.errors import CaptureError
 from perfagent.oncpu import build_profile

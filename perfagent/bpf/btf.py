@@ -30,8 +30,9 @@ import os
 import struct
 import sys
 from array import array
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+from perfagent.records import NamedTuple
 from perfagent.bpf.syscall import BPFError
 
 VMLINUX_PATH = "/sys/kernel/btf/vmlinux"

@@ -21,8 +21,9 @@ import threading
 import zlib
 from collections import Counter
 from bisect import bisect_right
-from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from perfagent.records import NamedTuple
 from ..elf import ELFFile, LoadMap
 from ..elf.elffile import symbol_name
 from ..elf.constants import (
