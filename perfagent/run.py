@@ -17,12 +17,12 @@ import os
 import signal
 import stat
 import sys
-import tempfile
 import time
 from typing import Optional
 
 from perfagent.cli import Options, PROG
 from perfagent.errors import CaptureError
+from perfagent.pprof.encode import make_temp_file
 from perfagent.session import DRAIN_INTERVAL, Capture, CaptureOptions
 from perfagent.target import procfs
 
@@ -98,7 +98,7 @@ def check_writable(path: str, flag: str) -> None:
     # Creating a file is the only honest test: root passes access(2) even on
     # read-only mounts and pseudo file systems.
     try:
-        fd, probe = tempfile.mkstemp(prefix=".perf-agent-", dir=directory)
+        fd, probe = make_temp_file(directory, ".perf-agent-")
     except OSError as exc:
         raise CaptureError("%s: directory %s is not writable (%s); choose another path"
                            % (flag, directory, exc.strerror)) from None

@@ -20,11 +20,11 @@ caller decides (``log`` receives the lines a user should see).
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
-from typing import Callable, Dict, List, NamedTuple, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
+from perfagent.records import NamedTuple
 from perfagent.capture import CaptureState
 from perfagent.errors import CaptureError
 from perfagent.oncpu import build_profile
@@ -100,7 +100,11 @@ class LaunchedCommand:
     """A command started blocked before exec, so events exist before its first instruction."""
 
     def __init__(self, argv: List[str], env: Optional[dict] = None) -> None:
-        path = argv[0] if "/" in argv[0] else shutil.which(argv[0])
+        if "/" in argv[0]:
+            path = argv[0]
+        else:
+            import shutil  # launch mode only (shutil imports bz2 and lzma)
+            path = shutil.which(argv[0])
         if path is None or not os.path.exists(path):
             raise CaptureError("command not found: %s" % argv[0])
         if not os.access(path, os.X_OK) or os.path.isdir(path):

@@ -30,8 +30,9 @@ replaces by the map's address).
 from __future__ import annotations
 
 import struct
-from typing import Dict, List, NamedTuple, Optional, Union
+from typing import Dict, List, Optional, Union
 
+from perfagent.records import NamedTuple
 from perfagent.bpf.syscall import BPFError
 
 # Instruction classes (bpf_common.h, bpf.h)

@@ -34,8 +34,9 @@ from __future__ import annotations
 import bisect
 import os
 import time
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
+from perfagent.records import NamedTuple
 from perfagent.dump import merge as merging
 from perfagent.dump.model import (
     KERNEL_MODULE, KIND_KERNEL, KIND_PYTHON, Dump, Frame, Process, Thread,

@@ -9,7 +9,9 @@ Changes to it are additive only; ``schema`` names the version.
 from __future__ import annotations
 
 import json
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, List, Optional
+
+from perfagent.records import NamedTuple
 
 SCHEMA_NAME = "perf-agent-dump/1"
 

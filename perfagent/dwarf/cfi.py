@@ -18,8 +18,9 @@ import itertools
 import operator
 import struct
 from array import array
-from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
+from perfagent.records import NamedTuple
 from ..budget import Budget
 from .constants import (
     DW_CIE_ID_32, DW_CIE_ID_64, DW_EH_PE_absptr, DW_EH_PE_datarel, DW_EH_PE_FORMAT_MASK,

@@ -28,8 +28,9 @@ instruction loop checks a :class:`~perfagent.budget.Budget` now and then.
 
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
+from perfagent.records import NamedTuple
 from ..budget import Budget
 from .cfi import CIE, FDE, CallFrameInfo, _parsing
 from .constants import (

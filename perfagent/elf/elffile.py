@@ -27,8 +27,9 @@ import mmap
 import os
 import struct
 import zlib
-from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
+from perfagent.records import NamedTuple
 from .. import budget as _budget
 from ..budget import Budget
 from ..errors import ELFError

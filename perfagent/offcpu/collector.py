@@ -62,8 +62,9 @@ from __future__ import annotations
 import errno
 import struct
 import time
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
+from perfagent.records import NamedTuple
 from perfagent.bpf import syscall as sc
 from perfagent.bpf.btf import vmlinux
 from perfagent.bpf.maps import ArrayMap, HashMap, RingBuf, possible_cpus

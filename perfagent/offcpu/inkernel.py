@@ -24,8 +24,9 @@ saves is the agent's work per sample.  tools/bench_inkernel.py measures it.
 
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple, Optional, Set, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
+from perfagent.records import NamedTuple
 from perfagent.bpf import syscall as sc
 from perfagent.bpf.btf import vmlinux
 from perfagent.bpf.maps import ArrayMap, HashMap, possible_cpus

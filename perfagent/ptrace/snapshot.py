@@ -44,8 +44,9 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
+from perfagent.records import NamedTuple
 from perfagent import arch
 from perfagent.errors import CaptureError
 from perfagent.ptrace import binding as B

@@ -32,8 +32,9 @@ import errno
 import os
 import re
 import struct
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
+from perfagent.records import NamedTuple
 from perfagent import budget
 from perfagent.elf import ELFFile
 from perfagent.elf.constants import PT_LOAD

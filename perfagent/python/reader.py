@@ -42,8 +42,9 @@ cycle-safe, every length is capped.  A bad pointer ends that stack early
 from __future__ import annotations
 
 import struct
-from typing import Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
+from typing import Dict, Iterable, List, Optional, Set, Tuple
 
+from perfagent.records import NamedTuple
 from perfagent import budget
 from perfagent.errors import CaptureError
 from perfagent.python import linetable

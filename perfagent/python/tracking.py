@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
+from perfagent.records import NamedTuple
 from perfagent import budget
 from perfagent.python.interpreter import Interpreter, InterpreterSkip, find_interpreter
 from perfagent.python.layout import FRAME_OBJECT

@@ -21,8 +21,9 @@ report's default for profiles with Python frames).
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
+from perfagent.records import NamedTuple
 from perfagent.errors import UsageError
 from perfagent.pprof.profile import Function, Location, Mapping, Profile, Sample
 from perfagent.report.text import display

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple
+from typing import Dict, List
 
+from perfagent.records import NamedTuple
 from perfagent.report.stacks import PYTHON_FIRST_NOTE, StackSet
 from perfagent.report.units import ValueFormatter, format_percent
 

@@ -10,8 +10,9 @@ and remove processes while the program runs.
 from __future__ import annotations
 
 import struct
-from typing import Iterable, NamedTuple, Optional
+from typing import Iterable, Optional
 
+from perfagent.records import NamedTuple
 from perfagent.bpf import syscall as sc
 from perfagent.bpf.asm import DW, FP, R0, R1, R2, R3, R4, W, Program
 from perfagent.bpf.maps import ArrayMap, HashMap

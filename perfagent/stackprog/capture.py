@@ -13,8 +13,9 @@ counter compared with a constant bound, pointers advanced by constants.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Tuple
+from typing import Tuple
 
+from perfagent.records import NamedTuple
 from perfagent.bpf import syscall as sc
 from perfagent.bpf.asm import DW, FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, W, Program, Reg
 from perfagent.bpf.maps import ArrayMap, HashMap

@@ -48,8 +48,8 @@ stack copy) to the ring as record mode does, and user space walks it.
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
 
+from perfagent.records import NamedTuple
 from perfagent.bpf.asm import B, DW, FP, H, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, W, Program
 from perfagent.bpf.maps import ArrayMap, HashMap
 from perfagent.stackprog.accounting import STAT_KUNWIND

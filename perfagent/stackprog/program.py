@@ -25,8 +25,9 @@ RECORD_STACK record by (tid, episode start) -- never by time.
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple, Optional
+from typing import Optional
 
+from perfagent.records import NamedTuple
 from perfagent.bpf import syscall as sc
 from perfagent.bpf.asm import DW, FP, R0, R1, R2, R3, R4, R8, R9, W, Program
 from perfagent.bpf.maps import ArrayMap, HashMap, RingBuf

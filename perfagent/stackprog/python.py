@@ -45,8 +45,9 @@ The walk (``emit_python_walk``):
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple, Optional
+from typing import Optional
 
+from perfagent.records import NamedTuple
 from perfagent.bpf import syscall as sc
 from perfagent.bpf.asm import B, DW, FP, R0, R1, R2, R3, R4, R5, R6, R8, R9, W, Program
 from perfagent.bpf.maps import HashMap, Map

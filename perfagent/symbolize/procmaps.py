@@ -30,7 +30,9 @@ digits; anything else makes the line malformed (skipped and counted).
 from __future__ import annotations
 
 import bisect
-from typing import Iterable, List, NamedTuple, Optional, Tuple, Union
+from typing import Iterable, List, Optional, Tuple, Union
+
+from perfagent.records import NamedTuple
 
 #: ``pathname`` suffix the kernel appends (d_path) when the file was unlinked.
 DELETED_SUFFIX = " (deleted)"

@@ -22,7 +22,8 @@ namespace a process cannot forge its host-side path.
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
+
+from perfagent.records import NamedTuple
 
 _ID = r"([0-9a-f]{64})"
 _SCOPED = re.compile(r"^(?:docker|cri-containerd|crio|libpod|containerd|cri-o)-%s\.scope$" % _ID)

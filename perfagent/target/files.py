@@ -37,8 +37,9 @@ import errno
 import mmap
 import os
 import stat as _stat
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
+from perfagent.records import NamedTuple
 from perfagent import libc as _libc
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0)

@@ -9,8 +9,9 @@ be applied to the second.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import Optional, Tuple
 
+from perfagent.records import NamedTuple
 from perfagent.target import procfs
 from perfagent.target.container import ContainerInfo, parse_cgroup
 

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
+
+from perfagent.records import NamedTuple
 
 #: Caps on what one /proc read may return.  maps of a process with a
 #: million mappings is ~100 MB; 64 MB covers every real one and bounds a

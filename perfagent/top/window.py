@@ -23,8 +23,9 @@ function_totals().
 from __future__ import annotations
 
 from collections import deque
-from typing import Deque, Dict, List, NamedTuple, Tuple
+from typing import Deque, Dict, List, Tuple
 
+from perfagent.records import NamedTuple
 from perfagent.oncpu import ON_CPU_SAMPLE_TYPES, LocationTable
 from perfagent.pprof.builder import ProfileBuilder
 from perfagent.report.stacks import FrameTable, StackSample, StackSet, python_first

@@ -33,8 +33,9 @@ user-space walker whole, so the in-kernel walk never guesses.
 from __future__ import annotations
 
 import struct
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, Optional, Tuple
 
+from perfagent.records import NamedTuple
 from perfagent.dwarf.rules import (
     CFA_DEREF, CFA_PLT, CFA_REG_OFFSET, CFA_UNSUPPORTED, RULE_EXPRESSION, RULE_OFFSET,
     RULE_SAME_VALUE, RULE_UNDEFINED, RULE_VAL_OFFSET,
