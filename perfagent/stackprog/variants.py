@@ -9,7 +9,9 @@ small maps.  One builder for both, so the test checks what is measured.
 
 from __future__ import annotations
 
-from typing import List, NamedTuple
+from typing import List
+
+from perfagent.records import NamedTuple
 
 #: (which, python, auto): on-CPU or off-CPU, with the Python walk or not,
 #: --unwind dwarf or auto.
