@@ -60,7 +60,7 @@ def main() -> int:
         work = start_workload(binary, span)
         out = os.path.join(tmp, "agent.pb.gz")
         r, agent_cpu, agent_wall = run_measured(
-            [sys.executable, "-m", "perfagent", "--profile", "--pid", str(work.pid),
+            [sys.executable, "-S", "-m", "perfagent", "--profile", "--pid", str(work.pid),
              "--duration", "%gs" % args.duration, "--sample-rate", str(args.rate), "--unwind", args.unwind,
              "--profile-output", out], env=env)
         work.kill()

@@ -86,7 +86,7 @@ def main() -> int:
         try:
             out = os.path.join(tmp, "agent.pb.gz")
             ring, ring_cpu, ring_wall = run_measured(
-                [sys.executable, "-m", "perfagent", "--profile", "-a", "--unwind", "fp",
+                [sys.executable, "-S", "-m", "perfagent", "--profile", "-a", "--unwind", "fp",
                  "--duration", "%gs" % args.duration, "--sample-rate", str(args.rate),
                  "--profile-output", out], env=env)
             m = re.search(r"(\d+) samples, (\d+) lost", ring.stderr)

@@ -82,7 +82,7 @@ def completeness(path: str, pids) -> float:
 def agent(where: str, rate: int, duration: float, tmp: str, pids):
     out = os.path.join(tmp, "%s-%d.pb.gz" % (where, rate))
     env = dict(os.environ, PYTHONPATH=REPO)
-    r, cpu, _ = measured([sys.executable, "-m", "perfagent", "--profile", "-a", "--unwind", "dwarf",
+    r, cpu, _ = measured([sys.executable, "-S", "-m", "perfagent", "--profile", "-a", "--unwind", "dwarf",
                           "--unwind-in", where, "--sample-rate", str(rate), "--duration", "%gs" % duration,
                           "--quiet", "--profile-output", out], env=env, cwd=tmp,
                          stderr=subprocess.PIPE, text=True)

@@ -169,7 +169,7 @@ def main() -> None:
         for label, extra in (("perfagent --offcpu (auto: stack copies)", []),
                              ("perfagent --offcpu --unwind fp", ["--unwind", "fp"])):
             out = os.path.join(tmp, "off%d.pb.gz" % len(extra))
-            cpu, tcpu, text = measure([sys.executable, "-m", "perfagent", "--offcpu", "--pid", str(pid),
+            cpu, tcpu, text = measure([sys.executable, "-S", "-m", "perfagent", "--offcpu", "--pid", str(pid),
                                        "--duration", dur, "--offcpu-output", out, "--quiet", *extra],
                                       pid, env=env)
             m = re.search(r"(\d+) blocking episodes", text)

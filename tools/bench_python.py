@@ -91,7 +91,7 @@ def agent(args, cwd, installed: str = ""):
     else:
         env["PYTHONDONTWRITEBYTECODE"] = "1"
     env.pop("PYTHONPYCACHEPREFIX", None)
-    return [sys.executable, "-m", "perfagent", *args], env
+    return [sys.executable, "-S", "-m", "perfagent", *args], env
 
 
 def install_agent(directory: str) -> str:
