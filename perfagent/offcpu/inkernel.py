@@ -207,9 +207,16 @@ class InKernelSampler(FollowsTgids):
         assert self._prog is not None, "start() first"
         return self._prog.fd
 
+    #: Entries the count map held when last asked (collect_if_full): how
+    #: long the drain loop may wait before the next look (sources.counts_room).
+    last_pending = 0
+
     def collect_if_full(self, fraction: float = NEAR_FULL) -> List[OnCpuStack]:
         """``collect()`` when the count map is ``fraction`` full, else []."""
-        if self._running and self.pending_entries() >= fraction * self.max_entries:
+        if not self._running:
+            return []
+        self.last_pending = self.pending_entries()
+        if self.last_pending >= fraction * self.max_entries:
             return self._gather()
         return []
 
@@ -265,6 +272,7 @@ class InKernelSampler(FollowsTgids):
         assert self._counts is not None and self._stats is not None
         self._drops = self._stats.drops
         self._stats.before_drain()
+        self.last_pending = 0
         sums: Dict[Tuple[int, int, int, int, int], List[int]] = {}
         # Counts first, then the stores: every count read was added after
         # its stacks were stored, so draining the stores second finds them.
