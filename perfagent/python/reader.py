@@ -442,6 +442,18 @@ class Reader:
                 self._fresh.add(addr)
         return code
 
+    def is_current(self, addr: int, decoded: Code) -> bool:
+        """Is ``decoded`` still the code object at ``addr`` (validated once
+        per snapshot, as :meth:`code` does)?"""
+        if addr in self._fresh:
+            return self._codes.get(addr) is decoded
+        return self.code(addr) is decoded
+
+    @property
+    def decoded(self) -> Dict[int, Code]:
+        """address -> the code object decoded there (as last validated)."""
+        return self._codes
+
     def _fingerprint(self, head: bytes, linetable_size: int) -> Tuple[int, ...]:
         L = self.layout
         return (_U64.unpack_from(head, L.ob_type)[0],

@@ -18,6 +18,7 @@ dropped (``exit``).  Skipped processes are counted by reason
 
 from __future__ import annotations
 
+import struct
 import time
 from typing import Dict, NamedTuple, Optional, Tuple
 
@@ -31,7 +32,7 @@ from perfagent.stackprog import python as SP
 #: created meanwhile are found by the program's own search).
 THREAD_REFRESH = 1.0
 
-TGID = __import__("struct").Struct("<I")
+TGID = struct.Struct("<I")
 
 
 class PyName(NamedTuple):
@@ -56,7 +57,7 @@ GONE_KEPT = 256
 
 
 class _Tracked:
-    __slots__ = ("interp", "reader", "refreshed", "names", "written", "lasting")
+    __slots__ = ("interp", "reader", "refreshed", "names", "written", "lasting", "lasting_gen")
 
     def __init__(self, interp: Interpreter) -> None:
         self.interp = interp
@@ -70,6 +71,9 @@ class _Tracked:
         #: in the kernel were collected); the key holds the co_firstlineno
         #: read at the sample's instant, so a reused address is not misnamed.
         self.lasting: Dict[Tuple[int, int, int], PyName] = {}
+        #: bumped when ``lasting`` is emptied (a stack remembered as named
+        #: must then be named again, to be in it: see codes_of)
+        self.lasting_gen = 0
 
 
 class PythonProcesses:
@@ -239,9 +243,47 @@ class PythonProcesses:
             tracked.names.clear()
         if len(tracked.lasting) > 1 << 16:
             tracked.lasting.clear()
+            tracked.lasting_gen += 1
         tracked.names[key] = name
         tracked.lasting[key] = name
         return name
+
+    def codes_of(self, pid: int, entries) -> Optional[tuple]:
+        """What the names of a Python stack (raw entries, just named by
+        :meth:`name`) were read from, for :meth:`same_codes`: the process's
+        tracking, and each code object as decoded; None when a frame was not
+        named from a code object of the live process (unknown, reused, gone)."""
+        from perfagent.stackprog.layout import PYFRAME_LINENO_MASK, PYFRAME_LINK
+        tracked = self._procs.get(pid)
+        if tracked is None:
+            return None
+        codes = tracked.reader.decoded
+        pairs = {}
+        for code, _instr, flags in entries:
+            if flags & PYFRAME_LINK:
+                continue
+            decoded = codes.get(code)
+            firstlineno = flags & PYFRAME_LINENO_MASK
+            if decoded is None or (firstlineno and decoded.firstlineno != firstlineno):
+                return None
+            pairs[code] = decoded
+        return tracked, tracked.lasting_gen, tuple(pairs.items())
+
+    def same_codes(self, pid: int, codes: tuple) -> bool:
+        """Would the stack that gave ``codes`` (codes_of) be named the same
+        now: the process is tracked as then, and every code object is the one
+        decoded then (each validated once per drain cycle, as naming does)."""
+        tracked, gen, pairs = codes
+        if self._procs.get(pid) is not tracked or tracked.lasting_gen != gen:
+            return False
+        current = tracked.reader.is_current
+        try:
+            for addr, decoded in pairs:
+                if not current(addr, decoded):
+                    return False
+        except (ReaderError, struct.error):
+            return False
+        return True
 
     def new_drain(self) -> None:
         """A drain cycle begins: names cached by (code, instr) stay valid only
