@@ -140,8 +140,13 @@ class Progress:
         self._next = 0.0
         self._shown = False
 
+    def due(self, elapsed: float) -> bool:
+        """Whether update() would write now (the figures it shows cost
+        map reads: they are gathered only then)."""
+        return self.enabled and elapsed >= self._next
+
     def update(self, elapsed: float, samples: int, lost: int, processes: int) -> None:
-        if not self.enabled or elapsed < self._next:
+        if not self.due(elapsed):
             return
         self._next = elapsed + 1.0
         total = "/%.0fs" % self.total if self.total is not None else ""
@@ -315,7 +320,8 @@ def _capture(opts: Options, comm: Optional[str], out_path: Optional[str],
                 if deadline is not None:
                     timeout = min(timeout, deadline - now)
                 reason = cap.poll(max(0.001, timeout)) or ""
-                progress.update(cap.elapsed, cap.samples, cap.lost_so_far(), len(cap.state.pids_seen))
+                if progress.due(cap.elapsed):
+                    progress.update(cap.elapsed, cap.samples, cap.lost_so_far(), len(cap.state.pids_seen))
                 if reason:
                     break
         finally:

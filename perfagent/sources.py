@@ -216,11 +216,11 @@ FILL_SHARE = 0.25
 
 def counts_room(engine) -> float:
     """Seconds before a counting engine's maps could fill (times
-    FILL_SHARE): its count map (inserts since the last collection, as last
-    read), and its native stack store, which holds a user and a kernel
+    FILL_SHARE): its count map (inserts since the last collection, at
+    most), and its native stack store, which holds a user and a kernel
     stack per count until the collection drains it."""
     rate = float(engine.sample_rate * max(1, len(engine.cpus)))
-    pending = engine.last_pending
+    pending = engine.pending_bound(time.monotonic())
     room = min(engine.max_entries - pending, (engine.stack_entries - 2 * pending) / 2.0)
     return FILL_SHARE * max(0.0, room) / rate
 
