@@ -538,28 +538,36 @@ class CaptureState:
         if pid == 0 and self.skip_idle:
             self.idle_samples += samples
             return
-        frames = self._counted_frames(pid, kernel_ips, user_ips, python, samples)
-        key = (pid, tid, frames)
-        slot = self.stacks.get(key)
+        frames, slots = self._counted_frames(pid, kernel_ips, user_ips, python, samples)
+        # The stack's count per thread, found once through the whole frames
+        # key (hashing a long tuple of frames) and then through the memo.
+        slot = slots.get(tid) if slots is not None else None
         if slot is None:
-            self.stacks[key] = [samples, period_ns]
-        else:
-            slot[0] += samples
-            slot[1] += period_ns
+            key = (pid, tid, frames)
+            slot = self.stacks.get(key)
+            if slot is None:
+                slot = self.stacks[key] = [0, 0]
+            if slots is not None:
+                slots[tid] = slot
+        slot[0] += samples
+        slot[1] += period_ns
         if self.increments is not None:
-            _add_count(self.increments, key, samples, period_ns)
+            _add_count(self.increments, (pid, tid, frames), samples, period_ns)
         self.samples += samples
         if pid not in self.pids_seen:
             self._first_seen(pid)
         self.sampled_tids.add(tid)
 
     def _counted_frames(self, pid: int, kernel_ips: tuple, user_ips: tuple, python, weight: int) -> tuple:
-        """A counted stack's frames.  Hot path: every collection brings the
-        stacks counted since the last one -- the same ones again and again
-        (one per thread, line and kernel path: 700-800 a second at 999 Hz
-        on two CPUs) --, so the frames are remembered per process and raw
-        stack (ProcessInfo.counted_memo) and used again while the mappings
-        are the same (the memo is cleared with frame_cache) and every code
+        """A counted stack's frames, and its count per thread ({tid: slot of
+        self.stacks}, None when not remembered).
+
+        Hot path: every collection brings the stacks counted since the last
+        one -- the same ones again and again (one per thread, line and
+        kernel path: 700-800 a second at 999 Hz on two CPUs) --, so the
+        frames are remembered per process and raw stack
+        (ProcessInfo.counted_memo) and used again while the mappings are
+        the same (the memo is cleared with frame_cache) and every code
         object named in them is still the one read then
         (PythonProcesses.same_codes: revalidated once per drain cycle, as
         naming does).  Stacks with a frame that could not be named, or of a
@@ -570,27 +578,29 @@ class CaptureState:
         if memo is not None:
             got = memo.get(key)
             if got is not None:
-                frames, codes = got
+                frames, codes, slots = got
                 if codes is None:
-                    return frames
+                    return frames, slots
                 if self.python is not None and self.python.same_codes(pid, codes):
                     if python[1]:
                         self.python.count_flags(python[1], weight)
-                    return frames
+                    return frames, slots
         frames = self._resolve(pid, kernel_ips, user_ips,
                                self._python_placement(pid, user_ips, python, None, weight))
-        if memo is not None:
-            codes = None
-            if python and python[0] and self.python is not None:
-                codes = self.python.codes_of(pid, python[0])
-                if codes is None:
-                    return frames          # not all named: no memo
-            elif python and python[1] and self.python is not None:
-                return frames              # flags to count on every use: the long way
-            if len(memo) >= COUNTED_MEMO_MAX:
-                memo.clear()
-            memo[key] = (frames, codes)
-        return frames
+        if memo is None:
+            return frames, None
+        codes = None
+        if python and python[0] and self.python is not None:
+            codes = self.python.codes_of(pid, python[0])
+            if codes is None:
+                return frames, None        # not all named: no memo
+        elif python and python[1] and self.python is not None:
+            return frames, None            # flags to count on every use: the long way
+        if len(memo) >= COUNTED_MEMO_MAX:
+            memo.clear()
+        slots: Dict[int, List[int]] = {}   # tid -> its count in self.stacks
+        memo[key] = (frames, codes, slots)
+        return frames, slots
 
     def add_offcpu(self, pid: int, tid: int, kernel_ips: tuple, user_ips: tuple,
                    blocks: int, nanoseconds: int, copy=None, python=None) -> None:
