@@ -338,6 +338,8 @@ class CaptureState:
         elif kind == "fork":
             _, pid, ppid, tid, ptid, _time = ev
             self.forked_tids.add(tid)
+            if pid == ppid and self.python is not None:
+                self.python.thread_born(pid)     # a new thread: its thread state
             parent = self.processes.get(ppid)
             # A new process starts with its parent's mappings and name.  Rings
             # of different CPUs are not ordered with each other, so the child's

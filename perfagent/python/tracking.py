@@ -28,9 +28,16 @@ from perfagent.python.layout import FRAME_OBJECT
 from perfagent.python.reader import RawFrame, Reader, ReaderError
 from perfagent.stackprog import python as SP
 
-#: Seconds between two refreshes of one process's thread states (threads
-#: created meanwhile are found by the program's own search).
+#: Seconds between two refreshes of one process's thread states while it
+#: starts threads (a thread was born since the refresh before last), and
+#: while it does not: a refresh walks every thread state in the target's
+#: memory (10 ms for 1,000 threads), and the thread states of threads that
+#: exist do not move.  Threads created meanwhile are found by the program's
+#: own search; the side band's FORK records say when (thread_born).  The
+#: idle refresh is for thread states made without a new thread (a C thread
+#: calling into Python).
 THREAD_REFRESH = 1.0
+THREAD_REFRESH_IDLE = 10.0
 
 TGID = struct.Struct("<I")
 
@@ -57,12 +64,13 @@ GONE_KEPT = 256
 
 
 class _Tracked:
-    __slots__ = ("interp", "reader", "refreshed", "names", "written", "lasting", "lasting_gen")
+    __slots__ = ("interp", "reader", "refreshed", "born", "names", "written", "lasting", "lasting_gen")
 
     def __init__(self, interp: Interpreter) -> None:
         self.interp = interp
         self.reader = Reader(interp)
         self.refreshed = 0.0
+        self.born = 0.0        # when a thread of it was last seen born (side band)
         self.names: Dict[Tuple[int, int], PyName] = {}
         #: thread_id -> thread state address last written to the threads map
         self.written: Dict[int, int] = {}
@@ -165,12 +173,22 @@ class PythonProcesses:
 
     # -- thread states ---------------------------------------------------------
 
+    def thread_born(self, pid: int) -> None:
+        """A thread of ``pid`` was created (a FORK record): its thread state
+        is written at the next refresh that is due (THREAD_REFRESH)."""
+        tracked = self._procs.get(pid)
+        if tracked is not None:
+            tracked.born = time.monotonic()
+
     def refresh(self, force: bool = False) -> None:
-        """Bring the thread-state map up to date (each process at most every
-        THREAD_REFRESH seconds unless ``force``)."""
+        """Bring the thread-state map up to date (each process every
+        THREAD_REFRESH seconds while threads are born -- once more after the
+        last one, whose thread state may not have said its thread yet --,
+        else every THREAD_REFRESH_IDLE; all now with ``force``)."""
         now = time.monotonic()
         for pid, tracked in list(self._procs.items()):
-            if force or now - tracked.refreshed >= THREAD_REFRESH:
+            recent = tracked.born >= tracked.refreshed - THREAD_REFRESH
+            if force or now - tracked.refreshed >= (THREAD_REFRESH if recent else THREAD_REFRESH_IDLE):
                 self._refresh(pid, tracked)
 
     def _refresh(self, pid: int, tracked: _Tracked) -> None:
