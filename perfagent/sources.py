@@ -301,6 +301,9 @@ class OnCpuRecords(OnCpuSource):
     def feed(self) -> None:
         self._add(self.engine.drain())
 
+    def max_wait(self) -> float:
+        return 0.0      # every sample is a record in a ring nothing wakes us for
+
     def stop(self) -> None:
         self.engine.stop()
         self._add(self.engine.collect())
