@@ -589,6 +589,7 @@ class Capture:
 
     def close(self) -> None:
         """Release what building profiles needed (pinned files)."""
+        self._unwatch_exit()
         self.binaries.close()
 
     # -- results ------------------------------------------------------------------
