@@ -62,3 +62,14 @@ def ioctl(fd: int, request: int, arg: int = 0) -> int:
     if ret < 0:
         raise errno_error("ioctl")
     return ret
+
+
+def pidfd_open(pid: int) -> int:
+    """A pidfd for process ``pid`` (Linux 5.3+): poll() says POLLIN once the
+    process has exited (a zombie counts), so a drain loop can sleep long and
+    still hear of its target's end at once.  OSError when the kernel has no
+    pidfd_open, or ``pid`` is not a running process's leader."""
+    ret = libc().syscall(syscall_number("pidfd_open"), ctypes.c_int(pid), ctypes.c_uint(0))
+    if ret < 0:
+        raise errno_error("pidfd_open")
+    return ret

@@ -23,7 +23,7 @@ from typing import Optional
 from perfagent.cli import Options, PROG
 from perfagent.errors import CaptureError
 from perfagent.pprof.encode import make_temp_file
-from perfagent.session import DRAIN_INTERVAL, Capture, CaptureOptions
+from perfagent.session import Capture, CaptureOptions
 from perfagent.target import procfs
 
 
@@ -140,8 +140,13 @@ class Progress:
         self._next = 0.0
         self._shown = False
 
+    def due(self, elapsed: float) -> bool:
+        """Whether update() would write now (the figures it shows cost
+        map reads: they are gathered only then)."""
+        return self.enabled and elapsed >= self._next
+
     def update(self, elapsed: float, samples: int, lost: int, processes: int) -> None:
-        if not self.enabled or elapsed < self._next:
+        if not self.due(elapsed):
             return
         self._next = elapsed + 1.0
         total = "/%.0fs" % self.total if self.total is not None else ""
@@ -160,8 +165,9 @@ class Progress:
 class StopFlag:
     """What SIGINT/SIGTERM do, by phase of the run.
 
-    * While sampling, the first signal ends the capture at the next drain
-      (within 100 ms); the profile is then finished as usual (names and all).
+    * While sampling, the first signal ends the capture at once (it wakes
+      the drain loop's wait); the profile is then finished as usual (names
+      and all).
     * While finishing (the last drain, unwinding, symbolizing, writing), a
       signal -- the first one then, or a second one -- cancels the remaining
       work (perfagent.budget.cancel: every parse and walk loop checks it), so
@@ -180,12 +186,28 @@ class StopFlag:
         self.count = 0
         self.phase = self.SAMPLING
         self._old = {}
+        #: Readable once a signal came (signal.set_wakeup_fd): the drain loop
+        #: polls it with its rings, so a stop is seen at once even while a
+        #: quiet capture waits longer than a drain interval.
+        self.wake_fd = -1
+        self._wake_w = -1
+        self._old_wakeup = -1
 
     def install(self) -> None:
         from perfagent import budget
         budget.reset()
         for sig in self.SIGNALS:
             self._old[sig] = signal.signal(sig, self._handler)
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        try:
+            self._old_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except ValueError:          # not the main thread: stops wait for the next drain
+            os.close(r)
+            os.close(w)
+            return
+        self.wake_fd, self._wake_w = r, w
 
     def finishing(self) -> None:
         """The capture is over: from now on a signal cancels what is left."""
@@ -216,6 +238,11 @@ class StopFlag:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old.clear()
+        if self._wake_w >= 0:
+            signal.set_wakeup_fd(self._old_wakeup)
+            os.close(self.wake_fd)
+            os.close(self._wake_w)
+            self.wake_fd = self._wake_w = -1
 
 
 def output_path(explicit: Optional[str], comm: Optional[str], kind: str, flag: str) -> str:
@@ -276,6 +303,8 @@ def _capture(opts: Options, comm: Optional[str], out_path: Optional[str],
     stop.install()
     try:
         cap.start()
+        if stop.wake_fd >= 0:
+            cap.watch(stop.wake_fd)
         deadline = None if opts.duration is None else cap.mono_start + opts.duration
         progress = Progress(not opts.quiet, opts.duration)
         reason = ""
@@ -287,9 +316,12 @@ def _capture(opts: Options, comm: Optional[str], out_path: Optional[str],
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
                     break
-                timeout = DRAIN_INTERVAL if deadline is None else min(DRAIN_INTERVAL, deadline - now)
+                timeout = cap.next_wait()
+                if deadline is not None:
+                    timeout = min(timeout, deadline - now)
                 reason = cap.poll(max(0.001, timeout)) or ""
-                progress.update(cap.elapsed, cap.samples, cap.lost_so_far(), len(cap.state.pids_seen))
+                if progress.due(cap.elapsed):
+                    progress.update(cap.elapsed, cap.samples, cap.lost_so_far(), len(cap.state.pids_seen))
                 if reason:
                     break
         finally:

@@ -30,13 +30,24 @@ from perfagent.errors import CaptureError
 from perfagent.oncpu import build_profile
 from perfagent.perf.sampler import Sampler, list_threads
 from perfagent.sources import (
-    OffCpu, OnCpuCounts, OnCpuRecords, OnCpuSource, PythonWalk, Source, dwarf_oncpu_source,
+    OffCpu, OnCpuCounts, OnCpuSource, PythonWalk, Source, dwarf_oncpu_source,
 )
 from perfagent.symbolize.native import BinaryCache
 from perfagent.symbolize.symbolizer import Symbolizer
 from perfagent.target import procfs
 
 DRAIN_INTERVAL = 0.1
+#: The longest wait between two drains of a quiet capture (Capture.next_wait):
+#: every source's kernel side holds what it captures for longer (counts
+#: aggregated in the kernel, nothing left to the agent's walker), no process
+#: was born or exec'd for QUIET_AFTER seconds.  Each drain cycle costs the
+#: agent about half a millisecond even when it finds nothing new.
+QUIET_INTERVAL = 0.5
+QUIET_AFTER = 1.0
+#: --pid: how often the target's liveness is read from /proc when its pidfd
+#: says nothing (a leader that exited while its threads run stays readable
+#: as alive to the pidfd, not to /proc)
+ALIVE_CHECK_INTERVAL = 1.0
 TERM_GRACE_SECONDS = 2.0
 
 
@@ -295,6 +306,10 @@ class Capture:
         self._children_cpu = 0
         self._started = False
         self._stopped = False
+        self._wait = DRAIN_INTERVAL      # next_wait's ramp: doubled while quiet
+        self._born_at = 0.0              # when a drain last saw a process born or exec'd
+        self._exit_fd = -1               # a pidfd of the --pid target or the command
+        self._alive_due = 0.0            # --pid: when /proc is read next (see ALIVE_CHECK_INTERVAL)
 
     # -- start ------------------------------------------------------------------
 
@@ -361,6 +376,7 @@ class Capture:
         except BaseException:
             self._close_after_failure()
             raise
+        self._watch_exit()
         # --duration counts from here, when sampling runs.
         self.mono_start, self.wall_start = time.monotonic(), time.time()
         self._started = True
@@ -439,7 +455,36 @@ class Capture:
             return None
         return source
 
+    def _watch_exit(self) -> None:
+        """A pidfd of the --pid target (or the command) in the sampler's
+        poll set: its exit ends the wait at once, however long the wait
+        (Capture.next_wait); without pidfds (Linux < 5.3) each drain
+        reads /proc as before."""
+        pid = self.opts.pid if self.launched is None else self.launched.pid
+        if pid is None:
+            return
+        from perfagent.libc import pidfd_open
+        try:
+            self._exit_fd = pidfd_open(pid)
+        except OSError:
+            return
+        self.sampler.watch(self._exit_fd)
+
+    def _unwatch_exit(self) -> None:
+        fd, self._exit_fd = self._exit_fd, -1
+        if fd >= 0:
+            if self.sampler is not None:
+                self.sampler.unwatch(fd)
+            os.close(fd)
+
+    def watch(self, fd: int) -> None:
+        """End each wait for data as soon as ``fd`` is readable too (the
+        command line's signal wake-up pipe: a signal stops the capture at
+        once even while a quiet capture waits longer)."""
+        self.sampler.watch(fd)
+
     def _close_after_failure(self) -> None:
+        self._unwatch_exit()
         if self.sampler is not None:
             self.sampler.close()
         self.sources.close()
@@ -455,19 +500,53 @@ class Capture:
         sources, then what the samples need resolved against those mappings."""
         state = self.state
         self.sampler.drain(state.on_sample, state.on_event)
+        if state.new_processes or state.python_rechecks:
+            self._born_at = time.monotonic()
         self.sources.feed(state)
         state.resolve_pending()
+
+    def next_wait(self) -> float:
+        """How long the next poll may wait for data: DRAIN_INTERVAL while
+        anything flows -- a source that must be drained at the normal pace
+        (stacks left to the agent's walker, stack copies, no BPF source at
+        all), or a process born or exec'd in the last QUIET_AFTER seconds
+        (its Python frames and tables wait for a drain) --, else twice the
+        last wait, up to QUIET_INTERVAL and to what every source's kernel
+        side can hold (Source.max_wait).  The perf rings wake the wait when a
+        quarter full, and the target's exit and signals end it at once."""
+        allowed = min([src.max_wait() for src in self.sources] or [0.0])
+        if allowed <= 0.0 or time.monotonic() - self._born_at < QUIET_AFTER:
+            self._wait = DRAIN_INTERVAL
+        else:
+            self._wait = min(2 * self._wait, QUIET_INTERVAL)
+        # A source's limit ends the wait early (names due, maps filling), but
+        # never makes drains more frequent than the normal pace.
+        return max(DRAIN_INTERVAL, min(self._wait, allowed))
 
     def poll(self, timeout: float = DRAIN_INTERVAL) -> Optional[str]:
         """Wait up to ``timeout`` for data, drain, and say whether the
         capture's target is gone: a stop reason, or None to go on."""
-        self.sampler.wait(max(1, int(timeout * 1000)))
+        ready = self.sampler.wait(max(1, int(timeout * 1000)))
         self.drain()
         if self.launched is not None and self.launched.poll():
             return "command %s" % self.launched.describe_status()
-        if self.opts.pid is not None and not process_alive(self.opts.pid):
+        if self.opts.pid is not None and self._target_gone(ready):
             return "process %d exited" % self.opts.pid
         return None
+
+    def _target_gone(self, ready: List[int]) -> bool:
+        """--pid: read /proc when the pidfd says the target exited, and once
+        a second anyway (every drain without a pidfd)."""
+        now = time.monotonic()
+        exited = self._exit_fd >= 0 and self._exit_fd in ready
+        if self._exit_fd >= 0 and not exited and now < self._alive_due:
+            return False
+        self._alive_due = now + ALIVE_CHECK_INTERVAL
+        if process_alive(self.opts.pid):
+            if exited:
+                self._unwatch_exit()     # readable for good: it would end every wait at once
+            return False
+        return True
 
     @property
     def elapsed(self) -> float:
@@ -501,6 +580,7 @@ class Capture:
         finally:
             self.mono_end = time.monotonic()
             on_finishing()
+            self._unwatch_exit()
             self.sampler.disable()
             self.sampler.drain(state.on_sample, state.on_event)
             self.lost = self.sampler.lost
@@ -513,6 +593,7 @@ class Capture:
 
     def close(self) -> None:
         """Release what building profiles needed (pinned files)."""
+        self._unwatch_exit()
         self.binaries.close()
 
     # -- results ------------------------------------------------------------------

@@ -72,6 +72,13 @@ class Source:
         """Move what was captured since the last call into the state."""
         raise NotImplementedError
 
+    def max_wait(self) -> float:
+        """Seconds this source may go without a drain from now on (0: at the
+        normal pace).  A source whose kernel side can be woken for, or
+        holds what it captures for long enough, lets a quiet capture drain
+        less often (see perfagent.session.Capture.next_wait)."""
+        return 0.0
+
     def stop(self) -> None:
         """Detach and move the remainder into the state."""
         self.engine.stop()
@@ -144,6 +151,12 @@ class PythonWalk(Source):
         self.tracker.new_drain()
         self.tracker.refresh()
 
+    def max_wait(self) -> float:
+        # Thread states are refreshed by the clock (the program finds new
+        # threads on its own meanwhile); forks and execs are seen when the
+        # side band is drained, which Capture.next_wait keeps prompt.
+        return float("inf")
+
     def stop(self) -> None:
         self.tracker.new_drain()
 
@@ -173,6 +186,15 @@ class OnCpuSource(Source):
 
     names_due = 0.0   # when python_names_due next says yes
 
+    def max_wait(self) -> float:
+        """Until the count map or the stack stores could fill (see
+        counts_room), and no later than the Python names are due."""
+        wait = counts_room(self.engine)
+        python = self.state.python
+        if python is not None and len(python):
+            wait = min(wait, max(NAMES_SLACK, self.names_due - time.monotonic()))
+        return wait
+
 
 #: Counted stacks are collected at least this often while CPython processes
 #: are walked: their Python frames are named from the live process's memory
@@ -180,6 +202,27 @@ class OnCpuSource(Source):
 #: interpreter whose counts waited for a full map or the end was all
 #: ``<unknown>``.  Names are cached per process, so later collections cost little.
 PYTHON_COLLECT_INTERVAL = 1.0
+#: A drain this close to the due time collects (a quiet drain loop waits
+#: until the names are due: a wait that ends a little early, the poll's
+#: milliseconds rounded down, must not cost another cycle).
+NAMES_SLACK = 0.02
+
+
+#: A quiet source lets the drain loop wait at most this share of the time its
+#: kernel maps or ring would take to fill at the worst rate: every CPU
+#: sampled at the full rate, each sample a new stack (or a whole record).
+FILL_SHARE = 0.25
+
+
+def counts_room(engine) -> float:
+    """Seconds before a counting engine's maps could fill (times
+    FILL_SHARE): its count map (inserts since the last collection, at
+    most), and its native stack store, which holds a user and a kernel
+    stack per count until the collection drains it."""
+    rate = float(engine.sample_rate * max(1, len(engine.cpus)))
+    pending = engine.pending_bound(time.monotonic())
+    room = min(engine.max_entries - pending, (engine.stack_entries - 2 * pending) / 2.0)
+    return FILL_SHARE * max(0.0, room) / rate
 
 
 def python_names_due(source) -> bool:
@@ -189,7 +232,7 @@ def python_names_due(source) -> bool:
     if python is None or not len(python):
         return False
     now = time.monotonic()
-    if now < source.names_due:
+    if now < source.names_due - NAMES_SLACK:
         return False
     source.names_due = now + PYTHON_COLLECT_INTERVAL
     return True
@@ -258,6 +301,9 @@ class OnCpuRecords(OnCpuSource):
     def feed(self) -> None:
         self._add(self.engine.drain())
 
+    def max_wait(self) -> float:
+        return 0.0      # every sample is a record in a ring nothing wakes us for
+
     def stop(self) -> None:
         self.engine.stop()
         self._add(self.engine.collect())
@@ -284,6 +330,7 @@ class OnCpuKernelWalk(OnCpuSource):
         self.engine = KUnwindSampler(sample_rate, self.tgids, stack_size, self.loader.tables.maps,
                                      python=python)
         state.hold_counts("oncpu")
+        self._fell_back = 0     # records the last drain read (walks left to user space)
 
     @property
     def tables(self):
@@ -317,7 +364,20 @@ class OnCpuKernelWalk(OnCpuSource):
         finally:
             self.loader.release()
 
+    def max_wait(self) -> float:
+        """The normal pace while stacks fall back to user space (their ring
+        fills at up to every CPU's rate, and a process waits to be loaded);
+        else as long as the fallback ring would hold them and the counts
+        allow."""
+        from perfagent.stackprog.layout import STACK_OFF   # a record's bytes before its stack copy
+        if self._fell_back or self.loader.loading():
+            return 0.0
+        engine = self.engine
+        per_second = engine.sample_rate * max(1, len(engine.cpus)) * (engine.copy_stack + STACK_OFF)
+        return min(FILL_SHARE * engine.ring_bytes / float(per_second), OnCpuSource.max_wait(self))
+
     def _records(self, samples) -> None:
+        self._fell_back = len(samples)
         add_records(self.state, samples, self.loader.fell_back)
 
     def _add(self, stacks) -> None:
@@ -361,6 +421,13 @@ class TableLoader:
         if not n and pid not in self.since:
             self.since[pid] = time.monotonic() if when is None else min(when, time.monotonic())
         self.waiting[pid] = n + 1
+
+    def loading(self) -> bool:
+        """Whether a process waits to be loaded that will be (one that fell
+        back too few times stays with the user-space walker: it does not
+        keep the drain loop at its normal pace)."""
+        from perfagent.unwind.kernel import LOAD_AFTER_FALLBACKS
+        return any(n >= LOAD_AFTER_FALLBACKS for n in self.waiting.values())
 
     def gone(self, pids: List[int]) -> None:
         for pid in pids:

@@ -155,6 +155,25 @@ def test_hash_map_drain_batch(no_fd_leak):
         assert m.drain() == []
 
 
+def test_batch_drains_reuse_their_buffers_without_stale_entries(no_fd_leak):
+    """A map drained again and again (a stack store, every collection) keeps
+    its batch buffers: each drain returns exactly what is in the map now,
+    never entries a bigger earlier drain left in the buffers."""
+    value = struct.Struct("<Q3064x")   # a Python stack store's 3 KiB values
+    with HashMap(8, value.size, 4096, name="rebatch") as m:
+        for i in range(600):
+            m.update(U64.pack(i), value.pack(i * 3))
+        got = dict((U64.unpack(k)[0], value.unpack(v)[0]) for k, v in m.drain())
+        assert got == {i: i * 3 for i in range(600)}
+        bufs = m._batch_bufs
+        for i in range(5):
+            m.update(U64.pack(10000 + i), value.pack(i * 7))
+        got = dict((U64.unpack(k)[0], value.unpack(v)[0]) for k, v in m.drain())
+        assert got == {10000 + i: i * 7 for i in range(5)}
+        assert m._batch_bufs is bufs             # the same buffers, not new ones
+        assert m.drain() == []
+
+
 def test_update_many_writes_what_update_would(no_fd_leak):
     with HashMap(8, 8, 4096, name="many") as m:
         m.update_many([(U64.pack(i), U64.pack(i * 7)) for i in range(2500)])   # three batches

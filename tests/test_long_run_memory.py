@@ -290,3 +290,8 @@ def test_stored_stacks_are_dropped_as_counts_are_collected():
     cache.rotate()
     assert cache.native(7) is None and cache.lost == 1   # drained before N-1: never asked again
     assert cache.native(1000) == (1000, 1001) and len(cache) == 1
+    # A stack drained again is taken as decoded the time before (same hash,
+    # same contents): the very tuple, not a new one.
+    first = cache.native(1000)
+    stack(1000)
+    assert cache.native(1000) is first

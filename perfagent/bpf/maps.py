@@ -74,6 +74,7 @@ class Map(sc.OwnedFD):
         self._fd = sc.map_create(map_type, key_size, value_size,
                                  max_entries, map_flags, name)
         self._batch_ok: Optional[bool] = None
+        self._batch_bufs: Optional[sc.BatchBuffers] = None
 
     @property
     def kind(self) -> str:
@@ -171,11 +172,14 @@ class Map(sc.OwnedFD):
         batch_size = max(self.key_size, 8)
         count = max(1, min(chunk, self.max_entries))
         ks, vs = self.key_size, self.value_size_user
+        bufs = self._batch_bufs     # kept: a store is drained every collection
         while True:
+            if bufs is None or bufs.count < count:
+                bufs = self._batch_bufs = sc.BatchBuffers(ks, vs, count)
             try:
                 keys, values, n, token = sc.map_batch(
                     sc.BPF_MAP_LOOKUP_AND_DELETE_BATCH, self.fd, token, batch_size,
-                    ks, vs, count)
+                    ks, vs, count, bufs)
             except BPFError as exc:
                 # One hash bucket holds more entries than ``count``: retry bigger.
                 if exc.errno == errno.ENOSPC and count < self.max_entries:

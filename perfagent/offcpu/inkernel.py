@@ -24,6 +24,7 @@ saves is the agent's work per sample.  tools/bench_inkernel.py measures it.
 
 from __future__ import annotations
 
+import time
 from typing import Dict, List, Optional, Set, Tuple
 
 from perfagent.records import NamedTuple
@@ -208,9 +209,27 @@ class InKernelSampler(FollowsTgids):
         assert self._prog is not None, "start() first"
         return self._prog.fd
 
+    #: Entries the count map held when last read, and when (collect_if_full).
+    last_pending = 0
+    _pending_at = 0.0
+
+    def pending_bound(self, now: float) -> float:
+        """At most how many entries the count map holds now: as last read,
+        plus one per sample since (every CPU at the rate: cpu-clock's period
+        is fixed from the frequency; twice that, for safety)."""
+        return self.last_pending + 2.0 * self.sample_rate * len(self.cpus) * max(0.0, now - self._pending_at)
+
     def collect_if_full(self, fraction: float = NEAR_FULL) -> List[OnCpuStack]:
-        """``collect()`` when the count map is ``fraction`` full, else []."""
-        if self._running and self.pending_entries() >= fraction * self.max_entries:
+        """``collect()`` when the count map is ``fraction`` full, else [].
+        The map's fill is read (a bpf() call) only when the samples since
+        the last read could have filled it that far."""
+        if not self._running:
+            return []
+        now = time.monotonic()
+        if self.pending_bound(now) < fraction * self.max_entries:
+            return []
+        self.last_pending, self._pending_at = self.pending_entries(), now
+        if self.last_pending >= fraction * self.max_entries:
             return self._gather()
         return []
 
@@ -266,6 +285,7 @@ class InKernelSampler(FollowsTgids):
         assert self._counts is not None and self._stats is not None
         self._drops = self._stats.drops
         self._stats.before_drain()
+        self.last_pending, self._pending_at = 0, time.monotonic()
         sums: Dict[Tuple[int, int, int, int, int], List[int]] = {}
         # Counts first, then the stores: every count read was added after
         # its stacks were stored, so draining the stores second finds them.

@@ -226,12 +226,23 @@ class Sampler:
                 pass
 
     # -- reading -----------------------------------------------------------
-    def wait(self, timeout_ms: int) -> None:
-        """Sleep until a ring passes its watermark or ``timeout_ms`` passes."""
+    def watch(self, fd: int) -> None:
+        """Let ``fd`` (a pidfd, a signal wake-up pipe) end a :meth:`wait` too."""
+        self._poller.register(fd, select.POLLIN)
+
+    def unwatch(self, fd: int) -> None:
         try:
-            self._poller.poll(timeout_ms)
-        except InterruptedError:
+            self._poller.unregister(fd)
+        except KeyError:
             pass
+
+    def wait(self, timeout_ms: int) -> List[int]:
+        """Sleep until a ring passes its watermark, a watched fd is ready or
+        ``timeout_ms`` passes; the fds that are ready."""
+        try:
+            return [fd for fd, _ in self._poller.poll(timeout_ms)]
+        except InterruptedError:
+            return []
 
     def drain(self, on_sample: Callable, on_event: Callable) -> int:
         """Parse everything in every ring; returns the number of bytes read.

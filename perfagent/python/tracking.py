@@ -19,6 +19,7 @@ dropped (``exit``).  Skipped processes are counted by reason
 from __future__ import annotations
 
 import os
+import struct
 import time
 from typing import Dict, Optional, Tuple
 
@@ -29,11 +30,18 @@ from perfagent.python.layout import FRAME_OBJECT
 from perfagent.python.reader import RawFrame, Reader, ReaderError
 from perfagent.stackprog import python as SP
 
-#: Seconds between two refreshes of one process's thread states (threads
-#: created meanwhile are found by the program's own search).
+#: Seconds between two refreshes of one process's thread states while it
+#: starts threads (a thread was born since the refresh before last), and
+#: while it does not: a refresh walks every thread state in the target's
+#: memory (10 ms for 1,000 threads), and the thread states of threads that
+#: exist do not move.  Threads created meanwhile are found by the program's
+#: own search; the side band's FORK records say when (thread_born).  The
+#: idle refresh is for thread states made without a new thread (a C thread
+#: calling into Python).
 THREAD_REFRESH = 1.0
+THREAD_REFRESH_IDLE = 10.0
 
-TGID = __import__("struct").Struct("<I")
+TGID = struct.Struct("<I")
 
 #: Skip reason of the agent's own process (not counted in the summary).
 SKIP_SELF = "self"
@@ -61,12 +69,13 @@ GONE_KEPT = 256
 
 
 class _Tracked:
-    __slots__ = ("interp", "reader", "refreshed", "names", "written", "lasting")
+    __slots__ = ("interp", "reader", "refreshed", "born", "names", "written", "lasting", "lasting_gen")
 
     def __init__(self, interp: Interpreter) -> None:
         self.interp = interp
         self.reader = Reader(interp)
         self.refreshed = 0.0
+        self.born = 0.0        # when a thread of it was last seen born (side band)
         self.names: Dict[Tuple[int, int], PyName] = {}
         #: thread_id -> thread state address last written to the threads map
         self.written: Dict[int, int] = {}
@@ -75,6 +84,9 @@ class _Tracked:
         #: in the kernel were collected); the key holds the co_firstlineno
         #: read at the sample's instant, so a reused address is not misnamed.
         self.lasting: Dict[Tuple[int, int, int], PyName] = {}
+        #: bumped when ``lasting`` is emptied (a stack remembered as named
+        #: must then be named again, to be in it: see codes_of)
+        self.lasting_gen = 0
 
 
 class PythonProcesses:
@@ -170,12 +182,22 @@ class PythonProcesses:
 
     # -- thread states ---------------------------------------------------------
 
+    def thread_born(self, pid: int) -> None:
+        """A thread of ``pid`` was created (a FORK record): its thread state
+        is written at the next refresh that is due (THREAD_REFRESH)."""
+        tracked = self._procs.get(pid)
+        if tracked is not None:
+            tracked.born = time.monotonic()
+
     def refresh(self, force: bool = False) -> None:
-        """Bring the thread-state map up to date (each process at most every
-        THREAD_REFRESH seconds unless ``force``)."""
+        """Bring the thread-state map up to date (each process every
+        THREAD_REFRESH seconds while threads are born -- once more after the
+        last one, whose thread state may not have said its thread yet --,
+        else every THREAD_REFRESH_IDLE; all now with ``force``)."""
         now = time.monotonic()
         for pid, tracked in list(self._procs.items()):
-            if force or now - tracked.refreshed >= THREAD_REFRESH:
+            recent = tracked.born >= tracked.refreshed - THREAD_REFRESH
+            if force or now - tracked.refreshed >= (THREAD_REFRESH if recent else THREAD_REFRESH_IDLE):
                 self._refresh(pid, tracked)
 
     def _refresh(self, pid: int, tracked: _Tracked) -> None:
@@ -248,9 +270,47 @@ class PythonProcesses:
             tracked.names.clear()
         if len(tracked.lasting) > 1 << 16:
             tracked.lasting.clear()
+            tracked.lasting_gen += 1
         tracked.names[key] = name
         tracked.lasting[key] = name
         return name
+
+    def codes_of(self, pid: int, entries) -> Optional[tuple]:
+        """What the names of a Python stack (raw entries, just named by
+        :meth:`name`) were read from, for :meth:`same_codes`: the process's
+        tracking, and each code object as decoded; None when a frame was not
+        named from a code object of the live process (unknown, reused, gone)."""
+        from perfagent.stackprog.layout import PYFRAME_LINENO_MASK, PYFRAME_LINK
+        tracked = self._procs.get(pid)
+        if tracked is None:
+            return None
+        codes = tracked.reader.decoded
+        pairs = {}
+        for code, _instr, flags in entries:
+            if flags & PYFRAME_LINK:
+                continue
+            decoded = codes.get(code)
+            firstlineno = flags & PYFRAME_LINENO_MASK
+            if decoded is None or (firstlineno and decoded.firstlineno != firstlineno):
+                return None
+            pairs[code] = decoded
+        return tracked, tracked.lasting_gen, tuple(pairs.items())
+
+    def same_codes(self, pid: int, codes: tuple) -> bool:
+        """Would the stack that gave ``codes`` (codes_of) be named the same
+        now: the process is tracked as then, and every code object is the one
+        decoded then (each validated once per drain cycle, as naming does)."""
+        tracked, gen, pairs = codes
+        if self._procs.get(pid) is not tracked or tracked.lasting_gen != gen:
+            return False
+        current = tracked.reader.is_current
+        try:
+            for addr, decoded in pairs:
+                if not current(addr, decoded):
+                    return False
+        except (ReaderError, struct.error):
+            return False
+        return True
 
     def new_drain(self) -> None:
         """A drain cycle begins: names cached by (code, instr) stay valid only

@@ -22,7 +22,7 @@ from typing import Dict, Optional, Set, Tuple
 
 from perfagent.bpf.maps import HashMap
 from perfagent.stackprog.layout import (
-    PERF_MAX_STACK_DEPTH, PY_MAX_FRAMES, PYFRAME, PYSTACK_HDR, PYSTACK_SIZE, STACK, STACK_SIZE,
+    PERF_MAX_STACK_DEPTH, PY_MAX_FRAMES, PYFRAME, PYSTACK_HDR, PYSTACK_SIZE, STACK_IPS_OFF, STACK_SIZE,
 )
 
 FNV_OFFSET_BASIS = 0xCBF29CE484222325
@@ -68,14 +68,23 @@ class StoreCache:
         self._old_python: Dict[int, Tuple[Tuple[PyFrame, ...], int]] = {}
         self.lost = 0
 
+    # Hot path: a collection drains the stacks stored since the previous
+    # one -- mostly the same stacks again.  The key is a hash of the
+    # contents, so a stack drained before is taken as decoded then (from
+    # this generation or the last), and only new ones are unpacked.
+
     def add_native(self, raw_key: bytes, raw_value: bytes) -> None:
         h = HASH_KEY.unpack(raw_key)[0]
-        n = min(struct.unpack_from("<I", raw_value, 0)[0], PERF_MAX_STACK_DEPTH)
-        self._native[h] = STACK.unpack(raw_value[:STACK_SIZE])[2:2 + n]
+        known = self._old_native.get(h)
+        if known is None:
+            n = min(_U32.unpack_from(raw_value, 0)[0], PERF_MAX_STACK_DEPTH)
+            known = _ips(n).unpack_from(raw_value, STACK_IPS_OFF)
+        self._native[h] = known
 
     def add_python(self, raw_key: bytes, raw_value: bytes) -> None:
         h = HASH_KEY.unpack(raw_key)[0]
-        self._python[h] = decode_pystack(raw_value)
+        known = self._old_python.get(h)
+        self._python[h] = known if known is not None else decode_pystack(raw_value)
 
     def native(self, h: int) -> Optional[Tuple[int, ...]]:
         if h == 0:
@@ -130,6 +139,18 @@ class StoreCache:
 
     def __len__(self) -> int:
         return len(self._native) + len(self._python) + len(self._old_native) + len(self._old_python)
+
+
+_U32 = struct.Struct("<I")
+_IPS: Dict[int, struct.Struct] = {}
+
+
+def _ips(n: int) -> struct.Struct:
+    """The format of a stack's first ``n`` instruction pointers."""
+    fmt = _IPS.get(n)
+    if fmt is None:
+        fmt = _IPS[n] = struct.Struct("<%dQ" % n)
+    return fmt
 
 
 def decode_pystack(raw: bytes, offset: int = 0) -> Tuple[Tuple[PyFrame, ...], int]:
