@@ -220,8 +220,9 @@ def check_sorted(screen: Screen, column: int) -> None:
 
 def drive(top: PtyTop, hot: str, first_by_total: str = "", enough: int = 0) -> None:
     """The hot function shows; frames are redrawn; t/n/s sort as they say
-    (every row in that column's order); ``first_by_total`` leads by total
-    (and ``hot`` by self time) once the window has ``enough`` samples."""
+    (every row in that column's order); ``first_by_total`` ranks above
+    ``hot`` by total, in nearly every sample (and ``hot`` leads by self
+    time) once the window has ``enough`` samples."""
     first_frame(top)
     shown_at = time.monotonic()
     screen = top.wait_screen(lambda s: hot in s.names(), SHOW_WITHIN)
@@ -239,7 +240,12 @@ def drive(top: PtyTop, hot: str, first_by_total: str = "", enough: int = 0) -> N
     check_sorted(by_total, 1)
     assert by_total.rows[0][1] >= 99.0             # in every sample
     if first_by_total:
-        assert by_total.names()[0] == first_by_total, by_total.text
+        # Above the hot function, in (nearly) every sample: <module> and the
+        # interpreter's frames tie with it or lead by the odd sample taken
+        # in <module>'s own loop, so its rank among them is not fixed.
+        names = by_total.names()
+        assert names.index(first_by_total) < names.index(hot), by_total.text
+        assert by_total.rows[names.index(first_by_total)][1] >= 99.0, by_total.text
     top.type(b"n")
     by_name = top.wait_screen(lambda s: s.sorted_by == "name" and s.rows, 5)
     assert by_name is not None
