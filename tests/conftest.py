@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from typing import Dict, List, Sequence, Tuple
 
 import pytest
@@ -107,3 +108,25 @@ def contains_chain(names: Sequence[str], chain: Sequence[str]) -> bool:
     """True when ``chain`` appears as consecutive frames of ``names`` (both root-first)."""
     n = len(chain)
     return any(list(names[i:i + n]) == list(chain) for i in range(len(names) - n + 1))
+
+
+def sleeper_kernel_stack() -> List[str]:
+    """The kernel's own lines for a blocked task's stack (/proc/PID/stack,
+    "[<0>] NAME+0xOFF/0xSIZE"): a `sleep 30` caught in nanosleep; skips
+    where the file needs a privilege the tests lack."""
+    child = subprocess.Popen(["sleep", "30"])
+    frames: List[str] = []
+    try:
+        for _ in range(200):
+            try:
+                with open("/proc/%d/stack" % child.pid) as f:
+                    frames = f.read().splitlines()
+            except PermissionError:
+                pytest.skip("/proc/PID/stack needs root")
+            if any("nanosleep" in f for f in frames):
+                break
+            time.sleep(0.01)
+    finally:
+        child.kill()
+        child.wait()
+    return frames

@@ -3,11 +3,11 @@ cases, then the real /proc/kallsyms checked against the kernel's own
 symbolization of a sleeping process's stack."""
 
 import re
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
+
+from conftest import sleeper_kernel_stack
 
 from perfagent.symbolize.kallsyms import (
     MAX_TAIL_SYMBOL_SIZE, REASON_HIDDEN, KallsymsIndex, KernelSymbols)
@@ -182,20 +182,7 @@ def test_real_symbols_resolve_their_own_address(real):
 def test_real_matches_kernel_stack_symbolization(real):
     """The kernel prints a blocked task's stack as NAME+0xOFF/0xSIZE: our
     lookup must agree on the name at the offset and on the symbol's extent."""
-    child = subprocess.Popen(["sleep", "30"])
-    try:
-        frames = []
-        for _ in range(100):
-            try:
-                frames = Path("/proc/%d/stack" % child.pid).read_text().splitlines()
-            except PermissionError:
-                pytest.skip("/proc/PID/stack needs root")
-            if any("nanosleep" in f for f in frames):
-                break
-            time.sleep(0.01)
-    finally:
-        child.kill()
-        child.wait()
+    frames = sleeper_kernel_stack()
     addresses = real_addresses()
     checked = 0
     for frame in frames:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import sleeper_kernel_stack
+
 from perfagent.symbolize.kallsyms import MAX_TAIL_SYMBOL_SIZE, KernelSymbols
 from perfagent.symbolize.kernelnames import BATCH, KernelNamer, KernelNamerUnavailable, parse_symbol
 from perfagent.symbolize.symbolizer import Symbolizer
@@ -106,21 +108,10 @@ def test_user_and_unmapped_addresses_have_no_name(namer):
 def test_symbolizer_uses_the_namer_and_names_a_kernel_stack():
     """The kernel prints a blocked task's stack as NAME+0xOFF/0xSIZE
     (/proc/PID/stack); the symbolizer names those addresses identically."""
-    import subprocess
-    import time
     sym = Symbolizer()
     if not isinstance(sym.kernel, KernelNamer):
         pytest.skip("bpf_snprintf naming unavailable here")
-    child = subprocess.Popen(["sleep", "30"])
-    try:
-        for _ in range(200):
-            frames = Path("/proc/%d/stack" % child.pid).read_text().splitlines()
-            if any("nanosleep" in f for f in frames):
-                break
-            time.sleep(0.01)
-    finally:
-        child.kill()
-        child.wait()
+    frames = sleeper_kernel_stack()
     addresses = {}
     for s in text_symbols():
         addresses.setdefault(s[2], []).append(s[0])

@@ -36,6 +36,17 @@ def churn_programs(tmp_path_factory):
     return build(str(tmp_path_factory.mktemp("churn")), LIBRARIES)
 
 
+def drain_until_done(session, spawn, timeout: float = 120) -> None:
+    """Drive the capture's drain loop until the spawner says it is done."""
+    done = False
+    deadline = time.monotonic() + timeout
+    while not done and time.monotonic() < deadline:
+        session.poll(DRAIN_INTERVAL)
+        if select.select([spawn.stdout], [], [], 0)[0]:
+            done = spawn.stdout.readline().startswith("done")
+    assert done
+
+
 @pytest.mark.parametrize("unwind", ["dwarf", "fp"])
 def test_three_hundred_processes_come_and_go(churn_programs, unwind, monkeypatch):
     """dwarf: stacks unwound by the agent (CFI cache bounded, and swept of
@@ -52,13 +63,7 @@ def test_three_hundred_processes_come_and_go(churn_programs, unwind, monkeypatch
         state = session.state
         if unwind == "dwarf":
             state.walker.cache.max_bytes = CFI_BOUND
-        done = False
-        deadline = time.monotonic() + 120
-        while not done and time.monotonic() < deadline:
-            session.poll(DRAIN_INTERVAL)
-            if select.select([spawn.stdout], [], [], 0)[0]:
-                done = spawn.stdout.readline().startswith("done")
-        assert done
+        drain_until_done(session, spawn)
         # Exits of the last children are released a drain later -- and, where
         # stacks are counted in the kernel, once their counts are collected
         # (at the latest EXIT_COLLECT_DRAINS drains after the exit).
@@ -152,13 +157,7 @@ def test_released_processes_are_packed_and_profile_the_same(churn_programs, monk
         state = session.state
         state._next_compact = 1 << 30
         go(spawn)
-        done = False
-        deadline = time.monotonic() + 120
-        while not done and time.monotonic() < deadline:
-            session.poll(DRAIN_INTERVAL)
-            if select.select([spawn.stdout], [], [], 0)[0]:
-                done = spawn.stdout.readline().startswith("done")
-        assert done
+        drain_until_done(session, spawn)
         for _ in range(3):
             session.poll(DRAIN_INTERVAL)
         released = [pid for pid, p in state.processes.items() if p.released]
