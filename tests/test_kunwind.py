@@ -428,7 +428,9 @@ def test_the_agent_does_not_walk_itself(tmp_path, where):
     own, others = [], []
     for names, labels, values in sample_stacks(read_profile(str(out))):
         (own if labels.get("pid") == agent.pid else others).append((user_part(names), values[0]))
-    assert sum(n for _, n in own) >= 20, err          # its start-up alone is a few hundred ms of CPU
+    # Its own CPU in 2 s at 999 Hz: start-up and drains, 19-1000 samples
+    # seen (fewer as its start-up got cheaper).
+    assert sum(n for _, n in own) >= 5, err
     assert all(len(chain) <= 1 for chain, _ in own), [c for c, _ in own if len(c) > 1][:3]
     assert sum(n for chain, n in others if len(chain) > 1) >= 0.5 * sum(n for _, n in others)
     if where == "kernel":
