@@ -522,8 +522,7 @@ class CaptureState:
         """Resolve this drain's distinct raw stacks against the current mappings."""
         if self.symbolizer is not None:
             self._refresh_perf_maps()
-        if self._pending_walks:
-            self._walk_pending()
+        self.walk_pending()
         pending, self._pending = self._pending, {}
         stacks = self.stacks
         increments = self.increments
@@ -867,6 +866,13 @@ class CaptureState:
             if perf_map.refresh():
                 proc.frame_cache.clear()
                 proc.counted_memo.clear()
+
+    def walk_pending(self) -> None:
+        """Walk the stack copies fed so far (resolve_pending does it too;
+        the in-kernel walk's table loader asks first, so that the FDEs those
+        walks decode are in the tables it compiles in the same cycle)."""
+        if self._pending_walks:
+            self._walk_pending()
 
     def _walk_pending(self) -> None:
         limited = hasattr(self.walker, "new_cycle")

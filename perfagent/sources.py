@@ -348,6 +348,11 @@ class OnCpuKernelWalk(OnCpuSource):
             self.state.counts_collected("oncpu")
         else:
             self._add(self.engine.collect_counts())
+        if self.loader.loading():
+            # The fallbacks' walks first: the FDEs they decode go into the
+            # tables loaded now, not into a rebuild a cycle later (which
+            # let every stack of a busy process fall back one more cycle).
+            self.state.walk_pending()
         self.loader.load()
 
     def stop(self) -> None:
@@ -449,16 +454,19 @@ class TableLoader:
         the start; the ones sampled most are worth loading first), until
         this cycle's share of time is spent."""
         from perfagent.unwind.kernel import (
-            LOAD_AFTER_FALLBACKS, LOAD_MAX_SECONDS, LOAD_MIN_AGE, LOAD_SECONDS_PER_CYCLE, LOAD_SHARE,
+            LOAD_AFTER_FALLBACKS, LOAD_HOT_FALLBACKS, LOAD_MAX_SECONDS, LOAD_MIN_AGE, LOAD_SECONDS_PER_CYCLE,
+            LOAD_SHARE,
         )
         now = time.monotonic()
         last, self._last_load = self._last_load, now
         budget = min(LOAD_MAX_SECONDS, max(LOAD_SECONDS_PER_CYCLE, LOAD_SHARE * (now - last)))
         # A process sampled a few times, or short-lived, stays with the
-        # user-space walker, unless its binaries are compiled already.
+        # user-space walker, unless its binaries are compiled already or it
+        # is busy.
         old = now - LOAD_MIN_AGE
         pids = sorted((pid for pid, n in self.waiting.items()
-                       if (n >= LOAD_AFTER_FALLBACKS and self.since.get(pid, now) <= old)
+                       if n >= LOAD_HOT_FALLBACKS
+                       or (n >= LOAD_AFTER_FALLBACKS and self.since.get(pid, now) <= old)
                        or self._ready(pid, n)),
                       key=lambda pid: -self.waiting[pid])
         pids += [pid for pid in self.tables.changed(self.state) if pid not in self.waiting]

@@ -436,3 +436,57 @@ def test_the_agent_does_not_walk_itself(tmp_path, where):
     if where == "kernel":
         m = SELF_LINE.search(err)
         assert m and int(m.group(1)) >= sum(n for _, n in own) * 0.9, err
+
+
+class _RecordingTables:
+    """The loader's view of the shared tables: which processes it asked to
+    load (the policy under test; the tables themselves are tested above)."""
+
+    def __init__(self):
+        self.asked = []
+        self.done = set()
+
+    def ready(self, state, pid):
+        return False
+
+    def changed(self, state):
+        return []
+
+    def loaded_pids(self):
+        return sorted(self.done)
+
+    def refresh(self, state, pids, deadline):
+        self.asked.append(list(pids))
+        self.done.update(pids)
+
+    def loaded(self, pid):
+        return pid in self.done
+
+
+def test_a_busy_process_is_loaded_at_once_a_quiet_young_one_waits():
+    """A process that fell back LOAD_HOT_FALLBACKS times is loaded at the
+    next cycle whatever its age (it is busy: every stack of it walked in user
+    space costs the agent); one that fell back a few times waits until it is
+    LOAD_MIN_AGE old; one sampled less than LOAD_AFTER_FALLBACKS times never
+    gets tables."""
+    import time
+    from perfagent.sources import TableLoader
+    from perfagent.unwind.kernel import LOAD_AFTER_FALLBACKS, LOAD_HOT_FALLBACKS, LOAD_MIN_AGE
+    tables = _RecordingTables()
+    loader = TableLoader(tables, state=None)
+    now = time.monotonic()
+    busy, quiet, rare = 101, 102, 103
+    for _ in range(LOAD_HOT_FALLBACKS):
+        loader.fell_back(busy, now)
+    for _ in range(LOAD_AFTER_FALLBACKS):
+        loader.fell_back(quiet, now)
+    for _ in range(LOAD_AFTER_FALLBACKS - 1):
+        loader.fell_back(rare, now - 10)
+    assert loader.loading()
+    loader.load()
+    assert tables.asked[0] == [busy], tables.asked
+    assert loader.waiting == {quiet: LOAD_AFTER_FALLBACKS, rare: LOAD_AFTER_FALLBACKS - 1}
+    loader.since[quiet] -= LOAD_MIN_AGE + 0.1   # now old enough
+    loader.load()
+    assert quiet in tables.asked[-1] and rare not in tables.done, tables.asked
+    assert loader.waiting == {rare: LOAD_AFTER_FALLBACKS - 1}

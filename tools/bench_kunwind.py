@@ -7,7 +7,8 @@ call into a library) and a CPython loop.  For each sample rate (99 and 999
 Hz per CPU), measured in one run, side by side:
 
 * agent CPU seconds (user + sys of the agent process, RUSAGE_CHILDREN) of a
-  ``-a --profile --unwind dwarf`` capture, ``--unwind-in kernel`` and
+  ``-a --profile --unwind dwarf`` capture (a copy of the package compiled
+  beforehand, as an installed copy has it, run as ``python3 -S``), ``--unwind-in kernel`` and
   ``--unwind-in user``, and the same of ``perf record -a --call-graph dwarf``
   plus ``perf report`` on its file (summed);
 * chain completeness: the share of the two targets' samples whose user chain
@@ -33,7 +34,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import children_cpu
+from benchlib import agent as agent_argv, children_cpu, install_agent
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -79,13 +80,12 @@ def completeness(path: str, pids) -> float:
     return whole / total if total else float("nan")
 
 
-def agent(where: str, rate: int, duration: float, tmp: str, pids):
+def agent(where: str, rate: int, duration: float, tmp: str, pids, installed: str):
     out = os.path.join(tmp, "%s-%d.pb.gz" % (where, rate))
-    env = dict(os.environ, PYTHONPATH=REPO)
-    r, cpu, _ = measured([sys.executable, "-S", "-m", "perfagent", "--profile", "-a", "--unwind", "dwarf",
-                          "--unwind-in", where, "--sample-rate", str(rate), "--duration", "%gs" % duration,
-                          "--quiet", "--profile-output", out], env=env, cwd=tmp,
-                         stderr=subprocess.PIPE, text=True)
+    argv, env = agent_argv(["--profile", "-a", "--unwind", "dwarf", "--unwind-in", where, "--sample-rate",
+                            str(rate), "--duration", "%gs" % duration, "--quiet", "--profile-output", out],
+                           tmp, installed)
+    r, cpu, _ = measured(argv, env=env, cwd=tmp, stderr=subprocess.PIPE, text=True)
     if r.returncode != 0:
         raise SystemExit("agent failed: " + r.stderr)
     samples = re.search(r"wrote .*: (\d+) samples?, (\d+) lost", r.stderr)
@@ -143,13 +143,14 @@ def main() -> int:
     old_stats = None
     try:
         exe = build(tmp)
+        installed = install_agent(os.path.join(tmp, "installed"))
         procs.append(start([exe, "chain", "100000"]))
         procs.append(start([args.python, "-c", PY_LOOP]))
         pids = {p.pid for p in procs}
         rows = []
         for rate in rates:
-            k_cpu, k_full, k_note = agent("kernel", rate, args.duration, tmp, pids)
-            u_cpu, u_full, u_note = agent("user", rate, args.duration, tmp, pids)
+            k_cpu, k_full, k_note = agent("kernel", rate, args.duration, tmp, pids, installed)
+            u_cpu, u_full, u_note = agent("user", rate, args.duration, tmp, pids, installed)
             p_cpu = perf(rate, args.duration, tmp) if shutil.which("perf") else float("nan")
             rows.append((rate, k_cpu, u_cpu, p_cpu, k_full, u_full, k_note, u_note))
         with open(STATS_SYSCTL) as f:

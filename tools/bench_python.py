@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import children_cpu
+from benchlib import agent, children_cpu, install_agent
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -77,34 +77,6 @@ end = time.monotonic() + float(sys.argv[1])
 while time.monotonic() < end:
     work()
 """
-
-
-def agent(args, cwd, installed: str = ""):
-    """The agent's command line and environment.  ``installed``: a directory
-    holding a copy of the package with its modules compiled, as an
-    installed copy has them; without it the repository's package runs with
-    PYTHONDONTWRITEBYTECODE=1 and every import compiles its source (as a
-    read-only copy without __pycache__ does)."""
-    env = dict(os.environ, PYTHONPATH=installed or REPO)
-    if installed:
-        env.pop("PYTHONDONTWRITEBYTECODE", None)
-    else:
-        env["PYTHONDONTWRITEBYTECODE"] = "1"
-    env.pop("PYTHONPYCACHEPREFIX", None)
-    return [sys.executable, "-S", "-m", "perfagent", *args], env
-
-
-def install_agent(directory: str) -> str:
-    """A copy of the package under ``directory``, compiled in place (its own
-    __pycache__, never the repository's); returns what goes on PYTHONPATH."""
-    shutil.copytree(os.path.join(REPO, "perfagent"), os.path.join(directory, "perfagent"),
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    env = dict(os.environ)
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    env.pop("PYTHONPYCACHEPREFIX", None)
-    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(directory, "perfagent")],
-                   env=env, check=True, stdout=subprocess.DEVNULL)
-    return directory
 
 
 def throughput(python: str, script: str, seconds: float, profiler, tmp: str) -> float:

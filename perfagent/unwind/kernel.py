@@ -52,9 +52,23 @@ LOAD_MAX_SECONDS = 1.0
 # worth compiling tables for -- the user-space walker has its stacks.
 LOAD_AFTER_FALLBACKS = 8
 LOAD_MIN_AGE = 0.5
+# ... but a process that fell back this often is loaded at the next cycle
+# whatever its age: it is busy (at 999 Hz, 64 samples are 64 ms on a CPU),
+# and every one of its stacks walked in user space costs the agent about
+# 0.1 ms.  Waiting LOAD_MIN_AGE for the two busy targets of
+# tools/bench_kunwind.py walked ~1,000 stacks in user space, a fifth of the
+# agent's CPU for a 10 s capture at 999 Hz.
+LOAD_HOT_FALLBACKS = 64
 # The fallback ring holds this many times RecordSampler's half second: it
-# must outlast a drain cycle that compiles one large binary's tables.
-FALLBACK_RING_FACTOR = 4
+# must outlast a drain cycle that compiles one large binary's tables.  One
+# (32 MiB at 999 Hz on 2 CPUs): the ring's pages are the kernel's memory,
+# allocated and zeroed whole at creation and mapped whole by the agent; at
+# 4 the ring reached the 256 MiB cap on this 2-CPU machine and its creation
+# and mapping cost 0.05 CPU s.  A record is the stack up to its top, mostly
+# a few KiB (the half second assumes 32 KiB copies), and a busy process is
+# loaded within a cycle or two (LOAD_HOT_FALLBACKS); records lost to a
+# full ring are counted in the summary.
+FALLBACK_RING_FACTOR = 1
 
 REFUSED = -1
 
