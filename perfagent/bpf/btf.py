@@ -165,7 +165,11 @@ class Param(NamedTuple):
 class BTF:
     """A parsed BTF blob; ids and names as the kernel numbers them."""
 
-    def __init__(self, data: bytes, source: str = "BTF") -> None:
+    def __init__(self, data: bytes, source: str = "BTF", lazy: bool = False) -> None:
+        """``lazy``: scan the type records only as far as the ids and names
+        asked for (vmlinux: the handful of structs a capture needs sit in
+        the first ~15k of ~130k types; the whole scan was 40 ms of start-up).
+        Otherwise the whole section is scanned and checked here."""
         self.source = source
         if len(data) < BTF_HEADER.size:
             raise BPFError("%s: too short for a BTF header" % source, errno.EINVAL)
@@ -193,29 +197,51 @@ class BTF:
             words.byteswap()
         self._w = words
         self._strs = strs
-        self._offsets, self._names = self._scan(words, source)  # _names: every type's name_off
-        self._found: Dict[str, List[int]] = {}  # find_all's answers by name
+        # _offsets: word offset of every type scanned so far (index = id);
+        # _names: their name_offs as one byte string (for _ids_named).
+        self._offsets = array("I", [0])
+        self._names = bytes(4)  # id 0 is void, no record
+        self._pos = 0           # word offset of the first record not scanned yet
+        if lazy:
+            self._data, self._t0 = data, t0
+        else:
+            self._scan_to(len(words))
+        self._found: Dict[object, object] = {}  # find_all's answers by name, first's by (name, kind)
         self._members: Dict[int, List[Member]] = {}  # members()' answers by struct id
 
-    @staticmethod
-    def _scan(w: array, source: str = "BTF") -> Tuple[array, bytes]:
-        """Word offset of every type, index = type id (0 is void), and the
-        bytes of every type's name_off in the same order (for _ids_named).
+    def _scan_to(self, word: int) -> None:
+        """Scan records until the one holding word ``word`` of the type
+        section (or the end) is scanned."""
+        if self._pos > word or self._pos >= len(self._w):
+            return
+        offsets, names, self._pos = self._scan(self._w, self._pos, word, self.source)
+        self._offsets.extend(offsets)
+        self._names += names
 
-        ~130k iterations for vmlinux: the loop body has no bounds check; a
-        last record cut inside its btf_type fails the final index instead.
-        The name_off is gathered here, where the record is at hand, rather
-        than in a second pass over the offsets (a find always follows:
-        ~3 ms less than the separate map over 130k records).
+    def _scan_all(self) -> None:
+        self._scan_to(len(self._w))
+
+    @staticmethod
+    def _scan(w: array, pos: int, word: int, source: str = "BTF") -> Tuple[array, bytes, int]:
+        """From the record at word ``pos`` until the record holding word
+        ``word`` is scanned: the word offset of each record (in id order),
+        the bytes of each one's name_off (for _ids_named), and where the
+        next record starts.
+
+        ~130k iterations for all of vmlinux: the loop body has no bounds
+        check; a last record cut inside its btf_type fails the final index
+        instead.  The name_off is gathered here, where the record is at
+        hand, rather than in a second pass over the offsets.
         """
-        offsets = array("I", [0])
-        names = array("I", [0])  # id 0 is void, no record
+        offsets = array("I")
+        names = array("I")
         append, append_name = offsets.append, names.append
         # By kind (5 bits): (3 + fixed extra words, extra words per vlen item).
         sizes = [(3 + _EXTRA_WORDS.get(k, (0, 0))[0], _EXTRA_WORDS.get(k, (0, 0))[1]) for k in range(32)]
-        pos, end = 0, len(w)
+        end = len(w)
+        stop = min(word + 1, end)
         try:
-            while pos < end:
+            while pos < stop:
                 append(pos)
                 append_name(w[pos])
                 info = w[pos + 1]
@@ -223,9 +249,9 @@ class BTF:
                 pos += fixed + per_item * (info & 0xFFFF)
         except IndexError:
             pos = -1
-        if pos != end:
+        if pos < 0 or pos > end or (stop == end and pos != end):
             raise BPFError("%s: BTF type section ends inside a type record" % source, errno.EINVAL)
-        return offsets, names.tobytes()
+        return offsets, names.tobytes(), pos
 
     @classmethod
     def load_vmlinux(cls, path: str = VMLINUX_PATH) -> "BTF":
@@ -238,12 +264,13 @@ class BTF:
                            "CONFIG_DEBUG_INFO_BTF=y (Linux 5.4+)" % path, errno.ENOENT) from None
         except PermissionError:
             raise BPFError("cannot read %s: permission denied" % path, errno.EACCES) from None
-        return cls(data, path)
+        return cls(data, path, lazy=True)
 
     # -- raw access -----------------------------------------------------------
 
     def __len__(self) -> int:
         """Number of type ids, counting void (id 0)."""
+        self._scan_all()
         return len(self._offsets)
 
     def string(self, off: int) -> str:
@@ -256,6 +283,8 @@ class BTF:
     def type(self, type_id: int) -> BTFType:
         if type_id == 0:
             return BTFType(0, BTF_KIND_UNKN, "void", False, 0, 0)
+        if type_id >= len(self._offsets):
+            self._scan_until_id(type_id)
         if not 0 < type_id < len(self._offsets):
             raise BPFError("%s: no BTF type id %d" % (self.source, type_id), errno.ENOENT)
         p = self._offsets[type_id]
@@ -264,51 +293,97 @@ class BTF:
         return BTFType(type_id, (info >> 24) & 0x1F, self.string(name_off) if name_off else "",
                        bool(info >> 31), info & 0xFFFF, st)
 
+    def _scan_until_id(self, type_id: int) -> None:
+        """Scan until type ``type_id`` is known (or the section ends)."""
+        while len(self._offsets) <= type_id and self._pos < len(self._w):
+            # At least 3 words per record: this many more words hold at most
+            # the missing records.
+            self._scan_to(self._pos + 3 * (type_id + 1 - len(self._offsets)) - 1)
+
     def _extra(self, type_id: int, i: int) -> int:
         """The i-th u32 word after type ``type_id``'s btf_type."""
+        if type_id >= len(self._offsets):
+            self._scan_until_id(type_id)
         return self._w[self._offsets[type_id] + 3 + i]
 
     # -- names ------------------------------------------------------------------
 
-    def _ids_named(self, name_off: int) -> List[int]:
-        """The type ids whose name is the string at ``name_off``.
+    def _ids_named(self, name_off: int, first: int = 1) -> List[int]:
+        """The scanned type ids from ``first`` on whose name is the string at
+        ``name_off``.
 
         Why not a dict of every type's name: building it walked all the
         vmlinux types (~130k) in Python for the few names a run asks about.
-        Here each type's name_off is gathered once into one array (by
-        _scan) and the word searched in its bytes; a hit's position is the
-        type id."""
+        Each scanned type's name_off is in one byte string and the word is
+        searched in it; a hit's position is the type id."""
         raw = self._names
         needle = _NATIVE_U32.pack(name_off)
         ids: List[int] = []
-        pos = raw.find(needle, 4)
+        pos = raw.find(needle, 4 * first)
         while pos >= 0:
             if not pos & 3:
                 ids.append(pos >> 2)
             pos = raw.find(needle, pos + 1)
         return ids
 
-    def find_all(self, name: str, kind: Optional[int] = None) -> List[int]:
-        """Every type id called ``name`` (of ``kind`` if given), lowest first.
+    def _name_offs(self, name: str) -> List[int]:
+        """Every string offset whose string is ``name`` (a name may also be
+        another string's tail)."""
+        needle = name.encode() + b"\0"
+        strs = self._strs
+        offs = []
+        pos = strs.find(needle)
+        while pos >= 0:
+            offs.append(pos)
+            pos = strs.find(needle, pos + 1)
+        return offs
 
-        Each name's ids are kept: a start-up asks for the same few structs
-        (task_struct, pt_regs) a dozen times, and each search reads the
-        whole string section."""
+    def _kind_of(self, type_id: int) -> int:
+        return (self._w[self._offsets[type_id] + 1] >> 24) & 0x1F
+
+    def find_all(self, name: str, kind: Optional[int] = None) -> List[int]:
+        """Every type id called ``name`` (of ``kind`` if given), lowest first
+        (the whole type section is scanned: find() is what a lazy BTF
+        wants).
+
+        Each name's ids are kept: a search reads the whole string section."""
         ids = self._found.get(name)
         if ids is None:
-            needle = name.encode() + b"\0"
-            strs = self._strs
+            self._scan_all()
             ids = []
-            pos = strs.find(needle)
-            while pos >= 0:
-                ids.extend(self._ids_named(pos))  # (a name may be another string's tail)
-                pos = strs.find(needle, pos + 1)
+            for off in self._name_offs(name):
+                ids.extend(self._ids_named(off))
             self._found[name] = ids
-        ids = list(ids)
         if kind is not None:
-            w, offsets = self._w, self._offsets
-            ids = [t for t in ids if (w[offsets[t] + 1] >> 24) & 0x1F == kind]
+            return sorted(t for t in ids if self._kind_of(t) == kind)
         return sorted(ids)
+
+    # Words scanned per step of a lazy find (~2,000 records).
+    FIND_STEP_WORDS = 1 << 13
+
+    def first(self, name: str, kind: Optional[int] = None) -> Optional[int]:
+        """The lowest type id called ``name`` (of ``kind``), or None.
+
+        A lazy BTF is scanned only until it turns up: the types a capture
+        asks for are among the first ~15k of vmlinux's ~130k."""
+        key = (name, kind)
+        if key in self._found:
+            return self._found[key]
+        offs = self._name_offs(name)
+        start = 1
+        found = None
+        while offs:
+            hits = sorted(t for off in offs for t in self._ids_named(off, start)
+                          if kind is None or self._kind_of(t) == kind)
+            if hits:
+                found = hits[0]
+                break
+            if self._pos >= len(self._w):
+                break
+            start = len(self._offsets)
+            self._scan_to(self._pos + self.FIND_STEP_WORDS)
+        self._found[key] = found
+        return found
 
     def find(self, name: str, kind: Optional[int] = None) -> int:
         """The id of the type ``name`` (of ``kind``); BPFError if there is none.
@@ -316,12 +391,12 @@ class BTF:
         A struct may also exist as a FWD declaration; asking for the kind
         avoids picking that.
         """
-        ids = self.find_all(name, kind)
-        if not ids:
+        found = self.first(name, kind)
+        if found is None:
             raise BPFError("%s has no %s named %r" % (
                 self.source, KIND_NAMES.get(kind, "type").lower() if kind is not None else "type",
                 name), errno.ENOENT)
-        return ids[0]
+        return found
 
     # -- type structure ---------------------------------------------------------
 
@@ -454,11 +529,13 @@ class BTF:
     def _struct_id(self, struct: Union[str, int]) -> int:
         if isinstance(struct, int):
             return struct
-        ids = self.find_all(struct, BTF_KIND_STRUCT) or self.find_all(struct, BTF_KIND_UNION)
-        if not ids:
+        found = self.first(struct, BTF_KIND_STRUCT)
+        if found is None:
+            found = self.first(struct, BTF_KIND_UNION)
+        if found is None:
             raise BPFError("%s has no struct or union named %r" % (self.source, struct),
                            errno.ENOENT)
-        return ids[0]
+        return found
 
     def params(self, type_id: int) -> List[Param]:
         """Parameters of a FUNC_PROTO, reached through FUNC, pointers and typedefs."""
@@ -492,9 +569,9 @@ class BTF:
         prototype with names, when it is in BTF.
         """
         args = self.params(self.raw_tp_btf_id(tracepoint))[1:]
-        funcs = self.find_all("__bpf_trace_" + tracepoint, BTF_KIND_FUNC)
-        if funcs:
-            named = self.params(funcs[0])[1:]
+        func = self.first("__bpf_trace_" + tracepoint, BTF_KIND_FUNC)
+        if func is not None:
+            named = self.params(func)[1:]
             if len(named) == len(args):
                 args = [a._replace(name=n.name) for a, n in zip(args, named)]
         return args
