@@ -179,19 +179,25 @@ def _file_info(pid: int, entry: MapEntry) -> Tuple[FileInfo, str]:
 
 
 def _read_file_info(elf: ELFFile, work: budget.Budget) -> FileInfo:
-    wanted = set(WANTED)
     found: Dict[str, int] = {}
     eval_size = 0
     # .dynsym first: the exported symbols are there even in a stripped
-    # file, and libpython's .symtab is ten times larger.
+    # file, and libpython's .symtab is ten times larger.  Every executable
+    # of a whole machine comes here: the wanted names are looked for in
+    # each table's strings first (one bytes.find each), and only the rows
+    # naming one of them are looked at (decoding every symbol as an object
+    # was 30-50 ms of a -a capture's start).
     for table in (".dynsym", ".symtab"):
-        for n, sym in enumerate(elf.iter_symbols(table)):
-            if not n & 4095:
-                work.check()
-            if sym.name in wanted and sym.name not in found and sym.st_shndx != 0:
-                found[sym.name] = sym.st_value
-                if sym.name == EVAL_SYMBOL:
-                    eval_size = sym.st_size
+        rows, strings = elf.raw_symbols(table, budget=work)
+        offs = _name_offsets(strings, [w for w in WANTED if w not in found])
+        if offs:
+            # (st_name, st_info, st_other, st_shndx, st_value, st_size)
+            for r in [r for r in rows if r[0] in offs and r[3] != 0]:
+                name = offs[r[0]]
+                if name not in found:
+                    found[name] = r[4]
+                    if name == EVAL_SYMBOL:
+                        eval_size = r[5]
         if RUNTIME_SYMBOL in found and VERSION_SYMBOL in found and EVAL_SYMBOL in found:
             break
     sec = elf.section(RUNTIME_SECTION)
@@ -201,6 +207,20 @@ def _read_file_info(elf: ELFFile, work: budget.Budget) -> FileInfo:
     first = next(s for s in elf.segments if s.p_type == PT_LOAD)
     return FileInfo(found, elf.soname, sec.sh_addr if sec is not None and sec.sh_addr else None,
                     (first.p_vaddr, first.p_offset), loads, eval_size)
+
+
+def _name_offsets(strings: bytes, names: List[str]) -> Dict[int, str]:
+    """Every string-table offset at which one of ``names`` is the whole
+    string from there to its NUL (linkers share tails: an offset may point
+    inside a longer string)."""
+    offs: Dict[int, str] = {}
+    for name in names:
+        needle = name.encode() + b"\0"
+        pos = strings.find(needle)
+        while pos >= 0:
+            offs[pos] = name
+            pos = strings.find(needle, pos + 1)
+    return offs
 
 
 def load_bias(info: FileInfo, maps: List[MapEntry], entry: MapEntry) -> int:
