@@ -50,8 +50,15 @@ from perfagent.stackprog.program import AGGREGATE, COUNT_KEY, RECORD, SUMS, Maps
 _X86_64_PT_REGS_SIZE = 168
 
 DEFAULT_MAX_ENTRIES = 32768
-# Distinct stacks between two drains (the stores are emptied at each drain:
-# their size does not grow with the capture's length).
+# Distinct stacks between two collections (the stores are emptied at each:
+# their size does not grow with the capture's length): STACK_ENTRIES_PER_CPU
+# per online CPU, within these bounds.  The stores are preallocated kernel
+# memory (a Python store entry is 3 KiB: 16,384 of them were 50 MB, and
+# their creation 15 ms of a capture's start on a 2-CPU machine); the
+# counts are collected before the native store (a user and a kernel stack
+# per count) can fill (see collect_if_full).
+STACK_ENTRIES_PER_CPU = 2048
+MIN_STACK_ENTRIES = 4096
 DEFAULT_STACK_ENTRIES = 16384
 # Live followed processes at once (exited ones are removed from the map).
 DEFAULT_MAX_TGIDS = 65536
@@ -71,6 +78,14 @@ class OnCpuStack(NamedTuple):
     samples: int
     period_ns: int   # sum of the samples' periods: CPU time at this stack
     python: Optional[tuple] = None
+
+
+def stack_entries_for(cpus: int) -> int:
+    """Entries of each stack store for a machine of ``cpus`` CPUs."""
+    n = MIN_STACK_ENTRIES
+    while n < min(DEFAULT_STACK_ENTRIES, cpus * STACK_ENTRIES_PER_CPU):
+        n *= 2
+    return n
 
 
 def sample_period_offset() -> int:
@@ -102,7 +117,7 @@ class InKernelSampler(FollowsTgids):
 
     def __init__(self, sample_rate: int, tgids: Optional[Set[int]] = None,
                  max_entries: int = DEFAULT_MAX_ENTRIES,
-                 stack_entries: int = DEFAULT_STACK_ENTRIES,
+                 stack_entries: int = 0,
                  max_tgids: int = DEFAULT_MAX_TGIDS, own_events: bool = True,
                  python=None) -> None:
         # python: perfagent.stackprog.python.PyWalkMaps, to walk the Python
@@ -117,9 +132,9 @@ class InKernelSampler(FollowsTgids):
         self.sample_rate = sample_rate
         self._initial_tgids = None if tgids is None else set(tgids)
         self.max_entries = max_entries
-        self.stack_entries = stack_entries
         self.max_tgids = max(max_tgids, len(self._initial_tgids or ()))
         self.cpus = online_cpus()
+        self.stack_entries = stack_entries or stack_entries_for(len(self.cpus))
         self._tgids: Optional[HashMap] = None
         self._counts: Optional[HashMap] = None
         self._native: Optional[HashMap] = None
@@ -220,16 +235,18 @@ class InKernelSampler(FollowsTgids):
         return self.last_pending + 2.0 * self.sample_rate * len(self.cpus) * max(0.0, now - self._pending_at)
 
     def collect_if_full(self, fraction: float = NEAR_FULL) -> List[OnCpuStack]:
-        """``collect()`` when the count map is ``fraction`` full, else [].
-        The map's fill is read (a bpf() call) only when the samples since
+        """``collect()`` when the count map is ``fraction`` full, or holds
+        that share of half the native store's entries (a user and a kernel
+        stack per count), else [].  The map's fill is read (a bpf() call) only when the samples since
         the last read could have filled it that far."""
         if not self._running:
             return []
         now = time.monotonic()
-        if self.pending_bound(now) < fraction * self.max_entries:
+        limit = fraction * min(self.max_entries, self.stack_entries // 2)
+        if self.pending_bound(now) < limit:
             return []
         self.last_pending, self._pending_at = self.pending_entries(), now
-        if self.last_pending >= fraction * self.max_entries:
+        if self.last_pending >= limit:
             return self._gather()
         return []
 
