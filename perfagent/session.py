@@ -44,6 +44,12 @@ DRAIN_INTERVAL = 0.1
 #: agent about half a millisecond even when it finds nothing new.
 QUIET_INTERVAL = 0.5
 QUIET_AFTER = 1.0
+#: The first wait after start: the first drain is where the in-kernel
+#: walk's tables of the busy processes get loaded (until then every one of
+#: their stacks is left to the agent's walker: 200 of them in a 0.1 s wait
+#: at 999 Hz with two busy targets on 2 CPUs, most of all the stacks the
+#: agent walked in a 10 s capture).
+FIRST_WAIT = 0.03
 #: --pid: how often the target's liveness is read from /proc when its pidfd
 #: says nothing (a leader that exited while its threads run stays readable
 #: as alive to the pidfd, not to /proc)
@@ -307,6 +313,7 @@ class Capture:
         self._started = False
         self._stopped = False
         self._wait = DRAIN_INTERVAL      # next_wait's ramp: doubled while quiet
+        self._waited = False             # next_wait has answered (FIRST_WAIT)
         self._born_at = 0.0              # when a drain last saw a process born or exec'd
         self._exit_fd = -1               # a pidfd of the --pid target or the command
         self._alive_due = 0.0            # --pid: when /proc is read next (see ALIVE_CHECK_INTERVAL)
@@ -512,8 +519,11 @@ class Capture:
         all), or a process born or exec'd in the last QUIET_AFTER seconds
         (its Python frames and tables wait for a drain) --, else twice the
         last wait, up to QUIET_INTERVAL and to what every source's kernel
-        side can hold (Source.max_wait).  The perf rings wake the wait when a
+        side can hold (Source.max_wait); the first time, FIRST_WAIT.  The perf rings wake the wait when a
         quarter full, and the target's exit and signals end it at once."""
+        if not self._waited:
+            self._waited = True
+            return FIRST_WAIT
         allowed = min([src.max_wait() for src in self.sources] or [0.0])
         if allowed <= 0.0 or time.monotonic() - self._born_at < QUIET_AFTER:
             self._wait = DRAIN_INTERVAL

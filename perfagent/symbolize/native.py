@@ -87,7 +87,7 @@ class SymbolTable:
         # so a signal or the deadline stops the build within a chunk's time.
         check = work.check if candidates else _no_check  # (an empty table is no work)
         check()
-        entries = _pick_aliases(candidates, self._name, check)
+        entries = _pick_aliases(candidates, check)
         check()
         self._count = len(entries)
         # Parallel arrays rather than objects: lookup is per sampled frame,
@@ -96,7 +96,7 @@ class SymbolTable:
         self.ends: List[int] = []
         self.names: list = []
         self._flatten(entries, check)
-        if not any(isinstance(name, int) for name in self.names):
+        if all(name.__class__ is str for name in self.names):
             self._strings = []
 
     def __len__(self) -> int:
@@ -113,8 +113,8 @@ class SymbolTable:
         i = bisect_right(self.starts, vaddr) - 1
         if i >= 0 and vaddr < self.ends[i]:
             name = self.names[i]
-            if name.__class__ is int:  # not decoded yet
-                name = self.names[i] = self._name(name)
+            if name.__class__ is not str:  # not decoded (or its aliases not ranked) yet
+                name = self.names[i] = self._decode(name)
             return name
         return None
 
@@ -129,11 +129,17 @@ class SymbolTable:
             return False
         names = self.names
         for i, n in enumerate(names):
-            if n.__class__ is int:
-                n = names[i] = self._name(n)
+            if n.__class__ is not str:
+                n = names[i] = self._decode(n)
             if n == name:
                 return True
         return False
+
+    def _decode(self, name) -> str:
+        """The name of a lazy entry: a key (int), or an alias group to rank."""
+        if name.__class__ is int:
+            return self._name(name)
+        return _best_alias(name, self._name)
 
     def _name(self, key: int) -> str:
         """The function name of a lazy key: (string table << 32) | st_name."""
@@ -276,15 +282,15 @@ class SymbolTable:
         return end
 
 
-def _pick_aliases(candidates: List[tuple], name_of,
-                  check=lambda: None) -> List[Tuple[int, int, object, int, Optional[int]]]:
+def _pick_aliases(candidates: List[tuple], check=lambda: None) -> List[Tuple[int, int, object, int, Optional[int]]]:
     """One entry per address, sorted: (start, size, name, kind, section_end).
 
     The preferred alias names the address, in a deterministic order:
     (kind, bind rank, leading underscores, source rank, name), kind 0 for
-    STT_FUNC/STT_GNU_IFUNC and 1 for an STT_NOTYPE code label; the names of
-    aliases (``name_of(key)``) are decoded only where an address has more
-    than one, and the entry of a lone symbol keeps its lazy key.  The size
+    STT_FUNC/STT_GNU_IFUNC and 1 for an STT_NOTYPE code label; no name is
+    decoded here: a lone symbol's entry keeps its lazy key, and aliases tied
+    on (kind, bind rank) are ranked by name when their address is looked
+    up (see :func:`_rank_aliases`).  The size
     is the largest any alias of the same kind claims (a zero-size alias must
     not shrink a sized function).  STT_NOTYPE labels inside a function are
     dropped: they would split it.
@@ -296,7 +302,7 @@ def _pick_aliases(candidates: List[tuple], name_of,
     counts = Counter(c[0] for c in candidates)
     check()
     if len(counts) < len(candidates):
-        group_entries = _rank_aliases([c for c in candidates if counts[c[0]] > 1], name_of)
+        group_entries = _rank_aliases([c for c in candidates if counts[c[0]] > 1])
         check()
     else:
         group_entries = {}
@@ -351,33 +357,52 @@ _SIZE_OF = operator.itemgetter(4)
 _KIND_BIND_OF = operator.itemgetter(1, 2)
 
 
-def _rank_aliases(aliases: List[tuple], name_of) -> Dict[int, tuple]:
+def _rank_aliases(aliases: List[tuple], name_of=None) -> Dict[int, tuple]:
     """The entry (start, size, name, kind, section_end) of each address of
     ``aliases`` (every candidate at an address with more than one, in
-    address order), named by its preferred alias.
+    address order).
 
     The rank key is ``(kind, bind rank, leading underscores, source rank,
-    name)``, then the alias's position (the first of equal keys wins).
-    Names are decoded only for the aliases tied on (kind, bind rank), the
-    key's integer part (libc's debug symbols: 2 of its ~6000 aliases at
-    ~1800 addresses instead of all), and those sorted once: the first of an
-    address's run is its best alias.
+    name)``, then the alias's position (the first of equal keys wins).  The
+    integer part (kind, bind rank) is settled here in bulk; where several
+    aliases tie on it, the entry's name is the group of their (source rank,
+    name key), ranked by name only when the address is looked up
+    (:func:`_best_alias`): a profile names a few hundred addresses of a
+    binary, and decoding and sorting the names of all its ties (libc's
+    debug symbols: ~3,000 at ~1,400 addresses) was most of its table's
+    build.
     """
     # Dict comprehensions over sorted copies, the last write wins: per
     # (start, kind) the largest size; per start the least kind * 4 + bind
     # rank (the bind rank is at most _LOCAL_RANK < 4).
     sizes = {(c[0], c[1]): c[4] for c in sorted(aliases, key=_SIZE_OF)}
     leading = {c[0]: c[1] * 4 + c[2] for c in sorted(aliases, key=_KIND_BIND_OF, reverse=True)}
-    tied = [c for c in aliases if c[1] * 4 + c[2] == leading[c[0]]]
-    names = [name_of(c[6]) for c in tied]
-    order = sorted(range(len(tied)), key=lambda i: (
-        tied[i][0], len(names[i]) - len(names[i].lstrip("_")), tied[i][3], names[i], i))
     out: Dict[int, tuple] = {}
-    for i in order:
-        best = tied[i]
-        if best[0] not in out:
-            out[best[0]] = (best[0], sizes[best[0], best[1]], names[i], best[1], best[5])
+    groups: Dict[int, list] = {}
+    for c in aliases:   # in address order, each address's aliases in candidate order
+        if c[1] * 4 + c[2] != leading[c[0]]:
+            continue
+        group = groups.get(c[0])
+        if group is None:
+            groups[c[0]] = [(c[3], c[6])]
+            out[c[0]] = (c[0], sizes[c[0], c[1]], c[6], c[1], c[5])
+        else:
+            group.append((c[3], c[6]))
+    for start, group in groups.items():
+        if len(group) > 1:
+            entry = out[start]
+            out[start] = (start, entry[1], tuple(group), entry[3], entry[4])
     return out
+
+
+def _best_alias(group: tuple, name_of) -> str:
+    """The preferred name of an alias group ((source rank, name key), ...,
+    tied on kind and bind rank): fewest leading underscores, then the
+    lowest source rank, then the name, then the first."""
+    names = [name_of(key) for _rank, key in group]
+    best = min(range(len(group)), key=lambda i: (
+        len(names[i]) - len(names[i].lstrip("_")), group[i][0], names[i], i))
+    return names[best]
 
 
 # ----------------------------------------------------------------- per binary

@@ -53,12 +53,13 @@ LOAD_MAX_SECONDS = 1.0
 LOAD_AFTER_FALLBACKS = 8
 LOAD_MIN_AGE = 0.5
 # ... but a process that fell back this often is loaded at the next cycle
-# whatever its age: it is busy (at 999 Hz, 64 samples are 64 ms on a CPU),
+# whatever its age: it is busy (at 999 Hz, 16 samples are 16 ms on a CPU),
 # and every one of its stacks walked in user space costs the agent about
 # 0.1 ms.  Waiting LOAD_MIN_AGE for the two busy targets of
 # tools/bench_kunwind.py walked ~1,000 stacks in user space, a fifth of the
-# agent's CPU for a 10 s capture at 999 Hz.
-LOAD_HOT_FALLBACKS = 64
+# agent's CPU for a 10 s capture at 999 Hz; with this and the session's
+# early first drain (FIRST_WAIT) about 100.
+LOAD_HOT_FALLBACKS = 16
 # The fallback ring holds this many times RecordSampler's half second: it
 # must outlast a drain cycle that compiles one large binary's tables.  One
 # (32 MiB at 999 Hz on 2 CPUs): the ring's pages are the kernel's memory,
