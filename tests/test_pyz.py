@@ -144,3 +144,33 @@ def test_pyz_runs_a_real_capture_and_report(pyz, tmp_path, python, chain_bin):
     assert "leaf" in r.stdout
     r = run_pyz(python, pyz, ["report", out, "--folded"], str(tmp_path))
     assert any(line.rsplit(" ", 1)[0].endswith("main;a;b;c;leaf") for line in r.stdout.splitlines()), r.stdout[:500]
+
+
+def minor_version(python: str) -> str:
+    return subprocess.run([python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                          stdout=subprocess.PIPE, universal_newlines=True, timeout=60).stdout.strip()
+
+
+def test_pyz_with_bytecode_runs_it_on_its_version_and_sources_elsewhere(tmp_path):
+    """--compile-with: the archive's bytecode is what the same minor version
+    imports; another version loads the sources (and runs the same)."""
+    out = str(tmp_path / "compiled.pyz")
+    r = subprocess.run([sys.executable, BUILD_SCRIPT, "-o", out, "--compile-with", sys.executable],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    names = zipfile.ZipFile(out).namelist()
+    assert "perfagent/cli.pyc" in names and "perfagent/cli.py" in names
+    mine = minor_version(sys.executable)
+    other = next((p for p in interpreters()[1:] if minor_version(p) != mine), None)
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import perfagent.cli, perfagent.report.command; "
+             "print(perfagent.cli.__file__.rsplit('.', 1)[1], perfagent.report.command.__file__.rsplit('.', 1)[1])")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
+    for python, loaded in ((sys.executable, "pyc"), (other, "py")):
+        if python is None:
+            continue
+        got = subprocess.run([python, "-S", "-c", probe, out], env=env, cwd=str(tmp_path), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+        assert got.returncode == 0, got.stderr
+        assert got.stdout.split() == [loaded, loaded], (python, got.stdout)
+        version = run_pyz(python, out, ["--version"], str(tmp_path))
+        assert version.returncode == 0 and version.stdout.strip() == "perf-agent " + __version__, version.stderr
