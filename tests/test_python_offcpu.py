@@ -30,8 +30,9 @@ PY_NAPS = os.path.join(PROGRAMS, "py_naps.py")
 NAPS = ("nap_short", "nap_long")
 
 
-def python_offcpu_stacks(path: str, tid: int) -> List[Tuple[List[str], int]]:
-    """(Python function names root-first, off-CPU ns) per sample of thread ``tid``."""
+def python_offcpu_stacks(path: str, tid: int) -> List[Tuple[List[str], int, bool]]:
+    """(Python function names root-first, off-CPU ns, whether the stack is
+    in a sleep) per sample of thread ``tid``."""
     profile = read_profile(path)
     assert [t.type for t in profile.sample_type] == ["blocks", "offcpu"]
     funcs = {f.id: f for f in profile.functions}
@@ -41,10 +42,10 @@ def python_offcpu_stacks(path: str, tid: int) -> List[Tuple[List[str], int]]:
         labels = {lab.key: lab.str or lab.num for lab in s.labels}
         if str(labels.get("tid")) != str(tid):
             continue
-        py = [funcs[line.function_id].name
-              for lid in reversed(s.location_ids) for line in reversed(locs[lid].lines)
-              if funcs[line.function_id].filename.endswith(".py")]
-        out.append((py, s.values[1]))
+        lines = [line for lid in reversed(s.location_ids) for line in reversed(locs[lid].lines)]
+        py = [funcs[line.function_id].name for line in lines if funcs[line.function_id].filename.endswith(".py")]
+        sleeping = any("nanosleep" in funcs[line.function_id].name for line in lines)
+        out.append((py, s.values[1], sleeping))
     return out
 
 
@@ -57,11 +58,14 @@ def parse_truth(stdout: str) -> Tuple[int, int]:
 
 
 def check_naps(path: str, tid: int, truth: Tuple[int, int]) -> None:
-    stacks = python_offcpu_stacks(path, tid)
-    total = sum(ns for _, ns in stacks)
+    # A stack without Python frames that is not asleep is the interpreter
+    # starting or ending (page-cache reads: 1.15 s of a 4 s capture once,
+    # in the full suite on the 2-core VM): not a nap, not counted.
+    stacks = [st for st in python_offcpu_stacks(path, tid) if st[0] or st[2]]
+    total = sum(ns for _, ns, _ in stacks)
     assert total >= 1e9, total
     per_nap: Dict[str, int] = {n: 0 for n in NAPS}
-    for py, ns in stacks:
+    for py, ns, _ in stacks:
         for nap in NAPS:
             # whole: the chain main > nap_x > nap, down to the sleep
             if py[-3:] == ["main", nap, "nap"]:
@@ -70,7 +74,11 @@ def check_naps(path: str, tid: int, truth: Tuple[int, int]) -> None:
     # The rest is the interpreter starting (page-cache reads) and the
     # nap() running when the trampoline went on (--pid), which has no
     # trampoline frame: a few per cent at most.
-    assert both >= 0.90 * total, (per_nap, total)
+    others: Dict[tuple, int] = {}
+    for py, ns, sleeping in stacks:
+        if py[-3:] not in (["main", nap, "nap"] for nap in NAPS):
+            others[(tuple(py), sleeping)] = others.get((tuple(py), sleeping), 0) + ns
+    assert both >= 0.90 * total, (per_nap, total, sorted(others.items(), key=lambda kv: -kv[1])[:4])
     share = per_nap["nap_long"] / both
     want = truth[1] / sum(truth)          # 0.75 on an idle machine
     print("nap_long share %.4f, own clock %.4f, named %.3f" % (share, want, both / total))
@@ -137,8 +145,8 @@ def test_all_processes_offcpu_names_python_and_native(tmp_path, programs_dir):
             p.communicate()
         remove_perf_map(py.pid)
     stacks = python_offcpu_stacks(str(out), py.pid)
-    total = sum(ns for _, ns in stacks)
-    named = sum(ns for py_names, ns in stacks if py_names[-3:] in (["main", n, "nap"] for n in NAPS))
+    total = sum(ns for _, ns, _ in stacks)
+    named = sum(ns for py_names, ns, _ in stacks if py_names[-3:] in (["main", n, "nap"] for n in NAPS))
     assert total >= 1e9 and named >= 0.90 * total, (named, total)
     mine = [(names, v) for names, labels, v in sample_stacks(read_profile(str(out)))
             if str(labels.get("tid")) == str(native.pid)]
