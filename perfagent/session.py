@@ -519,8 +519,9 @@ class Capture:
         all), or a process born or exec'd in the last QUIET_AFTER seconds
         (its Python frames and tables wait for a drain) --, else twice the
         last wait, up to QUIET_INTERVAL and to what every source's kernel
-        side can hold (Source.max_wait); the first time, FIRST_WAIT.  The perf rings wake the wait when a
-        quarter full, and the target's exit and signals end it at once."""
+        side can hold (Source.max_wait); the first time, FIRST_WAIT.  The
+        perf rings wake the wait when a quarter full, and the target's exit
+        and signals end it at once."""
         if not self._waited:
             self._waited = True
             return FIRST_WAIT

@@ -34,6 +34,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from perfagent.records import NamedTuple
 from perfagent.bpf.syscall import BPFError
+from perfagent.elf.elffile import string_offsets
 
 VMLINUX_PATH = "/sys/kernel/btf/vmlinux"
 
@@ -326,18 +327,6 @@ class BTF:
             pos = raw.find(needle, pos + 1)
         return ids
 
-    def _name_offs(self, name: str) -> List[int]:
-        """Every string offset whose string is ``name`` (a name may also be
-        another string's tail)."""
-        needle = name.encode() + b"\0"
-        strs = self._strs
-        offs = []
-        pos = strs.find(needle)
-        while pos >= 0:
-            offs.append(pos)
-            pos = strs.find(needle, pos + 1)
-        return offs
-
     def _kind_of(self, type_id: int) -> int:
         return (self._w[self._offsets[type_id] + 1] >> 24) & 0x1F
 
@@ -351,7 +340,7 @@ class BTF:
         if ids is None:
             self._scan_all()
             ids = []
-            for off in self._name_offs(name):
+            for off in string_offsets(self._strs, name):
                 ids.extend(self._ids_named(off))
             self._found[name] = ids
         if kind is not None:
@@ -369,7 +358,7 @@ class BTF:
         key = (name, kind)
         if key in self._found:
             return self._found[key]
-        offs = self._name_offs(name)
+        offs = string_offsets(self._strs, name)
         start = 1
         found = None
         while offs:

@@ -227,6 +227,19 @@ class _StringTable:
         return self._slice(offset).decode("utf-8", "replace")
 
 
+def string_offsets(strings: bytes, name: str) -> List[int]:
+    """Every offset of a NUL-terminated string table (ELF's, BTF's) whose
+    string is ``name``: its own start, and any longer string it is the tail
+    of (linkers and pahole share tails)."""
+    needle = name.encode() + b"\0"
+    offs = []
+    pos = strings.find(needle)
+    while pos >= 0:
+        offs.append(pos)
+        pos = strings.find(needle, pos + 1)
+    return offs
+
+
 def symbol_name(strings: bytes, offset: int) -> Optional[str]:
     """The name at ``offset`` of a string table copied by
     :meth:`ELFFile.raw_symbols`: cut at :data:`MAX_NAME_BYTES`, odd bytes

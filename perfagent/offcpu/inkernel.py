@@ -237,8 +237,9 @@ class InKernelSampler(FollowsTgids):
     def collect_if_full(self, fraction: float = NEAR_FULL) -> List[OnCpuStack]:
         """``collect()`` when the count map is ``fraction`` full, or holds
         that share of half the native store's entries (a user and a kernel
-        stack per count), else [].  The map's fill is read (a bpf() call) only when the samples since
-        the last read could have filled it that far."""
+        stack per count), else [].  The map's fill is read (a bpf() call)
+        only when the samples since the last read could have filled it that
+        far."""
         if not self._running:
             return []
         now = time.monotonic()

@@ -38,6 +38,7 @@ from perfagent.records import NamedTuple
 from perfagent import budget
 from perfagent.elf import ELFFile
 from perfagent.elf.constants import PT_LOAD
+from perfagent.elf.elffile import string_offsets
 from perfagent.errors import CaptureError, ELFError, ParseError
 from perfagent.python import debug_offsets as dbg
 from perfagent.python.layout import TABLE_VERSIONS, Layout, LayoutError, layout_for
@@ -189,7 +190,7 @@ def _read_file_info(elf: ELFFile, work: budget.Budget) -> FileInfo:
     # was 30-50 ms of a -a capture's start).
     for table in (".dynsym", ".symtab"):
         rows, strings = elf.raw_symbols(table, budget=work)
-        offs = _name_offsets(strings, [w for w in WANTED if w not in found])
+        offs = {off: name for name in WANTED if name not in found for off in string_offsets(strings, name)}
         if offs:
             # (st_name, st_info, st_other, st_shndx, st_value, st_size)
             for r in [r for r in rows if r[0] in offs and r[3] != 0]:
@@ -207,20 +208,6 @@ def _read_file_info(elf: ELFFile, work: budget.Budget) -> FileInfo:
     first = next(s for s in elf.segments if s.p_type == PT_LOAD)
     return FileInfo(found, elf.soname, sec.sh_addr if sec is not None and sec.sh_addr else None,
                     (first.p_vaddr, first.p_offset), loads, eval_size)
-
-
-def _name_offsets(strings: bytes, names: List[str]) -> Dict[int, str]:
-    """Every string-table offset at which one of ``names`` is the whole
-    string from there to its NUL (linkers share tails: an offset may point
-    inside a longer string)."""
-    offs: Dict[int, str] = {}
-    for name in names:
-        needle = name.encode() + b"\0"
-        pos = strings.find(needle)
-        while pos >= 0:
-            offs[pos] = name
-            pos = strings.find(needle, pos + 1)
-    return offs
 
 
 def load_bias(info: FileInfo, maps: List[MapEntry], entry: MapEntry) -> int:

@@ -282,7 +282,8 @@ class SymbolTable:
         return end
 
 
-def _pick_aliases(candidates: List[tuple], check=lambda: None) -> List[Tuple[int, int, object, int, Optional[int]]]:
+def _pick_aliases(candidates: List[tuple],
+                  check=lambda: None) -> List[Tuple[int, int, object, int, Optional[int]]]:
     """One entry per address, sorted: (start, size, name, kind, section_end).
 
     The preferred alias names the address, in a deterministic order:
@@ -357,7 +358,7 @@ _SIZE_OF = operator.itemgetter(4)
 _KIND_BIND_OF = operator.itemgetter(1, 2)
 
 
-def _rank_aliases(aliases: List[tuple], name_of=None) -> Dict[int, tuple]:
+def _rank_aliases(aliases: List[tuple]) -> Dict[int, tuple]:
     """The entry (start, size, name, kind, section_end) of each address of
     ``aliases`` (every candidate at an address with more than one, in
     address order).
@@ -377,22 +378,15 @@ def _rank_aliases(aliases: List[tuple], name_of=None) -> Dict[int, tuple]:
     # rank (the bind rank is at most _LOCAL_RANK < 4).
     sizes = {(c[0], c[1]): c[4] for c in sorted(aliases, key=_SIZE_OF)}
     leading = {c[0]: c[1] * 4 + c[2] for c in sorted(aliases, key=_KIND_BIND_OF, reverse=True)}
-    out: Dict[int, tuple] = {}
-    groups: Dict[int, list] = {}
-    for c in aliases:   # in address order, each address's aliases in candidate order
-        if c[1] * 4 + c[2] != leading[c[0]]:
-            continue
-        group = groups.get(c[0])
-        if group is None:
-            groups[c[0]] = [(c[3], c[6])]
-            out[c[0]] = (c[0], sizes[c[0], c[1]], c[6], c[1], c[5])
-        else:
-            group.append((c[3], c[6]))
-    for start, group in groups.items():
-        if len(group) > 1:
-            entry = out[start]
-            out[start] = (start, entry[1], tuple(group), entry[3], entry[4])
-    return out
+    groups: Dict[int, list] = {}   # address -> its tied aliases, in candidate order
+    for c in aliases:
+        if c[1] * 4 + c[2] == leading[c[0]]:
+            groups.setdefault(c[0], []).append(c)
+    # (kind and section end: the tied aliases share the kind; aliases of one
+    # address lie in one section)
+    return {start: (start, sizes[start, g[0][1]],
+                    g[0][6] if len(g) == 1 else tuple((c[3], c[6]) for c in g), g[0][1], g[0][5])
+            for start, g in groups.items()}
 
 
 def _best_alias(group: tuple, name_of) -> str:

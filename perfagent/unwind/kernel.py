@@ -58,11 +58,11 @@ LOAD_MIN_AGE = 0.5
 # 0.1 ms.  Waiting LOAD_MIN_AGE for the two busy targets of
 # tools/bench_kunwind.py walked ~1,000 stacks in user space, a fifth of the
 # agent's CPU for a 10 s capture at 999 Hz; with this and the session's
-# early first drain (FIRST_WAIT) about 100.
+# early first drain (FIRST_WAIT) 130-170 in most runs.
 LOAD_HOT_FALLBACKS = 16
 # The fallback ring holds this many times RecordSampler's half second: it
 # must outlast a drain cycle that compiles one large binary's tables.  One
-# (32 MiB at 999 Hz on 2 CPUs): the ring's pages are the kernel's memory,
+# (64 MiB at 999 Hz on 2 CPUs, rounded up to a power of two): the ring's pages are the kernel's memory,
 # allocated and zeroed whole at creation and mapped whole by the agent; at
 # 4 the ring reached the 256 MiB cap on this 2-CPU machine and its creation
 # and mapping cost 0.05 CPU s.  A record is the stack up to its top, mostly
