@@ -254,6 +254,9 @@ class _Sources(list):
             src.follow(state.new_processes, state.gone_processes)
             src.stop()
 
+    def wake_fds(self) -> List[int]:
+        return [fd for src in self for fd in src.wake_fds()]
+
     def close(self) -> None:
         for src in self:
             try:
@@ -384,6 +387,8 @@ class Capture:
             self._close_after_failure()
             raise
         self._watch_exit()
+        for fd in self.sources.wake_fds():
+            self.sampler.watch(fd, edge=True)
         # --duration counts from here, when sampling runs.
         self.mono_start, self.wall_start = time.monotonic(), time.time()
         self._started = True

@@ -79,6 +79,11 @@ class Source:
         less often (see perfagent.session.Capture.next_wait)."""
         return 0.0
 
+    def wake_fds(self) -> List[int]:
+        """Descriptors that become readable when this source's kernel side
+        wants a drain before its max_wait is up (a ring a quarter full)."""
+        return []
+
     def stop(self) -> None:
         """Detach and move the remainder into the state."""
         self.engine.stop()
@@ -370,16 +375,16 @@ class OnCpuKernelWalk(OnCpuSource):
             self.loader.release()
 
     def max_wait(self) -> float:
-        """The normal pace while stacks fall back to user space (their ring
-        fills at up to every CPU's rate, and a process waits to be loaded);
-        else as long as the fallback ring would hold them and the counts
-        allow."""
-        from perfagent.stackprog.layout import STACK_OFF   # a record's bytes before its stack copy
+        """The normal pace while stacks fall back to user space (a process
+        waits to be loaded); else as long as the counts allow.  The
+        fallback ring does not bound the wait: its program wakes the
+        drain loop once a quarter of it waits (wake_fds)."""
         if self._fell_back or self.loader.loading():
             return 0.0
-        engine = self.engine
-        per_second = engine.sample_rate * max(1, len(engine.cpus)) * (engine.copy_stack + STACK_OFF)
-        return min(FILL_SHARE * engine.ring_bytes / float(per_second), OnCpuSource.max_wait(self))
+        return OnCpuSource.max_wait(self)
+
+    def wake_fds(self) -> List[int]:
+        return self.engine.wake_fds()
 
     def _records(self, samples) -> None:
         self._fell_back = len(samples)

@@ -603,3 +603,57 @@ def test_ringbuf_wraps_around(no_fd_leak):
         assert struct.unpack_from("<Q", r)[0] & 0xFFFFFFFF == child.pid
         assert struct.unpack_from("<Q", r, rec - 8)[0] == 0x1122334455667788
         assert r[8:rec - 8] == bytes(rec - 16)
+
+
+SYS_GETPPID = 110   # x86-64 (arch/x86/entry/syscalls/syscall_64.tbl)
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86-64 syscall number")
+def test_ring_wakes_its_reader_once_a_quarter_waits(no_fd_leak):
+    """emit_ringbuf_output's records do not wake an edge-triggered reader
+    one by one, but once a quarter of the ring waits: 264-byte records
+    (256 + the 8-byte header) in a one-page ring, one per getppid() of this
+    thread; the fifth sees 1056 bytes waiting (>= 1024) and forces the
+    wakeup.  A level-triggered watch would report the first record."""
+    import mmap
+    import select
+    import threading
+    from perfagent.bpf.asm import R7, R8
+    from perfagent.bpf.maps import RingBuf
+    from perfagent.stackprog import capture as C
+    rec = 256
+    rb = RingBuf(mmap.PAGESIZE, name="wake")
+    p = Program("rb_wake")
+    p.mov(R6, R1)
+    p.call("get_current_pid_tgid")
+    p.jne32(R0, threading.get_native_id(), "out")
+    p.ldx(DW, R1, R6, 8)                 # sys_enter(regs, id): the syscall number
+    p.jne(R1, SYS_GETPPID, "out")
+    for off in range(-rec, 0, 8):
+        p.st(DW, FP, off, 0)
+    p.mov(C.BUF, FP)
+    p.add(C.BUF, -rec)
+    p.mov(R8, rec)
+    C.emit_ringbuf_output(p, rb, R8, lambda tag: None)
+    p.label("out")
+    p.mov(R0, 0)
+    p.exit()
+    assert C.BUF == R7
+    edge, level = select.epoll(), select.epoll()
+    try:
+        with rb, p.load(sc.BPF_PROG_TYPE_RAW_TRACEPOINT) as prog:
+            edge.register(rb.fd, select.EPOLLIN | select.EPOLLET)
+            level.register(rb.fd, select.EPOLLIN)
+            with prog.attach_raw_tracepoint("sys_enter"):
+                woken = []
+                for _ in range(6):
+                    os.getppid()
+                    woken.append(bool(edge.poll(0)))
+                told = bool(level.poll(0))
+            records = rb.consume()
+    finally:
+        edge.close()
+        level.close()
+    assert len(records) == 6 and all(len(r) == rec for r in records)
+    assert woken[:4] == [False] * 4 and woken[4], woken
+    assert told

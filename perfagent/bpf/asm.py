@@ -123,6 +123,7 @@ HELPERS: Dict[str, int] = {
     "ringbuf_reserve": 131,
     "ringbuf_submit": 132,
     "ringbuf_discard": 133,
+    "ringbuf_query": 134,
     "get_current_task_btf": 158,
     "snprintf": 165,
     "task_pt_regs": 175,

@@ -102,6 +102,11 @@ BPF_EXIST = 2
 # reader drains on its own timer, so a busy program does not wake it up
 # once per record).
 BPF_RB_NO_WAKEUP = 1 << 0
+# ... or a wakeup now, whatever the kernel's own policy (the reader asked to
+# hear once a quarter of the ring waits: see emit_ringbuf_output).
+BPF_RB_FORCE_WAKEUP = 1 << 1
+# bpf_ringbuf_query() flags: what to read of the ring.
+BPF_RB_AVAIL_DATA = 0
 
 # Flags for bpf_get_stackid() / bpf_get_stack()
 BPF_F_SKIP_FIELD_MASK = 0xFF

@@ -389,6 +389,11 @@ class RecordSampler(InKernelSampler):
         return Maps(self._scratch, self._stats, self._tgids, None, None, None, self._ring,
                     self._follow())
 
+    def wake_fds(self) -> List[int]:
+        """The ring's descriptor: readable once the program forced a wakeup
+        (a quarter of the ring waits; perfagent.stackprog.capture)."""
+        return [self._ring.fd] if self._ring is not None else []
+
     def _make_ring(self) -> None:
         from perfagent.bpf.maps import RingBuf
         self._ring = RingBuf(self.ring_bytes, name="oncpu_samples")

@@ -125,7 +125,8 @@ class Sampler:
         self.rings: Dict[int, RingBuffer] = {}  # cpu -> ring
         self.parser = RecordParser(sample_type, sample_regs_user)
         self.followed_tids: Set[int] = set()
-        self._poller = select.poll()
+        # epoll, not poll: a BPF ring is watched edge-triggered (watch()).
+        self._poller = select.epoll()
 
     # -- opening -----------------------------------------------------------
     def _attr(self, inherit: bool, enable_on_exec: bool) -> bytes:
@@ -170,7 +171,7 @@ class Sampler:
                     "cannot map the perf ring buffer (%s): raise kernel.perf_event_mlock_kb "
                     "or run as root" % os.strerror(exc.errno or 0)) from None
             self.rings[cpu] = ring
-            self._poller.register(fd, select.POLLIN)
+            self._poller.register(fd, select.EPOLLIN)
         else:
             E.set_output(fd, ring.fd)
         return fd
@@ -226,21 +227,27 @@ class Sampler:
                 pass
 
     # -- reading -----------------------------------------------------------
-    def watch(self, fd: int) -> None:
-        """Let ``fd`` (a pidfd, a signal wake-up pipe) end a :meth:`wait` too."""
-        self._poller.register(fd, select.POLLIN)
+    def watch(self, fd: int, edge: bool = False) -> None:
+        """Let ``fd`` (a pidfd, a signal wake-up pipe) end a :meth:`wait` too;
+        with ``edge`` only when its file wakes its waiters, not whenever it
+        is readable: a BPF ring is readable with a single record in it, but
+        its program wakes the reader only once a quarter of it waits
+        (perfagent.stackprog.capture.emit_ringbuf_output)."""
+        self._poller.register(fd, select.EPOLLIN | (select.EPOLLET if edge else 0))
 
     def unwatch(self, fd: int) -> None:
         try:
             self._poller.unregister(fd)
-        except KeyError:
+        except (KeyError, OSError):
             pass
 
     def wait(self, timeout_ms: int) -> List[int]:
         """Sleep until a ring passes its watermark, a watched fd is ready or
         ``timeout_ms`` passes; the fds that are ready."""
+        if self._poller.closed:
+            return []
         try:
-            return [fd for fd, _ in self._poller.poll(timeout_ms)]
+            return [fd for fd, _ in self._poller.poll(timeout_ms / 1000.0 if timeout_ms >= 0 else -1)]
         except InterruptedError:
             return []
 
@@ -272,6 +279,7 @@ class Sampler:
         return self.parser.lost + self.parser.lost_samples
 
     def close(self) -> None:
+        self._poller.close()
         for ring in self.rings.values():
             ring.close()
         self.rings.clear()

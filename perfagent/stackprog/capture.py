@@ -221,13 +221,31 @@ def emit_record_size(p: Program, out: Reg, max_copy: int) -> None:
     p.add(out, STACK_OFF)
 
 
+#: The share of a ring's bytes waiting to be read at which a record wakes
+#: the reader (see emit_ringbuf_output).
+WAKE_SHARE = 4
+
+
 def emit_ringbuf_output(p: Program, ring, size: Reg, dropped) -> None:
-    """bpf_ringbuf_output(ring, buf, size, BPF_RB_NO_WAKEUP); ``dropped(tag)``
-    counts a full ring."""
+    """bpf_ringbuf_output(ring, buf, size, flags); ``dropped(tag)`` counts a
+    full ring.
+
+    No wakeup per record (a busy program would wake the reader thousands
+    of times a second), but a forced one once a quarter of the ring waits
+    (bpf_ringbuf_query's BPF_RB_AVAIL_DATA), as the perf rings' watermark
+    does: the reader may then wait long between drains, and the ring need
+    only hold what arrives while it wakes and drains, not a whole wait's
+    worth (``size`` must be a callee-saved register)."""
+    p.ld_map_fd(R1, ring)
+    p.mov(R2, sc.BPF_RB_AVAIL_DATA)
+    p.call("ringbuf_query")                       # bytes produced, not yet consumed
     p.ld_map_fd(R1, ring)
     p.mov(R2, BUF)
     p.mov(R3, size)
     p.mov(R4, sc.BPF_RB_NO_WAKEUP)
+    p.jlt(R0, ring.size // WAKE_SHARE, "ring_quiet")
+    p.mov(R4, sc.BPF_RB_FORCE_WAKEUP)
+    p.label("ring_quiet")
     p.call("ringbuf_output")
     p.jeq(R0, 0, "ring_sent")
     dropped("ring_full")

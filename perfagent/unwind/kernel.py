@@ -60,16 +60,19 @@ LOAD_MIN_AGE = 0.5
 # agent's CPU for a 10 s capture at 999 Hz; with this and the session's
 # early first drain (FIRST_WAIT) 130-170 in most runs.
 LOAD_HOT_FALLBACKS = 16
-# The fallback ring holds this many times RecordSampler's half second: it
-# must outlast a drain cycle that compiles one large binary's tables.  One
-# (64 MiB at 999 Hz on 2 CPUs, rounded up to a power of two): the ring's pages are the kernel's memory,
-# allocated and zeroed whole at creation and mapped whole by the agent; at
-# 4 the ring reached the 256 MiB cap on this 2-CPU machine and its creation
-# and mapping cost 0.05 CPU s.  A record is the stack up to its top, mostly
-# a few KiB (the half second assumes 32 KiB copies), and a busy process is
-# loaded within a cycle or two (LOAD_HOT_FALLBACKS); records lost to a
-# full ring are counted in the summary.
-FALLBACK_RING_FACTOR = 1
+# The fallback ring holds this share of RecordSampler's half second: an
+# eighth of a second of every CPU's samples with whole 32 KiB copies (16 MiB
+# at 999 Hz on 2 CPUs).  Its program wakes the drain loop once a quarter of
+# it waits (perfagent.stackprog.capture.emit_ringbuf_output), so it need
+# only outlast the wake-up and one drain cycle (the table loader spreads a
+# large binary's work over cycles), not a whole wait.  The ring's pages are
+# the kernel's memory, allocated and zeroed whole at creation and mapped
+# whole (twice: the wrap-around) by the agent: 64 MiB cost 18 ms of CPU to
+# create, map and close and 128 MB of the agent's RSS.  A record is the
+# stack up to its top, mostly a few KiB, and a busy process is loaded
+# within a cycle or two (LOAD_HOT_FALLBACKS); records lost to a full ring
+# are counted in the summary.
+FALLBACK_RING_SHARE = 4
 
 REFUSED = -1
 
@@ -662,8 +665,8 @@ class KUnwindSampler(RecordSampler):
                  kmaps: KU.KUnwindMaps, python=None) -> None:
         from perfagent.offcpu.inkernel import MAX_RING_BYTES, ring_bytes_for
         from perfagent.perf.sampler import online_cpus
-        ring = min(MAX_RING_BYTES, FALLBACK_RING_FACTOR * ring_bytes_for(copy_stack, sample_rate,
-                                                                          len(online_cpus())))
+        ring = min(MAX_RING_BYTES, ring_bytes_for(copy_stack, sample_rate, len(online_cpus()))
+                   // FALLBACK_RING_SHARE)
         super().__init__(sample_rate, tgids, copy_stack, ring_bytes=ring, python=python)
         self.kmaps = kmaps          # not ours: KernelTables owns them
 
