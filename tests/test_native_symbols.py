@@ -283,6 +283,60 @@ def test_table_rules_on_hand_written_assembly(build_dir):
     assert table.starts == sorted(table.starts)
 
 
+def test_partial_tables_name_their_addresses_as_the_whole_table(build_dir):
+    """A table built for some addresses (SymbolTable's ``only``) names each
+    of them exactly as the whole table does, on the rules' edge cases: a
+    nested function and the outer one resuming, a stray label, a zero-size
+    symbol up to the next, aliases, a gap, a bare label up to the section
+    end; asked one address at a time and all together."""
+    src = os.path.join(build_dir, "rules_partial.s")
+    with open(src, "w") as f:
+        f.write(ASM_RULES)
+    out = os.path.join(build_dir, "rules_partial.so")
+    gcc("-shared", "-nostdlib", "-Wl,--build-id", "-o", out, src)
+    with ELFFile.from_path(out) as elf:
+        whole = SymbolTable([elf])
+        outer = next(s.st_value for s in elf.iter_symbols(".symtab") if s.name == "outer")
+        addrs = [outer + d for d in range(-2, 0x92)]
+        for a in addrs:
+            part = SymbolTable([elf], only=[a])
+            assert part.partial and part.lookup(a) == whole.lookup(a), hex(a - outer)
+        together = SymbolTable([elf], only=addrs[::3])
+        assert all(together.lookup(a) == whole.lookup(a) for a in addrs[::3])
+
+
+@pytest.mark.parametrize("path", SYSTEM_LIBRARIES[:4])
+def test_partial_tables_agree_with_whole_ones_on_system_libraries(path):
+    """Random addresses and function starts (and just past them) of real
+    libraries, with their debug files where installed: a partial table
+    names them all as the whole table does, and knows its marks."""
+    if not os.path.exists(path):
+        pytest.skip(path + " not present")
+    cache = BinaryCache()
+    with ELFFile.from_path(path) as elf:
+        debug = cache.find_debug_file(elf, path, elf.build_id)
+        try:
+            sources = [debug[1], elf] if debug is not None else [elf]
+            whole = SymbolTable(sources)
+            if not len(whole):
+                pytest.skip("no function symbols in " + path)
+            rnd = random.Random(7)
+            lo, hi = whole.starts[0], whole.ends[-1]
+            for k in (1, 30, 1000):
+                addrs = ([rnd.randrange(lo - 64, hi + 64) for _ in range(k)]
+                         + [rnd.choice(whole.starts) + rnd.choice((0, 1, 5)) for _ in range(k)])
+                part = SymbolTable(sources, only=addrs, marks=("_PyEval_EvalFrameDefault", "no_such_fn"))
+                assert [part.lookup(a) for a in addrs] == [whole.lookup(a) for a in addrs]
+                assert part.contains_name("_PyEval_EvalFrameDefault") == \
+                    whole.contains_name("_PyEval_EvalFrameDefault")
+                assert not part.contains_name("no_such_fn")
+                with pytest.raises(ValueError):
+                    part.contains_name("main")
+        finally:
+            if debug is not None:
+                debug[1].close()
+
+
 def test_empty_table():
     table = SymbolTable()
     assert len(table) == 0 and table.lookup(0x1234) is None

@@ -25,7 +25,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from perfagent.records import NamedTuple
 from ..elf import ELFFile, LoadMap
-from ..elf.elffile import symbol_name
+from ..elf.elffile import string_offsets, symbol_name
 from ..elf.constants import (
     EM_ARM, SHF_EXECINSTR, SHN_LORESERVE, SHN_UNDEF, SHT_NOBITS, STB_GLOBAL, STB_LOCAL,
     STB_GNU_UNIQUE, STB_WEAK, STT_FUNC, STT_GNU_IFUNC, STT_NOTYPE,
@@ -72,16 +72,27 @@ class SymbolTable:
     until then).
     """
 
-    __slots__ = ("starts", "ends", "names", "errors", "_count", "_strings")
+    __slots__ = ("starts", "ends", "names", "errors", "_count", "_strings", "partial", "_marks")
 
-    def __init__(self, sources: Iterable[ELFFile] = (), work: Optional[budget.Budget] = None) -> None:
+    def __init__(self, sources: Iterable[ELFFile] = (), work: Optional[budget.Budget] = None,
+                 only: Optional[Iterable[int]] = None, marks: Sequence[str] = ()) -> None:
         self.errors: List[str] = []
         self._strings: List[bytes] = []  # string tables the lazy names point into
         candidates = []
         work = work or budget.default()
-        symtab: Dict[tuple, Tuple[int, bytes]] = {}  # kept .symtab rows, for .dynsym's twins
+        # Kept .symtab rows, for .dynsym's twins; a partial table keeps the
+        # twins (they never change a pick, see _same_symbol, and it ranks
+        # only the few near its addresses).
+        symtab: Optional[Dict[tuple, Tuple[int, bytes]]] = {} if only is None else None
         for source_rank, elf in enumerate(sources):
             candidates.extend(self._candidates(elf, source_rank, work, symtab))
+        # A partial table (``only``): exact for those link-time addresses,
+        # undefined for others; contains_name() answers for ``marks`` only.
+        self.partial = only is not None
+        self._marks: Dict[str, bool] = {}
+        if only is not None:
+            self._marks = {name: self._names_a_candidate(candidates, name) for name in marks}
+            candidates = _around(candidates, sorted(set(only)))
         # Every stage below is bulk work over all symbols (a debug file may
         # hold millions): the budget is checked between stages and chunks,
         # so a signal or the deadline stops the build within a chunk's time.
@@ -120,7 +131,12 @@ class SymbolTable:
 
     def contains_name(self, name: str) -> bool:
         """Is ``name`` one of the table's function names?  (Decodes the
-        names only when the string tables hold it at all.)"""
+        names only when the string tables hold it at all.)  A partial
+        table knows this of the ``marks`` it was built with only."""
+        if self.partial:
+            if name not in self._marks:
+                raise ValueError("a partial symbol table was not built to know %r" % name)
+            return self._marks[name]
         # Every name, decoded or not, starts after a NUL of a kept table
         # (or at its start): one C-level search rules most binaries out.
         needle = name.encode()
@@ -150,14 +166,21 @@ class SymbolTable:
 
     # ------------------------------------------------------------- building
 
+    def _names_a_candidate(self, candidates: List[tuple], name: str) -> bool:
+        """Does a function-like candidate carry exactly ``name`` (its st_name
+        at an offset of a kept string table that holds that string)?"""
+        keys = {(table_id << 32) | off for table_id, strings in enumerate(self._strings)
+                for off in string_offsets(strings, name)}
+        return bool(keys) and any(c[6] in keys for c in candidates)
+
     def _candidates(self, elf: ELFFile, source_rank: int, work: budget.Budget,
-                    symtab: Dict[tuple, Tuple[int, bytes]]) -> List[tuple]:
+                    symtab: Optional[Dict[tuple, Tuple[int, bytes]]]) -> List[tuple]:
         """(start, kind, bind rank, source rank, size, section end, name key)
         of the function-like symbols of ``elf``'s tables, without names.
 
         ``symtab`` collects the kept ``.symtab`` rows of this and the
         sources before (a separate debug file's): a ``.dynsym`` row that
-        copies one is left out (see :func:`_same_symbol`)."""
+        copies one is left out (see :func:`_same_symbol`); None keeps them."""
         sections = elf.sections
         thumb = elf.e_machine == EM_ARM
         n_sections = min(len(sections), SHN_LORESERVE)
@@ -190,7 +213,9 @@ class SymbolTable:
                 kept = [r for r in rows[lo:lo + _CHUNK]
                         if (r[1] in _FUNCTION_INFOS or (r[1] & 0xF == STT_NOTYPE and r[3] in exec_sections))
                         and r[3] != SHN_UNDEF and 0 < r[0] < n_strings and strings[r[0]]]
-                if table == ".symtab":
+                if symtab is None:
+                    pass
+                elif table == ".symtab":
                     # (.dynsym holds no local symbols: none can be a twin)
                     symtab.update((r[1:], (r[0], strings)) for r in kept if r[1] >> 4 != STB_LOCAL)
                 elif symtab:
@@ -281,6 +306,57 @@ class SymbolTable:
         if section_end is not None and section_end > start:
             end = min(end, section_end)
         return end
+
+
+def _around(candidates: List[tuple], only: List[int]) -> List[tuple]:
+    """The candidates a table needs to name the sorted addresses ``only``
+    exactly as the whole table would.
+
+    Sorted by start, the candidates fall into clusters: a cluster begins
+    where no candidate before it reaches past its start (start + size;
+    aliases at one address stay together).  What _pick_aliases and
+    _flatten make of an address depends only on its own cluster, and on
+    the next cluster's first start (where a zero-size symbol ends); so the
+    clusters holding an asked address are kept, each with the first
+    address group of the cluster after it.  A profile names a few hundred
+    addresses of a binary: the alias ranking and flattening, most of a
+    table's build, then run over a few hundred candidates instead of all."""
+    candidates.sort(key=_START_OF)
+    n = len(candidates)
+    if not n or not only:
+        return []
+    # In C: the starts, and how far the candidates up to each one reach.
+    starts = list(map(_START_OF, candidates))
+    reach = list(itertools.accumulate(map(operator.add, starts, map(_SIZE_OF, candidates)), max))
+
+    def boundary(i: int) -> bool:   # does a cluster begin at candidate i?
+        return i == 0 or i == n or (reach[i - 1] <= starts[i] and starts[i] != starts[i - 1])
+
+    clusters = {}   # first candidate -> one past the last (with the next group)
+    for addr in only:
+        i = bisect_right(starts, addr) - 1
+        if i < 0:
+            continue
+        lo = i
+        while not boundary(lo):
+            lo -= 1
+        if lo in clusters:
+            continue
+        hi = i + 1
+        while not boundary(hi):
+            hi += 1
+        if hi < n:      # the next cluster's first address group
+            first = starts[hi]
+            hi += 1
+            while hi < n and starts[hi] == first:
+                hi += 1
+        clusters[lo] = hi
+    out: List[tuple] = []
+    end = 0
+    for lo in sorted(clusters):
+        out += candidates[max(lo, end):clusters[lo]]   # (a next group may be the next cluster's start)
+        end = max(end, clusters[lo])
+    return out
 
 
 def _pick_aliases(candidates: List[tuple],
@@ -534,12 +610,18 @@ class BinaryCache:
             return None, "%s: no process to open it through" % m.path
         return open_as_seen(m.pid, m.path, m.dev_major, m.dev_minor, m.inode, m.start, m.end, m.deleted)
 
-    def load_mapped(self, m) -> BinaryInfo:
+    def load_mapped(self, m, offsets: Optional[Iterable[int]] = None, marks: Sequence[str] = ()) -> BinaryInfo:
         """The BinaryInfo of the file mapping ``m`` maps; never raises.
 
         A file that is not the mapped one (replaced, a container's other
         file at the same path, a process gone with its deleted file) gets no
         symbols and an ``error``: its frames keep their addresses.
+
+        With ``offsets`` (file offsets), unless the whole table is cached
+        already, the symbol table is a partial one, exact for those offsets
+        only and knowing only ``marks`` by name (SymbolTable's ``only``):
+        not cached, the caller keeps it (building a profile names a few
+        hundred addresses of each binary).
         """
         try:
             with self._lock:
@@ -551,6 +633,8 @@ class BinaryCache:
                 seen, why = self.open_mapped(m)
                 if seen is None:
                     return BinaryInfo(m.path, error="%s: not symbolized: %s" % (m.path, why))
+                if offsets is not None:
+                    return self._parse_seen(m.path, seen, m.pid, (offsets, marks))
                 info = self._parse_seen(m.path, seen, m.pid)
                 if key is not None and not info.cancelled:
                     self._by_inode[key] = info
@@ -608,7 +692,9 @@ class BinaryCache:
 
     # -------------------------------------------------------------- parsing
 
-    def _parse_seen(self, path: str, seen: SeenFile, pid: int) -> BinaryInfo:
+    def _parse_seen(self, path: str, seen: SeenFile, pid: int, partial=None) -> BinaryInfo:
+        """Parse an opened file (``partial``: (file offsets, marks) for a
+        partial table, see load_mapped: not cached)."""
         work = budget.Budget(path, seconds=self.seconds_per_binary)
         try:
             elf = ELFFile.from_seen(seen, work)  # inflated sections and symbols charged to ``work``
@@ -619,22 +705,28 @@ class BinaryCache:
             if build_id is not None and build_id in self._by_build_id:
                 return self._by_build_id[build_id].at_path(path)
             try:
-                info = self._build(elf, path, build_id, pid, work)
+                info = self._build(elf, path, build_id, pid, work, partial)
             except budget.BudgetExceeded as exc:
                 return BinaryInfo(path, error=str(exc), cancelled=isinstance(exc, budget.Cancelled))
-        if build_id is not None:
+        if build_id is not None and partial is None:
             self._by_build_id[build_id] = info
         return info
 
     def _build(self, elf: ELFFile, path: str, build_id: Optional[str], pid: int,
-               work: budget.Budget) -> BinaryInfo:
+               work: budget.Budget, partial=None) -> BinaryInfo:
         self.parse_count += 1
         debug = None
         if not _has_symtab(elf):
             debug = self.find_debug_file(elf, path, build_id, pid, work)
         try:
             sources = [debug[1], elf] if debug is not None else [elf]
-            symbols = SymbolTable(sources, work)
+            if partial is None:
+                symbols = SymbolTable(sources, work)
+            else:
+                offsets, marks = partial
+                to_vaddr = elf.load_map.offset_to_vaddr
+                vaddrs = [v for v in map(to_vaddr, offsets) if v is not None]
+                symbols = SymbolTable(sources, work, only=vaddrs, marks=marks)
         finally:
             if debug is not None:
                 debug[1].close()

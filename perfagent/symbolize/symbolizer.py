@@ -81,11 +81,12 @@ class Symbolizer:
         return name, ("[%s]" % module if module else "[kernel.kallsyms]")
 
     # -- native ------------------------------------------------------------
-    def binary(self, mapping) -> BinaryInfo:
+    def binary(self, mapping, offsets=None, marks=()) -> BinaryInfo:
         """The parsed binary behind a mapping (anything with pid, path,
         dev_major, dev_minor, inode, start, end, deleted): exactly the file
-        the process maps, or no names (see BinaryCache.load_mapped)."""
-        return self.binaries.load_mapped(mapping)
+        the process maps, or no names (see BinaryCache.load_mapped; with
+        ``offsets``, names for those file offsets only)."""
+        return self.binaries.load_mapped(mapping, offsets, marks)
 
     # -- JIT -----------------------------------------------------------------
     def perf_map(self, proc) -> PerfMap:
