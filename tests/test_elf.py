@@ -501,6 +501,33 @@ def test_synthetic_any_class_and_byte_order(tmp_path, elfclass, little):
     assert elf.vaddr_to_offset(text.sh_addr) == text.sh_offset
 
 
+def _raw_symbols_by_info_agree(elf) -> int:
+    """raw_symbols with an st_info filter == every row filtered after."""
+    checked = 0
+    for table in (".symtab", ".dynsym"):
+        rows, strings = elf.raw_symbols(table)
+        for wanted in ({0x12}, {0x12, 0x22, 0x1a}, set(range(256)), set()):
+            infos = bytes(1 if i in wanted else 0 for i in range(256))
+            some, same_strings = elf.raw_symbols(table, infos=infos)
+            assert some == [r for r in rows if r[1] in wanted] and same_strings == strings
+            checked += len(some)
+    return checked
+
+
+@pytest.mark.parametrize("elfclass,little", [(64, False), (32, False), (32, True), (64, True)])
+def test_raw_symbols_filtered_by_st_info_in_any_class(elfclass, little):
+    """The st_info column is found at its offset in both classes (Elf64_Sym
+    byte 4, Elf32_Sym byte 12) and either byte order."""
+    elf = ELFFile.from_bytes(build_synthetic(elfclass, little))
+    assert _raw_symbols_by_info_agree(elf) > 0
+
+
+def test_raw_symbols_filtered_by_st_info_on_a_system_library():
+    path = _system_binaries()[0]
+    with ELFFile.from_path(path) as elf:
+        assert _raw_symbols_by_info_agree(elf) > 1000
+
+
 @pytest.mark.parametrize("elfclass,little", [(64, False), (32, False)])
 def test_no_section_headers_falls_back_to_segments(elfclass, little):
     """sstrip'd files: build id from PT_NOTE, soname via PT_DYNAMIC + DT_STRTAB."""

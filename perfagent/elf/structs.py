@@ -94,6 +94,9 @@ _PHDR32_ORDER = (0, 6, 1, 2, 3, 4, 5, 7)
 # (st_name, st_info, st_other, st_shndx, st_value, st_size).
 _SYM64_ORDER = (0, 1, 2, 3, 4, 5)
 _SYM32_ORDER = (0, 3, 4, 5, 1, 2)
+# Byte offset of st_info in an Elf64_Sym / Elf32_Sym (see above).
+_SYM64_INFO_OFF = 4
+_SYM32_INFO_OFF = 12
 
 
 class ElfLayouts:
@@ -101,7 +104,7 @@ class ElfLayouts:
 
     __slots__ = (
         "elfclass", "little_endian", "Ehdr", "Phdr", "Shdr", "Sym", "Nhdr",
-        "Dyn", "Chdr", "Word", "phdr_order", "sym_order",
+        "Dyn", "Chdr", "Word", "phdr_order", "sym_order", "sym_info_off",
     )
 
     def __init__(self, elfclass: int, little_endian: bool) -> None:
@@ -113,6 +116,7 @@ class ElfLayouts:
         self.Phdr = struct.Struct(order + (_PHDR64 if is64 else _PHDR32))
         self.Shdr = struct.Struct(order + (_SHDR64 if is64 else _SHDR32))
         self.Sym = struct.Struct(order + (_SYM64 if is64 else _SYM32))
+        self.sym_info_off = _SYM64_INFO_OFF if is64 else _SYM32_INFO_OFF
         self.Nhdr = struct.Struct(order + _NHDR)
         self.Dyn = struct.Struct(order + (_DYN64 if is64 else _DYN32))
         self.Chdr = struct.Struct(order + (_CHDR64 if is64 else _CHDR32))

@@ -48,6 +48,9 @@ _LOCAL_RANK = 2
 #: function-like type: looked up per symbol, so lists and sets, not masks.
 _BIND_RANKS = [_BIND_RANK.get(bind, _LOCAL_RANK) for bind in range(16)]
 _FUNCTION_INFOS = frozenset(info for info in range(256) if info & 0xF in _FUNCTION_TYPES)
+#: ELFFile.raw_symbols' ``infos``: the st_info values a candidate can have
+#: (a function, or a label: STT_NOTYPE), marked before anything is unpacked.
+_CANDIDATE_INFOS = bytes(1 if info in _FUNCTION_INFOS or info & 0xF == STT_NOTYPE else 0 for info in range(256))
 
 _CRC_CHUNK = 1 << 20
 
@@ -191,7 +194,7 @@ class SymbolTable:
             try:
                 # Charged to ``work`` and checked: a hostile table cannot
                 # hold the capture (or a signal) for long.
-                rows, strings = elf.raw_symbols(table, budget=work)
+                rows, strings = elf.raw_symbols(table, budget=work, infos=_CANDIDATE_INFOS)
             except ELFError as exc:  # BudgetExceeded is not one: it ends the whole parse
                 self.errors.append(str(exc))
                 continue
