@@ -387,8 +387,15 @@ class Capture:
             self._close_after_failure()
             raise
         self._watch_exit()
-        for fd in self.sources.wake_fds():
+        wake = self.sources.wake_fds()
+        for fd in wake:
             self.sampler.watch(fd, edge=True)
+        if wake:
+            # Registering reports a ring that already holds records (the
+            # walks fall back until the first tables load) once: swallowed
+            # here, or it would end the first wait (FIRST_WAIT) at once,
+            # before any process fell back often enough to be loaded in it.
+            self.sampler.wait(0)
         # --duration counts from here, when sampling runs.
         self.mono_start, self.wall_start = time.monotonic(), time.time()
         self._started = True
