@@ -346,3 +346,34 @@ def test_vmlinux_find_all_matches_every_type_by_name():
         for kind in {btf.type(t).kind for t in by_name[name]}:
             assert btf.find_all(name, kind) == [t for t in by_name[name] if btf.type(t).kind == kind]
     assert btf.find_all("no_such_type_anywhere_xyz") == []
+
+
+def test_vmlinux_mapped_in_place_answers_as_read_whole():
+    """load_vmlinux maps the kernel's BTF where the kernel allows it (6.16+)
+    and reads it otherwise: either way every type, member and name lookup
+    equals a BTF parsed whole from the file's bytes."""
+    import mmap
+    try:
+        mapped = BTF.load_vmlinux()
+    except BPFError as exc:
+        pytest.skip(str(exc))
+    with open(B.VMLINUX_PATH, "rb") as f:
+        whole = BTF(f.read(), "read")
+    print("in place" if isinstance(mapped._w, memoryview) else "read: this kernel does not map it")
+    for struct_name, member in (("task_struct", "thread.fsbase"), ("bpf_perf_event_data", "sample_period"),
+                                ("task_struct", "real_parent"), ("pt_regs", "sp")):
+        assert mapped.member(struct_name, member) == whole.member(struct_name, member)
+    assert len(mapped) == len(whole)
+    for tid in range(1, len(whole), 997):
+        assert mapped.type(tid) == whole.type(tid)
+    assert mapped.find_all("task_struct") == whole.find_all("task_struct")
+    assert isinstance(mapped._w, memoryview) == _kernel_maps_btf(mmap)
+
+
+def _kernel_maps_btf(mmap) -> bool:
+    with open(B.VMLINUX_PATH, "rb") as f:
+        try:
+            mmap.mmap(f.fileno(), os.fstat(f.fileno()).st_size, mmap.MAP_PRIVATE, mmap.PROT_READ).close()
+            return True
+        except OSError:
+            return False

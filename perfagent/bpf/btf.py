@@ -26,6 +26,7 @@ search visits each struct at most once.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import struct
 import sys
@@ -192,10 +193,14 @@ class BTF:
         if not strs or strs[0] != 0 or strs[-1] != 0:
             raise BPFError("%s: BTF string section must start and end with NUL" % source,
                            errno.EINVAL)
-        words = array("I")
-        words.frombytes(data[t0:t0 + type_len])
-        if sys.byteorder != "little":
-            words.byteswap()
+        if isinstance(data, mmap.mmap) and sys.byteorder == "little":
+            # The kernel's own pages, read in place (see load_vmlinux).
+            words: Union[array, memoryview] = memoryview(data)[t0:t0 + type_len].cast("I")
+        else:
+            words = array("I")
+            words.frombytes(data[t0:t0 + type_len])
+            if sys.byteorder != "little":
+                words.byteswap()
         self._w = words
         self._strs = strs
         # _offsets: word offset of every type scanned so far (index = id);
@@ -256,9 +261,19 @@ class BTF:
 
     @classmethod
     def load_vmlinux(cls, path: str = VMLINUX_PATH) -> "BTF":
-        """The running kernel's BTF; a BPFError naming the cause if there is none."""
+        """The running kernel's BTF; a BPFError naming the cause if there is none.
+
+        Mapped where the kernel allows it (private and read-only, Linux
+        6.16+): the type records are then read in place, and only the pages
+        of the types asked for are touched, instead of reading all ~5 MB
+        (5 ms of start-up); else read."""
         try:
             with open(path, "rb") as f:
+                try:
+                    size = os.fstat(f.fileno()).st_size
+                    return cls(mmap.mmap(f.fileno(), size, mmap.MAP_PRIVATE, mmap.PROT_READ), path, lazy=True)
+                except (OSError, ValueError):
+                    pass
                 data = f.read()
         except FileNotFoundError:
             raise BPFError("this kernel has no BTF (%s is missing): it needs "
