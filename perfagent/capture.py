@@ -412,6 +412,14 @@ class CaptureState:
         proc = self.processes.get(pid)
         if proc is None or (proc.start and proc.start != view.identity.start):
             proc = self._new_process(pid)
+        if view.kernel_thread:
+            # No user memory, one thread, named in the view.
+            proc.apply_view(view)
+            proc.space = AddressSpace(())
+            proc.mappings_changed()
+            proc.maps_known = True
+            self.thread_comm.setdefault(pid, view.comm)
+            return proc
         try:
             entries = read_maps(pid)
         except (OSError, ValueError):

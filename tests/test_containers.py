@@ -328,3 +328,22 @@ def test_container_dies_with_the_test_process():
                 except OSError:
                     time.sleep(0.05)
         subprocess.run(["rm", "-rf", "--one-file-system", workdir], check=True)
+
+
+def test_view_of_kernel_threads_from_stat_alone():
+    """A kernel thread's view comes from /proc/PID/stat alone (one read, not
+    five): the same name, uid, pid and (root) cgroup the other files give."""
+    from perfagent.target import procfs
+    from perfagent.target.container import parse_cgroup
+    kthreads = [pid for pid in procfs.pids() if procfs.kernel_thread(pid)][:20]
+    if not kthreads:
+        pytest.skip("no kernel threads visible")
+    for pid in kthreads:
+        v = process.view(pid)
+        if v is None:
+            continue   # gone meanwhile
+        fields = procfs.status(pid)
+        assert v.kernel_thread and v.comm == procfs.comm(pid)
+        assert v.uid == procfs.real_uid(fields) == 0
+        assert v.ns_pids == procfs.ns_pids(fields) == (pid,)
+        assert v.container == parse_cgroup(procfs.cgroup_path(pid))

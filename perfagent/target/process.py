@@ -61,6 +61,12 @@ def view(pid: int) -> Optional[ProcessView]:
     first = procfs.stat(pid)
     if first is None:
         return None
+    if first.flags & procfs.PF_KTHREAD:
+        # A kernel thread: root, in the root cgroup, named in stat (one
+        # read instead of five: a large host runs hundreds of them, and
+        # -a reads every process at start).
+        return ProcessView(Identity(pid, first.starttime), first.comm, 0, (pid,), "/", parse_cgroup("/"),
+                           True)
     fields = procfs.status(pid)
     comm = procfs.comm(pid) or first.comm
     cgroup = procfs.cgroup_path(pid)
