@@ -9,6 +9,7 @@ its mapping's [memory_start, memory_limit).
 
 from __future__ import annotations
 
+import itertools
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from perfagent.capture import (
@@ -148,8 +149,8 @@ class LocationTable:
             return
         mappings = self.state.mappings
         by_index: Dict[int, set] = {}
-        # One pass over the distinct frames (the set is built in C).
-        for frame in {f for frames in stacks for f in frames}:
+        # One pass over the distinct frames (gathered in C).
+        for frame in set(itertools.chain.from_iterable(stacks)):
             index = frame[0]
             if index > KERNEL_MAPPING and len(frame) == 2:
                 addrs = by_index.get(index)
