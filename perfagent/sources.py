@@ -194,7 +194,10 @@ class OnCpuSource(Source):
     def max_wait(self) -> float:
         """Until the count map or the stack stores could fill (see
         counts_room), and no later than the Python names are due."""
-        wait = counts_room(self.engine)
+        return self._names_wait(counts_room(self.engine))
+
+    def _names_wait(self, wait: float) -> float:
+        """``wait``, or less when the Python names are due sooner."""
         python = self.state.python
         if python is not None and len(python):
             wait = min(wait, max(NAMES_SLACK, self.names_due - time.monotonic()))
@@ -376,12 +379,14 @@ class OnCpuKernelWalk(OnCpuSource):
 
     def max_wait(self) -> float:
         """The normal pace while stacks fall back to user space (a process
-        waits to be loaded); else as long as the counts allow.  The
-        fallback ring does not bound the wait: its program wakes the
-        drain loop once a quarter of it waits (wake_fds)."""
+        waits to be loaded); else until the Python names are due (or the
+        session's longest wait).  Neither the fallback ring nor the count
+        map bounds the wait: the program wakes the drain loop once a quarter
+        of the ring waits or the count map holds what is collected at
+        (wake_fds, accounting.emit_accumulate)."""
         if self._fell_back or self.loader.loading():
             return 0.0
-        return OnCpuSource.max_wait(self)
+        return self._names_wait(float("inf"))
 
     def wake_fds(self) -> List[int]:
         return self.engine.wake_fds()

@@ -657,3 +657,62 @@ def test_ring_wakes_its_reader_once_a_quarter_waits(no_fd_leak):
     assert len(records) == 6 and all(len(r) == rec for r in records)
     assert woken[:4] == [False] * 4 and woken[4], woken
     assert told
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86-64 syscall number")
+def test_count_map_wakes_its_reader_when_armed_inserts_are_reached(no_fd_leak):
+    """emit_accumulate with a wake ring: each getppid() of this thread
+    inserts a new key (its time); with the wake armed at 5 inserts past
+    the last drain, the fifth insert sends one RECORD_WAKE with a forced
+    wakeup (an edge-triggered reader hears it), the first four do not;
+    re-armed after a drain, the next wake comes five inserts later again."""
+    import select
+    import threading
+    from perfagent.bpf.maps import RingBuf
+    from perfagent.stackprog.accounting import STAT_INSERTS, Stats, emit_accumulate, WAKE_RECORD
+    from perfagent.stackprog.layout import RECORD_WAKE
+    stats = Stats()
+    counts = HashMap(8, 16, 64, name="wake_counts")
+    rb = RingBuf(4096, name="wake_ring")
+    p = Program("count_wake")
+    p.mov(R6, R1)
+    p.call("get_current_pid_tgid")
+    p.jne32(R0, threading.get_native_id(), "out")
+    p.ldx(DW, R1, R6, 8)
+    p.jne(R1, SYS_GETPPID, "out")
+    p.call("ktime_get_ns")
+    p.stx(DW, FP, R0, -8)                # key: a new one per call
+    p.st(DW, FP, -24, 1)                 # sums
+    p.st(DW, FP, -16, 1)
+    emit_accumulate(p, counts, -8, -24, stats.map, -32, "c", wake_ring=rb)
+    p.label("out")
+    p.mov(R0, 0)
+    p.exit()
+    edge = select.epoll()
+    try:
+        with rb, counts, p.load(sc.BPF_PROG_TYPE_RAW_TRACEPOINT) as prog:
+            edge.register(rb.fd, select.EPOLLIN | select.EPOLLET)
+            stats.before_drain()
+            stats.arm_wake(5)
+            with prog.attach_raw_tracepoint("sys_enter"):
+                woken = []
+                for _ in range(5):
+                    os.getppid()
+                    woken.append(bool(edge.poll(0)))
+                first = rb.consume()
+                list(counts.drain())
+                stats.before_drain()
+                stats.arm_wake(5)
+                again = []
+                for _ in range(5):
+                    os.getppid()
+                    again.append(bool(edge.poll(0)))
+            inserts = stats.read(STAT_INSERTS)
+            second = rb.consume()
+    finally:
+        edge.close()
+        stats.close()
+    assert inserts == 10
+    assert woken == [False] * 4 + [True], woken
+    assert again == [False] * 4 + [True], again
+    assert first == second == [WAKE_RECORD.pack(RECORD_WAKE, 0)]

@@ -417,6 +417,8 @@ class RecordSampler(InKernelSampler):
         from perfagent.offcpu.collector import decode_capture
         out = []
         for rec in self._ring.consume():
+            if len(rec) < L.HEADER.size:
+                continue    # a RECORD_WAKE: it only ended the wait
             kind, tid, tgid, when, copy = decode_capture(rec)
             if kind != L.RECORD_SAMPLE:
                 continue

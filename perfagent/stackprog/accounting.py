@@ -16,6 +16,7 @@ from perfagent.records import NamedTuple
 from perfagent.bpf import syscall as sc
 from perfagent.bpf.asm import DW, FP, R0, R1, R2, R3, R4, W, Program
 from perfagent.bpf.maps import ArrayMap, HashMap
+from perfagent.stackprog.layout import RECORD_WAKE
 
 # The process filter: tgid -> a byte nobody reads (presence is the answer).
 # struct { __u32 tgid; } -> struct { __u8 unused; }
@@ -30,7 +31,13 @@ STAT_STORE_DROPS = 3  # stacks a full stack store refused (their counts lose tha
 # The in-kernel DWARF walk's outcomes (perfagent.stackprog.kunwind), one slot
 # per UW_STATUS_* from STAT_KUNWIND on.
 STAT_KUNWIND = 4
-STATS_SLOTS = 10
+# Where a program with a wake ring wakes its reader: when STAT_INSERTS
+# reaches this (0: never).  User space arms it after each drain of the
+# count map (Stats.arm_wake), so a long wait cannot let the map fill.
+STAT_WAKE_AT = 10
+STATS_SLOTS = 11
+# The record a program sends to wake its reader: RECORD_WAKE, 0.
+WAKE_RECORD = struct.Struct("<II")
 U64 = struct.Struct("<Q")
 
 
@@ -49,7 +56,7 @@ def emit_bump(p: Program, stats: ArrayMap, slot: int, scratch_off: int, tag: str
 
 
 def emit_accumulate(p: Program, counts: HashMap, key_off: int, sums_off: int,
-                    stats: ArrayMap, scratch_off: int, tag: str) -> None:
+                    stats: ArrayMap, scratch_off: int, tag: str, wake_ring=None) -> None:
     """``counts[key] += sums``, both on the stack at fp+key_off / fp+sums_off.
 
     Existing entries are added to with atomic adds (several CPUs may hit the
@@ -58,6 +65,12 @@ def emit_accumulate(p: Program, counts: HashMap, key_off: int, sums_off: int,
     walking it), and if another CPU inserted it first the add is retried on
     its entry.  A full map drops the event (counted in stats[STAT_DROPS]).
     Clobbers r0-r5; ``tag`` keeps the labels unique.
+
+    With ``wake_ring`` (a ring buffer its reader waits on, edge-triggered),
+    an insert that brings STAT_INSERTS to stats[STAT_WAKE_AT] or past it
+    sends a RECORD_WAKE there with BPF_RB_FORCE_WAKEUP: the reader may
+    then wait long between drains without the map filling meanwhile.
+    Clobbers the sums on the stack once they are stored.
     """
     def add_into_r0() -> None:
         p.ldx(DW, R1, FP, sums_off)
@@ -86,6 +99,8 @@ def emit_accumulate(p: Program, counts: HashMap, key_off: int, sums_off: int,
     p.call("map_update_elem")
     p.jne(R0, 0, tag + "_raced")
     emit_bump(p, stats, STAT_INSERTS, scratch_off, tag + "_insert")
+    if wake_ring is not None:
+        _emit_wake_if_due(p, stats, wake_ring, sums_off, scratch_off, tag + "_wake")
     p.ja(tag + "_done")
 
     # Another CPU inserted the key between our lookup and update, or the
@@ -98,6 +113,33 @@ def emit_accumulate(p: Program, counts: HashMap, key_off: int, sums_off: int,
     p.label(tag + "_full")
     emit_bump(p, stats, STAT_DROPS, scratch_off, tag + "_drop")
     p.label(tag + "_done")
+
+
+def _emit_wake_if_due(p: Program, stats: ArrayMap, ring, sums_off: int, scratch_off: int, tag: str) -> None:
+    """After emit_bump(STAT_INSERTS) (r0: its slot, or 0): wake the reader
+    once the inserts reach stats[STAT_WAKE_AT] (see emit_accumulate)."""
+    p.jeq(R0, 0, tag + "_no")
+    p.ldx(DW, R1, R0, 0)
+    p.stx(DW, FP, R1, sums_off)                    # the inserts so far (the sums are stored)
+    p.st(W, FP, scratch_off, STAT_WAKE_AT)
+    p.ld_map_fd(R1, stats)
+    p.mov(R2, FP)
+    p.add(R2, scratch_off)
+    p.call("map_lookup_elem")
+    p.jeq(R0, 0, tag + "_no")
+    p.ldx(DW, R2, R0, 0)
+    p.jeq(R2, 0, tag + "_no")                      # not armed
+    p.ldx(DW, R1, FP, sums_off)
+    p.jlt(R1, R2, tag + "_no")
+    p.st(W, FP, sums_off, RECORD_WAKE)
+    p.st(W, FP, sums_off + 4, 0)
+    p.ld_map_fd(R1, ring)
+    p.mov(R2, FP)
+    p.add(R2, sums_off)
+    p.mov(R3, WAKE_RECORD.size)
+    p.mov(R4, sc.BPF_RB_FORCE_WAKEUP)
+    p.call("ringbuf_output")                       # a full ring: the drain is due anyway
+    p.label(tag + "_no")
 
 
 class ParentOffsets(NamedTuple):
@@ -206,6 +248,11 @@ class Stats:
     def before_drain(self) -> None:
         """Call right before draining: entries inserted later are pending."""
         self._inserts_at_drain = self.read(STAT_INSERTS)
+
+    def arm_wake(self, entries: int) -> None:
+        """Have a program with a wake ring wake its reader once ``entries``
+        more keys were inserted than at the last drain (see emit_accumulate)."""
+        self.map.update(struct.pack("<I", STAT_WAKE_AT), U64.pack(self._inserts_at_drain + max(1, entries)))
 
     def close(self) -> None:
         self.map.close()

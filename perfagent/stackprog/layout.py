@@ -104,6 +104,7 @@ H_STACK_SIZE, H_FLAGS, H_RESERVED = 96, 100, 104
 RECORD_STACK = 1           # off-CPU: a thread switched out blocked (its stacks)
 RECORD_END = 2             # off-CPU: that episode ended (struct episode_end, collector.py)
 RECORD_SAMPLE = 3          # on-CPU: one sample
+RECORD_WAKE = 4            # no payload: the count map wants a drain (accounting.emit_accumulate)
 
 # header.flags
 CAPTURE_USER = 1           # regs (and stack bytes) are valid: a user thread

@@ -180,7 +180,8 @@ def build_oncpu(mode: str, maps: Maps, period_off: int, copy: Optional[C.CopySpe
         emit_hash_and_store(p, maps, True, True, python_walk is not None, "agg")
         p.st(DW, FP, OFF_SUMS + 0, 1)
         p.copy_mem(DW, FP, OFF_SUMS + 8, C.CTX, period_off)
-        emit_accumulate(p, maps.counts, OFF_KEY, OFF_SUMS, maps.stats.map, OFF_SLOT, "count")
+        emit_accumulate(p, maps.counts, OFF_KEY, OFF_SUMS, maps.stats.map, OFF_SLOT, "count",
+                        wake_ring=maps.ring)
         p.ja("out")
         p.label("record")                          # the user-space walker's: the whole capture
         p.st(W, C.BUF, H_KIND, RECORD_SAMPLE)

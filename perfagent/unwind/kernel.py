@@ -681,6 +681,23 @@ class KUnwindSampler(RecordSampler):
         return Maps(self._scratch, self._stats, self._tgids, self._counts, self._native,
                     self._pystore, self._ring, self._follow(), self.kmaps)
 
+    def start(self) -> None:
+        super().start()
+        self._arm_wake()
+
+    def _gather(self):
+        out = super()._gather()
+        self._arm_wake()
+        return out
+
+    def _arm_wake(self) -> None:
+        """The program wakes the drain loop (its ring, watched edge-
+        triggered) once the count map holds what collect_if_full collects
+        at, so the loop's waits need not assume the worst insert rate."""
+        from perfagent.offcpu.inkernel import NEAR_FULL
+        if self._stats is not None:
+            self._stats.arm_wake(int(NEAR_FULL * min(self.max_entries, self.stack_entries // 2)))
+
     def outcomes(self) -> List[int]:
         """Walks per UW_STATUS_* so far."""
         if self._stats is not None:
