@@ -86,15 +86,23 @@ def run_agent(args: Sequence[str], cwd: str, timeout: float = 120,
                           timeout=timeout, **kw)
 
 
-def sample_stacks(profile) -> List[Tuple[List[str], Dict[str, str], List[int]]]:
-    """(function names root-first, labels, values) for every sample of a decoded profile."""
+def sample_stacks(profile, kernel: bool = True) -> List[Tuple[List[str], Dict[str, str], List[int]]]:
+    """(function names root-first, labels, values) for every sample of a
+    decoded profile; without ``kernel``, the user-space frames only: a frame
+    is the kernel's by its Location's mapping ("[kernel]"), not by its
+    name, since the kernel part of a stack may start anywhere (a sample
+    taken at syscall entry has no entry_SYSCALL frame)."""
     locs = {loc.id: loc for loc in profile.locations}
     funcs = {f.id: f for f in profile.functions}
+    skip = set() if kernel else {m.id for m in profile.mappings
+                                 if m.filename in ("[kernel]", "[kernel.kallsyms]")}
     out = []
     for s in profile.samples:
         names: List[str] = []
         for lid in s.location_ids:  # leaf first
             loc = locs[lid]
+            if loc.mapping_id in skip:
+                continue
             if loc.lines:
                 names.extend(funcs[line.function_id].name for line in loc.lines)
             else:
@@ -105,28 +113,8 @@ def sample_stacks(profile) -> List[Tuple[List[str], Dict[str, str], List[int]]]:
 
 
 def user_stacks(profile) -> List[Tuple[List[str], Dict[str, str], List[int]]]:
-    """Like sample_stacks, but only the user-space frames (root-first): a
-    frame is the kernel's by its Location's mapping ("[kernel]"), not by
-    its name, since the kernel part of a stack
-    may start anywhere (a sample taken at syscall entry has no entry_SYSCALL
-    frame)."""
-    locs = {loc.id: loc for loc in profile.locations}
-    funcs = {f.id: f for f in profile.functions}
-    kernel = {m.id for m in profile.mappings if m.filename in ("[kernel]", "[kernel.kallsyms]")}
-    out = []
-    for s in profile.samples:
-        names: List[str] = []
-        for lid in s.location_ids:  # leaf first
-            loc = locs[lid]
-            if loc.mapping_id in kernel:
-                continue
-            if loc.lines:
-                names.extend(funcs[line.function_id].name for line in loc.lines)
-            else:
-                names.append("0x%x" % loc.address)
-        labels = {lab.key: (lab.str if lab.str else lab.num) for lab in s.labels}
-        out.append((names[::-1], labels, list(s.values)))
-    return out
+    """sample_stacks with the user-space frames only."""
+    return sample_stacks(profile, kernel=False)
 
 
 def contains_chain(names: Sequence[str], chain: Sequence[str]) -> bool:

@@ -255,13 +255,19 @@ def test_system_libraries_against_nm(path):
 
 # --------------------------------------------------------- table rules
 
-def test_table_rules_on_hand_written_assembly(build_dir):
+@pytest.fixture(scope="module")
+def rules_library(build_dir) -> str:
+    """ASM_RULES assembled into a shared object."""
     src = os.path.join(build_dir, "rules.s")
     with open(src, "w") as f:
         f.write(ASM_RULES)
     out = os.path.join(build_dir, "rules.so")
     gcc("-shared", "-nostdlib", "-Wl,--build-id", "-o", out, src)
-    with ELFFile.from_path(out) as elf:
+    return out
+
+
+def test_table_rules_on_hand_written_assembly(rules_library):
+    with ELFFile.from_path(rules_library) as elf:
         table = SymbolTable([elf])
         text = elf.section(".text")
         outer = next(s.st_value for s in elf.iter_symbols(".symtab") if s.name == "outer")
@@ -283,18 +289,13 @@ def test_table_rules_on_hand_written_assembly(build_dir):
     assert table.starts == sorted(table.starts)
 
 
-def test_partial_tables_name_their_addresses_as_the_whole_table(build_dir):
+def test_partial_tables_name_their_addresses_as_the_whole_table(rules_library):
     """A table built for some addresses (SymbolTable's ``only``) names each
     of them exactly as the whole table does, on the rules' edge cases: a
     nested function and the outer one resuming, a stray label, a zero-size
     symbol up to the next, aliases, a gap, a bare label up to the section
     end; asked one address at a time and all together."""
-    src = os.path.join(build_dir, "rules_partial.s")
-    with open(src, "w") as f:
-        f.write(ASM_RULES)
-    out = os.path.join(build_dir, "rules_partial.so")
-    gcc("-shared", "-nostdlib", "-Wl,--build-id", "-o", out, src)
-    with ELFFile.from_path(out) as elf:
+    with ELFFile.from_path(rules_library) as elf:
         whole = SymbolTable([elf])
         outer = next(s.st_value for s in elf.iter_symbols(".symtab") if s.name == "outer")
         addrs = [outer + d for d in range(-2, 0x92)]

@@ -44,15 +44,20 @@ U64 = struct.Struct("<Q")
 def emit_bump(p: Program, stats: ArrayMap, slot: int, scratch_off: int, tag: str) -> None:
     """``lock stats[slot] += 1`` (a u64 array slot).  Clobbers r0-r5 and the
     u32 at fp+scratch_off."""
+    _emit_slot_lookup(p, stats, slot, scratch_off)
+    p.jeq(R0, 0, tag + "_bumped")
+    p.mov(R1, 1)
+    p.atomic_add(DW, R0, R1, 0)
+    p.label(tag + "_bumped")
+
+
+def _emit_slot_lookup(p: Program, stats: ArrayMap, slot: int, scratch_off: int) -> None:
+    """r0 = &stats[slot] (or 0), the key in the u32 at fp+scratch_off."""
     p.st(W, FP, scratch_off, slot)
     p.ld_map_fd(R1, stats)
     p.mov(R2, FP)
     p.add(R2, scratch_off)
     p.call("map_lookup_elem")
-    p.jeq(R0, 0, tag + "_bumped")
-    p.mov(R1, 1)
-    p.atomic_add(DW, R0, R1, 0)
-    p.label(tag + "_bumped")
 
 
 def emit_accumulate(p: Program, counts: HashMap, key_off: int, sums_off: int,
@@ -121,11 +126,7 @@ def _emit_wake_if_due(p: Program, stats: ArrayMap, ring, sums_off: int, scratch_
     p.jeq(R0, 0, tag + "_no")
     p.ldx(DW, R1, R0, 0)
     p.stx(DW, FP, R1, sums_off)                    # the inserts so far (the sums are stored)
-    p.st(W, FP, scratch_off, STAT_WAKE_AT)
-    p.ld_map_fd(R1, stats)
-    p.mov(R2, FP)
-    p.add(R2, scratch_off)
-    p.call("map_lookup_elem")
+    _emit_slot_lookup(p, stats, STAT_WAKE_AT, scratch_off)
     p.jeq(R0, 0, tag + "_no")
     p.ldx(DW, R2, R0, 0)
     p.jeq(R2, 0, tag + "_no")                      # not armed
