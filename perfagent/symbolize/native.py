@@ -336,18 +336,22 @@ def _around(candidates: List[tuple], only: List[int]) -> List[tuple]:
         return i == 0 or i == n or (reach[i - 1] <= starts[i] and starts[i] != starts[i - 1])
 
     clusters = {}   # first candidate -> one past the last (with the next group)
+    # The addresses are sorted, so their clusters come in order and each
+    # candidate is stepped over once however many addresses fall in its
+    # cluster (one symbol spanning a hostile binary's whole text is one
+    # cluster: linear, not addresses x candidates).
+    core_end = 0    # where the last cluster found ends (a boundary)
     for addr in only:
         i = bisect_right(starts, addr) - 1
-        if i < 0:
+        if i < core_end:
             continue
         lo = i
-        while not boundary(lo):
+        while lo > core_end and not boundary(lo):
             lo -= 1
-        if lo in clusters:
-            continue
         hi = i + 1
         while not boundary(hi):
             hi += 1
+        core_end = hi
         if hi < n:      # the next cluster's first address group
             first = starts[hi]
             hi += 1
