@@ -412,22 +412,19 @@ class CaptureState:
         proc = self.processes.get(pid)
         if proc is None or (proc.start and proc.start != view.identity.start):
             proc = self._new_process(pid)
-        if view.kernel_thread:
-            # No user memory, one thread, named in the view.
-            proc.apply_view(view)
-            proc.space = AddressSpace(())
-            proc.mappings_changed()
-            proc.maps_known = True
-            self.thread_comm.setdefault(pid, view.comm)
-            return proc
-        try:
-            entries = read_maps(pid)
-        except (OSError, ValueError):
-            return None
+        entries: List[MapEntry] = []     # a kernel thread: no user memory
+        if not view.kernel_thread:
+            try:
+                entries = read_maps(pid)
+            except (OSError, ValueError):
+                return None
         proc.apply_view(view)
         proc.space = AddressSpace(e for e in entries if e.is_exec)
         proc.mappings_changed()
         proc.maps_known = True
+        if view.kernel_thread:
+            self.thread_comm.setdefault(pid, view.comm)   # its one thread, named in the view
+            return proc
         try:
             for tid in procfs.threads(pid):
                 comm = procfs.comm(pid, tid)

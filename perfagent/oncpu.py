@@ -136,8 +136,9 @@ class LocationTable:
             fid = self.builder.function_id(name, name, filename)
         return self.builder.location_id(mapping_id, addr, ((fid, 0),), by_lines=len(frame) == 3)
 
-    def prepare(self, stacks) -> None:
-        """Parse each binary that ``stacks`` (frame tuples) name, before they
+    def prepare(self, frames) -> None:
+        """Parse each binary that ``frames`` (the distinct frame tuples of the
+        profile's stacks) name, before they
         are named, with a symbol table of just the addresses named in it
         (BinaryCache.load_mapped's ``offsets``), once per file however many
         processes map it: a profile names a few hundred addresses of a
@@ -149,8 +150,7 @@ class LocationTable:
             return
         mappings = self.state.mappings
         by_index: Dict[int, set] = {}
-        # One pass over the distinct frames (gathered in C).
-        for frame in set(itertools.chain.from_iterable(stacks)):
+        for frame in frames:
             index = frame[0]
             if index > KERNEL_MAPPING and len(frame) == 2:
                 addrs = by_index.get(index)
@@ -243,9 +243,15 @@ def sample_labels(state: CaptureState, pid: int, tid: int) -> Tuple[tuple, tuple
     return sample_label_tuples(pid, tid, thread, process, proc.ns_pid, proc.container_id, proc.pod_uid)
 
 
-def kernel_addresses(stacks) -> set:
-    """Every kernel address in ``stacks`` (frame tuples), to name at once."""
-    return {f[1] for frames in stacks for f in frames if f[0] == KERNEL_MAPPING}
+def distinct_frames(stacks) -> set:
+    """The distinct frame tuples of ``stacks`` (gathered in C), for the
+    passes that prepare naming: each frame once, however many stacks."""
+    return set(itertools.chain.from_iterable(stacks))
+
+
+def kernel_addresses(frames) -> set:
+    """Every kernel address among ``frames`` (frame tuples), to name at once."""
+    return {f[1] for f in frames if f[0] == KERNEL_MAPPING}
 
 
 OFF_CPU_SAMPLE_TYPES = (("blocks", "count"), ("offcpu", "nanoseconds"))
@@ -271,9 +277,9 @@ def build_profile(state: CaptureState, symbolizer: Symbolizer, sample_rate: int,
     # Released processes' counts first (packed, see CaptureState.released_counts),
     # then the live ones: the same samples as before they were packed.
     released = list(state.released_counts(offcpu))
-    every_stack = [r[1] for r in released] + [key[2] for key in stacks]
-    symbolizer.prefetch_kernel(kernel_addresses(every_stack))
-    table.prepare(every_stack)
+    frames = distinct_frames([r[1] for r in released] + [key[2] for key in stacks])
+    symbolizer.prefetch_kernel(kernel_addresses(frames))
+    table.prepare(frames)
     for labels, frames, count, period in released:
         builder.add_sample(table.stack(frames, keep_native_frames), (count, period), labels[0], labels[1])
     for (pid, tid, frames), (count, period) in stacks.items():

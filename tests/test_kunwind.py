@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import NOFP, user_part
+from conftest import NOFP
 
 from perfagent.dwarf.rules import (
     CFA_DEREF, CFA_PLT, CFA_REG_OFFSET, CFA_UNSUPPORTED, RULE_EXPRESSION, RULE_OFFSET, RULE_REGISTER,
@@ -173,17 +173,14 @@ KERNEL_LINE = re.compile(r"unwound (\d+) user stacks in the kernel: (\d+) comple
                          r"(\d+) stopped; (\d+) fell back to user space")
 
 
-def user_chain(names):
-    return tuple(user_part(names))
-
-
 def chains(path):
+    """Samples per user chain (user frames by their mapping, not by name)."""
     from collections import Counter
-    from conftest import sample_stacks
+    from conftest import user_stacks
     from perfagent.pprof.decode import read_profile
     c = Counter()
-    for names, _labels, values in sample_stacks(read_profile(str(path))):
-        c[user_chain(names)] += values[0]
+    for names, _labels, values in user_stacks(read_profile(str(path))):
+        c[tuple(names)] += values[0]
     return c
 
 

@@ -216,9 +216,7 @@ class SymbolTable:
                 kept = [r for r in rows[lo:lo + _CHUNK]
                         if (r[1] in _FUNCTION_INFOS or (r[1] & 0xF == STT_NOTYPE and r[3] in exec_sections))
                         and r[3] != SHN_UNDEF and 0 < r[0] < n_strings and strings[r[0]]]
-                if symtab is None:
-                    pass
-                elif table == ".symtab":
+                if symtab is not None and table == ".symtab":
                     # (.dynsym holds no local symbols: none can be a twin)
                     symtab.update((r[1:], (r[0], strings)) for r in kept if r[1] >> 4 != STB_LOCAL)
                 elif symtab:
