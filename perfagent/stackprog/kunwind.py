@@ -31,12 +31,13 @@ first) among the native frames: a native frame owns the stack bytes [its
 sp, its CFA), and each PYFRAME_LINK entry -- the address of a local of one
 _PyEval_EvalFrameDefault call (3.11+) -- is replaced by the index of the
 frame whose bytes hold it, flagged PYFRAME_LINK_INDEX (perfagent.python.merge
-then needs no stack pointers).  Links grow toward the root as frames do, so
-one forward position over the entries serves the whole walk: a step whose
-CFA passes the next link resolves the links below it (emit_link_callback);
-the last frame takes those left above its sp, as the user-space merge
-does.  Done in the kernel, the stored Python stacks are the same wherever a
-thread's stack lies, so they aggregate like the native ones.
+then needs no stack pointers).  Each step keeps its frame's sp (SPS_OFF);
+once the walk ended, one merge of the entries with those sps places the
+links (emit_link_callback): links grow toward the root as frames do, so a
+forward position in each serves every link; the last frame takes those
+left above its sp, as the user-space merge does.  Done in the kernel, the
+stored Python stacks are the same wherever a thread's stack lies, so they
+aggregate like the native ones.
 
 A walk ends in one of the UW_STATUS_* outcomes.  UW_STATUS_FALLBACK means
 "not for the kernel": the process is not loaded yet, a pc lies in a mapping
@@ -56,7 +57,7 @@ from perfagent.stackprog.accounting import STAT_KUNWIND
 from perfagent.stackprog.capture import BUF
 from perfagent.stackprog.layout import (
     CAPTURE_USER, H_FLAGS, H_RESERVED, H_REGS, PERF_MAX_STACK_DEPTH, PY_MAX_FRAMES, PYFRAME_LINK, PYFRAME_LINK_INDEX,
-    PYSTACK_HDR, PYTHON_OFF, STACK_IPS_OFF, STACK_N_OFF, USER_OFF,
+    PYSTACK_HDR, PYTHON_OFF, SPS_OFF, STACK_IPS_OFF, STACK_N_OFF, USER_OFF,
 )
 from perfagent.stackprog.python import OFF_PY_LINENO as _PY_LOWEST
 from perfagent.unwind import compact as K
@@ -106,10 +107,8 @@ W_N, W_STATUS, W_FLAGS, W_FIRST, W_COUNT, W_LO, W_HI, W_TGID, W_STAT, W_WHICH = 
     40, 44, 48, 52, 56, 60, 64, 68, 72, 76)             # u32
 W_TARGET = 80                                       # u64: what a binary search looks for
 W_PYPOS = 88        # u32: the next Python entry to look at (links before it are placed)
-W_LINK_INDEX = 92   # u32: the native frame links are being placed in
-W_NEXT_LINK = 96    # u64: the next link's address (~0: none left)
-W_LINK_HI = 104     # u64: that frame's CFA (~0: the last frame)
-UW_WALK_SIZE = 112
+W_LINK_INDEX = 92   # u32: the native frame the next link is looked for from
+UW_WALK_SIZE = 96
 assert OFF_UW + UW_WALK_SIZE <= _PY_LOWEST and OFF_UW >= -512   # below the Python walk's slots
 # uw_walk.which: the array a binary search probes
 SEARCH_MAPPINGS, SEARCH_ROWS = 0, 1
@@ -125,9 +124,10 @@ CB_MID = -8         # a binary search's probe
 CB_FIRST = -12      # the table's first row
 CB_NEW_FLAGS = -16  # uw_walk.flags once the step is accepted
 CB_READ = -32
-# The step callback's stack as the verifier counts it (56 with the link
-# placement's nested callback; "stack depth 472+56+8" for the whole walk):
-# perfagent.unwind.kernel's probe reproduces the walk's depth with it.
+# The deepest callback's stack as the verifier counts it ("stack depth
+# 504+56+8+8+0+0" for the whole program, the Python walk's callbacks
+# included): perfagent.unwind.kernel's probe reproduces the walk's depth
+# with it.
 PROBE_STEP_STACK = 56
 
 
@@ -166,7 +166,8 @@ def emit_kernel_walk(p: Program, maps: KUnwindMaps, tgid_off: int, stats, tag: s
     Needs the user registers at H_REGS (emit_user_regs_and_copy without a
     copy) and the tgid (u32) at fp+tgid_off.  Uses r0-r5, r8, r9.  With
     ``links``, the Python stack at buf->python (walked before) has its
-    links placed (emit_step_callback must be given ``links`` too).
+    links placed (emit_step_callback must be given ``links`` too: it emits
+    their callback).
     """
     t = tag
     ctx = OFF_UW
@@ -200,16 +201,17 @@ def emit_kernel_walk(p: Program, maps: KUnwindMaps, tgid_off: int, stats, tag: s
     p.copy_mem(DW, FP, ctx + W_LEAF_SP, BUF, H_REGS + 8 * 2)
     p.copy_mem(DW, FP, ctx + W_BP, BUF, H_REGS + 8 * 1)
     p.st(W, FP, ctx + W_N, 1)
-    # pypos = 0 and next_link = 0 (not known yet: the first step looks),
-    # loaded from the map value: unknown to the verifier, so the states of
-    # each step and each entry prune instead of being walked one by one.
-    # So are the flags (F_LEAF): as constants, every combination of flags
-    # the steps can make was a state of its own at the bpf_loop call
-    # (83 of them: 60k instructions processed instead of 9k).
+    if links:
+        p.copy_mem(DW, BUF, SPS_OFF, BUF, H_REGS + 8 * 2)   # sps[0]: the leaf's sp
+    # pypos = 0 and link_index = 0 loaded from the map value: unknown to
+    # the verifier, so the states of each entry prune instead of being
+    # walked one by one.  So are the flags (F_LEAF): as constants, every
+    # combination of flags the steps can make was a state of its own at
+    # the bpf_loop call (83 of them: 60k instructions processed instead of 9k).
     p.st(DW, BUF, H_RESERVED, 0)
     p.ldx(DW, R1, BUF, H_RESERVED)
     p.stx(W, FP, R1, ctx + W_PYPOS)
-    p.stx(DW, FP, R1, ctx + W_NEXT_LINK)
+    p.stx(W, FP, R1, ctx + W_LINK_INDEX)
     p.add(R1, F_LEAF)
     p.stx(W, FP, R1, ctx + W_FLAGS)
     p.mov(R1, PERF_MAX_STACK_DEPTH)
@@ -223,18 +225,13 @@ def emit_kernel_walk(p: Program, maps: KUnwindMaps, tgid_off: int, stats, tag: s
     p.jne(R1, UW_STATUS_RUNNING, t + "_ended")
     p.st(W, FP, ctx + W_STATUS, UW_STATUS_TRUNCATED)  # bpf_loop ran out
     p.label(t + "_ended")
-    # The last frame owns the stack above its sp: the links left are its.
-    # (A walk left to user space keeps them: its walker places them.)
+    # The links are placed among the frames walked.  (A walk left to user
+    # space keeps them: its walker places them.)  Each callback passes an
+    # entry or a frame: the entries and the frames are bounds enough.
     if links:
         p.ldx(W, R1, FP, ctx + W_STATUS)
         p.jeq(R1, UW_STATUS_FALLBACK, t + "_count")
-        p.ldx(DW, R1, FP, ctx + W_NEXT_LINK)
-        p.jeq(R1, -1, t + "_count")
-        p.st(DW, FP, ctx + W_LINK_HI, -1)
-        p.ldx(W, R1, FP, ctx + W_N)
-        p.sub(R1, 1)
-        p.stx(W, FP, R1, ctx + W_LINK_INDEX)
-        p.mov(R1, PY_MAX_FRAMES + 1)
+        p.mov(R1, PY_MAX_FRAMES + PERF_MAX_STACK_DEPTH)
         p.ld_func(R2, LINK_LABEL)
         p.mov(R3, FP).add(R3, ctx)
         p.mov(R4, 0)
@@ -349,9 +346,9 @@ def _sext16(p: Program, reg) -> None:
 def emit_step_callback(p: Program, maps: KUnwindMaps, scratch: ArrayMap, links: bool = True) -> None:
     """The bpf_loop callback ``long uw_step(u32 index, struct uw_walk *w)``:
     one frame of the walk.  Returns 0 to go on, 1 when the walk ended (its
-    status set).  Emit after the main program's last exit.  Without
-    ``links`` (no Python walk) the Python links are not looked at: the
-    verifier's time for the program is a third less.
+    status set).  Emit after the main program's last exit.  With ``links``
+    (the Python walk) each frame's sp is kept and the link placement's
+    callback emitted too.
 
     Registers: r9 the walk context, r8 the capture buffer, r6 the address
     being looked up (then the CFA), r7 the row.
@@ -561,21 +558,6 @@ def emit_step_callback(p: Program, maps: KUnwindMaps, scratch: ArrayMap, links: 
     p.jset(R1, F_LEAF, "uw_grew")
     p.jeq(addr, R3, "uw_stopped")                      # ... strictly, above the leaf
     p.label("uw_grew")
-    # This frame owns [sp, CFA): the Python links below the CFA are placed.
-    if links:
-        p.ldx(DW, R1, ctx, W_NEXT_LINK)
-        p.jge(R1, addr, "uw_linked")
-        p.stx(DW, ctx, addr, W_LINK_HI)
-        p.ldx(W, R1, ctx, W_N)
-        p.sub(R1, 1)
-        p.stx(W, ctx, R1, W_LINK_INDEX)
-        p.mov(R1, PY_MAX_FRAMES + 1)
-        p.ld_func(R2, LINK_LABEL)
-        p.mov(R3, ctx)
-        p.mov(R4, 0)
-        p.call("loop")
-        p.ldx(DW, R2, ctx, W_RA)
-        p.label("uw_linked")
     p.ldx(W, R1, FP, CB_NEW_FLAGS)
     p.stx(W, ctx, R1, W_FLAGS)
     p.stx(DW, ctx, addr, W_SP)
@@ -591,6 +573,8 @@ def emit_step_callback(p: Program, maps: KUnwindMaps, scratch: ArrayMap, links: 
     p.lsh(R3, 3)
     p.add(R3, buf)
     p.stx(DW, R3, R2, USER_OFF + STACK_IPS_OFF)
+    if links:
+        p.stx(DW, R3, addr, SPS_OFF)                   # the caller's sp: this frame's CFA
     p.add(R1, 1)
     p.stx(W, ctx, R1, W_N)
     p.mov(R0, 0)
@@ -613,16 +597,19 @@ _LINK_IMM = PYFRAME_LINK - (1 << 32)      # bit 31 as an s32 immediate
 
 
 def emit_link_callback(p: Program, scratch: ArrayMap) -> None:
-    """``long uw_link(u32 index, struct uw_walk *w)``: the Python entry at
-    w->pypos, if a link below w->link_hi, is placed: in the frame
-    w->link_index when at or above its sp (w->sp), else nowhere (a link
-    below the frame: the user-space merge puts its run at the root end,
-    and so it does with a link left as it is).  Returns 1 at the first link
-    at or above link_hi (its address kept in w->next_link) or the end of
-    the entries (next_link = ~0).
+    """``long uw_link(u32 index, struct uw_walk *w)``: one move of the merge
+    of the Python entries (from w->pypos) with the walked frames' sps (from
+    w->link_index).  A Python frame is passed.  A link at or above the next
+    frame's sp moves the frame on; else the link is the frame's when at or
+    above its sp (the last frame's whatever lies above), and nowhere when
+    below it (the user-space merge puts its run at the root end, and so it
+    does with a link left as it is), and is passed.  Returns 1 past the last
+    entry.
 
-    One entry per call of a nested bpf_loop: the verifier checks one
-    iteration, and the entries are looked at once per walk in all."""
+    A step of the walk used to place the links below its CFA through a
+    nested bpf_loop: that branch in the step doubled what the verifier
+    walked through it (a third of the program's verification time); this
+    merge, once per walk, is verified once."""
     ctx, buf = R9, R8
     p.label(LINK_LABEL)
     p.mov(ctx, R2)
@@ -639,21 +626,33 @@ def emit_link_callback(p: Program, scratch: ArrayMap) -> None:
     p.jge(R1, PY_MAX_FRAMES, "uwl_end")
     p.mov(R3, R1).lsh(R3, 4)                           # * PYFRAME_SIZE
     p.add(R3, buf)
-    p.ldx(W, R4, R3, PY_FRAMES_OFF + 12)              # flags
     p.add(R1, 1)
+    p.ldx(W, R4, R3, PY_FRAMES_OFF + 12)              # flags
     p.jset(R4, _LINK_IMM, "uwl_link")
     p.stx(W, ctx, R1, W_PYPOS)                         # a Python frame: passed
-    p.mov(R0, 0)
-    p.exit()
+    p.ja("uwl_next")
     p.label("uwl_link")
     p.ldx(DW, R5, R3, PY_FRAMES_OFF)                   # the link's address
-    p.stx(DW, ctx, R5, W_NEXT_LINK)
-    p.ldx(DW, R0, ctx, W_LINK_HI)
-    p.jge(R5, R0, "uwl_stop")                          # a later frame's
-    p.stx(W, ctx, R1, W_PYPOS)
-    p.ldx(DW, R0, ctx, W_SP)
-    p.jlt(R5, R0, "uwl_next")                          # below this frame: no frame's
     p.ldx(W, R0, ctx, W_LINK_INDEX)
+    p.jge(R0, PERF_MAX_STACK_DEPTH, "uwl_end")
+    p.mov(R2, R0).add(R2, 1)
+    p.ldx(W, R1, ctx, W_N)
+    p.jge(R2, R1, "uwl_place")                         # the last frame
+    p.jge(R2, PERF_MAX_STACK_DEPTH, "uwl_place")
+    p.mov(R1, R2).lsh(R1, 3)
+    p.add(R1, buf)
+    p.ldx(DW, R1, R1, SPS_OFF)
+    p.jlt(R5, R1, "uwl_place")                         # below the next frame's sp
+    p.stx(W, ctx, R2, W_LINK_INDEX)                    # the next frame's (or later)
+    p.ja("uwl_next")
+    p.label("uwl_place")
+    p.ldx(W, R1, ctx, W_PYPOS)
+    p.add(R1, 1)
+    p.stx(W, ctx, R1, W_PYPOS)
+    p.mov(R1, R0).lsh(R1, 3)
+    p.add(R1, buf)
+    p.ldx(DW, R1, R1, SPS_OFF)
+    p.jlt(R5, R1, "uwl_next")                          # below this frame: no frame's
     p.stx(DW, R3, R0, PY_FRAMES_OFF)
     p.or_(R4, PYFRAME_LINK_INDEX)
     p.stx(W, R3, R4, PY_FRAMES_OFF + 12)
@@ -661,7 +660,5 @@ def emit_link_callback(p: Program, scratch: ArrayMap) -> None:
     p.mov(R0, 0)
     p.exit()
     p.label("uwl_end")
-    p.st(DW, ctx, W_NEXT_LINK, -1)
-    p.label("uwl_stop")
     p.mov(R0, 1)
     p.exit()

@@ -33,7 +33,10 @@ copied; in aggregate mode its parts are the values of the stack stores.
         struct pystack python;   PYTHON_OFF
         union {                  STACK_OFF
             __u8 stack[];                  user stack bytes from sp (record mode, with a copy)
-            struct stack user;             the frame-pointer user stack (aggregate mode)
+            struct {
+                struct stack user;         the user stack walked by frame pointers or in the kernel
+                __u64 sps[127];  SPS_OFF   the in-kernel walk's frames' sps (stackprog.kunwind)
+            };
         };
     };
 
@@ -117,7 +120,12 @@ USER_OFF = STACK_OFF
 assert STACK_OFF % 8 == 0 and PYTHON_OFF % 8 == 0
 
 
+SPS_OFF = USER_OFF + STACK_SIZE
+SPS_SIZE = 8 * PERF_MAX_STACK_DEPTH
+
+
 def scratch_size(copy_bytes: int, pages: int) -> int:
     """Bytes of one CPU's scratch slot: a capture with room for ``pages``
-    pages of stack copy (0 without a copy), or for a frame-pointer stack."""
-    return STACK_OFF + max(pages * 4096 if copy_bytes else 0, STACK_SIZE)
+    pages of stack copy (0 without a copy), or for a user stack and the
+    sps of its walk in the kernel."""
+    return STACK_OFF + max(pages * 4096 if copy_bytes else 0, STACK_SIZE + SPS_SIZE)
