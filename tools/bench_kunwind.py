@@ -8,7 +8,9 @@ Hz per CPU), measured in one run, side by side:
 
 * agent CPU seconds (user + sys of the agent process, RUSAGE_CHILDREN) of a
   ``-a --profile --unwind dwarf`` capture (a copy of the package compiled
-  beforehand, as an installed copy has it, run as ``python3 -S``), ``--unwind-in kernel`` and
+  beforehand, as an installed copy has it, run as ``python3 -S`` by the
+  machine's own python3 unless --agent-python says otherwise: what a user
+  on the host runs), ``--unwind-in kernel`` and
   ``--unwind-in user``, and the same of ``perf record -a --call-graph dwarf``
   plus ``perf report`` on its file (summed);
 * chain completeness: the share of the two targets' samples whose user chain
@@ -20,7 +22,7 @@ Hz per CPU), measured in one run, side by side:
 
 The machines are shared and noisy: compare ratios, run it twice.
 
-usage: sudo python3 tools/bench_kunwind.py [--duration 10] [--rates 99,999]
+usage: sudo python3 tools/bench_kunwind.py [--duration 10] [--rates 99,999] [--agent-python PATH]
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import agent as agent_argv, children_cpu, install_agent
+from benchlib import agent as agent_argv, children_cpu, install_agent, machine_python
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -80,11 +82,11 @@ def completeness(path: str, pids) -> float:
     return whole / total if total else float("nan")
 
 
-def agent(where: str, rate: int, duration: float, tmp: str, pids, installed: str):
+def agent(where: str, rate: int, duration: float, tmp: str, pids, installed: str, python: str):
     out = os.path.join(tmp, "%s-%d.pb.gz" % (where, rate))
     argv, env = agent_argv(["--profile", "-a", "--unwind", "dwarf", "--unwind-in", where, "--sample-rate",
                             str(rate), "--duration", "%gs" % duration, "--quiet", "--profile-output", out],
-                           tmp, installed)
+                           tmp, installed, python)
     r, cpu, _ = measured(argv, env=env, cwd=tmp, stderr=subprocess.PIPE, text=True)
     if r.returncode != 0:
         raise SystemExit("agent failed: " + r.stderr)
@@ -133,7 +135,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--rates", default="99,999")
-    ap.add_argument("--python", default="/usr/bin/python3.11")
+    ap.add_argument("--python", default="/usr/bin/python3.11", help="the CPython target")
+    ap.add_argument("--agent-python", default=machine_python(),
+                    help="the interpreter running the agent (default: the machine's python3)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root")
@@ -143,14 +147,14 @@ def main() -> int:
     old_stats = None
     try:
         exe = build(tmp)
-        installed = install_agent(os.path.join(tmp, "installed"))
+        installed = install_agent(os.path.join(tmp, "installed"), args.agent_python)
         procs.append(start([exe, "chain", "100000"]))
         procs.append(start([args.python, "-c", PY_LOOP]))
         pids = {p.pid for p in procs}
         rows = []
         for rate in rates:
-            k_cpu, k_full, k_note = agent("kernel", rate, args.duration, tmp, pids, installed)
-            u_cpu, u_full, u_note = agent("user", rate, args.duration, tmp, pids, installed)
+            k_cpu, k_full, k_note = agent("kernel", rate, args.duration, tmp, pids, installed, args.agent_python)
+            u_cpu, u_full, u_note = agent("user", rate, args.duration, tmp, pids, installed, args.agent_python)
             p_cpu = perf(rate, args.duration, tmp) if shutil.which("perf") else float("nan")
             rows.append((rate, k_cpu, u_cpu, p_cpu, k_full, u_full, k_note, u_note))
         with open(STATS_SYSCTL) as f:
@@ -171,8 +175,8 @@ def main() -> int:
             p.wait()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print("agent CPU seconds for a %gs -a --unwind dwarf capture (2 busy FP-less processes, %d CPUs)"
-          % (args.duration, os.cpu_count() or 0))
+    print("agent CPU seconds for a %gs -a --unwind dwarf capture (2 busy FP-less processes, %d CPUs; "
+          "agent run by %s)" % (args.duration, os.cpu_count() or 0, args.agent_python))
     print("%6s  %12s  %12s  %16s  %10s  %10s" % ("Hz", "in-kernel", "user-space", "perf rec+report",
                                                  "kernel/perf", "user/perf"))
     for rate, k, u, p, kf, uf, kn, un in rows:
