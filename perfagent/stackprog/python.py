@@ -95,7 +95,11 @@ U64 = struct.Struct("<Q")
 
 #: Bytes of a frame read at once: every field the walk uses must lie below.
 FRAME_READ = 128
-#: Bounds of the program's own search for a thread state it was not given.
+#: Bounds of the program's own search for a thread state it was not given:
+#: inline (no bpf_loop), SEARCH_THREADS threads of each of
+#: SEARCH_INTERPRETERS interpreters; through bpf_loop, as many steps in all
+#: (an interpreter's head or one thread state each), shared as the lists
+#: come: a main interpreter with many threads is searched further.
 SEARCH_INTERPRETERS = 4
 SEARCH_THREADS = 32
 
@@ -329,36 +333,10 @@ def emit_python_walk(maps: PyWalkMaps, key_tgid_off: int, use_loop: Optional[boo
         p.add(R3, R1)
         _read_user(p, OFF_PY_FRAME, 8, R3)                     # interp = runtime->interpreters.head
         p.jne(R0, 0, t + "_nothread")
-        for k in range(SEARCH_INTERPRETERS):
-            ik = "%s_i%d" % (t, k)
-            p.ldx(DW, R9, FP, OFF_PY_FRAME)                    # the interpreter
-            p.jeq(R9, 0, t + "_nothread")
-            _proc_field(p, R3, 28)
-            p.add(R3, R9)
-            _read_user(p, OFF_PY_TSTATE, 8, R3)                # its first thread state
-            p.jne(R0, 0, t + "_nothread")
-            for j in range(SEARCH_THREADS):
-                tj = "%s_t%d" % (ik, j)
-                p.ldx(DW, R9, FP, OFF_PY_TSTATE)
-                p.jeq(R9, 0, ik + "_next")
-                _proc_field(p, R3, 36)
-                p.add(R3, R9)
-                _read_user(p, OFF_PY_T, 8, R3)
-                p.jne(R0, 0, ik + "_next")
-                p.ldx(DW, R1, FP, OFF_PY_T)
-                p.ldx(DW, R2, FP, OFF_PY_KEY + 8)
-                p.jeq(R1, R2, t + "_found")
-                _proc_field(p, R3, 32)
-                p.add(R3, R9)
-                _read_user(p, OFF_PY_TSTATE, 8, R3)            # tstate = tstate->next
-                p.jne(R0, 0, ik + "_next")
-                p.label(tj + "_end")
-            p.label(ik + "_next")
-            p.ldx(DW, R9, FP, OFF_PY_FRAME)
-            _proc_field(p, R3, 24)
-            p.add(R3, R9)
-            _read_user(p, OFF_PY_FRAME, 8, R3)                 # interp = interp->next
-            p.jne(R0, 0, t + "_nothread")
+        if use_loop:
+            _loop_search(p, t)
+        else:
+            _unrolled_search(p, t)
         p.ja(t + "_nothread")
         p.label(t + "_found")
         p.ld_map_fd(R1, maps.threads)                          # cache it
@@ -408,6 +386,118 @@ def emit_python_walk(maps: PyWalkMaps, key_tgid_off: int, use_loop: Optional[boo
     return walk
 
 
+def _unrolled_search(p: Program, t: str) -> None:
+    """The thread search without bpf_loop (Linux < 5.17): SEARCH_THREADS
+    threads of each of SEARCH_INTERPRETERS interpreters, inline.  Starts
+    with the first interpreter at fp+OFF_PY_FRAME; goes to t_found with the
+    thread state at fp+OFF_PY_TSTATE, or falls through (not found)."""
+    for k in range(SEARCH_INTERPRETERS):
+        ik = "%s_i%d" % (t, k)
+        p.ldx(DW, R9, FP, OFF_PY_FRAME)                    # the interpreter
+        p.jeq(R9, 0, t + "_nothread")
+        _proc_field(p, R3, 28)
+        p.add(R3, R9)
+        _read_user(p, OFF_PY_TSTATE, 8, R3)                # its first thread state
+        p.jne(R0, 0, t + "_nothread")
+        for j in range(SEARCH_THREADS):
+            tj = "%s_t%d" % (ik, j)
+            p.ldx(DW, R9, FP, OFF_PY_TSTATE)
+            p.jeq(R9, 0, ik + "_next")
+            _proc_field(p, R3, 36)
+            p.add(R3, R9)
+            _read_user(p, OFF_PY_T, 8, R3)
+            p.jne(R0, 0, ik + "_next")
+            p.ldx(DW, R1, FP, OFF_PY_T)
+            p.ldx(DW, R2, FP, OFF_PY_KEY + 8)
+            p.jeq(R1, R2, t + "_found")
+            _proc_field(p, R3, 32)
+            p.add(R3, R9)
+            _read_user(p, OFF_PY_TSTATE, 8, R3)            # tstate = tstate->next
+            p.jne(R0, 0, ik + "_next")
+            p.label(tj + "_end")
+        p.label(ik + "_next")
+        p.ldx(DW, R9, FP, OFF_PY_FRAME)
+        _proc_field(p, R3, 24)
+        p.add(R3, R9)
+        _read_user(p, OFF_PY_FRAME, 8, R3)                 # interp = interp->next
+        p.jne(R0, 0, t + "_nothread")
+
+
+def _loop_search(p: Program, t: str) -> None:
+    """The thread search through bpf_loop (SEARCH_CALLBACK, one thread or
+    interpreter per call): the verifier checks one step instead of the
+    SEARCH_INTERPRETERS x SEARCH_THREADS of the inline search (2,700
+    instructions, a fifth of the program's verification).  Starts with the
+    first interpreter at fp+OFF_PY_FRAME; goes to t_found with the thread
+    state at fp+OFF_PY_TSTATE, or falls through (not found)."""
+    p.st(DW, FP, OFF_PY_TSTATE, 0)                             # the interpreter's head next
+    p.st(DW, FP, OFF_PY_CTX + S_FOUND, 0)
+    p.stx(DW, FP, R8, OFF_PY_CTX + S_PROC)
+    p.mov(R1, SEARCH_INTERPRETERS * (SEARCH_THREADS + 1))
+    p.ld_func(R2, SEARCH_CALLBACK)
+    p.mov(R3, FP).add(R3, OFF_PY_CTX)
+    p.mov(R4, 0)
+    p.call("loop")
+    p.ldx(DW, R1, FP, OFF_PY_CTX + S_FOUND)
+    p.jne(R1, 0, t + "_found")
+
+
+def emit_search_callback(p: Program) -> None:
+    """``long py_search(u32 index, void *ctx)``: one step of the thread
+    search: read an interpreter's first thread state, or compare a thread
+    state's thread_id with this thread's pthread_t and go to the next one
+    (the next interpreter after the last).  Returns 1 once found
+    (ctx S_FOUND set) or at the end of the interpreters."""
+    c = SEARCH_CALLBACK
+    ctx = _CB_CTX
+    p.label(c)
+    p.mov(ctx, R2)
+    p.ldx(DW, R8, ctx, S_PROC)
+    p.ldx(DW, R9, ctx, S_TSTATE)
+    p.jne(R9, 0, c + "_thread")
+    p.ldx(DW, R9, ctx, S_INTERP)                           # the interpreter's first thread
+    p.jeq(R9, 0, c + "_stop")
+    _proc_field(p, R3, 28)
+    p.add(R3, R9)
+    _read_user(p, S_TSTATE, 8, R3, ctx)
+    p.jne(R0, 0, c + "_stop")
+    p.ldx(DW, R9, ctx, S_TSTATE)
+    p.jeq(R9, 0, c + "_next_interp")
+    p.mov(R0, 0)
+    p.exit()
+    p.label(c + "_thread")
+    _proc_field(p, R3, 36)
+    p.add(R3, R9)
+    _read_user(p, S_T, 8, R3, ctx)
+    p.jne(R0, 0, c + "_next_interp")
+    p.ldx(DW, R1, ctx, S_T)
+    p.ldx(DW, R2, ctx, S_PTHREAD)
+    p.jne(R1, R2, c + "_advance")
+    p.st(DW, ctx, S_FOUND, 1)
+    p.ja(c + "_stop")
+    p.label(c + "_advance")
+    _proc_field(p, R3, 32)
+    p.add(R3, R9)
+    _read_user(p, S_TSTATE, 8, R3, ctx)                   # tstate = tstate->next
+    p.jne(R0, 0, c + "_next_interp")
+    p.ldx(DW, R9, ctx, S_TSTATE)
+    p.jeq(R9, 0, c + "_next_interp")
+    p.mov(R0, 0)
+    p.exit()
+    p.label(c + "_next_interp")
+    p.st(DW, ctx, S_TSTATE, 0)
+    p.ldx(DW, R9, ctx, S_INTERP)
+    _proc_field(p, R3, 24)
+    p.add(R3, R9)
+    _read_user(p, S_INTERP, 8, R3, ctx)                   # interp = interp->next
+    p.jne(R0, 0, c + "_stop")
+    p.mov(R0, 0)
+    p.exit()
+    p.label(c + "_stop")
+    p.mov(R0, 1)
+    p.exit()
+
+
 def emit_callbacks(p: Program, python_walk) -> None:
     """The subprograms ``python_walk`` (emit_python_walk's, or None) calls:
     for a program builder to call after its main program's last exit."""
@@ -446,6 +536,15 @@ CTX_PROC = OFF_PY_KEY + 8 - OFF_PY_CTX
 _CB_CTX = R6
 _CB_SLOTS = _Slots(_CB_CTX, 0, OFF_PY_T - OFF_PY_CTX, OFF_PY_T2 - OFF_PY_CTX, OFF_PY_LINENO - OFF_PY_CTX,
                    (_CB_CTX, OFF_PY_FRAME - OFF_PY_CTX), (_CB_CTX, OFF_PY_CFRAME - OFF_PY_CTX))
+# The thread search's slots in the same ctx (the frame's head is not read
+# yet, the cframe not set: both free; the thread key is live).
+S_PROC = 0                                  # the py_proc pointer
+S_FOUND = OFF_PY_CFRAME - OFF_PY_CTX        # u64: 1 once found
+S_INTERP = OFF_PY_FRAME - OFF_PY_CTX        # u64: the interpreter searched
+S_TSTATE = OFF_PY_TSTATE - OFF_PY_CTX       # u64: the thread state looked at (0: the head next)
+S_PTHREAD = OFF_PY_KEY + 8 - OFF_PY_CTX     # u64: this thread's pthread_t
+S_T = OFF_PY_T - OFF_PY_CTX                 # u64: a read
+SEARCH_CALLBACK = "py_search"
 FRAME_CALLBACKS = {MODEL_FRAME_OBJECT: "py_frame_m1", MODEL_INTERPRETER_FRAME: "py_frame_m2"}
 
 
@@ -554,8 +653,10 @@ def _loop_frames(p: Program, t: str, model: int) -> None:
 
 
 def emit_frame_callbacks(p: Program) -> None:
-    """The bpf_loop callbacks of _loop_frames; emit once per program, after
-    the main program's last exit (emit_python_walk's ``callbacks``)."""
+    """The bpf_loop callbacks of _loop_frames and _loop_search; emit once per
+    program, after the main program's last exit (emit_python_walk's
+    ``callbacks``)."""
+    emit_search_callback(p)
     for model, label in sorted(FRAME_CALLBACKS.items()):
         c = label
         p.label(label)
