@@ -62,16 +62,6 @@ def unwind_bin(programs_dir) -> str:
     return out
 
 
-def user_part(names) -> list:
-    """Root-first frames up to the first kernel frame (interrupt entry)."""
-    out = []
-    for n in names:
-        if n.startswith("asm_") or n.startswith("entry_SYSCALL"):
-            break
-        out.append(n)
-    return out
-
-
 def agent_env() -> Dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")

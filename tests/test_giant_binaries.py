@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from conftest import run_agent, sample_stacks, user_part
+from conftest import run_agent, user_stacks
 from giant import LIBLLVM, build_llvmcall, have_libllvm
 from perfagent.capture import mapped_file
 from perfagent.pprof.decode import read_profile
@@ -107,14 +107,14 @@ def test_chains_through_libllvm_complete(llvmcall, tmp_path, unwind):
         proc.kill()
         proc.wait()
     assert r.returncode == 0, r.stderr
-    stacks = sample_stacks(read_profile(str(out)))
+    stacks = user_stacks(read_profile(str(out)))
     total = sum(v[0] for _, _, v in stacks)
     assert total >= 50, total
 
     def through_llvm(names):
         """_start ... main, round_trip (maybe a .constprop clone), then a
         libLLVM C API function, from the root."""
-        u = user_part(names)
+        u = names
         if "main" not in u or u[0] != "_start":
             return False
         at = u.index("main")
@@ -122,7 +122,7 @@ def test_chains_through_libllvm_complete(llvmcall, tmp_path, unwind):
                 and u[at + 2].startswith("LLVM"))
 
     share = sum(v[0] for names, _, v in stacks if through_llvm(names)) / total
-    assert share >= 0.9, (share, [user_part(n) for n, _, _ in stacks[:5]])
+    assert share >= 0.9, (share, [n for n, _, _ in stacks[:5]])
     m = re.search(r"unwound (\d+) user stacks: (\d+) complete", r.stderr)
     assert m and int(m.group(2)) >= 0.9 * int(m.group(1)), r.stderr
 

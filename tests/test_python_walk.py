@@ -602,10 +602,9 @@ EMBED_PYTHON = {"<module>", "f", "g"}
 
 
 def _to_python_leaf(names):
-    """Root-first user frames down to the innermost Python frame: the
-    interpreter's leaves below it are many, each sampled a few times."""
-    from conftest import user_part
-    names = user_part(names)
+    """Root-first user frames (user_stacks) down to the innermost Python
+    frame: the interpreter's leaves below it are many, each sampled a few
+    times."""
     cut = max((i for i, n in enumerate(names) if n in EMBED_PYTHON), default=-1)
     return tuple(names[:cut + 1])
 
@@ -618,7 +617,7 @@ def test_kernel_and_user_walks_merge_python_frames_alike(tmp_path, minor):
     frame, through C into Python and back, and most stacks walked in the
     kernel."""
     from collections import Counter
-    from conftest import sample_stacks
+    from conftest import user_stacks
     proc = start_embed(tmp_path, minor, 40)
     got, errs = {}, {}
     try:
@@ -631,7 +630,7 @@ def test_kernel_and_user_walks_merge_python_frames_alike(tmp_path, minor):
             assert r.returncode == 0, r.stderr
             errs[where] = r.stderr
             c = got[where] = Counter()
-            for names, _labels, v in sample_stacks(read_profile(out)):
+            for names, _labels, v in user_stacks(read_profile(out)):
                 c[_to_python_leaf(names)] += v[0]
     finally:
         proc.kill()

@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from conftest import NOFP, PROGRAMS, contains_chain, run_agent, sample_stacks, user_part
+from conftest import NOFP, PROGRAMS, contains_chain, run_agent, user_stacks
 from perfagent.pprof.decode import read_profile
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="integration tests need root")
@@ -29,7 +29,7 @@ def profile(argv, unwind, tmp_path, duration="2s"):
         proc.kill()
         proc.wait()
     assert r.returncode == 0, r.stderr
-    return sample_stacks(read_profile(str(out))), r.stderr
+    return user_stacks(read_profile(str(out))), r.stderr
 
 
 def share(stacks, predicate) -> float:
@@ -44,7 +44,7 @@ CHAIN = ["__libc_start_main", "__libc_start_call_main", "main", "a", "b", "c", "
 @pytest.mark.parametrize("unwind", ["dwarf", "auto"])
 def test_chain_through_alloca_and_plt(unwind_bin, tmp_path, unwind):
     stacks, err = profile([unwind_bin, "chain", "8"], unwind, tmp_path)
-    assert share(stacks, lambda n: contains_chain(user_part(n), CHAIN) and user_part(n)[-1] == "leaf") >= 0.95
+    assert share(stacks, lambda n: contains_chain(n, CHAIN) and n[-1] == "leaf") >= 0.95
     m = re.search(r"unwound (\d+) user stacks: (\d+) complete", err)
     assert m and int(m.group(2)) >= 0.95 * int(m.group(1)), err
 
@@ -54,7 +54,7 @@ def test_qsort_comparator_called_back_from_libc(unwind_bin, tmp_path, unwind):
     stacks, _ = profile([unwind_bin, "qsort", "8"], unwind, tmp_path)
 
     def ok(names):
-        u = user_part(names)
+        u = names
         return (contains_chain(u, ["__libc_start_call_main", "main", "a"]) and u[-2:] == ["compare", "leaf"]
                 and any(f.startswith("qsort") for f in u))
     assert share(stacks, ok) >= 0.95
@@ -99,7 +99,7 @@ def test_debug_frame_from_separate_debug_file(unwind_bin, programs_dir, tmp_path
     sections = subprocess.run(["readelf", "-SW", exe], stdout=subprocess.PIPE, text=True).stdout
     assert ".debug_frame" not in sections and ".symtab" not in sections
     stacks, err = profile([exe, "chain", "8"], "dwarf", tmp_path)
-    assert share(stacks, lambda n: contains_chain(user_part(n), CHAIN)) >= 0.95, err
+    assert share(stacks, lambda n: contains_chain(n, CHAIN)) >= 0.95, err
 
 
 def test_overflowing_debug_frame_fde_costs_only_itself(unwind_bin, programs_dir, tmp_path):
@@ -127,7 +127,7 @@ def test_overflowing_debug_frame_fde_costs_only_itself(unwind_bin, programs_dir,
     assert "pc=fffffffffffff000..0000000000001000" in frames
     for unwind in ("dwarf", "auto"):
         stacks, err = profile([exe, "chain", "3"], unwind, tmp_path)
-        assert share(stacks, lambda n: contains_chain(user_part(n), CHAIN)) >= 0.95, err
+        assert share(stacks, lambda n: contains_chain(n, CHAIN)) >= 0.95, err
 
 
 SIGNAL_CHAIN = ["__libc_start_call_main", "main", "outer_a", "outer_b", "interrupted", "__restore_rt", "on_alarm"]
@@ -155,8 +155,8 @@ def test_unwind_through_a_signal_handler(programs_dir, tmp_path, unwind):
     r = run_agent(["--profile", "--unwind", unwind, "--sample-rate", "299", "--profile-output", str(out),
                    "--", exe], cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
-    stacks = sample_stacks(read_profile(str(out)))
-    in_handler = [(user_part(names), values[0]) for names, _, values in stacks if "on_alarm" in names]
+    stacks = user_stacks(read_profile(str(out)))
+    in_handler = [(names, values[0]) for names, _, values in stacks if "on_alarm" in names]
     total = sum(n for _, n in in_handler)
     assert total >= 100, (total, r.stderr)
     through = sum(n for user, n in in_handler if through_signal_frame(user))
