@@ -257,6 +257,10 @@ class _Sources(list):
     def wake_fds(self) -> List[int]:
         return [fd for src in self for fd in src.wake_fds()]
 
+    def enable(self) -> None:
+        for src in self:
+            src.enable()
+
     def close(self) -> None:
         for src in self:
             try:
@@ -345,13 +349,16 @@ class Capture:
                     raise
             # The BPF sources first (loading programs takes a while), then
             # what /proc says, then the side band: a thread created or renamed
-            # before the side band opens is still read from /proc.
+            # before the side band opens is still read from /proc.  The BPF
+            # on-CPU events go on last (sources.enable): a sample before its
+            # process is read is a stack left to the agent's walker.
             if opts.all:
                 self.sampler = self._start_sources(None)
                 for pid in procfs.pids():
                     state.load_from_proc(pid)
                 self.sampler.open_system_wide()
                 self.sampler.enable()
+                self.sources.enable()
             elif opts.pid is not None:
                 pids = [opts.pid] + (descendants(opts.pid) if opts.children else [])
                 self.sampler = self._start_sources(set(pids))
@@ -364,6 +371,7 @@ class Capture:
                         if pid == opts.pid:
                             raise CaptureError("--pid %d: no such process" % opts.pid) from None
                 self.sampler.enable()
+                self.sources.enable()
                 _discover_threads(self.sampler, state, opts.pid)
                 if not opts.children:
                     self._children_cpu = cpu_ticks(descendants(opts.pid))
@@ -382,6 +390,7 @@ class Capture:
                     raise
                 state.process(self.launched.pid).comm = opts.comm or os.path.basename(opts.command[0])
                 state.process(self.launched.pid).uid = os.getuid()  # it runs as we do
+                self.sources.enable()
                 self.launched.start()
         except BaseException:
             self._close_after_failure()

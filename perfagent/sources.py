@@ -54,6 +54,9 @@ class Source:
     def start(self) -> None:
         self.engine.start()
 
+    def enable(self) -> None:
+        """Start sampling, for a source whose start() left its events off."""
+
     def follow(self, new: List[tuple], gone: List[int]) -> None:
         """Processes forked by followed ones are followed too (their threads
         are covered by the tgid already), exited ones forgotten."""
@@ -190,6 +193,18 @@ class OnCpuSource(Source):
     sample."""
 
     names_due = 0.0   # when python_names_due next says yes
+
+    def start(self) -> None:
+        """The program loaded and attached, its events still off: the
+        capture turns them on (enable) once it has read /proc and opened
+        the side band.  Until a process's tables load, each of its stacks
+        is left to the agent's walker: on a host with thousands of
+        processes, reading /proc with the events on was that many more
+        stack copies to walk."""
+        self.engine.start(enable=False)
+
+    def enable(self) -> None:
+        self.engine.enable()
 
     def max_wait(self) -> float:
         """Until the count map or the stack stores could fill (see

@@ -158,10 +158,11 @@ class InKernelSampler(FollowsTgids):
     #: The stack program's mode (perfagent.stackprog.program).
     MODE = AGGREGATE
 
-    def start(self) -> None:
-        """Maps, the program in this sampler's MODE, then the events; on any
-        failure everything made so far is closed.  Subclasses differ only in
-        :meth:`_copy_spec` and :meth:`_make_maps`."""
+    def start(self, enable: bool = True) -> None:
+        """Maps, the program in this sampler's MODE, then the events, on
+        (sampling) unless ``enable`` is False (then :meth:`enable` turns
+        them on); on any failure everything made so far is closed.
+        Subclasses differ only in :meth:`_copy_spec` and :meth:`_make_maps`."""
         if self._running:
             return
         try:
@@ -172,6 +173,8 @@ class InKernelSampler(FollowsTgids):
             prog = build_oncpu(self.MODE, maps, sample_period_offset(), copy, python_walk=self._walk())
             self._prog = prog.load(sc.BPF_PROG_TYPE_PERF_EVENT)
             self._open_events()
+            if enable:
+                self.enable()
         except BaseException:
             self._close()
             raise
@@ -215,6 +218,9 @@ class InKernelSampler(FollowsTgids):
             ev = PerfEvent(attr, -1, cpu)
             self._events.append(ev)
             ev.set_bpf(self._prog)
+
+    def enable(self) -> None:
+        """Turn the events on: sampling starts (again, harmless)."""
         for ev in self._events:
             ev.enable()
 

@@ -681,8 +681,8 @@ class KUnwindSampler(RecordSampler):
         return Maps(self._scratch, self._stats, self._tgids, self._counts, self._native,
                     self._pystore, self._ring, self._follow(), self.kmaps)
 
-    def start(self) -> None:
-        super().start()
+    def start(self, enable: bool = True) -> None:
+        super().start(enable)
         self._arm_wake()
 
     def _gather(self):
