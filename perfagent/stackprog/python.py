@@ -184,6 +184,18 @@ def _proc_field(p: Program, dst, field_off: int) -> None:
     p.ldx(W, dst, R8, field_off)
 
 
+def _thread_ids(p: Program, tstate, base, read_off: int, pthread_off: int, fail: str) -> None:
+    """r1 = the thread state's thread_id (read into base+read_off), r2 =
+    this thread's pthread_t (at base+pthread_off); goto fail when the read
+    fails."""
+    _proc_field(p, R3, 36)
+    p.add(R3, tstate)
+    _read_user(p, read_off, 8, R3, base)
+    p.jne(R0, 0, fail)
+    p.ldx(DW, R1, base, read_off)
+    p.ldx(DW, R2, base, pthread_off)
+
+
 def _head_u64(p: Program, dst, field_off: int, tag: str, head: int = OFF_PY_HEAD, base=FP) -> None:
     """dst = the u64 at proc->field within the frame head read at base+head.
 
@@ -288,12 +300,7 @@ def emit_python_walk(maps: PyWalkMaps, key_tgid_off: int, use_loop: Optional[boo
         p.jeq(R0, 0, t + "_search")
         p.ldx(DW, R9, R0, 0)                                   # the cached tstate ...
         p.stx(DW, FP, R9, OFF_PY_TSTATE)
-        _proc_field(p, R3, 36)                                 # ... validated: its thread_id
-        p.add(R3, R9)
-        _read_user(p, OFF_PY_T, 8, R3)
-        p.jne(R0, 0, t + "_search")
-        p.ldx(DW, R1, FP, OFF_PY_T)
-        p.ldx(DW, R2, FP, OFF_PY_KEY + 8)
+        _thread_ids(p, R9, FP, OFF_PY_T, OFF_PY_KEY + 8, t + "_search")   # ... validated
         p.jne(R1, R2, t + "_search")
         # ... and still linked: glibc reuses a dead thread's pthread struct
         # (same fs base) for a new one, and a freed thread state may still
@@ -403,12 +410,7 @@ def _unrolled_search(p: Program, t: str) -> None:
             tj = "%s_t%d" % (ik, j)
             p.ldx(DW, R9, FP, OFF_PY_TSTATE)
             p.jeq(R9, 0, ik + "_next")
-            _proc_field(p, R3, 36)
-            p.add(R3, R9)
-            _read_user(p, OFF_PY_T, 8, R3)
-            p.jne(R0, 0, ik + "_next")
-            p.ldx(DW, R1, FP, OFF_PY_T)
-            p.ldx(DW, R2, FP, OFF_PY_KEY + 8)
+            _thread_ids(p, R9, FP, OFF_PY_T, OFF_PY_KEY + 8, ik + "_next")
             p.jeq(R1, R2, t + "_found")
             _proc_field(p, R3, 32)
             p.add(R3, R9)
@@ -466,12 +468,7 @@ def emit_search_callback(p: Program) -> None:
     p.mov(R0, 0)
     p.exit()
     p.label(c + "_thread")
-    _proc_field(p, R3, 36)
-    p.add(R3, R9)
-    _read_user(p, S_T, 8, R3, ctx)
-    p.jne(R0, 0, c + "_next_interp")
-    p.ldx(DW, R1, ctx, S_T)
-    p.ldx(DW, R2, ctx, S_PTHREAD)
+    _thread_ids(p, R9, ctx, S_T, S_PTHREAD, c + "_next_interp")
     p.jne(R1, R2, c + "_advance")
     p.st(DW, ctx, S_FOUND, 1)
     p.ja(c + "_stop")
