@@ -492,6 +492,33 @@ def test_inkernel_sampler_rate_and_stacks(chain_bin, filtered):
     assert in_chain >= 0.9 * n, in_chain
 
 
+def test_inkernel_sampler_started_off_samples_only_once_enabled(chain_bin):
+    """start(enable=False) loads and attaches the program with its events
+    off (the capture turns them on once /proc is read): a busy process's
+    second on a CPU brings no sample before enable() and its share after."""
+    rate = 200
+    proc = start_ready([chain_bin, "4"])
+    try:
+        s = InKernelSampler(rate, {proc.pid})
+        s.start(enable=False)
+        try:
+            cpu0 = on_cpu_ns(proc.pid)
+            time.sleep(1.0)
+            off = sum(x.samples for x in s.collect())
+            off_cpu = (on_cpu_ns(proc.pid) - cpu0) / 1e9
+            s.enable()
+            cpu1 = on_cpu_ns(proc.pid)
+            time.sleep(1.0)
+            on_cpu = (on_cpu_ns(proc.pid) - cpu1) / 1e9
+        finally:
+            s.stop()
+        on = sum(x.samples for x in s.collect())
+    finally:
+        finish(proc)
+    assert off_cpu >= 0.5 and off == 0, (off, off_cpu)
+    assert 0.8 * rate * on_cpu <= on <= 1.2 * rate * on_cpu, (on, on_cpu)
+
+
 def test_stack_cache_keeps_open_intervals_stacks_not_every_stack():
     """A long run must not hold every stack ever drained (the user-space
     copy of the kernel's stack store), yet an interval open across many
