@@ -184,14 +184,21 @@ def _proc_field(p: Program, dst, field_off: int) -> None:
     p.ldx(W, dst, R8, field_off)
 
 
+def _read_member(p: Program, dst_off: int, ptr, field_off: int, fail: str, base=FP) -> None:
+    """base+dst_off = the u64 member at ``ptr`` (a register) + proc->field
+    (its offset in the target's struct, from the py_proc at r8); goto fail
+    when it cannot be read.  Uses r0-r3."""
+    _proc_field(p, R3, field_off)
+    p.add(R3, ptr)
+    _read_user(p, dst_off, 8, R3, base)
+    p.jne(R0, 0, fail)
+
+
 def _thread_ids(p: Program, tstate, base, read_off: int, pthread_off: int, fail: str) -> None:
     """r1 = the thread state's thread_id (read into base+read_off), r2 =
     this thread's pthread_t (at base+pthread_off); goto fail when the read
     fails."""
-    _proc_field(p, R3, 36)
-    p.add(R3, tstate)
-    _read_user(p, read_off, 8, R3, base)
-    p.jne(R0, 0, fail)
+    _read_member(p, read_off, tstate, 36, fail, base)
     p.ldx(DW, R1, base, read_off)
     p.ldx(DW, R2, base, pthread_off)
 
@@ -402,27 +409,18 @@ def _unrolled_search(p: Program, t: str) -> None:
         ik = "%s_i%d" % (t, k)
         p.ldx(DW, R9, FP, OFF_PY_FRAME)                    # the interpreter
         p.jeq(R9, 0, t + "_nothread")
-        _proc_field(p, R3, 28)
-        p.add(R3, R9)
-        _read_user(p, OFF_PY_TSTATE, 8, R3)                # its first thread state
-        p.jne(R0, 0, t + "_nothread")
+        _read_member(p, OFF_PY_TSTATE, R9, 28, t + "_nothread")    # its first thread state
         for j in range(SEARCH_THREADS):
             tj = "%s_t%d" % (ik, j)
             p.ldx(DW, R9, FP, OFF_PY_TSTATE)
             p.jeq(R9, 0, ik + "_next")
             _thread_ids(p, R9, FP, OFF_PY_T, OFF_PY_KEY + 8, ik + "_next")
             p.jeq(R1, R2, t + "_found")
-            _proc_field(p, R3, 32)
-            p.add(R3, R9)
-            _read_user(p, OFF_PY_TSTATE, 8, R3)            # tstate = tstate->next
-            p.jne(R0, 0, ik + "_next")
+            _read_member(p, OFF_PY_TSTATE, R9, 32, ik + "_next")   # tstate = tstate->next
             p.label(tj + "_end")
         p.label(ik + "_next")
         p.ldx(DW, R9, FP, OFF_PY_FRAME)
-        _proc_field(p, R3, 24)
-        p.add(R3, R9)
-        _read_user(p, OFF_PY_FRAME, 8, R3)                 # interp = interp->next
-        p.jne(R0, 0, t + "_nothread")
+        _read_member(p, OFF_PY_FRAME, R9, 24, t + "_nothread")     # interp = interp->next
 
 
 def _loop_search(p: Program, t: str) -> None:
@@ -459,10 +457,7 @@ def emit_search_callback(p: Program) -> None:
     p.jne(R9, 0, c + "_thread")
     p.ldx(DW, R9, ctx, S_INTERP)                           # the interpreter's first thread
     p.jeq(R9, 0, c + "_stop")
-    _proc_field(p, R3, 28)
-    p.add(R3, R9)
-    _read_user(p, S_TSTATE, 8, R3, ctx)
-    p.jne(R0, 0, c + "_stop")
+    _read_member(p, S_TSTATE, R9, 28, c + "_stop", ctx)           # interp->threads.head
     p.ldx(DW, R9, ctx, S_TSTATE)
     p.jeq(R9, 0, c + "_next_interp")
     p.mov(R0, 0)
@@ -473,10 +468,7 @@ def emit_search_callback(p: Program) -> None:
     p.st(DW, ctx, S_FOUND, 1)
     p.ja(c + "_stop")
     p.label(c + "_advance")
-    _proc_field(p, R3, 32)
-    p.add(R3, R9)
-    _read_user(p, S_TSTATE, 8, R3, ctx)                   # tstate = tstate->next
-    p.jne(R0, 0, c + "_next_interp")
+    _read_member(p, S_TSTATE, R9, 32, c + "_next_interp", ctx)    # tstate = tstate->next
     p.ldx(DW, R9, ctx, S_TSTATE)
     p.jeq(R9, 0, c + "_next_interp")
     p.mov(R0, 0)
@@ -484,10 +476,7 @@ def emit_search_callback(p: Program) -> None:
     p.label(c + "_next_interp")
     p.st(DW, ctx, S_TSTATE, 0)
     p.ldx(DW, R9, ctx, S_INTERP)
-    _proc_field(p, R3, 24)
-    p.add(R3, R9)
-    _read_user(p, S_INTERP, 8, R3, ctx)                   # interp = interp->next
-    p.jne(R0, 0, c + "_stop")
+    _read_member(p, S_INTERP, R9, 24, c + "_stop", ctx)           # interp = interp->next
     p.mov(R0, 0)
     p.exit()
     p.label(c + "_stop")
