@@ -138,8 +138,8 @@ class LocationTable:
 
     def prepare(self, frames) -> None:
         """Parse each binary that ``frames`` (the distinct frame tuples of the
-        profile's stacks) name, before they
-        are named, with a symbol table of just the addresses named in it
+        profile's stacks) name, before they are named, with a symbol table
+        of just the addresses named in it
         (BinaryCache.load_mapped's ``offsets``), once per file however many
         processes map it: a profile names a few hundred addresses of a
         binary, and the whole table's alias ranking and flattening was most
