@@ -403,8 +403,8 @@ class Capture:
             # Registering reports a ring that already holds records (the
             # events went on just before, and the walks fall back until the
             # first tables load) once: swallowed here, or it would end the
-            # first wait (FIRST_WAIT) at once,
-            # before any process fell back often enough to be loaded in it.
+            # first wait (FIRST_WAIT) at once, before any process fell back
+            # often enough to be loaded in it.
             self.sampler.wait(0)
         # --duration counts from here, when sampling runs.
         self.mono_start, self.wall_start = time.monotonic(), time.time()
