@@ -65,6 +65,7 @@ ERESTARTNOINTR = 513
 ERESTARTNOHAND = 514
 ERESTART_RESTARTBLOCK = 516
 SYSCALL_RESTART_ERRNOS = (ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK)
+RESTART_BLOCK_WRITERS = (101, 115, 139, 128)  # nanosleep, clock_nanosleep, rt_sigreturn, restart_syscall
 # Placeholders until remote calls are ported (see the x86-64 module).
 BLOCKING_SYSCALLS = {"futex": 98, "read": 63, "write": 64, "ppoll": 73, "pselect6": 72,
                      "clock_nanosleep": 115, "epoll_pwait": 22, "wait4": 260}

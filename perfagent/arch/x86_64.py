@@ -124,6 +124,13 @@ ERESTARTNOINTR = 513
 ERESTARTNOHAND = 514
 ERESTART_RESTARTBLOCK = 516
 SYSCALL_RESTART_ERRNOS = (ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK)
+# System calls that change a thread's restart block (struct restart_block,
+# which restart_syscall runs to resume an ERESTART_RESTARTBLOCK call) even
+# when they are not interrupted: nanosleep and clock_nanosleep set its fn to
+# do_no_restart_syscall on entry (kernel/time/hrtimer.c, posix-timers.c),
+# rt_sigreturn resets it, restart_syscall runs it.  Any call that returns
+# -ERESTART_RESTARTBLOCK has also just written it.
+RESTART_BLOCK_WRITERS = (35, 230, 15, 219)   # nanosleep, clock_nanosleep, rt_sigreturn, restart_syscall
 # System calls in which a thread is *waiting* (for the GIL, a lock, time,
 # I/O) rather than in the middle of work: a remote call made while it is
 # stopped in one does not re-enter code that holds a lock or has data

@@ -47,6 +47,15 @@ signal-exit path (arch_do_signal_or_restart) does what it would have done
 had we never been there: restart the interrupted system call, or -- if a
 signal with a handler is delivered first -- return -EINTR or restart
 according to SA_RESTART, with restart_syscall for ERESTART_RESTARTBLOCK.
+One exception: restart_syscall resumes from the thread's restart block,
+which our code overwrites if it sleeps (nanosleep and clock_nanosleep
+reset it on entry) or has a wait of its own interrupted.  Every system
+call our code makes is seen at its stops, and when one of them touched the
+block (``RESTART_BLOCK_WRITERS`` in the arch module, or an
+``-ERESTART_RESTARTBLOCK`` result) an ERESTART_RESTARTBLOCK call is handed
+back as ``-ERESTARTNOHAND``: the kernel re-executes it with its own
+arguments (a relative timeout starts again: longer, never shorter) or
+returns -EINTR if a handler runs, as it would have.
 
 Threads stopped in a system call that installs a temporary signal mask
 (rt_sigsuspend, ppoll/pselect6/epoll_pwait with a mask) are not borrowed:
@@ -193,6 +202,9 @@ class RemoteCaller:
         self._next_watch = 0.0
         #: True once a LeaveCall let the thread go on without us.
         self.left = False
+        #: True once a system call of ours may have changed the thread's
+        #: restart block (see the module docstring).
+        self.restart_block_touched = False
 
     # ------------------------------------------------------------------ hold
 
@@ -260,6 +272,7 @@ class RemoteCaller:
             st = self._wait_stop(None)
             if st.is_syscall_stop:
                 now = t.getregs()
+                self._note_restart_block(now)
                 if now.rip == after:
                     if entered:
                         _hook("syscall_exit")
@@ -297,6 +310,7 @@ class RemoteCaller:
                 if now.rip == marker and signed(now.orig_rax) == arch.current().SYSCALLS["rt_sigreturn"]:
                     _hook("marker")
                     return
+                self._note_restart_block(now)
                 if first:
                     first = False
                     _hook("in_call")
@@ -304,6 +318,13 @@ class RemoteCaller:
                 # here too; leaving at a stop lets the caller detach at once.
                 self._watch(watch)
             t.resume(0, syscall=True)
+
+    def _note_restart_block(self, regs) -> None:
+        """Remember a system call of ours that changed the restart block."""
+        a = arch.current()
+        if (signed(regs.orig_rax) in a.RESTART_BLOCK_WRITERS
+                or signed(regs.rax) == -a.ERESTART_RESTARTBLOCK):
+            self.restart_block_touched = True
 
     def _watch(self, watch: Optional[Callable[[], None]], force: bool = False) -> None:
         now = time.monotonic()
@@ -403,13 +424,26 @@ class RemoteCaller:
         if self._masked:
             t.setsigmask(self.saved_mask)
             self._masked = False
-        t.setregs(self.saved)
+        t.setregs(self._restored_registers())
         _hook("restored")
         if self._stack_backup is not None:
             addr, data = self._stack_backup
             t.write(addr, data)
             self._stack_backup = None
         self.saved = None
+
+    def _restored_registers(self):
+        """The saved registers, with an ERESTART_RESTARTBLOCK call handed
+        back as ERESTARTNOHAND if our code touched the restart block (a
+        thread already in restart_syscall keeps it: its call is unknown)."""
+        a = arch.current()
+        nr = signed(self.saved.orig_rax)
+        if (not self.restart_block_touched or nr < 0 or nr == a.SYSCALLS["restart_syscall"]
+                or signed(self.saved.rax) != -a.ERESTART_RESTARTBLOCK):
+            return self.saved
+        regs = copy_regs(self.saved)
+        regs.rax = -a.ERESTARTNOHAND & _MASK64
+        return regs
 
 
 def locate_gadgets(pid: int, maps) -> Gadgets:

@@ -26,10 +26,17 @@ The frame's registers are the saved ones, adjusted the way the kernel
 adjusts them when it restarts an interrupted system call on the way out of
 a signal (arch/x86/kernel/signal.c, ``arch_do_signal_or_restart``):
 ``-ERESTARTSYS``/``-ERESTARTNOINTR``/``-ERESTARTNOHAND`` -> ``rax = orig_rax``,
-``rip -= 2``; ``-ERESTART_RESTARTBLOCK`` -> ``rax = __NR_restart_syscall``,
-``rip -= 2``.  (That path restarts even where the kernel, delivering a
-signal with a handler, would have returned -EINTR; it is only taken when
-the agent is gone.  While the agent lives it catches the thread at the
+``rip -= 2``.  ``-ERESTART_RESTARTBLOCK`` gets the same: the system call
+is re-executed with its own arguments, not through ``restart_syscall``,
+because ``rt_sigreturn`` resets the thread's restart block
+(``do_no_restart_syscall``) and ``restart_syscall`` would then return
+-EINTR to a program that had no signal at all.  A relative sleep, poll or
+futex wait so restarted waits its whole timeout again (longer, as the
+kernel itself restarts ``epoll_wait``), never shorter, and an absolute
+one ends when it was due.  A thread already inside ``restart_syscall``
+keeps it: its original call is no longer known.  (That path restarts
+even where the kernel, delivering a signal with a handler, would have
+returned -EINTR; it is only taken when the agent is gone.  While the agent lives it catches the thread at the
 stub's ``rt_sigreturn`` -- a syscall-enter-stop at a known address under
 PTRACE_SYSCALL -- skips it, and restores through ptrace, which the kernel
 then handles exactly: see perfagent.ptrace.call.)
@@ -122,9 +129,6 @@ FXSAVE_SIZE = 512
 #: XRSTOR (and the kernel's copy of the FP state) need 64-byte alignment.
 FPSTATE_ALIGN = 64
 
-#: __NR_restart_syscall, for ERESTART_RESTARTBLOCK.
-NR_RESTART_SYSCALL = 219
-
 
 #: PTRACE_GETREGSET(NT_X86_XSTATE) puts the user XCR0 in the first word
 #: of sw_reserved (arch/x86/include/asm/user.h, USER_XSTATE_XCR0_WORD),
@@ -180,7 +184,9 @@ def resume_registers(regs) -> Dict[str, int]:
     """The registers the thread must resume with if it returns alone.
 
     As the kernel would set them when leaving the stop without a signal
-    handler to run: an interrupted restartable system call is re-executed.
+    handler to run: an interrupted restartable system call is re-executed,
+    an ERESTART_RESTARTBLOCK one too (see the module docstring: the
+    rt_sigreturn that restores these registers resets the restart block).
     """
     a = arch.current()
     values = {name: getattr(regs, name) for name in SIGCONTEXT_REGS}
@@ -189,11 +195,8 @@ def resume_registers(regs) -> Dict[str, int]:
     ret = regs.rax
     ret = ret - (1 << 64) if ret >= 1 << 63 else ret
     if nr >= 0:
-        if -ret in (a.ERESTARTSYS, a.ERESTARTNOINTR, a.ERESTARTNOHAND):
+        if -ret in a.SYSCALL_RESTART_ERRNOS:
             values["rax"] = nr
-            values["rip"] = (regs.rip - a.SYSCALL_INSN_LEN) & _MASK64
-        elif -ret == a.ERESTART_RESTARTBLOCK:
-            values["rax"] = NR_RESTART_SYSCALL
             values["rip"] = (regs.rip - a.SYSCALL_INSN_LEN) & _MASK64
     return values
 

@@ -74,10 +74,12 @@ session finishes, if no call of ours can still use it; otherwise it is
 left in place, the only thing left behind.
 
 Known limits: a Python-level signal handler that was already pending runs
-inside our statement (direct path); if a thread is stopped with SIGSTOP
-or a cgroup freeze *during* our call, an interrupted timed wait inside it
-can overwrite the thread's restart block, so an interrupted *relative*
-sleep may then end early with EINTR (CPython retries those, PEP 475).
+inside our statement (direct path).  A thread borrowed in a relative sleep
+or timed wait (ERESTART_RESTARTBLOCK) whose restart block our call touched
+(a wait of ours interrupted by SIGSTOP or a cgroup freeze), or that the
+agent left or lost mid-call, waits its whole timeout again instead of the
+rest of it (perfagent.ptrace.call); one already inside restart_syscall
+may then see EINTR (CPython retries those, PEP 475).
 
 Failures raise :class:`~perfagent.python.detect.InjectionSkip` (nothing was
 done: ``not_python``, ``python_too_old``, ``no_perf_trampoline``,
