@@ -716,3 +716,53 @@ def test_count_map_wakes_its_reader_when_armed_inserts_are_reached(no_fd_leak):
     assert woken == [False] * 4 + [True], woken
     assert again == [False] * 4 + [True], again
     assert first == second == [WAKE_RECORD.pack(RECORD_WAKE, 0)]
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 127, 200])
+def test_hash_loop_and_inline_hash_agree_with_fnv(no_fd_leak, n):
+    """The stack hashes through bpf_loop (what the stack programs use where
+    the kernel has it) and as the inline bounded loop (kernels before 5.17)
+    give the same FNV-1a as perfagent.stackprog.store, for a native stack
+    and a Python one, up to and past their bounds (run with
+    BPF_PROG_TEST_RUN, the buffer in an array map)."""
+    from perfagent.stackprog import capture as C
+    from perfagent.stackprog.store import fnv1a_words
+    if not C.bpf_loop_supported():
+        pytest.skip("no bpf_loop (Linux 5.17+)")
+    py_bound = 150
+    native_off, py_off, out_off = 8, 8 + 8 * 127, 8 + 8 * 127 + 16 * py_bound
+    buf = ArrayMap(out_off + 32, 1, name="hash_test")
+    words = [(0x9E3779B97F4A7C15 * (i + 1)) & (2 ** 64 - 1) for i in range(2 * py_bound)]
+    value = bytearray(out_off + 32)
+    struct.pack_into("<II", value, 0, n, n)              # native n at 0, Python n at 4
+    struct.pack_into("<%dQ" % 127, value, native_off, *words[:127])
+    struct.pack_into("<%dQ" % (2 * py_bound), value, py_off, *words)
+    p = Program("hash_test")
+    p.st(W, FP, -4, 0)
+    p.ld_map_fd(R1, buf)
+    p.mov(R2, FP).add(R2, -4)
+    p.call("map_lookup_elem")
+    p.jeq(R0, 0, "out")
+    p.mov(C.BUF, R0)
+    native_cb, python_cb = C.HASH_NATIVE_CB, C.hash_python_cb(py_bound)
+    C.emit_hash_loop(p, native_off, 0, W, native_cb, -32, R0, "nl")
+    p.stx(DW, C.BUF, R0, out_off)
+    C.emit_hash_words(p, native_off, 0, W, 8, (0,), 127, R0, "ni")
+    p.stx(DW, C.BUF, R0, out_off + 8)
+    C.emit_hash_loop(p, py_off, 4, W, python_cb, -32, R0, "pl")
+    p.stx(DW, C.BUF, R0, out_off + 16)
+    C.emit_hash_words(p, py_off, 4, W, 16, (0, 8), py_bound, R0, "pi")
+    p.stx(DW, C.BUF, R0, out_off + 24)
+    p.label("out")
+    p.mov(R0, 0)
+    p.exit()
+    C.emit_hash_callbacks(p, [native_cb, python_cb])
+    with buf, p.load(sc.BPF_PROG_TYPE_RAW_TRACEPOINT) as prog:
+        buf.update(U32.pack(0), bytes(value))
+        sc.prog_test_run(prog.fd, bytes(8))
+        got = struct.unpack_from("<4Q", buf.lookup(U32.pack(0)), out_off)
+    native = min(n, 127)
+    python = min(n, py_bound)
+    want_native = fnv1a_words(words[:native]) if native else 0
+    want_python = fnv1a_words(words[:2 * python]) if python else 0
+    assert got == (want_native, want_native, want_python, want_python)

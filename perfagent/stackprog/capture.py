@@ -8,12 +8,13 @@ clobbers r0-r5 (helper calls do).  Stack slots (offsets from r10) are the
 caller's: each emitter says which it uses.
 
 Every loop here is a bounded loop the verifier walks (Linux 5.3+): a
-counter compared with a constant bound, pointers advanced by constants.
+counter compared with a constant bound, pointers advanced by constants;
+the hashes also come as bpf_loop callbacks (5.17+), verified once.
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 from perfagent.records import NamedTuple
 from perfagent.bpf import syscall as sc
@@ -107,6 +108,71 @@ def emit_hash_words(p: Program, first_word_off: int, count_off: int, count_size:
     p.label(tag + "_done")
 
 
+# -- the same hashes through bpf_loop ----------------------------------------
+# The inline loop above costs the verifier every iteration up to its bound
+# (127 or 192 of them, three loops per program: over half of what it
+# walked for the on-CPU program with the Python walk).  Where the kernel
+# has bpf_loop (5.17+; the JIT inlines the call) each element is one call of
+# a callback verified once.  Its context, 16 bytes on the main program's
+# stack: the running hash, then the spilled pointer to the first element.
+HASH_CTX_HASH = 0
+HASH_CTX_FIRST = 8
+#: The callbacks: (label, stride, words, bound) of a native ``struct stack``
+#: and of the Python stack's entries.
+HASH_NATIVE_CB = ("hash_native", 8, (0,), PERF_MAX_STACK_DEPTH)
+
+
+def hash_python_cb(bound: int) -> tuple:
+    return ("hash_python", PYFRAME_SIZE, (0, 8), bound)
+
+
+def emit_hash_loop(p: Program, first_word_off: int, count_off: int, count_size: int, callback: tuple,
+                   ctx_off: int, out: Reg, tag: str) -> None:
+    """:func:`emit_hash_words` through bpf_loop: ``out`` = the same FNV-1a,
+    0 when n is 0.  ``callback`` names the bpf_loop callback (emitted once
+    by :func:`emit_hash_callbacks`); fp+ctx_off..+16 is its context."""
+    label, _stride, _words, bound = callback
+    p.ldx(count_size, R1, BUF, count_off)
+    p.jle(R1, bound, tag + "_bounded")
+    p.mov(R1, bound)
+    p.label(tag + "_bounded")
+    p.mov(out, 0)
+    p.jeq(R1, 0, tag + "_done")
+    p.ld_imm64(R2, FNV_OFFSET_BASIS)
+    p.stx(DW, FP, R2, ctx_off + HASH_CTX_HASH)
+    p.mov(R2, BUF).add(R2, first_word_off)
+    p.stx(DW, FP, R2, ctx_off + HASH_CTX_FIRST)
+    p.ld_func(R2, label)
+    p.mov(R3, FP).add(R3, ctx_off)
+    p.mov(R4, 0)
+    p.call("loop")
+    p.ldx(DW, out, FP, ctx_off + HASH_CTX_HASH)
+    p.label(tag + "_done")
+
+
+def emit_hash_callbacks(p: Program, callbacks) -> None:
+    """``long hash_*(u32 index, struct hash_ctx *c)``: the element ``index``
+    folded into c->hash.  Emit once per program, after its last exit."""
+    for label, stride, words, bound in callbacks:
+        p.label(label)
+        p.jge(R1, bound, label + "_end")              # (bpf_loop's count is bounded already)
+        p.ldx(DW, R3, R2, HASH_CTX_FIRST)
+        p.mul(R1, stride)
+        p.add(R3, R1)
+        p.ldx(DW, R0, R2, HASH_CTX_HASH)
+        p.ld_imm64(R5, FNV_PRIME)
+        for off in words:
+            p.ldx(DW, R4, R3, off)
+            p.xor(R0, R4)
+            p.mul(R0, R5)
+        p.stx(DW, R2, R0, HASH_CTX_HASH)
+        p.mov(R0, 0)
+        p.exit()
+        p.label(label + "_end")
+        p.mov(R0, 1)
+        p.exit()
+
+
 def emit_store(p: Program, store: HashMap, part_off: int, hash_slot: int, stats_drop,
                tag: str) -> None:
     """``store[hash] = buf->part`` (BPF_NOEXIST) when the hash at fp+hash_slot
@@ -125,18 +191,29 @@ def emit_store(p: Program, store: HashMap, part_off: int, hash_slot: int, stats_
     p.label(tag + "_stored")
 
 
-def emit_native_hash(p: Program, part_off: int, hash_slot: int, tag: str) -> None:
-    """fp+hash_slot (u64) = the hash of the ``struct stack`` at buf+part_off."""
-    emit_hash_words(p, part_off + STACK_IPS_OFF, part_off + STACK_N_OFF, W, 8, (0,),
-                    PERF_MAX_STACK_DEPTH, R0, tag)
+def emit_native_hash(p: Program, part_off: int, hash_slot: int, tag: str,
+                     loop_ctx: Optional[int] = None) -> None:
+    """fp+hash_slot (u64) = the hash of the ``struct stack`` at buf+part_off
+    (with ``loop_ctx``, a stack offset: through bpf_loop, see emit_hash_loop)."""
+    if loop_ctx is not None:
+        emit_hash_loop(p, part_off + STACK_IPS_OFF, part_off + STACK_N_OFF, W, HASH_NATIVE_CB,
+                       loop_ctx, R0, tag)
+    else:
+        emit_hash_words(p, part_off + STACK_IPS_OFF, part_off + STACK_N_OFF, W, 8, (0,),
+                        PERF_MAX_STACK_DEPTH, R0, tag)
     p.stx(DW, FP, R0, hash_slot)
 
 
-def emit_python_hash(p: Program, hash_slot: int, bound: int, tag: str) -> None:
+def emit_python_hash(p: Program, hash_slot: int, bound: int, tag: str,
+                     loop_ctx: Optional[int] = None) -> None:
     """fp+hash_slot (u64) = the hash of the Python stack: each entry's code
     object (or link address) and instruction/flags word."""
-    emit_hash_words(p, PYTHON_OFF + PYSTACK_HDR.size, PYTHON_OFF, W, PYFRAME_SIZE, (0, 8),
-                    bound, R0, tag)
+    if loop_ctx is not None:
+        emit_hash_loop(p, PYTHON_OFF + PYSTACK_HDR.size, PYTHON_OFF, W, hash_python_cb(bound),
+                       loop_ctx, R0, tag)
+    else:
+        emit_hash_words(p, PYTHON_OFF + PYSTACK_HDR.size, PYTHON_OFF, W, PYFRAME_SIZE, (0, 8),
+                        bound, R0, tag)
     p.stx(DW, FP, R0, hash_slot)
 
 
@@ -252,6 +329,28 @@ def emit_ringbuf_output(p: Program, ring, size: Reg, dropped) -> None:
     p.label("ring_sent")
 
 
+_loop_support: list = []
+
+
+def bpf_loop_supported() -> bool:
+    """Whether this kernel's verifier takes a bpf_loop call (5.17+) in a
+    perf-event program; asked once per agent (a ten-instruction load)."""
+    if not _loop_support:
+        probe = Program("loop_probe")
+        probe.mov(R1, 1)
+        probe.ld_func(R2, "cb")
+        probe.mov(R3, 0).mov(R4, 0)
+        probe.call("loop")
+        probe.mov(R0, 0).exit()
+        probe.label("cb").mov(R0, 1).exit()
+        try:
+            probe.load(sc.BPF_PROG_TYPE_PERF_EVENT).close()
+            _loop_support.append(True)
+        except sc.BPFError:
+            _loop_support.append(False)
+    return _loop_support[0]
+
+
 __all__ = ["CTX", "BUF", "CopySpec", "copy_pages", "emit_scratch", "emit_get_stack", "emit_hash_words",
-           "emit_store", "emit_native_hash", "emit_python_hash", "emit_user_regs_and_copy", "emit_stack_copy",
+           "emit_store", "emit_native_hash", "emit_hash_loop", "emit_hash_callbacks", "bpf_loop_supported", "emit_python_hash", "emit_user_regs_and_copy", "emit_stack_copy",
            "emit_empty_python", "emit_record_size", "emit_ringbuf_output", "KERNEL_OFF", "USER_OFF"]

@@ -132,20 +132,35 @@ def emit_capture(p: Program, maps: Maps, user_fp: bool, copy: Optional[C.CopySpe
 
 
 def emit_hash_and_store(p: Program, maps: Maps, kernel: bool, user: bool, python: bool,
-                        tag: str) -> None:
-    """The count key's hashes of the captured parts, each part stored."""
+                        tag: str, loop: bool = False) -> None:
+    """The count key's hashes of the captured parts, each part stored.
+    With ``loop`` the hashes run through bpf_loop (their context in the
+    sums' slots, written only afterwards; emit_hash_callbacks after the
+    program's last exit)."""
     drop = _drop(p, maps.stats, STAT_STORE_DROPS)
+    ctx = OFF_SUMS if loop else None
     for present, off, slot, name in ((kernel, KERNEL_OFF, KEY_KHASH, "k"), (user, USER_OFF, KEY_UHASH, "u")):
         if present:
-            C.emit_native_hash(p, off, slot, "%s_%sh" % (tag, name))
+            C.emit_native_hash(p, off, slot, "%s_%sh" % (tag, name), ctx)
             C.emit_store(p, maps.native, off, slot, drop, "%s_%ss" % (tag, name))
         else:
             p.st(DW, FP, slot, 0)
     if python:
-        C.emit_python_hash(p, KEY_PYHASH, PY_MAX_FRAMES, tag + "_ph")
+        C.emit_python_hash(p, KEY_PYHASH, PY_MAX_FRAMES, tag + "_ph", ctx)
         C.emit_store(p, maps.python, PYTHON_OFF, KEY_PYHASH, drop, tag + "_ps")
     else:
         p.st(DW, FP, KEY_PYHASH, 0)
+
+
+def _hash_loop(mode: str) -> bool:
+    """Hash through bpf_loop: always in KUNWIND mode (its walk needs
+    bpf_loop), else when the kernel has it."""
+    return mode == KUNWIND or C.bpf_loop_supported()
+
+
+def emit_hash_callbacks(p: Program, python: bool) -> None:
+    """emit_hash_and_store's bpf_loop callbacks (after the last exit)."""
+    C.emit_hash_callbacks(p, [C.HASH_NATIVE_CB] + ([C.hash_python_cb(PY_MAX_FRAMES)] if python else []))
 
 
 def emit_identity(p: Program, maps: Maps, skip: str) -> None:
@@ -164,12 +179,13 @@ def build_oncpu(mode: str, maps: Maps, period_off: int, copy: Optional[C.CopySpe
                 python_walk=None) -> Program:
     """The perf-event program (see the module docstring)."""
     p = Program("oncpu_" + mode[:3])
+    loop = _hash_loop(mode)
     p.mov(C.CTX, R1)                               # struct bpf_perf_event_data *
     emit_identity(p, maps, "out")
     C.emit_scratch(p, maps.scratch, OFF_SLOT, "out")
     if mode == AGGREGATE:
         emit_capture(p, maps, True, None, python_walk, "cap")
-        emit_hash_and_store(p, maps, True, True, python_walk is not None, "agg")
+        emit_hash_and_store(p, maps, True, True, python_walk is not None, "agg", loop)
         p.st(DW, FP, OFF_SUMS + 0, 1)                               # one sample
         p.copy_mem(DW, FP, OFF_SUMS + 8, C.CTX, period_off)         # ctx->sample_period
         emit_accumulate(p, maps.counts, OFF_KEY, OFF_SUMS, maps.stats.map, OFF_SLOT, "count")
@@ -177,7 +193,7 @@ def build_oncpu(mode: str, maps: Maps, period_off: int, copy: Optional[C.CopySpe
         emit_walked_capture(p, maps, copy, python_walk, "cap")
         p.ldx(W, R1, FP, KU.OFF_UW + KU.W_STATUS)
         p.jeq(R1, KU.UW_STATUS_FALLBACK, "record")
-        emit_hash_and_store(p, maps, True, True, python_walk is not None, "agg")
+        emit_hash_and_store(p, maps, True, True, python_walk is not None, "agg", loop)
         p.st(DW, FP, OFF_SUMS + 0, 1)
         p.copy_mem(DW, FP, OFF_SUMS + 8, C.CTX, period_off)
         emit_accumulate(p, maps.counts, OFF_KEY, OFF_SUMS, maps.stats.map, OFF_SLOT, "count",
@@ -211,6 +227,8 @@ def build_oncpu(mode: str, maps: Maps, period_off: int, copy: Optional[C.CopySpe
     p.exit()
     if mode == KUNWIND:
         KU.emit_step_callback(p, maps.kunwind, maps.scratch, python_walk is not None)
+    if loop and mode != RECORD:
+        emit_hash_callbacks(p, python_walk is not None)
     _emit_walk_callbacks(p, python_walk)
     return p
 
@@ -259,6 +277,7 @@ def build_offcpu(mode: str, maps: Maps, blocked: HashMap, args: SchedSwitchArgs,
                  copy: Optional[C.CopySpec] = None, python_walk=None) -> Program:
     """The sched_switch program (see the module docstring)."""
     p = Program("offcpu_" + mode[:3])
+    loop = _hash_loop(mode)
     task = R8
     p.mov(C.CTX, R1)                               # ctx: u64 args[] of the tracepoint
 
@@ -284,7 +303,7 @@ def build_offcpu(mode: str, maps: Maps, blocked: HashMap, args: SchedSwitchArgs,
     C.emit_scratch(p, maps.scratch, OFF_SLOT, "switch_in")
     if mode == AGGREGATE:
         emit_capture(p, maps, True, None, python_walk, "cap")
-        emit_hash_and_store(p, maps, True, True, python_walk is not None, "out")
+        emit_hash_and_store(p, maps, True, True, python_walk is not None, "out", loop)
     elif mode == KUNWIND:
         # Walked in the kernel: stored and counted; a walk left to user
         # space goes to the ring as record mode's capture does.
@@ -295,15 +314,15 @@ def build_offcpu(mode: str, maps: Maps, blocked: HashMap, args: SchedSwitchArgs,
         p.stx(W, FP, R0, OFF_SLOT)
         _emit_record_header(p)
         C.emit_stack_copy(p, copy, "fallback_copy")
-        _emit_offcpu_record(p, maps, copy, python_walk)
+        _emit_offcpu_record(p, maps, copy, python_walk, loop)
         p.ja("hashed")
         p.label("walked")
-        emit_hash_and_store(p, maps, True, True, python_walk is not None, "out")
+        emit_hash_and_store(p, maps, True, True, python_walk is not None, "out", loop)
         p.label("hashed")
     else:
         _emit_record_header(p)
         emit_capture(p, maps, False, copy, python_walk, "cap")
-        _emit_offcpu_record(p, maps, copy, python_walk)
+        _emit_offcpu_record(p, maps, copy, python_walk, loop)
     for off, slot in ((16, KEY_KHASH), (24, KEY_UHASH), (32, KEY_PYHASH)):
         p.copy_mem(DW, FP, OFF_BLOCKED + off, FP, slot)
     p.label("remember")
@@ -315,6 +334,8 @@ def build_offcpu(mode: str, maps: Maps, blocked: HashMap, args: SchedSwitchArgs,
     _emit_switch_in(p, mode, maps, blocked, args)
     if mode == KUNWIND:
         KU.emit_step_callback(p, maps.kunwind, maps.scratch, python_walk is not None)
+    if loop:                                       # every mode hashes (the fallback path too)
+        emit_hash_callbacks(p, python_walk is not None)
     _emit_walk_callbacks(p, python_walk)
     return p
 
@@ -329,7 +350,7 @@ def _emit_record_header(p: Program) -> None:
     p.st(DW, C.BUF, H_PERIOD, 0)
 
 
-def _emit_offcpu_record(p: Program, maps: Maps, copy, python_walk) -> None:
+def _emit_offcpu_record(p: Program, maps: Maps, copy, python_walk, loop: bool) -> None:
     """Send the capture in this CPU's slot as the episode's record (then
     ``goto remember``); when the ring is full, fall through with
     frame-pointer stacks stored instead."""
@@ -348,7 +369,7 @@ def _emit_offcpu_record(p: Program, maps: Maps, copy, python_walk) -> None:
     p.label("copy_dropped")                        # the ring is full: frame-pointer stacks instead
     emit_bump(p, maps.stats.map, STAT_COPY_DROPS, OFF_SLOT, "copy_dropped")
     C.emit_get_stack(p, USER_OFF, sc.BPF_F_USER_STACK)
-    emit_hash_and_store(p, maps, True, True, python_walk is not None, "fb")
+    emit_hash_and_store(p, maps, True, True, python_walk is not None, "fb", loop)
 
 
 def _emit_switch_in(p: Program, mode: str, maps: Maps, blocked: HashMap, args: SchedSwitchArgs) -> None:

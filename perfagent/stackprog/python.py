@@ -52,7 +52,7 @@ from perfagent.bpf import syscall as sc
 from perfagent.bpf.asm import B, DW, FP, R0, R1, R2, R3, R4, R5, R6, R8, R9, W, Program
 from perfagent.bpf.maps import HashMap, Map
 from perfagent.python.layout import FRAME_OBJECT, Layout
-from perfagent.stackprog.capture import BUF
+from perfagent.stackprog.capture import BUF, _loop_support, bpf_loop_supported  # noqa: F401 - _loop_support: tests force the loop off
 from perfagent.stackprog.layout import (
     PY_MAX_FRAMES, PYFRAME_LINENO_MASK, PYFRAME_LINK, PYSTACK_BAD_READ, PYSTACK_HDR, PYSTACK_NO_THREAD,
     PYSTACK_TRUNCATED, PYTHON_OFF,
@@ -660,25 +660,3 @@ def emit_frame_callbacks(p: Program) -> None:
         p.label(c + "_stop")
         p.mov(R0, 1)
         p.exit()
-
-
-_loop_support: list = []
-
-
-def bpf_loop_supported() -> bool:
-    """Whether this kernel's verifier takes a bpf_loop call (5.17+) in a
-    perf-event program; asked once per agent (a ten-instruction load)."""
-    if not _loop_support:
-        probe = Program("py_probe")
-        probe.mov(R1, 1)
-        probe.ld_func(R2, "cb")
-        probe.mov(R3, 0).mov(R4, 0)
-        probe.call("loop")
-        probe.mov(R0, 0).exit()
-        probe.label("cb").mov(R0, 1).exit()
-        try:
-            probe.load(sc.BPF_PROG_TYPE_PERF_EVENT).close()
-            _loop_support.append(True)
-        except sc.BPFError:
-            _loop_support.append(False)
-    return _loop_support[0]
