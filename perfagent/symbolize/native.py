@@ -87,15 +87,18 @@ class SymbolTable:
         # twins (they never change a pick, see _same_symbol, and it ranks
         # only the few near its addresses).
         symtab: Optional[Dict[tuple, Tuple[int, bytes]]] = {} if only is None else None
-        for source_rank, elf in enumerate(sources):
-            candidates.extend(self._candidates(elf, source_rank, work, symtab))
         # A partial table (``only``): exact for those link-time addresses,
         # undefined for others; contains_name() answers for ``marks`` only.
+        # Its candidates stay raw rows (parts) until _around has picked the
+        # few it needs: only those become candidate tuples.
+        parts: Optional[List[tuple]] = None if only is None else []
+        for source_rank, elf in enumerate(sources):
+            candidates.extend(self._candidates(elf, source_rank, work, symtab, parts))
         self.partial = only is not None
         self._marks: Dict[str, bool] = {}
-        if only is not None:
-            self._marks = {name: self._names_a_candidate(candidates, name) for name in marks}
-            candidates = _around(candidates, sorted(set(only)))
+        if parts is not None:
+            self._marks = {name: self._names_a_candidate(parts, name) for name in marks}
+            candidates = _around(parts, sorted(set(only)))
         # Every stage below is bulk work over all symbols (a debug file may
         # hold millions): the budget is checked between stages and chunks,
         # so a signal or the deadline stops the build within a chunk's time.
@@ -169,21 +172,32 @@ class SymbolTable:
 
     # ------------------------------------------------------------- building
 
-    def _names_a_candidate(self, candidates: List[tuple], name: str) -> bool:
-        """Does a function-like candidate carry exactly ``name`` (its st_name
-        at an offset of a kept string table that holds that string)?"""
-        keys = {(table_id << 32) | off for table_id, strings in enumerate(self._strings)
-                for off in string_offsets(strings, name)}
-        return bool(keys) and any(c[6] in keys for c in candidates)
+    def _names_a_candidate(self, parts: List[tuple], name: str) -> bool:
+        """Does a function-like candidate (a row of ``parts``) carry exactly
+        ``name`` (its st_name at an offset of a kept string table that
+        holds that string)?"""
+        offsets: Dict[int, set] = {}
+        for kept, _mask, _rank, key, _ends, _n in parts:
+            table_id = key >> 32
+            offs = offsets.get(table_id)
+            if offs is None:
+                offs = offsets[table_id] = set(string_offsets(self._strings[table_id], name))
+            if offs and any(map(offs.__contains__, map(_NAME_OF, kept))):
+                return True
+        return False
 
     def _candidates(self, elf: ELFFile, source_rank: int, work: budget.Budget,
-                    symtab: Optional[Dict[tuple, Tuple[int, bytes]]]) -> List[tuple]:
+                    symtab: Optional[Dict[tuple, Tuple[int, bytes]]],
+                    parts: Optional[List[tuple]] = None) -> List[tuple]:
         """(start, kind, bind rank, source rank, size, section end, name key)
         of the function-like symbols of ``elf``'s tables, without names.
 
         ``symtab`` collects the kept ``.symtab`` rows of this and the
         sources before (a separate debug file's): a ``.dynsym`` row that
-        copies one is left out (see :func:`_same_symbol`); None keeps them."""
+        copies one is left out (see :func:`_same_symbol`); None keeps them.
+        With ``parts`` the kept rows are appended there instead, as
+        (rows, mask, source rank, name key, section ends, sections), for
+        :func:`_candidate` to turn into tuples later (a partial table's few)."""
         sections = elf.sections
         thumb = elf.e_machine == EM_ARM
         n_sections = min(len(sections), SHN_LORESERVE)
@@ -221,6 +235,9 @@ class SymbolTable:
                     symtab.update((r[1:], (r[0], strings)) for r in kept if r[1] >> 4 != STB_LOCAL)
                 elif symtab:
                     kept = [r for r in kept if r[1:] not in symtab or not _same_symbol(r, strings, symtab)]
+                if parts is not None:
+                    parts.append((kept, mask, rank, key, section_ends, n_sections))
+                    continue
                 out += [(r[4] & mask, 0 if r[1] in _FUNCTION_INFOS else 1, _BIND_RANKS[r[1] >> 4], rank, r[5],
                          section_ends[r[3]] if r[3] < n_sections else None, key | r[0])
                         for r in kept]
@@ -309,9 +326,17 @@ class SymbolTable:
         return end
 
 
-def _around(candidates: List[tuple], only: List[int]) -> List[tuple]:
+def _candidate(part: tuple, r: tuple) -> tuple:
+    """The candidate tuple (see SymbolTable._candidates) of row ``r`` of a part."""
+    _kept, mask, rank, key, section_ends, n_sections = part
+    return (r[4] & mask, 0 if r[1] in _FUNCTION_INFOS else 1, _BIND_RANKS[r[1] >> 4], rank, r[5],
+            section_ends[r[3]] if r[3] < n_sections else None, key | r[0])
+
+
+def _around(parts: List[tuple], only: List[int]) -> List[tuple]:
     """The candidates a table needs to name the sorted addresses ``only``
-    exactly as the whole table would.
+    exactly as the whole table would, as candidate tuples, sorted by start;
+    ``parts`` hold the candidates as raw rows (SymbolTable._candidates).
 
     Sorted by start, the candidates fall into clusters: a cluster begins
     where no candidate before it reaches past its start (start + size;
@@ -321,14 +346,21 @@ def _around(candidates: List[tuple], only: List[int]) -> List[tuple]:
     clusters holding an asked address are kept, each with the first
     address group of the cluster after it.  A profile names a few hundred
     addresses of a binary: the alias ranking and flattening, most of a
-    table's build, then run over a few hundred candidates instead of all."""
-    candidates.sort(key=_START_OF)
-    n = len(candidates)
+    table's build, then run over a few hundred candidates instead of all,
+    and only those become tuples.  The clusters are found on the rows'
+    st_value and st_size columns, sorted and accumulated in C (a stable
+    sort: aliases keep the order the whole table's sort gives them)."""
+    starts: List[int] = []
+    sizes: List[int] = []
+    for kept, mask, _rank, _key, _ends, _n in parts:
+        starts += map(_VALUE_OF, kept) if mask == ~0 else [r[4] & mask for r in kept]
+        sizes += map(_ROW_SIZE_OF, kept)
+    n = len(starts)
     if not n or not only:
         return []
-    # In C: the starts, and how far the candidates up to each one reach.
-    starts = list(map(_START_OF, candidates))
-    reach = list(itertools.accumulate(map(operator.add, starts, map(_SIZE_OF, candidates)), max))
+    order = sorted(range(n), key=starts.__getitem__)
+    starts = list(map(starts.__getitem__, order))
+    reach = list(itertools.accumulate(map(operator.add, starts, map(sizes.__getitem__, order)), max))
 
     def boundary(i: int) -> bool:   # does a cluster begin at candidate i?
         return i == 0 or i == n or (reach[i - 1] <= starts[i] and starts[i] != starts[i - 1])
@@ -356,10 +388,15 @@ def _around(candidates: List[tuple], only: List[int]) -> List[tuple]:
             while hi < n and starts[hi] == first:
                 hi += 1
         clusters[lo] = hi
+    # Sorted positions -> (part, row): the parts' rows are numbered in order.
+    firsts = [0]
+    firsts += itertools.accumulate(len(part[0]) for part in parts)
     out: List[tuple] = []
     end = 0
     for lo in sorted(clusters):
-        out += candidates[max(lo, end):clusters[lo]]   # (a next group may be the next cluster's start)
+        for g in order[max(lo, end):clusters[lo]]:   # (a next group may be the next cluster's start)
+            pi = bisect_right(firsts, g) - 1
+            out.append(_candidate(parts[pi], parts[pi][0][g - firsts[pi]]))
         end = max(end, clusters[lo])
     return out
 
@@ -437,6 +474,10 @@ def _no_check() -> None:
 #: no Python call per symbol).
 _START_OF = operator.itemgetter(0)
 _SIZE_OF = operator.itemgetter(4)
+#: Raw symbol rows (st_name, st_info, st_other, st_shndx, st_value, st_size).
+_NAME_OF = operator.itemgetter(0)
+_VALUE_OF = operator.itemgetter(4)
+_ROW_SIZE_OF = operator.itemgetter(5)
 _KIND_BIND_OF = operator.itemgetter(1, 2)
 
 
