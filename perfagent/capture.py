@@ -399,12 +399,14 @@ class CaptureState:
         proc.apply_view(view)
         return True
 
-    def load_from_proc(self, pid: int) -> Optional[ProcessInfo]:
+    def load_from_proc(self, pid: int, seen_maps=None) -> Optional[ProcessInfo]:
         """Seed a process from /proc: identity, mappings, comm, uid, threads' names.
 
         Returns None when it is already gone (or unreadable): samples of it
         will still resolve through the MMAP2 records of the capture.  A pid
         whose start time differs from the one recorded is a new process.
+        ``seen_maps(pid, entries)`` is told every mapping read (the state
+        keeps the executable ones), for the sources that examine processes.
         """
         view = target_process.view(pid)
         if view is None:
@@ -419,6 +421,8 @@ class CaptureState:
             except (OSError, ValueError):
                 return None
         proc.apply_view(view)
+        if seen_maps is not None and entries:
+            seen_maps(pid, entries)
         proc.space = AddressSpace(e for e in entries if e.is_exec)
         proc.mappings_changed()
         proc.maps_known = True

@@ -261,6 +261,10 @@ class _Sources(list):
         for src in self:
             src.enable()
 
+    def proc_read(self, pid: int, maps) -> None:
+        for src in self:
+            src.proc_read(pid, maps)
+
     def close(self) -> None:
         for src in self:
             try:
@@ -355,7 +359,7 @@ class Capture:
             if opts.all:
                 self.sampler = self._start_sources(None)
                 for pid in procfs.pids():
-                    state.load_from_proc(pid)
+                    state.load_from_proc(pid, self.sources.proc_read)
                 self.sampler.open_system_wide()
                 self.sampler.enable()
                 self.sources.enable()
@@ -363,7 +367,7 @@ class Capture:
                 pids = [opts.pid] + (descendants(opts.pid) if opts.children else [])
                 self.sampler = self._start_sources(set(pids))
                 for pid in pids:
-                    state.load_from_proc(pid)
+                    state.load_from_proc(pid, self.sources.proc_read)
                 for pid in pids:
                     try:
                         self.sampler.open_threads(list_threads(pid))
@@ -461,9 +465,9 @@ class Capture:
                               "--inject-python names Python functions through the perf trampoline "
                               "instead" % exc)
             return None
-        walk = PythonWalk(self.state, tgids, maps)
-        walk.start()
-        return walk
+        # Not started: it examines the processes as they are read from /proc
+        # (proc_read), and a launched command once it execs.
+        return PythonWalk(self.state, tgids, maps)
 
     def _oncpu_source(self, tgids: Optional[Set[int]], python) -> Optional[OnCpuSource]:
         """The BPF on-CPU source, started; None when the kernel refuses BPF (the

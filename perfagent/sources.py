@@ -57,6 +57,10 @@ class Source:
     def enable(self) -> None:
         """Start sampling, for a source whose start() left its events off."""
 
+    def proc_read(self, pid: int, maps) -> None:
+        """Process ``pid`` was read from /proc at the start (``maps``: all
+        its mappings, as read then), before the events go on."""
+
     def follow(self, new: List[tuple], gone: List[int]) -> None:
         """Processes forked by followed ones are followed too (their threads
         are covered by the tgid already), exited ones forgotten."""
@@ -113,7 +117,8 @@ class PythonWalk(Source):
 
     Not a source of samples: it keeps the walk's maps in step with the
     processes of the run (perfagent.python.tracking) -- examines the ones
-    that exist at the start, registers children of walked ones as they are
+    that exist at the start as the capture reads them from /proc (with the
+    mappings it read: proc_read), registers children of walked ones as they are
     forked, examines a process again when it execs or maps a libpython,
     forgets it when it exits (one cycle late, so its last samples are still
     named), and refreshes thread states.  It runs before the sample
@@ -130,11 +135,12 @@ class PythonWalk(Source):
         # --pid: the one process whose fate the end-of-run line names.
         self.target = next(iter(tgids)) if tgids is not None and len(tgids) == 1 else None
 
-    def start(self) -> None:
-        from perfagent.target import procfs
-        for pid in sorted(self.tgids) if self.tgids is not None else procfs.pids():
-            if not procfs.kernel_thread(pid):
-                self.tracker.add(pid)
+    def proc_read(self, pid: int, maps) -> None:
+        """The processes that exist at the start are examined as the capture
+        reads them from /proc, with the mappings it read (not read twice);
+        a launched command, once it execs (follow)."""
+        if maps:
+            self.tracker.add(pid, maps)
 
     def follow(self, new: List[tuple], gone: List[int]) -> None:
         tracker = self.tracker

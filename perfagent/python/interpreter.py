@@ -327,15 +327,17 @@ def _tid_offset_from_desc(raw: bytes) -> Optional[int]:
     return offset
 
 
-def find_interpreter(pid: int) -> Interpreter:
-    """The CPython interpreter of process ``pid``; InterpreterSkip when there is none to read."""
+def find_interpreter(pid: int, maps: Optional[List[MapEntry]] = None) -> Interpreter:
+    """The CPython interpreter of process ``pid``; InterpreterSkip when there
+    is none to read.  ``maps``: its mappings, when the caller just read them."""
     start = procfs.start_time(pid)
     if start is None:
         raise _skip(pid, "process_gone", "no such process")
-    try:
-        maps = _read_maps(pid)
-    except OSError as exc:
-        raise _os_skip(pid, exc, "/proc/%d/maps" % pid) from None
+    if maps is None:
+        try:
+            maps = _read_maps(pid)
+        except OSError as exc:
+            raise _os_skip(pid, exc, "/proc/%d/maps" % pid) from None
     if not maps:
         raise _skip(pid, "process_gone", "no mappings (zombie or kernel thread)")
     last: Optional[InterpreterSkip] = None

@@ -108,14 +108,15 @@ class PythonProcesses:
 
     # -- processes -----------------------------------------------------------
 
-    def add(self, pid: int) -> Optional[str]:
-        """Examine process ``pid``; its skip reason, or None when it is walked."""
+    def add(self, pid: int, maps=None) -> Optional[str]:
+        """Examine process ``pid`` (``maps``: its mappings, if just read);
+        its skip reason, or None when it is walked."""
         if pid == os.getpid():
             # The agent itself (-a): its samples keep only their sampled pc
             # (perfagent.stackprog.kunwind.UW_PROC_SELF), no Python stack.
             return self._skip(pid, SKIP_SELF, "the agent itself")
         try:
-            interp = find_interpreter(pid)
+            interp = find_interpreter(pid, maps)
             packed = SP.pack_proc(interp.runtime, interp.layout)
         except InterpreterSkip as exc:
             return self._skip(pid, exc.reason, str(exc))
