@@ -315,7 +315,8 @@ def test_lines(tmp_path, py_target):
         assert screen is not None, top.output()[-3000:]
         spin_lines = {int(m.group(1)) for m in (re.match(r"spin \(%s:(\d+)\)$" % re.escape(PY_WALK), n)
                                                 for n in screen.names()) if m}
-        assert spin_lines and spin_lines <= {MARKS["spin-start"], MARKS["spin-loop"], MARKS["spin-body"], MARKS["spin-return"]}
+        assert spin_lines and spin_lines <= {MARKS["spin-start"], MARKS["spin-loop"], MARKS["spin-body"], MARKS["spin-return"],
+                                             MARKS["spin-def"], MARKS["spin-init"]}   # (see test_python_walk)
         assert "main (%s:%d)" % (PY_WALK, MARKS["main"]) in screen.names(), screen.text
         quit_and_check(top, b"q")
     finally:

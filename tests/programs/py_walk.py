@@ -17,9 +17,9 @@ import time
 SLICE = 0.002
 
 
-def spin(units):
+def spin(units):  # @spin-def
     end = time.thread_time() + units * SLICE  # @spin-start
-    x = 0
+    x = 0  # @spin-init
     while time.thread_time() < end:  # @spin-loop
         x += 1  # @spin-body
     return x  # @spin-return
