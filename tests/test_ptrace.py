@@ -400,6 +400,16 @@ def test_borrowed_thread_gets_every_register_back(start_c, mode):
     assert "rwxp" not in maps
 
 
+def _held_with_stub(th: TracedThread, pid: int) -> Tuple[RemoteCaller, int, int]:
+    """Hold the interrupted thread and map the stub: (caller, page, an empty slot)."""
+    c = RemoteCaller(th, locate_gadgets(pid, read_maps(pid)))
+    c.hold()
+    page = c.map_stub()
+    slot = page + S.PAGE_SIZE
+    th.write(slot, S.slot_bytes(b""))
+    return c, page, slot
+
+
 def test_sleeper_whose_restart_block_our_call_reset_sleeps_on(start_c):
     """A stub call that sleeps (usleep: nanosleep resets the restart block
     on entry) leaves restart_syscall nothing to resume: release() hands an
@@ -415,12 +425,8 @@ def test_sleeper_whose_restart_block_our_call_reset_sleeps_on(start_c):
             th.seize()
             th.interrupt(2.0)
             before = th.getregs()
-            c = RemoteCaller(th, locate_gadgets(t.pid, read_maps(t.pid)))
-            c.hold()
-            page = c.map_stub()
+            c, page, slot = _held_with_stub(th, t.pid)
             assert not c.restart_block_touched      # mmap and mprotect leave it
-            slot = page + S.PAGE_SIZE
-            th.write(slot, S.slot_bytes(b""))
             c.run(page + S.LABELS["call"], page + S.MARKER_OFFSET, {"r12": usleep, "rdi": 1000, "r15": slot})
             assert c.restart_block_touched
             c.unmap_stub(page)
@@ -453,11 +459,7 @@ def test_fault_in_call_is_reported_and_undone(start_c):
         th.seize()
         th.interrupt(2.0)
         before = th.getregs()
-        c = RemoteCaller(th, locate_gadgets(t.pid, read_maps(t.pid)))
-        c.hold()
-        page = c.map_stub()
-        slot = page + S.PAGE_SIZE
-        th.write(slot, S.slot_bytes(b""))
+        c, page, slot = _held_with_stub(th, t.pid)
         try:
             with pytest.raises(PtraceError) as info:
                 c.run(page + S.LABELS["call"], page + S.MARKER_OFFSET, {"r12": 0x10, "r15": slot})

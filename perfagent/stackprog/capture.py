@@ -76,6 +76,18 @@ def emit_get_stack(p: Program, part_off: int, flags: int) -> None:
     p.stx(W, BUF, R0, part_off + STACK_N_OFF)
 
 
+def _bounded_count(p: Program, n: Reg, count_off: int, count_size: int, bound: int, out: Reg,
+                   tag: str) -> None:
+    """n = min(the count at buf+count_off, bound); out = 0 and goto
+    tag_done when it is 0 (a hash's prologue)."""
+    p.ldx(count_size, n, BUF, count_off)
+    p.jle(n, bound, tag + "_bounded")
+    p.mov(n, bound)
+    p.label(tag + "_bounded")
+    p.mov(out, 0)
+    p.jeq(n, 0, tag + "_done")
+
+
 def emit_hash_words(p: Program, first_word_off: int, count_off: int, count_size: int,
                     stride: int, words: Tuple[int, ...], bound: int, out: Reg, tag: str) -> None:
     """``out`` = FNV-1a over ``words`` (offsets within each element) of the
@@ -86,12 +98,7 @@ def emit_hash_words(p: Program, first_word_off: int, count_off: int, count_size:
     bound); the element pointer advances by a constant.
     """
     n, i, ptr, w = R1, R2, R3, R4
-    p.ldx(count_size, n, BUF, count_off)
-    p.jle(n, bound, tag + "_bounded")
-    p.mov(n, bound)
-    p.label(tag + "_bounded")
-    p.mov(out, 0)
-    p.jeq(n, 0, tag + "_done")
+    _bounded_count(p, n, count_off, count_size, bound, out, tag)
     p.ld_imm64(out, FNV_OFFSET_BASIS)
     p.ld_imm64(R5, FNV_PRIME)
     p.mov(i, 0)
@@ -132,12 +139,7 @@ def emit_hash_loop(p: Program, first_word_off: int, count_off: int, count_size: 
     0 when n is 0.  ``callback`` names the bpf_loop callback (emitted once
     by :func:`emit_hash_callbacks`); fp+ctx_off..+16 is its context."""
     label, _stride, _words, bound = callback
-    p.ldx(count_size, R1, BUF, count_off)
-    p.jle(R1, bound, tag + "_bounded")
-    p.mov(R1, bound)
-    p.label(tag + "_bounded")
-    p.mov(out, 0)
-    p.jeq(R1, 0, tag + "_done")
+    _bounded_count(p, R1, count_off, count_size, bound, out, tag)
     p.ld_imm64(R2, FNV_OFFSET_BASIS)
     p.stx(DW, FP, R2, ctx_off + HASH_CTX_HASH)
     p.mov(R2, BUF).add(R2, first_word_off)
