@@ -550,7 +550,7 @@ class CaptureState:
             if pid not in self.pids_seen:
                 self._first_seen(pid)
             if tid not in self.sampled_tids:
-                self.sampled_tids.add(tid)
+                self._first_sample_of(pid, tid)
         self._release_exited()
 
     # -- process lifetime --------------------------------------------------
@@ -786,7 +786,8 @@ class CaptureState:
         self.samples += samples
         if pid not in self.pids_seen:
             self._first_seen(pid)
-        self.sampled_tids.add(tid)
+        if tid not in self.sampled_tids:
+            self._first_sample_of(pid, tid)
 
     def _counted_frames(self, pid: int, kernel_ips: tuple, user_ips: tuple, python, weight: int) -> tuple:
         """A counted stack's frames, and its count per thread ({tid: slot of
@@ -854,7 +855,19 @@ class CaptureState:
         self.offcpu_samples += blocks
         if pid not in self.pids_seen:
             self._first_seen(pid)
+        if tid not in self.sampled_tids:
+            self._first_sample_of(pid, tid)
+
+    def _first_sample_of(self, pid: int, tid: int) -> None:
+        """A thread's first sample: named from /proc when no record or /proc
+        read named it yet -- a thread created while the events were being
+        opened (after /proc was read, before its events or the side band
+        existed) has neither its FORK nor its rename in any ring."""
         self.sampled_tids.add(tid)
+        if tid not in self.thread_comm:
+            name = procfs.comm(pid, tid)
+            if name:
+                self.thread_comm[tid] = sys.intern(name)
 
     def _first_seen(self, pid: int) -> None:
         """A process's first samples: read its labels (namespace pid,

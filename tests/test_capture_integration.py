@@ -111,6 +111,32 @@ def test_launch_mode_reports_failing_status_and_duration_kill(chain_bin, tmp_pat
     assert any(f.startswith("chain-") and f.endswith("-on-cpu.pb.gz") for f in files), files
 
 
+def test_thread_no_record_named_is_named_from_proc_at_its_first_sample(chain_bin):
+    """A thread created while the events were being opened (after /proc was
+    read) has neither its FORK nor its rename in any ring: its first sample
+    names it from /proc (it was labeled with the process's name, "chain"
+    for "late", once in the full suite)."""
+    from perfagent.capture import CaptureState
+    target = start_target([chain_bin, "6", "1", "0.5"])
+    try:
+        state = CaptureState()
+        assert state.load_from_proc(target.pid) is not None     # before "late" exists
+        assert "late" not in state.thread_comm.values()
+        deadline = time.monotonic() + 5
+        late = None
+        while late is None and time.monotonic() < deadline:
+            for tid in os.listdir("/proc/%d/task" % target.pid):
+                with open("/proc/%d/task/%s/comm" % (target.pid, tid)) as f:
+                    if f.read().strip() == "late":
+                        late = int(tid)
+            time.sleep(0.01)
+        assert late is not None
+        state.add_counted(target.pid, late, (), (0x1000,), 1, 1000)
+        assert state.thread_comm.get(late) == "late"
+    finally:
+        stop_target(target)
+
+
 def test_multithreaded_and_late_thread(chain_bin, tmp_path):
     # One worker thread from the start and one "late" thread started 1 s in.
     target = start_target([chain_bin, "6", "1", "1.0"])
