@@ -139,8 +139,7 @@ class PythonWalk(Source):
         """The processes that exist at the start are examined as the capture
         reads them from /proc, with the mappings it read (not read twice);
         a launched command, once it execs (follow)."""
-        if maps:
-            self.tracker.add(pid, maps)
+        self.tracker.add(pid, maps)
 
     def follow(self, new: List[tuple], gone: List[int]) -> None:
         tracker = self.tracker

@@ -120,7 +120,7 @@ class Watch(threading.Thread):
 
 #: The agent as on a kernel without bpf_loop (before 5.17): the Python walk
 #: as the bounded loop the verifier walks iteration by iteration.
-WITHOUT_BPF_LOOP = ("import sys; import perfagent.stackprog.python as P; P._loop_support.append(False); "
+WITHOUT_BPF_LOOP = ("import sys; import perfagent.stackprog.capture as C; C._loop_support.append(False); "
                     "from perfagent.cli import main; sys.argv[0] = 'perf-agent'; sys.exit(main())")
 
 

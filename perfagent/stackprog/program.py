@@ -179,7 +179,7 @@ def build_oncpu(mode: str, maps: Maps, period_off: int, copy: Optional[C.CopySpe
                 python_walk=None) -> Program:
     """The perf-event program (see the module docstring)."""
     p = Program("oncpu_" + mode[:3])
-    loop = _hash_loop(mode)
+    loop = mode != RECORD and _hash_loop(mode)     # (record mode hashes nothing)
     p.mov(C.CTX, R1)                               # struct bpf_perf_event_data *
     emit_identity(p, maps, "out")
     C.emit_scratch(p, maps.scratch, OFF_SLOT, "out")
@@ -227,7 +227,7 @@ def build_oncpu(mode: str, maps: Maps, period_off: int, copy: Optional[C.CopySpe
     p.exit()
     if mode == KUNWIND:
         KU.emit_step_callback(p, maps.kunwind, maps.scratch, python_walk is not None)
-    if loop and mode != RECORD:
+    if loop:
         emit_hash_callbacks(p, python_walk is not None)
     _emit_walk_callbacks(p, python_walk)
     return p

@@ -52,7 +52,7 @@ from perfagent.bpf import syscall as sc
 from perfagent.bpf.asm import B, DW, FP, R0, R1, R2, R3, R4, R5, R6, R8, R9, W, Program
 from perfagent.bpf.maps import HashMap, Map
 from perfagent.python.layout import FRAME_OBJECT, Layout
-from perfagent.stackprog.capture import BUF, _loop_support, bpf_loop_supported  # noqa: F401 - _loop_support: tests force the loop off
+from perfagent.stackprog.capture import BUF, bpf_loop_supported
 from perfagent.stackprog.layout import (
     PY_MAX_FRAMES, PYFRAME_LINENO_MASK, PYFRAME_LINK, PYSTACK_BAD_READ, PYSTACK_HDR, PYSTACK_NO_THREAD,
     PYSTACK_TRUNCATED, PYTHON_OFF,

@@ -197,7 +197,7 @@ class SymbolTable:
         copies one is left out (see :func:`_same_symbol`); None keeps them.
         With ``parts`` the kept rows are appended there instead, as
         (rows, mask, source rank, name key, section ends, sections), for
-        :func:`_candidate` to turn into tuples later (a partial table's few)."""
+        :func:`_candidate_tuples` to turn into tuples later (a partial table's few)."""
         sections = elf.sections
         thumb = elf.e_machine == EM_ARM
         n_sections = min(len(sections), SHN_LORESERVE)
@@ -235,12 +235,11 @@ class SymbolTable:
                     symtab.update((r[1:], (r[0], strings)) for r in kept if r[1] >> 4 != STB_LOCAL)
                 elif symtab:
                     kept = [r for r in kept if r[1:] not in symtab or not _same_symbol(r, strings, symtab)]
+                part = (kept, mask, rank, key, section_ends, n_sections)
                 if parts is not None:
-                    parts.append((kept, mask, rank, key, section_ends, n_sections))
-                    continue
-                out += [(r[4] & mask, 0 if r[1] in _FUNCTION_INFOS else 1, _BIND_RANKS[r[1] >> 4], rank, r[5],
-                         section_ends[r[3]] if r[3] < n_sections else None, key | r[0])
-                        for r in kept]
+                    parts.append(part)
+                else:
+                    out += _candidate_tuples(part, kept)
         return out
 
     def _flatten(self, entries: List[Tuple[int, int, str, int, Optional[int]]], check) -> None:
@@ -326,11 +325,14 @@ class SymbolTable:
         return end
 
 
-def _candidate(part: tuple, r: tuple) -> tuple:
-    """The candidate tuple (see SymbolTable._candidates) of row ``r`` of a part."""
+def _candidate_tuples(part: tuple, rows: List[tuple]) -> List[tuple]:
+    """The candidate tuples (see SymbolTable._candidates) of ``rows`` of a
+    part.  Hot loop (every function symbol of a whole table), in one
+    comprehension."""
     _kept, mask, rank, key, section_ends, n_sections = part
-    return (r[4] & mask, 0 if r[1] in _FUNCTION_INFOS else 1, _BIND_RANKS[r[1] >> 4], rank, r[5],
-            section_ends[r[3]] if r[3] < n_sections else None, key | r[0])
+    return [(r[4] & mask, 0 if r[1] in _FUNCTION_INFOS else 1, _BIND_RANKS[r[1] >> 4], rank, r[5],
+             section_ends[r[3]] if r[3] < n_sections else None, key | r[0])
+            for r in rows]
 
 
 def _around(parts: List[tuple], only: List[int]) -> List[tuple]:
@@ -396,7 +398,7 @@ def _around(parts: List[tuple], only: List[int]) -> List[tuple]:
     for lo in sorted(clusters):
         for g in order[max(lo, end):clusters[lo]]:   # (a next group may be the next cluster's start)
             pi = bisect_right(firsts, g) - 1
-            out.append(_candidate(parts[pi], parts[pi][0][g - firsts[pi]]))
+            out += _candidate_tuples(parts[pi], [parts[pi][0][g - firsts[pi]]])
         end = max(end, clusters[lo])
     return out
 
