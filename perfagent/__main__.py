@@ -1,8 +1,6 @@
 """``python3 -m perfagent``: the command line."""
 
-import sys
-
-from perfagent.cli import main
+from perfagent.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

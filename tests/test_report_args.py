@@ -111,6 +111,40 @@ def test_module_entry_point_with_flags_first(known_path):
     assert "py_handler;leaf_b 5000000" in result.stdout.splitlines()
 
 
+def test_module_entry_point_writes_everything_before_its_fast_exit(known_path, tmp_path):
+    """`python -m perfagent` ends through cli.exit_now (no interpreter
+    teardown): what the command wrote to the buffered streams and files is
+    all there, with its exit code."""
+    svg = str(tmp_path / "f.svg")
+    result = subprocess.run([sys.executable, "-m", "perfagent", "report", "--svg", svg, "--tree", known_path],
+                            env=agent_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == subprocess.run(
+        [sys.executable, "-c", "import sys; from perfagent.cli import main; sys.exit(main(sys.argv[1:]))",
+         "report", "--tree", known_path], env=agent_env(), stdout=subprocess.PIPE,
+        universal_newlines=True).stdout
+    with open(svg) as f:
+        assert f.read().rstrip().endswith("</svg>")
+    code = ("import sys; from perfagent.cli import exit_now; sys.stdout.write('x' * 100000 + 'end'); "
+            "sys.stderr.write('said'); exit_now(3)")
+    result = subprocess.run([sys.executable, "-c", code], env=agent_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True)
+    assert (result.returncode, result.stdout, result.stderr) == (3, "x" * 100000 + "end", "said")
+
+
+def test_fast_exit_into_a_closed_pipe_keeps_the_exit_code():
+    """A stdout that cannot be flushed (the reader went away) leaves the
+    exit to the interpreter, which reports the broken pipe; no hang, and
+    no success claimed."""
+    code = ("import os, sys; from perfagent.cli import exit_now; r, w = os.pipe(); os.close(r); "
+            "os.dup2(w, 1); sys.stdout.write('x' * 100); exit_now(4)")
+    result = subprocess.run([sys.executable, "-c", code], env=agent_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
+    assert result.returncode != 0
+    assert "BrokenPipeError" in result.stderr
+
+
 @pytest.mark.parametrize("argv, message", [
     ([], "the following arguments are required: FILE"),
     (["--folded"], "the following arguments are required: FILE"),

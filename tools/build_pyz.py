@@ -49,8 +49,8 @@ def _main():
     if argv and argv[0] == "report":
         from perfagent.report.command import main as report_main
         return report_main(argv[1:])
-    from perfagent.cli import main
-    return main(argv)
+    from perfagent.cli import exit_now, main
+    exit_now(main(argv))
 
 
 sys.exit(_main())
