@@ -511,6 +511,11 @@ def _raw_symbols_by_info_agree(elf) -> int:
             some, same_strings = elf.raw_symbols(table, infos=infos)
             assert some == [r for r in rows if r[1] in wanted] and same_strings == strings
             checked += len(some)
+        # The strings alone (searched before any entry is unpacked): the same table.
+        assert elf.symbol_strings(table) == strings
+    assert elf.symbol_strings(".no_such_table") == b""
+    with pytest.raises(ELFError):
+        elf.symbol_strings(".shstrtab")   # not a symbol table
     return checked
 
 

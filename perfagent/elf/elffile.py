@@ -655,6 +655,26 @@ class ELFFile:
                 yield Symbol(name_of(row[i_name]), row[i_value], row[i_size],
                              info & 0xF, info >> 4, row[i_shndx], row[i_other])
 
+    def symbol_strings(self, section_name: str, budget: Optional[Budget] = None) -> bytes:
+        """A copy of the string table linked to ``.symtab`` or ``.dynsym``
+        (b"" without the table), no entry unpacked: a caller after a few
+        names (is this file a Python interpreter?) searches it first and
+        unpacks the entries (:meth:`raw_symbols`) only when one is there."""
+        sec = self.section(section_name)
+        if sec is None or sec.sh_type == SHT_NOBITS:
+            return b""
+        work = budget if budget is not None else self.budget
+        with self._parsing():
+            strtab = self._symbol_strtab(sec)
+            work.charge(strtab._end - strtab._base)
+            work.check()
+            return bytes(strtab._buf[strtab._base:strtab._end])
+
+    def _symbol_strtab(self, sec: Section):
+        if sec.sh_type not in (SHT_SYMTAB, SHT_DYNSYM):
+            raise self._error("section %r is not a symbol table (sh_type %d)" % (sec.name, sec.sh_type))
+        return self._string_table_at(self._linked_section(sec), "string table of %s" % sec.name)
+
     def raw_symbols(self, section_name: str, budget: Optional[Budget] = None,
                     infos: Optional[bytes] = None) -> Tuple[list, bytes]:
         """(rows, strings) of ``.symtab`` or ``.dynsym``, decoded in bulk.
@@ -679,9 +699,7 @@ class ELFFile:
             return [], b""
         work = budget if budget is not None else self.budget
         with self._parsing():
-            if sec.sh_type not in (SHT_SYMTAB, SHT_DYNSYM):
-                raise self._error("section %r is not a symbol table (sh_type %d)" % (sec.name, sec.sh_type))
-            strtab = self._string_table_at(self._linked_section(sec), "string table of %s" % sec.name)
+            strtab = self._symbol_strtab(sec)
             data = self.section_data(sec, work)
             Sym = self._layouts.Sym
             entsize = sec.sh_entsize or Sym.size

@@ -182,16 +182,24 @@ def _file_info(pid: int, entry: MapEntry) -> Tuple[FileInfo, str]:
 def _read_file_info(elf: ELFFile, work: budget.Budget) -> FileInfo:
     found: Dict[str, int] = {}
     eval_size = 0
+    sec = elf.section(RUNTIME_SECTION)
     # .dynsym first: the exported symbols are there even in a stripped
     # file, and libpython's .symtab is ten times larger.  Every executable
     # of a whole machine comes here: the wanted names are looked for in
     # each table's strings first (one bytes.find each), and only the rows
     # naming one of them are looked at (decoding every symbol as an object
-    # was 30-50 ms of a -a capture's start).
-    for table in (".dynsym", ".symtab"):
-        rows, strings = elf.raw_symbols(table, budget=work)
-        offs = {off: name for name in WANTED if name not in found for off in string_offsets(strings, name)}
+    # was 30-50 ms of a -a capture's start).  A file whose tables do not
+    # name _PyRuntime (and that has no .PyRuntime section) is no
+    # interpreter: no entry is unpacked and no other name searched for
+    # (a Go binary's symbol strings run to megabytes).
+    strings = {table: elf.symbol_strings(table, budget=work) for table in (".dynsym", ".symtab")}
+    if sec is None and not any(string_offsets(s, RUNTIME_SYMBOL) for s in strings.values()):
+        strings = {}
+    for table in strings:
+        offs = {off: name for name in WANTED if name not in found
+                for off in string_offsets(strings[table], name)}
         if offs:
+            rows, _ = elf.raw_symbols(table, budget=work)
             # (st_name, st_info, st_other, st_shndx, st_value, st_size)
             for r in [r for r in rows if r[0] in offs and r[3] != 0]:
                 name = offs[r[0]]
@@ -201,7 +209,6 @@ def _read_file_info(elf: ELFFile, work: budget.Budget) -> FileInfo:
                         eval_size = r[5]
         if RUNTIME_SYMBOL in found and VERSION_SYMBOL in found and EVAL_SYMBOL in found:
             break
-    sec = elf.section(RUNTIME_SECTION)
     loads = tuple((s.p_offset, s.p_vaddr, s.p_filesz) for s in elf.segments if s.p_type == PT_LOAD)
     if not loads:
         raise ELFError("%s: no PT_LOAD segment" % elf.path)
