@@ -311,7 +311,9 @@ GC_THRESHOLD0 = 20000
 
 def entry() -> None:
     """``perf-agent`` as a program (``python3 -m perfagent``, the installed
-    script, the zipapp): :func:`main`, then :func:`exit_now`."""
+    script, the zipapp): :func:`main`, then :func:`exit_now`.  The cycle
+    collector is on again (``python -m perfagent`` imports with it off)."""
+    gc.enable()
     exit_now(main())
 
 

@@ -49,8 +49,10 @@ def _main():
     if argv and argv[0] == "report":
         from perfagent.report.command import main as report_main
         return report_main(argv[1:])
-    from perfagent.cli import exit_now, main
-    exit_now(main(argv))
+    import gc
+    gc.disable()  # while the command line loads, as python -m perfagent does
+    from perfagent.cli import entry
+    entry()
 
 
 sys.exit(_main())
