@@ -324,9 +324,9 @@ def exit_now(code: int) -> None:
     Everything the command writes is written and closed by then (profiles,
     reports), every target released, every tracer thread joined; what is
     left is freeing the objects of the run one by one (the state, symbol
-    and CFI tables, BTF) and unloading modules: 5-12 ms of CPU after a 10 s
-    capture (the agent's whole cost is 0.25 s), for nothing, as the kernel
-    frees the memory and closes the descriptors anyway.  A stream that
+    and CFI tables, BTF) and unloading modules: 8-21 ms of CPU after a 10 s
+    capture (the agent's whole cost is about 0.25 s), for nothing, as the
+    kernel frees the memory and closes the descriptors anyway.  A stream that
     cannot be flushed (a closed pipe) leaves it to the normal exit, which
     reports it."""
     try:
