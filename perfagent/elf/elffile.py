@@ -222,6 +222,10 @@ class _StringTable:
     def get_bytes(self, offset: int) -> bytes:
         return bytes(self._slice(offset))  # no copy when the buffer is bytes
 
+    def copy(self) -> bytes:
+        """The whole table, as bytes of its own (for names decoded later)."""
+        return bytes(self._buf[self._base:self._end])
+
     def get(self, offset: int) -> str:
         # Symbol and section names are display strings: one odd byte must not
         # make a whole table unreadable, nor leak surrogates into the profile.
@@ -668,7 +672,7 @@ class ELFFile:
             strtab = self._symbol_strtab(sec)
             work.charge(strtab._end - strtab._base)
             work.check()
-            return bytes(strtab._buf[strtab._base:strtab._end])
+            return strtab.copy()
 
     def _symbol_strtab(self, sec: Section):
         if sec.sh_type not in (SHT_SYMTAB, SHT_DYNSYM):
@@ -721,7 +725,7 @@ class ELFFile:
                 order = self._layouts.sym_order
                 rows = [tuple(row[i] for i in order) for row in rows]
             work.check()
-            return rows, bytes(strtab._buf[strtab._base:strtab._end])
+            return rows, strtab.copy()
 
     # ------------------------------------------------------------------ notes
 

@@ -124,8 +124,9 @@ def emit_hash_words(p: Program, first_word_off: int, count_off: int, count_size:
 # stack: the running hash, then the spilled pointer to the first element.
 HASH_CTX_HASH = 0
 HASH_CTX_FIRST = 8
-#: The callbacks: (label, stride, words, bound) of a native ``struct stack``
-#: and of the Python stack's entries.
+#: What is hashed, for either form: (bpf_loop callback label, stride, words
+#: per element, bound) of a native ``struct stack`` and of the Python
+#: stack's entries.
 HASH_NATIVE_CB = ("hash_native", 8, (0,), PERF_MAX_STACK_DEPTH)
 
 
@@ -193,30 +194,32 @@ def emit_store(p: Program, store: HashMap, part_off: int, hash_slot: int, stats_
     p.label(tag + "_stored")
 
 
+def _emit_hash_to(p: Program, first_word_off: int, count_off: int, callback: tuple, hash_slot: int,
+                  tag: str, loop_ctx: Optional[int]) -> None:
+    """fp+hash_slot (u64) = the hash of the elements ``callback`` describes
+    (label, stride, words, bound): inline, or with ``loop_ctx`` (a stack
+    offset) through bpf_loop (see emit_hash_loop)."""
+    if loop_ctx is not None:
+        emit_hash_loop(p, first_word_off, count_off, W, callback, loop_ctx, R0, tag)
+    else:
+        _label, stride, words, bound = callback
+        emit_hash_words(p, first_word_off, count_off, W, stride, words, bound, R0, tag)
+    p.stx(DW, FP, R0, hash_slot)
+
+
 def emit_native_hash(p: Program, part_off: int, hash_slot: int, tag: str,
                      loop_ctx: Optional[int] = None) -> None:
-    """fp+hash_slot (u64) = the hash of the ``struct stack`` at buf+part_off
-    (with ``loop_ctx``, a stack offset: through bpf_loop, see emit_hash_loop)."""
-    if loop_ctx is not None:
-        emit_hash_loop(p, part_off + STACK_IPS_OFF, part_off + STACK_N_OFF, W, HASH_NATIVE_CB,
-                       loop_ctx, R0, tag)
-    else:
-        emit_hash_words(p, part_off + STACK_IPS_OFF, part_off + STACK_N_OFF, W, 8, (0,),
-                        PERF_MAX_STACK_DEPTH, R0, tag)
-    p.stx(DW, FP, R0, hash_slot)
+    """fp+hash_slot (u64) = the hash of the ``struct stack`` at buf+part_off."""
+    _emit_hash_to(p, part_off + STACK_IPS_OFF, part_off + STACK_N_OFF, HASH_NATIVE_CB, hash_slot,
+                  tag, loop_ctx)
 
 
 def emit_python_hash(p: Program, hash_slot: int, bound: int, tag: str,
                      loop_ctx: Optional[int] = None) -> None:
     """fp+hash_slot (u64) = the hash of the Python stack: each entry's code
     object (or link address) and instruction/flags word."""
-    if loop_ctx is not None:
-        emit_hash_loop(p, PYTHON_OFF + PYSTACK_HDR.size, PYTHON_OFF, W, hash_python_cb(bound),
-                       loop_ctx, R0, tag)
-    else:
-        emit_hash_words(p, PYTHON_OFF + PYSTACK_HDR.size, PYTHON_OFF, W, PYFRAME_SIZE, (0, 8),
-                        bound, R0, tag)
-    p.stx(DW, FP, R0, hash_slot)
+    _emit_hash_to(p, PYTHON_OFF + PYSTACK_HDR.size, PYTHON_OFF, hash_python_cb(bound), hash_slot,
+                  tag, loop_ctx)
 
 
 def emit_user_regs_and_copy(p: Program, copy: CopySpec, with_copy: bool, tag: str) -> None:
@@ -365,5 +368,6 @@ def bpf_loop_supported() -> bool:
 
 
 __all__ = ["CTX", "BUF", "CopySpec", "copy_pages", "emit_scratch", "emit_get_stack", "emit_hash_words",
-           "emit_store", "emit_native_hash", "emit_hash_loop", "emit_hash_callbacks", "bpf_loop_supported", "emit_python_hash", "emit_user_regs_and_copy", "emit_stack_copy",
-           "emit_empty_python", "emit_record_size", "emit_ringbuf_output", "KERNEL_OFF", "USER_OFF"]
+           "emit_hash_loop", "emit_hash_callbacks", "bpf_loop_supported", "emit_store", "emit_native_hash",
+           "emit_python_hash", "emit_user_regs_and_copy", "emit_stack_copy", "emit_empty_python",
+           "emit_record_size", "emit_ringbuf_output", "KERNEL_OFF", "USER_OFF"]
